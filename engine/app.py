@@ -1,0 +1,201 @@
+"""The ``Engine``: where functions are declared, events sent and runs managed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+from uuid import UUID
+
+from .db import Connection, Database
+from .durations import Duration, parse_duration
+from .errors import EngineError, RunNotFoundError
+from .events import Event, validate_outgoing
+from .execution import Limits
+from .function import Function, Handler, build_function
+from .retries import Backoff
+from .runs import RunInfo, RunStatus, run_info_from_row
+from .serialization import dumps
+from .telemetry import current_traceparent
+from .triggers import Trigger
+from .worker import Worker
+
+
+class Engine:
+    """An app: a set of durable functions sharing one PostgreSQL database.
+
+    No connect call is needed: the engine connects on first use; ``await app.close()``
+    releases its connections.
+
+    Args:
+        app_id: the app's name; functions and runs belong to it.
+        database_url: a PostgreSQL URL; defaults to ``$DATABASE_URL``.
+        max_steps: steps a run may ask for (default 1,000).
+        max_output_bytes: JSON bytes a step or a run may return (default 4 MiB).
+        backoff: the wait between failed attempts (durable).
+        pool_size: connections this process opens at most.
+    """
+
+    def __init__(self, app_id: str, database_url: str | None = None, *, max_steps: int = 1000,
+                 max_output_bytes: int = 4 * 1024 * 1024, backoff: Backoff | None = None,
+                 pool_size: int = 10) -> None:
+        self.app_id = app_id
+        self.database_url = database_url or os.environ.get("DATABASE_URL")
+        self.functions: dict[str, Function] = {}
+        self.limits = Limits(max_steps=max_steps, max_output_bytes=max_output_bytes)
+        self.backoff = backoff or Backoff()
+        self._pool_size = pool_size
+        self._db: Database | None = None
+        self._open_lock = asyncio.Lock()
+        self._registered = False
+
+    # -- declaring -------------------------------------------------------------------------------
+    def create_function(self, fn_id: str, trigger: Trigger | list[Trigger] | None = None, *,
+                        retries: int = 4) -> Callable[[Handler], Function]:
+        """Declares a durable function.
+
+        Args:
+            fn_id: a stable id (never change it while runs are in flight).
+            trigger: one trigger or a list of up to 10; ``None`` for a function that is only
+                invoked.
+            retries: retries per step after the first attempt (0-20, default 4).
+
+        Raises:
+            ConfigurationError: an invalid id, option or expression; the message says which.
+        """
+
+        def register(handler: Handler) -> Function:
+            if fn_id in self.functions:
+                raise EngineError(f"function {fn_id!r} is declared twice in app {self.app_id!r}")
+            function = build_function(fn_id, handler, trigger, retries)
+            self.functions[fn_id] = function
+            self._registered = False
+            return function
+
+        return register
+
+    # -- connecting ------------------------------------------------------------------------------
+    async def database(self, *, replace_registry: bool = False) -> Database:
+        """The open database, connecting and registering this app's functions on first use."""
+        async with self._open_lock:
+            if self._db is None:
+                if not self.database_url:
+                    raise EngineError("no database: pass database_url= or set $DATABASE_URL")
+                db = Database(self.database_url, max_size=self._pool_size)
+                await db.open()
+                self._db = db
+                await db.fetchval("schema_version")  # a clear error if the schema is missing
+            if replace_registry or not self._registered:
+                entries = dumps([f.registry_entry() for f in self.functions.values()])
+                await self._db.fetchval("register_functions", self.app_id, entries, replace_registry)
+                self._registered = True
+            return self._db
+
+    @property
+    def open_database(self) -> Database:
+        """The database once opened (workers use it after :meth:`database`)."""
+        if self._db is None:
+            raise EngineError("the engine is not connected yet")
+        return self._db
+
+    async def close(self) -> None:
+        """Releases the engine's connections."""
+        db, self._db = self._db, None
+        self._registered = False
+        if db is not None:
+            await db.close()
+
+    # -- events ----------------------------------------------------------------------------------
+    async def send(self, events: Event | list[Event], *, connection: Connection | None = None) -> list[str]:
+        """Sends one event or a list; returns their ids.
+
+        With ``connection=``, the events are written through the caller's own asyncpg
+        connection, inside its transaction: they exist only if that transaction commits.
+
+        Raises:
+            InvalidEventError: an event was refused; nothing of this call was stored.
+        """
+        payload = dumps(validate_outgoing(events))
+        db = await self.database()
+        rows = await db.fetch("send_events", payload, current_traceparent(), False, conn=connection)
+        return [row["id"] for row in rows]
+
+    # -- runs ------------------------------------------------------------------------------------
+    async def get_run(self, run_id: str | UUID) -> RunInfo:
+        """A run with its status, output, error, timestamps and steps."""
+        db = await self.database()
+        row = await db.fetchrow("get_run", _uuid(run_id))
+        if row is None:
+            raise RunNotFoundError(f"no run {run_id}")
+        return run_info_from_row(row)
+
+    async def list_runs(self, fn_id: str | None = None, status: RunStatus | str | None = None,
+                        limit: int = 50) -> list[RunInfo]:
+        """This app's runs, newest first, optionally of one function and/or one status."""
+        db = await self.database()
+        status_value = None if status is None else RunStatus(status).value
+        rows = await db.fetch("list_runs", self.app_id, fn_id, status_value, limit)
+        return [run_info_from_row(row) for row in rows]
+
+    async def runs_for_event(self, event_id: str) -> list[RunInfo]:
+        """The runs an event started."""
+        db = await self.database()
+        return [run_info_from_row(row) for row in await db.fetch("runs_for_event", event_id)]
+
+    async def wait_for_run(self, run_id: str | UUID, timeout: Duration = 30) -> RunInfo:
+        """Waits until the run reaches a terminal status and returns it.
+
+        Raises:
+            TimeoutError: the run is still going after ``timeout``.
+        """
+        deadline = time.monotonic() + parse_duration(timeout, what="timeout").total_seconds()
+        db = await self.database()
+        pause = 0.01
+        while True:
+            status = await db.fetchval("run_status", _uuid(run_id))
+            if status is None:
+                raise RunNotFoundError(f"no run {run_id}")
+            if RunStatus(status).terminal:
+                return await self.get_run(run_id)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"run {run_id} is still {status} after {timeout}")
+            await asyncio.sleep(pause)
+            pause = min(pause * 1.5, 0.25)
+
+    async def cancel_run(self, run_id: str | UUID) -> RunStatus:
+        """Cancels a run between steps: a step already executing finishes, no further one starts.
+
+        Returns the run's status after the call (``RUNNING`` until its worker ends it).
+        """
+        db = await self.database()
+        status = await db.fetchval("cancel_run", _uuid(run_id))
+        if status is None:
+            raise RunNotFoundError(f"no run {run_id}")
+        return RunStatus(status)
+
+    # -- working ---------------------------------------------------------------------------------
+    @asynccontextmanager
+    async def worker(self, *, concurrency: int = 10, lease: Duration = "30s",
+                     poll_interval: Duration = "1s", grace: Duration = "10s") -> AsyncIterator[Worker]:
+        """Runs a worker in the background while the block runs; stops it gracefully after."""
+        worker = Worker(self, concurrency=concurrency, lease=lease, poll_interval=poll_interval,
+                        grace=grace)
+        task = asyncio.create_task(worker.run(), name=f"worker {self.app_id}")
+        try:
+            yield worker
+        finally:
+            worker.stop()
+            await task
+
+    def __repr__(self) -> str:
+        return f"Engine(app_id={self.app_id!r}, functions={sorted(self.functions)})"
+
+
+def _uuid(run_id: str | UUID) -> UUID:
+    try:
+        return run_id if isinstance(run_id, UUID) else UUID(str(run_id))
+    except ValueError:
+        raise RunNotFoundError(f"no run {run_id!r}: run ids are UUIDs") from None

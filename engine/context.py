@@ -1,0 +1,93 @@
+"""What a function receives: ``ctx.event``, ``ctx.step``, ``ctx.logger``..."""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from .events import Event
+
+if TYPE_CHECKING:
+    from .steps import Steps
+
+# The step whose callable is executing in this task or thread, with its attempt.
+current_step: ContextVar[str | None] = ContextVar("engine_current_step", default=None)
+current_attempt: ContextVar[int | None] = ContextVar("engine_current_attempt", default=None)
+
+
+class RunLogger:
+    """``ctx.logger``: a structlog logger that stays quiet while a run replays.
+
+    Code outside steps runs again each time a run resumes. The run records how many lines its
+    executions logged; a later execution skips that many lines, so each line appears once (a
+    worker that crashes before recording its count may repeat lines: at least once, then).
+    """
+
+    def __init__(self, bound: Any, already_logged: int) -> None:
+        self._log = bound
+        self._already = already_logged
+        self.count = 0
+
+    def _emit(self, level: str, event: str, **fields: Any) -> None:
+        self.count += 1
+        if self.count > self._already or current_step.get() is not None:
+            getattr(self._log, level)(event, **fields)
+
+    def debug(self, event: str, **fields: Any) -> None:
+        """Logs at debug level."""
+        self._emit("debug", event, **fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        """Logs at info level."""
+        self._emit("info", event, **fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        """Logs at warning level."""
+        self._emit("warning", event, **fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        """Logs at error level."""
+        self._emit("error", event, **fields)
+
+    def exception(self, event: str, **fields: Any) -> None:
+        """Logs at error level with the current exception."""
+        self._emit("exception", event, **fields)
+
+
+class Context:
+    """The argument of every function.
+
+    Attributes:
+        event: the event that triggered the run.
+        events: all events of the run (one, unless the function batches events).
+        run_id: the run's id.
+        step: the step API (``await ctx.step.run(...)``, ``sleep``, ``sleep_until``).
+        logger: a logger that does not repeat lines when the run replays.
+    """
+
+    def __init__(
+        self, *, event: Event, events: list[Event], run_id: str, step: Steps, logger: RunLogger,
+        run_attempt: int,
+    ) -> None:
+        self.event = event
+        self.events = events
+        self.run_id = run_id
+        self.step = step
+        self.logger = logger
+        self._run_attempt = run_attempt
+
+    @property
+    def attempt(self) -> int:
+        """The 0-based attempt of the step executing now (of the function body outside steps)."""
+        attempt = current_attempt.get()
+        return self._run_attempt if attempt is None else attempt
+
+    def __repr__(self) -> str:
+        return f"Context(run_id={self.run_id!r}, event={self.event.name!r})"
+
+
+def structlog_logger() -> Any:
+    """The engine's logger (stable event names; context bound with ``bound_contextvars``)."""
+    return structlog.get_logger("engine")

@@ -1,0 +1,125 @@
+"""The database layer: the only module that talks to asyncpg.
+
+Queries live in ``sql/queries.sql`` and are called by name. Errors the schema raises with its own
+SQLSTATE codes become the engine's errors here, in one place.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+from .errors import SQLSTATE_ERRORS, EngineError, SchemaMissingError
+
+Record = asyncpg.Record
+Connection = asyncpg.Connection
+NOTIFY_CHANNEL = "engine_wakeup"
+
+_NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+# SQLSTATEs meaning the engine schema (or one of its functions) is not there.
+_MISSING_SCHEMA = {"3F000", "42883", "42P01"}
+
+
+@cache
+def queries() -> dict[str, str]:
+    """All named queries of ``sql/queries.sql``."""
+    text = resources.files("engine").joinpath("sql/queries.sql").read_text()
+    parts = _NAME.split(text)
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+def schema_sql() -> str:
+    """The text of ``schema.sql`` as shipped in the package."""
+    return resources.files("engine").joinpath("schema.sql").read_text()
+
+
+def translate(exc: asyncpg.PostgresError) -> Exception:
+    """Maps a database error to the engine error it means (or returns it unchanged)."""
+    state = getattr(exc, "sqlstate", None)
+    error_class = SQLSTATE_ERRORS.get(state or "")
+    if error_class is not None:
+        return error_class(getattr(exc, "message", str(exc)))
+    if state in _MISSING_SCHEMA and "engine" in str(exc):
+        return SchemaMissingError(
+            f"the database has no engine schema ({exc}); run `engine migrate` or apply schema.sql"
+        )
+    return exc
+
+
+class Database:
+    """A connection pool plus the named queries.
+
+    Args:
+        url: a PostgreSQL URL.
+        min_size: connections kept open.
+        max_size: connections at most.
+    """
+
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10) -> None:
+        self.url = url
+        self._min_size, self._max_size = min_size, max_size
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        """Opens the pool (idempotent)."""
+        if self._pool is None:
+            self._pool = await asyncpg.create_pool(
+                self.url, min_size=self._min_size, max_size=self._max_size
+            )
+
+    async def close(self) -> None:
+        """Closes the pool and every connection in it."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise EngineError("the database is not open")
+        return self._pool
+
+    async def fetch(self, query: str, *args: Any, conn: Connection | None = None) -> list[Record]:
+        """Runs a named query and returns its rows."""
+        return await self._call(lambda c: c.fetch(queries()[query], *args), conn)
+
+    async def fetchrow(self, query: str, *args: Any, conn: Connection | None = None) -> Record | None:
+        """Runs a named query and returns its first row."""
+        return await self._call(lambda c: c.fetchrow(queries()[query], *args), conn)
+
+    async def fetchval(self, query: str, *args: Any, conn: Connection | None = None) -> Any:
+        """Runs a named query and returns the first column of its first row."""
+        return await self._call(lambda c: c.fetchval(queries()[query], *args), conn)
+
+    async def _call(self, action: Callable[[Connection], Awaitable[Any]], conn: Connection | None) -> Any:
+        try:
+            if conn is not None:
+                return await action(conn)
+            async with self.pool.acquire() as pooled:
+                return await action(pooled)
+        except asyncpg.PostgresError as exc:
+            raise translate(exc) from exc
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        """A pooled connection inside a transaction that commits when the block ends."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            yield conn
+
+    async def dedicated(self) -> Connection:
+        """A connection outside the pool (for LISTEN: a pool would UNLISTEN it on release)."""
+        return await asyncpg.connect(self.url)
+
+    async def apply_schema(self) -> None:
+        """Applies ``schema.sql`` (idempotent)."""
+        conn = await asyncpg.connect(self.url)
+        try:
+            await conn.execute(schema_sql())
+        finally:
+            await conn.close()

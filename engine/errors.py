@@ -1,0 +1,172 @@
+"""Every error the engine raises, in one place.
+
+The hierarchy, with the stable code each error carries::
+
+    EngineError (Exception)                    engine
+    ├── ConfigurationError                     config      bad declaration, caught at registration
+    │   └── ExpressionError                    expression  a CEL expression that does not compile
+    ├── InvalidEventError                      event       an event the engine refuses to store
+    ├── SchemaMissingError                     schema      the database has no engine schema
+    ├── RunNotFoundError                       run_not_found
+    ├── StepError                              step_failed  a step failed for good (raised in the
+    │                                                       function at the step's call site)
+    ├── NonRetriableError                      non_retriable  raised by user code: do not retry
+    ├── RetryAfterError                        retry_after    raised by user code: retry at a time
+    ├── SerializationError                     serialization  a value with no JSON form (fails
+    │                                                         the step that returned it)
+    └── RunFailure                             run_failed  the run cannot go on, whatever retries say
+        ├── StepLimitError                     step_limit
+        ├── OutputLimitError                   output_limit
+        ├── DeterminismError                   determinism
+        └── NestedStepError                    nested_step
+
+Control-flow signals used inside a run (suspend, cancel) derive from ``BaseException`` so that a
+user's ``except Exception:`` cannot swallow them; they live in :mod:`engine.execution`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises."""
+
+    code = "engine"
+
+
+class ConfigurationError(EngineError):
+    """A function, trigger or option is declared wrongly; raised at registration."""
+
+    code = "config"
+
+
+class ExpressionError(ConfigurationError):
+    """A CEL expression does not compile. The message shows where."""
+
+    code = "expression"
+
+
+class InvalidEventError(EngineError):
+    """An event was refused (bad name, non-object data, too large...). Nothing was stored."""
+
+    code = "event"
+
+
+class SchemaMissingError(EngineError):
+    """The database has no ``engine`` schema: run ``engine migrate`` or apply ``schema.sql``."""
+
+    code = "schema"
+
+
+class RunNotFoundError(EngineError):
+    """No run has the given id."""
+
+    code = "run_not_found"
+
+
+class StepError(EngineError):
+    """A step failed for good: its attempts are spent or it raised :class:`NonRetriableError`.
+
+    Raised inside the function where the step was called; user code may catch it and go on.
+    If it is not caught, the run fails without further retries.
+
+    Attributes:
+        step_id: the id of the failed step.
+        error_type: the class name of the original error.
+        error_message: the original error's message.
+    """
+
+    code = "step_failed"
+
+    def __init__(self, step_id: str, error_type: str, error_message: str) -> None:
+        super().__init__(f"step {step_id!r} failed: {error_type}: {error_message}")
+        self.step_id = step_id
+        self.error_type = error_type
+        self.error_message = error_message
+
+
+class NonRetriableError(EngineError):
+    """Raise it from a step (or a function) to fail at once, whatever retries are left."""
+
+    code = "non_retriable"
+
+
+class RetryAfterError(EngineError):
+    """Raise it from a step to retry at a given time instead of after the default backoff.
+
+    Args:
+        message: why the attempt failed.
+        retry_after: a delay (``timedelta`` or seconds) or an aware ``datetime``.
+    """
+
+    code = "retry_after"
+
+    def __init__(self, message: str, retry_after: timedelta | float | datetime) -> None:
+        super().__init__(message)
+        if isinstance(retry_after, datetime):
+            if retry_after.tzinfo is None:
+                raise ValueError("retry_after datetime must be timezone-aware")
+            self.retry_at: datetime | None = retry_after
+            self.delay: timedelta | None = None
+        elif isinstance(retry_after, timedelta):
+            self.retry_at, self.delay = None, retry_after
+        else:
+            self.retry_at, self.delay = None, timedelta(seconds=float(retry_after))
+
+    def due(self, now: datetime) -> datetime:
+        """When the next attempt may start, given the current (database) time."""
+        if self.retry_at is not None:
+            return self.retry_at.astimezone(UTC)
+        assert self.delay is not None
+        return now + self.delay
+
+
+class RunFailure(EngineError):
+    """The run cannot continue and fails at once, without retries."""
+
+    code = "run_failed"
+
+
+class StepLimitError(RunFailure):
+    """The run asked for more steps than ``max_steps`` allows."""
+
+    code = "step_limit"
+
+
+class OutputLimitError(RunFailure):
+    """A step's output (or the run's) is larger than ``max_output_bytes``."""
+
+    code = "output_limit"
+
+
+class DeterminismError(RunFailure):
+    """Replayed code asked, at a recorded position, for a different step than the one recorded."""
+
+    code = "determinism"
+
+
+class NestedStepError(RunFailure):
+    """A step was called inside another step."""
+
+    code = "nested_step"
+
+
+class SerializationError(EngineError):
+    """A value could not be stored as JSON."""
+
+    code = "serialization"
+
+
+def error_payload(exc: BaseException) -> dict[str, Any]:
+    """The JSON form in which an error is recorded on a step or a run."""
+    payload: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+    code = getattr(exc, "code", None)
+    if isinstance(code, str):
+        payload["code"] = code
+    return payload
+
+
+# SQLSTATE codes raised by schema.sql, mapped to the error they mean.
+SQLSTATE_ERRORS: dict[str, type[EngineError]] = {"EN001": InvalidEventError}

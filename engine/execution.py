@@ -1,0 +1,389 @@
+"""Executing one claimed run: replay its recorded steps, run the new ones, and end or suspend it.
+
+A claimed run executes in-process. Each step's result is committed (one round trip) before the
+function goes on; the run is not re-claimed between steps. The run is released only when it must
+wait: a sleep, a retry backoff, a cancel, or a worker that is stopping.
+
+Parallel steps (``asyncio.gather``) run together. When a step needs the run to wait, it registers
+a :class:`Suspension` and blocks; once no step is executing any more, the run *settles*: the
+function's task is cancelled (a ``BaseException`` that ``except Exception`` does not swallow) and
+one call releases the run with the earliest due time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import structlog
+from opentelemetry import trace
+
+from . import telemetry
+from .context import Context, RunLogger, current_step, structlog_logger
+from .db import Database
+from .errors import (
+    DeterminismError,
+    EngineError,
+    NestedStepError,
+    NonRetriableError,
+    OutputLimitError,
+    RunFailure,
+    SerializationError,
+    StepError,
+    StepLimitError,
+    error_payload,
+)
+from .events import Event, event_from_row
+from .function import Function
+from .retries import Backoff
+from .runs import RunStatus
+from .serialization import NotSerializable, dumps, loads
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-run limits; going over fails the run with an error that names the limit."""
+
+    max_steps: int = 1000
+    max_output_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass
+class StepRecord:
+    """A step as recorded in ``engine.steps``."""
+
+    key: str
+    position: int
+    kind: str
+    status: str
+    attempts: int = 1
+    output: Any = None
+    error: dict[str, Any] | None = None
+    wake_at: datetime | None = None
+
+    def to_json(self, output_json: str | None = None) -> str:
+        """The JSON argument of ``engine.checkpoint_step``; ``output_json`` is pre-encoded."""
+        wake = None if self.wake_at is None else self.wake_at.isoformat()
+        head = dumps({"key": self.key, "position": self.position, "kind": self.kind,
+                      "status": self.status, "attempts": self.attempts, "error": self.error,
+                      "wake_at": wake})
+        return f'{head[:-1]},"output":{output_json or "null"}}}'
+
+
+@dataclass
+class ClaimedRun:
+    """A run leased to this worker, with everything needed to replay it."""
+
+    run_id: UUID
+    function: Function
+    lease_token: int
+    attempt: int
+    log_lines: int
+    cancel_requested: bool
+    traceparent: str | None
+    claimed_at: datetime
+    events: list[Event]
+    steps: dict[str, StepRecord] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, row: Any, function: Function) -> ClaimedRun:
+        """Builds it from a row of ``engine.claim_runs``."""
+        steps = [_step_from_json(s) for s in loads(row["steps"])]
+        return cls(
+            run_id=row["id"], function=function, lease_token=row["lease_token"],
+            attempt=row["attempt"], log_lines=row["log_lines"],
+            cancel_requested=row["cancel_requested"], traceparent=row["traceparent"],
+            claimed_at=row["claimed_at"], events=[event_from_row(loads(row["event"]))],
+            steps={s.key: s for s in steps},
+        )
+
+
+def _step_from_json(item: dict[str, Any]) -> StepRecord:
+    wake = item.get("wake_at")
+    return StepRecord(
+        key=item["key"], position=item["position"], kind=item["kind"], status=item["status"],
+        attempts=item["attempts"], output=item["output"], error=item["error"],
+        wake_at=None if wake is None else datetime.fromisoformat(wake),
+    )
+
+
+@dataclass
+class Suspension:
+    """Why and until when a run waits; ``steps`` are recorded when the run is released."""
+
+    due: datetime
+    status: RunStatus
+    reason: str
+    steps: list[StepRecord] = field(default_factory=list)
+
+
+class LeaseLost(BaseException):  # noqa: N818 - a signal, not an error
+    """The run's lease is gone (another worker has it): stop, and write nothing more."""
+
+
+@dataclass
+class StepPlan:
+    """Where a step request falls in the run: its key, position and earlier record."""
+
+    key: str
+    position: int
+    record: StepRecord | None
+
+
+class Execution:
+    """One execution of a claimed run, from replay to its end or suspension."""
+
+    def __init__(
+        self, run: ClaimedRun, *, db: Database, owner: UUID, limits: Limits, backoff: Backoff,
+    ) -> None:
+        self.run = run
+        self.db = db
+        self.owner = owner
+        self.limits = limits
+        self.backoff = backoff
+        self.fn_id = run.function.fn_id
+        self.cancel_requested = run.cancel_requested
+        self.stopping = False
+        self.lost = False
+        self.fatal: RunFailure | None = None
+        self.in_flight = 0
+        self.suspensions: list[Suspension] = []
+        self._halted = False
+        self._settled = asyncio.Event()
+        self._counters: dict[str, int] = {}
+        self._next_position = 0
+        self._by_position = {s.position: s.key for s in run.steps.values()}
+        self._clock_origin = time.monotonic()
+        self.log = structlog_logger().bind(run_id=str(run.run_id), function_id=self.fn_id)
+        self.run_logger = RunLogger(self.log, run.log_lines)
+
+    # -- time ------------------------------------------------------------------------------------
+    def db_now(self) -> datetime:
+        """The database's clock (``engine.now()``), estimated from the claim time."""
+        return self.run.claimed_at + timedelta(seconds=time.monotonic() - self._clock_origin)
+
+    # -- step bookkeeping (called by engine.steps) -----------------------------------------------
+    def plan(self, step_id: str) -> StepPlan:
+        """Assigns the next position to a step request and checks it against the history."""
+        if not isinstance(step_id, str) or not step_id:
+            self.fail(RunFailure(f"step ids must be non-empty strings, got {step_id!r}"))
+        outer = current_step.get()
+        if outer is not None:
+            self.fail(NestedStepError(f"step {step_id!r} was called inside step {outer!r}"))
+        count = self._counters.get(step_id, 0)
+        self._counters[step_id] = count + 1
+        key = step_id if count == 0 else f"{step_id}:{count}"
+        position = self._next_position
+        self._next_position += 1
+        if position >= self.limits.max_steps:
+            self.fail(StepLimitError(
+                f"the run asked for more than {self.limits.max_steps} steps (limit max_steps)"))
+        recorded = self._by_position.get(position)
+        record = self.run.steps.get(key)
+        if (recorded is not None and recorded != key) or (record and record.position != position):
+            self.fail(DeterminismError(
+                f"at position {position} the run recorded step {recorded or '(none)'!r}, but the "
+                f"code now asks for step {key!r}: the function changed while the run was in flight"))
+        return StepPlan(key=key, position=position, record=record)
+
+    def fail(self, failure: RunFailure) -> Any:
+        """Marks the run as failed for good (first failure wins) and raises it."""
+        if self.fatal is None:
+            self.fatal = failure
+        raise failure
+
+    async def gate(self) -> None:
+        """Called before a new step starts: no step starts once a cancel or a stop is pending."""
+        if self.fatal is not None:
+            raise self.fatal
+        if self.cancel_requested or self.stopping:
+            self._halted = True
+            await self.block()
+
+    async def suspend(self, suspension: Suspension) -> None:
+        """Registers why the run must wait and blocks until the run is released."""
+        self.suspensions.append(suspension)
+        await self.block()
+
+    async def block(self) -> None:
+        """Waits for the run to settle; the function's task is cancelled then."""
+        self.maybe_settle()
+        await asyncio.get_running_loop().create_future()  # cancelled when the run settles
+
+    def maybe_settle(self) -> None:
+        """Settles the run when it must wait and no step is executing any more."""
+        if self.in_flight == 0 and (self.suspensions or self._halted or self.lost):
+            self._settled.set()
+
+    def note_cancel(self) -> None:
+        """A cancel was requested (seen by a checkpoint or a heartbeat)."""
+        self.cancel_requested = True
+
+    def note_stop(self) -> None:
+        """The worker is stopping: finish the executing steps, start no new one."""
+        self.stopping = True
+        if self.in_flight == 0 and not self._settled.is_set():
+            self._halted = True
+            self.maybe_settle()
+
+    async def checkpoint(self, record: StepRecord, output_json: str | None = None) -> None:
+        """Commits a step record under the lease before the function goes on."""
+        result = await self.db.fetchval(
+            "checkpoint_step", self.run.run_id, self.owner, self.run.lease_token,
+            record.to_json(output_json))
+        if result in ("lost", "duplicate"):
+            self.lost = True
+            raise LeaseLost(f"run {self.run.run_id}: {result} while recording step {record.key!r}")
+        if result == "cancel":
+            self.note_cancel()
+        self.run.steps[record.key] = record
+        self._by_position[record.position] = record.key
+
+    def encode_output(self, value: Any, what: str) -> str:
+        """JSON for a step's or the run's output, within ``max_output_bytes``."""
+        try:
+            text = dumps(value)
+        except NotSerializable as exc:
+            raise SerializationError(f"{what} returned a value that cannot be stored: {exc}") from exc
+        size = len(text.encode())
+        if size > self.limits.max_output_bytes:
+            self.fail(OutputLimitError(
+                f"{what} returned {size} bytes of JSON; the limit is "
+                f"{self.limits.max_output_bytes} (max_output_bytes)"))
+        return text
+
+    # -- the driver ------------------------------------------------------------------------------
+    async def execute(self, make_context: Callable[[Execution], Context]) -> None:
+        """Runs the function until it ends or must wait, and records the outcome."""
+        with (
+            structlog.contextvars.bound_contextvars(run_id=str(self.run.run_id), function_id=self.fn_id),
+            telemetry.run_span(self) as span,
+        ):
+            try:
+                await self._drive(make_context, span)
+            except LeaseLost as lost:
+                self.log.warning("run.lease_lost", reason=str(lost))
+                telemetry.mark(span, "lease_lost")
+
+    async def _drive(self, make_context: Callable[[Execution], Context], span: trace.Span) -> None:
+        if self.cancel_requested:
+            await self._finish(RunStatus.CANCELLED, span)
+            return
+        self.log.info("run.started", attempt=self.run.attempt)
+        task = asyncio.create_task(self._call(make_context))
+        settled = asyncio.create_task(self._settled.wait())
+        try:
+            await asyncio.wait({task, settled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            settled.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await self._after_settling(span)
+        else:
+            await self._after_return(task, span)
+
+    async def _call(self, make_context: Callable[[Execution], Context]) -> Any:
+        return await self.run.function.handler(make_context(self))
+
+    async def force_stop(self) -> None:
+        """Settles at once (the stop grace period is over): steps still running are abandoned."""
+        self.stopping = True
+        self._halted = True
+        self._settled.set()
+
+    async def _after_settling(self, span: trace.Span) -> None:
+        if self.lost:
+            raise LeaseLost(f"run {self.run.run_id}")
+        if self.fatal is not None:
+            await self._fail(self.fatal, span)
+        elif self.cancel_requested:
+            await self._finish(RunStatus.CANCELLED, span)
+        elif self.stopping:
+            due = self.db_now()
+            sleeps = [s for p in self.suspensions for s in p.steps]
+            await self._suspend(Suspension(due, RunStatus.QUEUED, "handed back by a stopping worker", sleeps), span)
+        else:
+            await self._suspend(_merge(self.suspensions), span)
+
+    async def _after_return(self, task: asyncio.Task[Any], span: trace.Span) -> None:
+        if self.lost:
+            raise LeaseLost(f"run {self.run.run_id}")
+        if self.fatal is not None:
+            await self._fail(self.fatal, span)
+            return
+        error = task.exception()
+        if error is None:
+            await self._complete(task.result(), span)
+        elif isinstance(error, StepError | NonRetriableError | RunFailure | SerializationError) or not isinstance(error, Exception):
+            await self._fail(error, span)
+        elif self.run.attempt < self.run.function.retries:
+            await self._retry_function(error, span)
+        else:
+            await self._fail(error, span)
+
+    async def _complete(self, value: Any, span: trace.Span) -> None:
+        try:
+            output = self.encode_output(value, f"function {self.fn_id!r}")
+        except (RunFailure, SerializationError) as failure:
+            await self._fail(failure, span)
+            return
+        await self._finish(RunStatus.COMPLETED, span, output=output)
+
+    async def _retry_function(self, error: BaseException, span: trace.Span) -> None:
+        delay = self.backoff.delay(self.run.attempt)
+        self.log.warning("run.attempt_failed", attempt=self.run.attempt, error=str(error),
+                         retry_in=delay.total_seconds())
+        self.run.attempt += 1
+        reason = f"retrying the function after {type(error).__name__}: {error}"
+        await self._suspend(Suspension(self.db_now() + delay, RunStatus.RETRYING, reason), span)
+
+    async def _fail(self, error: BaseException, span: trace.Span) -> None:
+        self.log.error("run.failed", error=str(error), error_type=type(error).__name__)
+        await self._finish(RunStatus.FAILED, span, error=dumps(error_payload(error)))
+
+    async def _finish(self, status: RunStatus, span: trace.Span, *, output: str | None = None,
+                      error: str | None = None) -> None:
+        result = await self.db.fetchval(
+            "finish_run", self.run.run_id, self.owner, self.run.lease_token, status.value,
+            output, error, self.run_logger.count)
+        if result == "lost":
+            raise LeaseLost(f"run {self.run.run_id}: lost before it could end {status.value}")
+        self.log.info("run.finished", status=status.value)
+        telemetry.mark(span, status.value)
+
+    async def _suspend(self, suspension: Suspension, span: trace.Span) -> None:
+        steps = "[" + ",".join(s.to_json() for s in suspension.steps) + "]"
+        result = await self.db.fetchval(
+            "suspend_run", self.run.run_id, self.owner, self.run.lease_token,
+            suspension.status.value, suspension.due, suspension.reason, self.run.attempt,
+            self.run_logger.count, steps)
+        if result == "lost":
+            raise LeaseLost(f"run {self.run.run_id}: lost before it could be suspended")
+        outcome = RunStatus.CANCELLED if result == "cancel" else suspension.status
+        self.log.info("run.suspended", status=outcome.value, due=suspension.due.isoformat(),
+                      reason=suspension.reason)
+        telemetry.mark(span, outcome.value)
+        self.next_due = suspension.due
+
+    next_due: datetime | None = None
+
+
+def _merge(suspensions: list[Suspension]) -> Suspension:
+    """One release for several waiting steps: wake at the earliest; record every sleep."""
+    first = min(suspensions, key=lambda s: s.due)
+    reasons = "; ".join(s.reason for s in sorted(suspensions, key=lambda s: s.due))
+    steps = [step for s in suspensions for step in s.steps]
+    return Suspension(first.due, first.status, reasons, steps)
+
+
+def utc(value: datetime) -> datetime:
+    """Checks that a datetime is aware and returns it in UTC."""
+    if value.tzinfo is None:
+        raise EngineError("datetimes must be timezone-aware")
+    return value.astimezone(UTC)

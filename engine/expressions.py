@@ -1,0 +1,143 @@
+"""CEL expressions over events, compiled once at registration.
+
+Behaviour matches what users of Inngest's expressions expect, where cel-python differs:
+
+* numbers compare across int and double (``event.data.total > 100`` with ``total = 120.5``);
+* a missing field is ``null`` rather than an error, and so is any field of it (``has()``
+  still tells whether a field is there);
+* the candidate event of a wait or a cancel is called ``async``.
+
+An expression that fails while evaluating (a type error, a field of ``null``) does not match.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import celpy
+import lark
+from celpy import celtypes
+from celpy.evaluation import CELEvalError, Evaluator
+
+from .errors import ExpressionError
+
+_NUMBERS = (celtypes.IntType, celtypes.UintType, celtypes.DoubleType)
+
+
+def _numeric_aware(op: Callable[[Any, Any], bool]) -> Callable[[Any, Any], Any]:
+    """Wraps a CEL comparison so ints and doubles compare by value, and null compares by ``==``."""
+
+    def compare(a: Any, b: Any) -> Any:
+        if isinstance(a, CELEvalError):
+            return a
+        if isinstance(b, CELEvalError):
+            return b
+        if isinstance(a, _NUMBERS) and isinstance(b, _NUMBERS):
+            return celtypes.BoolType(op(float(a), float(b)))
+        if a is None or b is None:
+            if op in (operator.eq, operator.ne):
+                return celtypes.BoolType(op(a, b))
+            return celtypes.BoolType(False)  # null > 3 is false, not an error
+        return celtypes.BoolType(bool(op(a, b)))
+
+    return compare
+
+
+_FUNCTIONS = {
+    "_<_": _numeric_aware(operator.lt),
+    "_<=_": _numeric_aware(operator.le),
+    "_>_": _numeric_aware(operator.gt),
+    "_>=_": _numeric_aware(operator.ge),
+    "_==_": _numeric_aware(operator.eq),
+    "_!=_": _numeric_aware(operator.ne),
+}
+
+
+class _NullingEvaluator(Evaluator):  # type: ignore[misc]
+    """An evaluator in which ``map.missing`` and ``null.field`` are null, except in ``has()``."""
+
+    _in_has = False
+
+    def member_dot(self, tree: lark.Tree) -> Any:
+        result = super().member_dot(tree)
+        if isinstance(result, CELEvalError) and not self._in_has:
+            member = self.visit(tree.children[0])
+            if member is None or isinstance(member, celtypes.MapType):
+                return None
+        return result
+
+    def macro_has_eval(self, exprlist: lark.Tree) -> Any:
+        self._in_has = True
+        try:
+            return super().macro_has_eval(exprlist)
+        finally:
+            self._in_has = False
+
+
+class _Runner(celpy.InterpretedRunner):  # type: ignore[misc]
+    def evaluate(self, context: Mapping[str, Any]) -> Any:
+        evaluator = _NullingEvaluator(ast=self.ast, activation=self.new_activation())
+        return evaluator.evaluate(context)
+
+
+_ENV = celpy.Environment(runner_class=_Runner)
+
+
+class Expression:
+    """A compiled CEL expression.
+
+    Args:
+        source: the expression text.
+        what: names the option in error messages (``"trigger 'order/created' expression"``).
+
+    Raises:
+        ExpressionError: the expression does not compile; the message points at the place.
+    """
+
+    def __init__(self, source: str, *, what: str = "expression") -> None:
+        if not isinstance(source, str) or not source.strip():
+            raise ExpressionError(f"{what}: expected a CEL expression, got {source!r}")
+        self.source = source
+        try:
+            self._program = _ENV.program(_ENV.compile(source), functions=_FUNCTIONS)
+        except Exception as exc:
+            raise ExpressionError(f"{what}: invalid expression {source!r}:\n{exc}") from exc
+
+    def evaluate(self, variables: Mapping[str, Any]) -> Any:
+        """Evaluates to a plain Python value; raises :class:`ExpressionError` when it fails."""
+        activation = {name: celpy.json_to_cel(value) for name, value in variables.items()}
+        try:
+            result = self._program.evaluate(activation)
+        except Exception as exc:
+            raise ExpressionError(f"expression {self.source!r} failed: {exc}") from exc
+        if isinstance(result, CELEvalError):
+            raise ExpressionError(f"expression {self.source!r} failed: {result.args[0]}")
+        return _to_python(result)
+
+    def matches(self, variables: Mapping[str, Any]) -> bool:
+        """True when the expression evaluates to true; an evaluation error does not match."""
+        try:
+            return self.evaluate(variables) is True
+        except ExpressionError:
+            return False
+
+    def __repr__(self) -> str:
+        return f"Expression({self.source!r})"
+
+
+def _to_python(value: Any) -> Any:
+    if isinstance(value, celtypes.BoolType):
+        return bool(value)
+    if isinstance(value, celtypes.IntType | celtypes.UintType):
+        return int(value)
+    if isinstance(value, celtypes.DoubleType):
+        return float(value)
+    if isinstance(value, celtypes.StringType):
+        return str(value)
+    if isinstance(value, celtypes.MapType):
+        return {str(k): _to_python(v) for k, v in value.items()}
+    if isinstance(value, celtypes.ListType):
+        return [_to_python(v) for v in value]
+    return value

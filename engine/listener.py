@@ -1,0 +1,62 @@
+"""The LISTEN side of wake-ups: a dedicated connection that survives disconnects.
+
+NOTIFY is only a hint. asyncpg never tells the notification callback that the connection died,
+so the listener watches for termination, checks the connection's health with a timed query,
+reconnects with backoff, LISTENs again, and wakes the worker for a catch-up after every reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from .db import NOTIFY_CHANNEL, Database
+
+log = structlog.get_logger("engine")
+
+
+class Listener:
+    """Calls ``wake()`` on every notification and after every (re)connect."""
+
+    def __init__(self, db: Database, wake: Callable[[], None], *, health_interval: float = 10.0,
+                 health_timeout: float = 5.0) -> None:
+        self._db = db
+        self._wake = wake
+        self._health_interval = health_interval
+        self._health_timeout = health_timeout
+
+    async def run(self) -> None:
+        """Listens until cancelled."""
+        backoff = 0.1
+        while True:
+            try:
+                await self._listen_once()
+                backoff = 0.1
+            except (OSError, asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - reconnect on anything
+                log.warning("listener.disconnected", error=str(exc), retry_in=backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _listen_once(self) -> None:
+        conn = await self._db.dedicated()
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: lost.set())
+        try:
+            await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+            log.debug("listener.connected")
+            self._wake()  # catch up on whatever happened while not listening
+            while not lost.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(lost.wait(), self._health_interval)
+                if not lost.is_set():
+                    await asyncio.wait_for(conn.fetchval("SELECT 1"), self._health_timeout)
+            raise ConnectionError("the listening connection was closed")
+        finally:
+            conn.terminate()
+
+    def _on_notify(self, *_args: Any) -> None:
+        self._wake()

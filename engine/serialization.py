@@ -1,0 +1,86 @@
+"""JSON in and out of the database: step outputs, run outputs, event data.
+
+Everything the engine records is JSON, so a value comes back from a step as its JSON round trip
+(a tuple as a list, a pydantic model as a dict unless the step callable declares the model as
+its return type). ``orjson`` is used when installed; the standard library otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable
+from typing import Any, cast
+
+from pydantic import BaseModel
+
+try:  # optional speed-up, never needed for correctness
+    import orjson
+
+    def _dumps(value: Any) -> str:
+        return orjson.dumps(value).decode()
+
+    loads: Callable[[str | bytes], Any] = orjson.loads
+except ImportError:  # pragma: no cover - depends on the environment
+
+    def _dumps(value: Any) -> str:
+        return json.dumps(value, allow_nan=False, separators=(",", ":"))
+
+    loads = json.loads
+
+
+class NotSerializable(TypeError):
+    """A value that has no JSON form. The message names the offending type."""
+
+
+def to_jsonable(value: Any) -> Any:
+    """Turns pydantic models and dataclasses (anywhere inside ``value``) into plain JSON types."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_jsonable(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {_key(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise NotSerializable(f"{value!r} is not a JSON number")
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    raise NotSerializable(f"a value of type {type(value).__name__} cannot be stored as JSON")
+
+
+def _key(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    raise NotSerializable(f"a dict key of type {type(key).__name__} cannot be stored as JSON")
+
+
+def dumps(value: Any) -> str:
+    """Encodes a value as JSON text; raises :class:`NotSerializable` with a readable reason."""
+    plain = to_jsonable(value)
+    try:
+        return _dumps(plain)
+    except (TypeError, ValueError) as exc:  # e.g. integers beyond 64 bits for orjson
+        try:
+            return json.dumps(plain, allow_nan=False, separators=(",", ":"))
+        except (TypeError, ValueError):
+            raise NotSerializable(str(exc)) from exc
+
+
+def restore(value: Any, annotation: Any) -> Any:
+    """Turns a stored JSON value back into ``annotation`` when that is a pydantic model."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel) and value is not None:
+        return annotation.model_validate(value)
+    return value
+
+
+def loads_or_none(text: str | None) -> Any:
+    """Decodes JSON text from the database, keeping SQL NULL as ``None``."""
+    return None if text is None else loads(text)
+
+
+def as_dict(value: Any) -> dict[str, Any]:
+    """Casts decoded JSON known to be an object."""
+    return cast(dict[str, Any], value)

@@ -1,0 +1,176 @@
+"""``ctx.step``: memoized, retried, durable steps.
+
+A step id used twice in one run gets a counter (``fetch``, ``fetch:1``...). A completed step is
+never executed again: its recorded output is returned on replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from . import telemetry
+from .context import current_attempt, current_step
+from .durations import Duration, parse_duration
+from .errors import (
+    NonRetriableError,
+    RetryAfterError,
+    SerializationError,
+    StepError,
+    error_payload,
+)
+from .execution import Execution, StepPlan, StepRecord, Suspension, utc
+from .runs import RunStatus
+from .serialization import loads, restore
+
+
+class Steps:
+    """The step API of a run (``ctx.step``)."""
+
+    def __init__(self, execution: Execution) -> None:
+        self._ex = execution
+
+    async def run(self, step_id: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Runs ``fn(*args, **kwargs)`` once for this run and returns its JSON round trip.
+
+        ``fn`` may be sync (it runs in a thread) or async. Errors are retried with a durable
+        backoff, up to the function's ``retries``; then :class:`StepError` is raised here.
+
+        Raises:
+            StepError: the step failed for good.
+        """
+        ex = self._ex
+        plan = ex.plan(step_id)
+        record = plan.record
+        if record is not None and record.status == "COMPLETED":
+            return restore(record.output, _return_type(fn))
+        if record is not None and record.status == "FAILED":
+            raise _step_error(plan.key, record.error)
+        await ex.gate()
+        attempt = record.attempts if record is not None else 0
+        ex.in_flight += 1
+        try:
+            outcome = await self._attempt(plan, attempt, fn, args, kwargs)
+            if outcome.wait is not None:  # registered before the run can settle
+                ex.suspensions.append(outcome.wait)
+        finally:
+            ex.in_flight -= 1
+            ex.maybe_settle()
+        if outcome.wait is not None:
+            await ex.block()
+        if outcome.error is not None:
+            raise outcome.error
+        return restore(outcome.value, _return_type(fn))
+
+    async def _attempt(self, plan: StepPlan, attempt: int, fn: Callable[..., Any],
+                       args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Outcome:
+        """Executes one attempt and records it before the function goes on."""
+        ex = self._ex
+        with telemetry.step_span(ex, plan.key, attempt) as span:
+            try:
+                value = await _call_in_step(plan.key, attempt, fn, args, kwargs)
+                output = ex.encode_output(value, f"step {plan.key!r}")
+            except Exception as error:
+                if ex.fatal is not None:  # a limit or a nested step: the run fails as a whole
+                    raise
+                telemetry.mark(span, "error")
+                return await self._failed(plan, attempt, error)
+            await ex.checkpoint(StepRecord(plan.key, plan.position, "run", "COMPLETED", attempt + 1), output)
+            telemetry.mark(span, "completed")
+        return _Outcome(value=loads(output))
+
+    async def _failed(self, plan: StepPlan, attempt: int, error: Exception) -> _Outcome:
+        ex = self._ex
+        final = (isinstance(error, NonRetriableError | SerializationError)
+                 or attempt >= ex.run.function.retries)
+        record = StepRecord(plan.key, plan.position, "run", "FAILED" if final else "RETRYING",
+                            attempt + 1, error=error_payload(error))
+        await ex.checkpoint(record)
+        ex.log.warning("step.failed", step_id=plan.key, attempt=attempt, final=final,
+                       error=str(error), error_type=type(error).__name__)
+        if final:
+            return _Outcome(error=_step_error(plan.key, record.error))
+        now = ex.db_now()
+        due = error.due(now) if isinstance(error, RetryAfterError) else now + ex.backoff.delay(attempt)
+        reason = (f"retrying step {plan.key!r} (attempt {attempt + 2}) after "
+                  f"{type(error).__name__}: {error}")
+        return _Outcome(wait=Suspension(due, RunStatus.RETRYING, reason))
+
+    async def sleep(self, step_id: str, duration: Duration) -> None:
+        """Pauses the run durably for ``duration`` (``"30s"``, ``timedelta``, seconds).
+
+        The sleeping run holds no worker and no connection, and resumes on time even if every
+        worker restarted meanwhile.
+        """
+        delay = parse_duration(duration, what=f"sleep {step_id!r}")
+        await self._sleep(step_id, lambda now: now + delay)
+
+    async def sleep_until(self, step_id: str, when: datetime) -> None:
+        """Pauses the run durably until ``when`` (an aware datetime); a past time returns at once."""
+        wake_at = utc(when)
+        await self._sleep(step_id, lambda now: wake_at)
+
+    async def _sleep(self, step_id: str, wake: Callable[[datetime], datetime]) -> None:
+        ex = self._ex
+        plan = ex.plan(step_id)
+        record = plan.record
+        if record is not None and record.status == "COMPLETED":
+            return
+        if record is None:
+            await ex.gate()
+            now = ex.db_now()
+            wake_at = wake(now)
+            record = StepRecord(plan.key, plan.position, "sleep", "SLEEPING", wake_at=wake_at)
+            if wake_at <= now:
+                record.status = "COMPLETED"
+                await ex.checkpoint(record)
+                return
+            pending = [record]
+        else:  # recorded earlier, not yet due: wait again without recording it twice
+            pending = []
+        assert record.wake_at is not None
+        reason = f"sleeping in step {plan.key!r} until {record.wake_at.isoformat()}"
+        await ex.suspend(Suspension(record.wake_at, RunStatus.SLEEPING, reason, pending))
+
+
+async def _call_in_step(key: str, attempt: int, fn: Callable[..., Any],
+                        args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    step_token = current_step.set(key)
+    attempt_token = current_attempt.set(attempt)
+    try:
+        if inspect.iscoroutinefunction(fn):
+            return await fn(*args, **kwargs)
+        # Sync callables run in a thread so that they block neither the loop nor other runs.
+        result = await asyncio.to_thread(fn, *args, **kwargs)
+        if inspect.isawaitable(result):
+            return await result
+        return result
+    finally:
+        current_step.reset(step_token)
+        current_attempt.reset(attempt_token)
+
+
+def _return_type(fn: Callable[..., Any]) -> Any:
+    try:
+        return typing.get_type_hints(fn).get("return")
+    except Exception:  # unresolvable annotations: fall back to plain JSON
+        return None
+
+
+def _step_error(key: str, error: dict[str, Any] | None) -> StepError:
+    error = error or {}
+    return StepError(key, str(error.get("type", "Error")), str(error.get("message", "")))
+
+
+@dataclass
+class _Outcome:
+    """What one attempt of a step leaves for its call site: a value, an error, or a wait."""
+
+    value: Any = None
+    error: StepError | None = None
+    wait: Suspension | None = None

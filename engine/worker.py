@@ -1,0 +1,214 @@
+"""The worker: one explicit loop that routes events and claims runs, with named side tasks.
+
+Side tasks run in an ``asyncio.TaskGroup``: the listener (NOTIFY wake-ups) and the heartbeat
+(lease renewal, cancel and lost-lease detection). If one dies, the worker stops loudly.
+
+The loop wakes on a notification, on a freed slot, on the local timer armed for the earliest due
+time it knows (a sleep or a backoff coming due), and at least every ``poll_interval`` (the safety
+net: NOTIFY is a hint, never relied upon).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from datetime import timedelta
+from typing import TYPE_CHECKING
+from uuid import UUID, uuid4
+
+import structlog
+
+from .context import Context
+from .durations import Duration, parse_duration
+from .events import event_from_row
+from .execution import ClaimedRun, Execution
+from .listener import Listener
+from .router import RoutedRun, Router
+from .steps import Steps
+
+if TYPE_CHECKING:
+    from .app import Engine
+
+log = structlog.get_logger("engine")
+
+
+class Worker:
+    """Executes the runs of one app's functions.
+
+    Args:
+        engine: the app whose functions this worker runs.
+        concurrency: runs executing at once in this worker, at most.
+        lease: how long a claimed run stays ours without a heartbeat; a dead worker's runs are
+            taken over this long after its last heartbeat.
+        poll_interval: the longest the worker sleeps without looking for work.
+        grace: on stop, how long executing steps get to finish before their runs are released.
+    """
+
+    def __init__(self, engine: Engine, *, concurrency: int = 10, lease: Duration = "30s",
+                 poll_interval: Duration = "1s", grace: Duration = "10s") -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.engine = engine
+        self.owner: UUID = uuid4()
+        self.concurrency = concurrency
+        self.lease = parse_duration(lease, what="lease")
+        self.poll_interval = parse_duration(poll_interval, what="poll_interval").total_seconds()
+        self.grace = parse_duration(grace, what="grace").total_seconds()
+        if self.lease < timedelta(milliseconds=300):
+            raise ValueError("lease must be at least 300ms")
+        self.executions: dict[UUID, Execution] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._timer_at = float("inf")  # monotonic time of the earliest known due work
+        self._router: Router | None = None
+        self._fn_ids = list(engine.functions)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Runs until :meth:`stop` is called; then stops gracefully."""
+        db = await self.engine.database(replace_registry=True)
+        self._router = Router(db, self.engine.app_id, self.engine.functions)
+        log.info("worker.started", owner=str(self.owner), app_id=self.engine.app_id,
+                 functions=self._fn_ids, concurrency=self.concurrency)
+        async with asyncio.TaskGroup() as group:
+            side = [group.create_task(Listener(db, self.wake).run(), name="listener"),
+                    group.create_task(self._heartbeat(), name="heartbeat")]
+            await self._loop()
+            await self._drain()
+            for task in side:
+                task.cancel()
+        log.info("worker.stopped", owner=str(self.owner))
+
+    def stop(self) -> None:
+        """Asks the worker to stop: no new claims; executing steps finish within ``grace``."""
+        self._stopping.set()
+        self.wake()
+
+    def wake(self) -> None:
+        """Makes the loop look for work now."""
+        self._wake.set()
+
+    # -- the loop --------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                progressed = await self._tick()
+            except Exception as exc:  # noqa: BLE001 - the database may be restarting: poll again
+                log.warning("worker.tick_failed", error=str(exc), error_type=type(exc).__name__)
+                progressed = False
+            if not progressed:
+                await self._sleep_until_woken()
+
+    async def _tick(self) -> bool:
+        """Routes due events and claims due runs up to the free slots; True if it found work."""
+        free = self.concurrency - len(self.executions)
+        if free <= 0:
+            return False
+        assert self._router is not None
+        routed, mine = await self._router.route(self.owner, self.lease, free)
+        for routed_run in mine:
+            self._start(self._routed(routed_run))
+        free -= len(mine)
+        claimed = await self._claim(free) if free > 0 else 0
+        if routed == 0 and claimed < free:
+            await self._arm_timer()
+        return routed > 0 or claimed > 0
+
+    async def _claim(self, limit: int) -> int:
+        db = await self.engine.database()
+        rows = await db.fetch("claim_runs", self.engine.app_id, self._fn_ids, self.owner,
+                              self.lease, limit)
+        for row in rows:
+            self._start(ClaimedRun.from_row(row, self.engine.functions[row["function_id"]]))
+        return len(rows)
+
+    def _routed(self, routed: RoutedRun) -> ClaimedRun:
+        row = routed.row
+        return ClaimedRun(
+            run_id=row["id"], function=self.engine.functions[row["function_id"]],
+            lease_token=row["lease_token"], attempt=0, log_lines=0, cancel_requested=False,
+            traceparent=routed.traceparent, claimed_at=row["created_at"],
+            events=[event_from_row(routed.event)],
+        )
+
+    async def _arm_timer(self) -> None:
+        db = await self.engine.database()
+        row = await db.fetchrow("next_due", self.engine.app_id, self._fn_ids)
+        if row is not None and row["next_due"] is not None:
+            self._note_due((row["next_due"] - row["now"]).total_seconds())
+
+    def _note_due(self, seconds_from_now: float) -> None:
+        self._timer_at = min(self._timer_at, time.monotonic() + max(seconds_from_now, 0.0))
+
+    async def _sleep_until_woken(self) -> None:
+        timeout = min(self.poll_interval, max(self._timer_at - time.monotonic(), 0.0))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        self._wake.clear()
+        if self._timer_at <= time.monotonic():
+            self._timer_at = float("inf")
+
+    # -- executions ------------------------------------------------------------------------------
+    def _start(self, run: ClaimedRun) -> None:
+        ex = Execution(run, db=self.engine.open_database, owner=self.owner,
+                       limits=self.engine.limits, backoff=self.engine.backoff)
+        self.executions[run.run_id] = ex
+        task = asyncio.create_task(self._execute(ex), name=f"run {run.run_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _execute(self, ex: Execution) -> None:
+        try:
+            await ex.execute(_make_context)
+        except Exception:
+            # The database refused or vanished mid-run: the lease will expire and another
+            # execution will pick the run up. Never let one run take the worker down.
+            log.exception("run.execution_error", run_id=str(ex.run.run_id))
+        finally:
+            self.executions.pop(ex.run.run_id, None)
+            if ex.next_due is not None:
+                self._note_due((ex.next_due - ex.db_now()).total_seconds())
+            self.wake()
+
+    async def _heartbeat(self) -> None:
+        interval = self.lease.total_seconds() / 3
+        while True:
+            await asyncio.sleep(interval)
+            if not self.executions:
+                continue
+            try:
+                await self._renew_leases()
+            except Exception as exc:  # noqa: BLE001 - a missed beat is retried at the next one
+                log.warning("worker.heartbeat_failed", error=str(exc))
+
+    async def _renew_leases(self) -> None:
+        db = await self.engine.database()
+        held = list(self.executions)
+        rows = await db.fetch("heartbeat", self.owner, self.lease, held)
+        renewed = {row["id"]: row["cancel_requested"] for row in rows}
+        for run_id in held:
+            ex = self.executions.get(run_id)
+            if ex is None:
+                continue
+            if run_id not in renewed:
+                ex.lost = True
+            elif renewed[run_id]:
+                ex.note_cancel()
+
+    async def _drain(self) -> None:
+        """Lets executing steps finish within the grace period, then releases what is left."""
+        for ex in list(self.executions.values()):
+            ex.note_stop()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self.grace)
+            for ex in list(self.executions.values()):
+                await ex.force_stop()
+            if pending:
+                await asyncio.wait(pending, timeout=max(self.grace, 5.0))
+
+
+def _make_context(ex: Execution) -> Context:
+    return Context(event=ex.run.events[0], events=ex.run.events, run_id=str(ex.run.run_id),
+                   step=Steps(ex), logger=ex.run_logger, run_attempt=ex.run.attempt)
