@@ -86,6 +86,10 @@ class Worker:
         self._stopping.set()
         self.wake()
 
+    async def stopped(self) -> None:
+        """Waits until :meth:`stop` has been called."""
+        await self._stopping.wait()
+
     def wake(self) -> None:
         """Makes the loop look for work now."""
         self._wake.set()

@@ -1,0 +1,43 @@
+"""Helpers shared by the tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+
+from engine import Backoff, Engine
+
+# Retries a test can wait for: the real default waits seconds to an hour.
+FAST = Backoff(initial="20ms", maximum="100ms", jitter=0.0)
+
+
+async def move_clock(conn: asyncpg.Connection, by: timedelta) -> None:
+    """Moves the engine's durable clock forward (sleeps, backoffs and due events see it)."""
+    await conn.execute("UPDATE engine.clock SET offset_by = offset_by + $1", by)
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> Any:
+    """Polls ``check`` until it returns something truthy; fails the test after ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {check}")
+        await asyncio.sleep(0.02)
+
+
+async def only_run_id(engine: Engine, event_id: str, timeout: float = 10.0) -> str:
+    """The id of the single run an event started (waits for routing)."""
+
+    async def runs() -> Any:
+        return await engine.runs_for_event(event_id)
+
+    found = await eventually(runs, timeout)
+    assert len(found) == 1, found
+    return str(found[0].run_id)

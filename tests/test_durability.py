@@ -1,0 +1,259 @@
+"""No run is lost: sleeps across restarts, dead workers, racing workers, fenced writes, cancels."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from helpers import eventually, move_clock, only_run_id
+
+from engine import Context, Event, RunStatus, TriggerEvent
+
+APPS = Path(__file__).parent / "apps"
+
+
+async def test_sleep_spans_a_worker_restart(make_engine: Any, sql: Any) -> None:
+    """A sleeping run holds no worker; a new worker wakes it when it is due."""
+    app = make_engine()
+
+    @app.create_function("nap", trigger=TriggerEvent("t/nap"))
+    async def nap(ctx: Context) -> Any:
+        before = await ctx.step.run("before", lambda: "b")
+        await ctx.step.sleep("nap", "1h")
+        return before
+
+    async with app.worker() as worker:
+        [event_id] = await app.send(Event(name="t/nap"))
+        run_id = await only_run_id(app, event_id)
+        await eventually(lambda: _status_is(app, run_id, RunStatus.SLEEPING))
+        assert worker.executions == {}
+    await move_clock(sql, timedelta(hours=1))
+    async with app.worker():
+        run = await app.wait_for_run(run_id)
+    assert run.status is RunStatus.COMPLETED and run.output == "b"
+
+
+async def test_sleep_until_and_sub_second_sleeps(make_engine: Any) -> None:
+    app = make_engine()
+    stamps: list[datetime] = []
+
+    @app.create_function("timed", trigger=TriggerEvent("t/timed"))
+    async def timed(ctx: Context) -> Any:
+        stamps.append(await ctx.step.run("t0", lambda: datetime.now(UTC).isoformat()) and datetime.now(UTC))
+        await ctx.step.sleep("short", timedelta(milliseconds=300))
+        await ctx.step.sleep_until("past", datetime(2000, 1, 1, tzinfo=UTC))  # resumes at once
+        await ctx.step.sleep_until("soon", datetime.now(UTC) + timedelta(milliseconds=200))
+        return "done"
+
+    async with app.worker():
+        [event_id] = await app.send(Event(name="t/timed"))
+        run = await app.wait_for_run(await only_run_id(app, event_id))
+    assert run.status is RunStatus.COMPLETED
+    assert [s.kind for s in run.steps] == ["run", "sleep", "sleep", "sleep"]
+    assert run.ended_at - run.started_at >= timedelta(milliseconds=450)
+
+
+async def test_future_event_ts_schedules_the_run(make_engine: Any, sql: Any) -> None:
+    app = make_engine()
+
+    @app.create_function("later", trigger=TriggerEvent("t/later"))
+    async def later(ctx: Context) -> Any:
+        return "ran"
+
+    async with app.worker():
+        [event_id] = await app.send(
+            Event(name="t/later", ts=datetime.now(UTC) + timedelta(days=2)))
+        await asyncio.sleep(0.3)
+        assert await app.runs_for_event(event_id) == []
+        await move_clock(sql, timedelta(days=2))
+        run = await app.wait_for_run(await only_run_id(app, event_id))
+    assert run.output == "ran"
+
+
+async def test_two_workers_racing_execute_each_run_once(make_engine: Any, sql: Any) -> None:
+    """Two workers with their own pools claim the same runs: every step executes once."""
+    await sql.execute("CREATE TABLE effects (run_id text, step text)")
+    apps = [make_engine("race"), make_engine("race")]
+    for app in apps:
+        dsn = app.database_url
+
+        @app.create_function("work", trigger=TriggerEvent("t/work"))
+        async def work(ctx: Context, dsn: str = dsn) -> Any:
+            for step in ("one", "two"):
+                await ctx.step.run(step, _record_effect, dsn, ctx.run_id, step)
+            return "ok"
+
+    async with apps[0].worker(concurrency=8), apps[1].worker(concurrency=8):
+        ids = await apps[0].send([Event(name="t/work", data={"i": i}) for i in range(60)])
+
+        async def all_done() -> bool:
+            count = await sql.fetchval("SELECT count(*) FROM engine.runs WHERE status = 'COMPLETED'")
+            return count == 60
+
+        await eventually(all_done, timeout=30)
+    assert len(ids) == 60
+    duplicates = await sql.fetchval(
+        "SELECT count(*) FROM (SELECT run_id, step FROM effects GROUP BY 1, 2 HAVING count(*) > 1) d")
+    assert duplicates == 0
+    assert await sql.fetchval("SELECT count(*) FROM effects") == 120
+    assert await sql.fetchval("SELECT count(*) FROM engine.runs") == 60
+
+
+async def _record_effect(dsn: str, run_id: str, step: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("INSERT INTO effects VALUES ($1, $2)", run_id, step)
+    finally:
+        await conn.close()
+
+
+async def test_killed_worker_run_is_finished_by_another(database_url: str, make_engine: Any, sql: Any) -> None:
+    """SIGKILL in the middle of a run: the lease expires, another worker finishes the run,
+    and every step that had completed ran exactly once."""
+    await sql.execute("CREATE TABLE effects (run_id text, step text)")
+    env = {**os.environ, "DATABASE_URL": database_url, "PYTHONPATH": str(APPS)}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "engine", "worker", "crashy:app", "--lease", "1s",
+         "--poll-interval", "100ms"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        app = make_engine("crashy")
+        [event_id] = await app.send(Event(name="crashy/go"))
+
+        async def in_second_step() -> bool:
+            return await sql.fetchval("SELECT count(*) FROM effects WHERE step = 'two'") == 1
+
+        await eventually(in_second_step, timeout=30)
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    run_id = await only_run_id(app, event_id)
+    assert (await app.get_run(run_id)).status is RunStatus.RUNNING
+
+    sys.path.insert(0, str(APPS))
+    try:
+        import crashy
+    finally:
+        sys.path.remove(str(APPS))
+    crashy.app.database_url = database_url
+    crashy.BLOCK_IN_STEP_TWO = False
+    try:
+        async with crashy.app.worker(lease="1s", poll_interval="100ms"):
+            run = await crashy.app.wait_for_run(run_id, timeout=30)
+    finally:
+        await crashy.app.close()
+    assert run.status is RunStatus.COMPLETED
+    counts = dict(await sql.fetch("SELECT step, count(*) FROM effects GROUP BY step"))
+    assert counts == {"one": 1, "two": 2, "three": 1}  # `two` was interrupted once, by the kill
+
+
+async def test_a_worker_that_lost_its_lease_records_nothing(make_engine: Any, sql: Any) -> None:
+    """Writes carry the lease: after another claim, the old holder's checkpoint is refused."""
+    app = make_engine()
+
+    @app.create_function("fenced", trigger=TriggerEvent("t/fenced"))
+    async def fenced(ctx: Context) -> Any:
+        return None
+
+    await app.database()
+    await app.send(Event(name="t/fenced"))
+    db = app.open_database
+    first_owner, second_owner = (
+        "00000000-0000-0000-0000-000000000001", "00000000-0000-0000-0000-000000000002")
+    async with db.transaction() as conn:
+        events = await db.fetch("claim_events", 10, conn=conn)
+        plan = f'[{{"app_id": "test", "function_id": "fenced", "event_seq": {events[0]["seq"]}, "claim": true}}]'
+        [row] = await db.fetch("create_runs", [events[0]["seq"]], plan, first_owner,
+                               timedelta(milliseconds=1), conn=conn)
+    await asyncio.sleep(0.01)  # the first lease expires
+    [claimed] = await db.fetch("claim_runs", "test", ["fenced"], second_owner, timedelta(seconds=30), 5)
+    step = '{"key": "s", "position": 0, "kind": "run", "status": "COMPLETED", "attempts": 1}'
+    assert await db.fetchval("checkpoint_step", row["id"], first_owner, row["lease_token"], step) == "lost"
+    assert await db.fetchval("finish_run", row["id"], first_owner, row["lease_token"],
+                             "COMPLETED", None, None, 0) == "lost"
+    assert await db.fetchval("checkpoint_step", row["id"], second_owner, claimed["lease_token"], step) == "ok"
+    assert await db.fetchval("checkpoint_step", row["id"], second_owner, claimed["lease_token"], step) == "duplicate"
+
+
+async def test_cancel_takes_effect_between_steps(make_engine: Any) -> None:
+    """A step already executing finishes and is recorded; no further step starts."""
+    app = make_engine()
+    started = asyncio.Event()
+    release = asyncio.Event()
+    later_calls = []
+
+    @app.create_function("cancellable", trigger=TriggerEvent("t/cancel"))
+    async def cancellable(ctx: Context) -> Any:
+        async def slow() -> str:
+            started.set()
+            await release.wait()
+            return "finished anyway"
+
+        await ctx.step.run("slow", slow)
+        await ctx.step.run("never", lambda: later_calls.append(1))
+
+    async with app.worker():
+        [event_id] = await app.send(Event(name="t/cancel"))
+        run_id = await only_run_id(app, event_id)
+        await asyncio.wait_for(started.wait(), 10)
+        assert await app.cancel_run(run_id) is RunStatus.RUNNING
+        release.set()
+        run = await app.wait_for_run(run_id)
+    assert run.status is RunStatus.CANCELLED
+    assert [(s.step_id, s.output) for s in run.steps] == [("slow", "finished anyway")]
+    assert later_calls == []
+
+
+async def test_cancelling_a_sleeping_run_is_immediate(make_engine: Any) -> None:
+    app = make_engine()
+
+    @app.create_function("sleeper", trigger=TriggerEvent("t/sleeper"))
+    async def sleeper(ctx: Context) -> Any:
+        await ctx.step.sleep("long", "7d")
+
+    async with app.worker():
+        [event_id] = await app.send(Event(name="t/sleeper"))
+        run_id = await only_run_id(app, event_id)
+        await eventually(lambda: _status_is(app, run_id, RunStatus.SLEEPING))
+        assert await app.cancel_run(run_id) is RunStatus.CANCELLED
+    assert (await app.get_run(run_id)).status is RunStatus.CANCELLED
+    assert await app.cancel_run(run_id) is RunStatus.CANCELLED  # terminal: unchanged
+
+
+async def test_stopping_worker_hands_runs_back(make_engine: Any) -> None:
+    """On stop, the executing step finishes, and the run is released for another worker."""
+    app = make_engine()
+    started = asyncio.Event()
+
+    @app.create_function("handover", trigger=TriggerEvent("t/handover"))
+    async def handover(ctx: Context) -> Any:
+        async def step_one() -> str:
+            started.set()
+            await asyncio.sleep(0.3)
+            return "one"
+
+        one = await ctx.step.run("one", step_one)
+        two = await ctx.step.run("two", lambda: "two")
+        return [one, two]
+
+    async with app.worker(grace="5s"):
+        [event_id] = await app.send(Event(name="t/handover"))
+        run_id = await only_run_id(app, event_id)
+        await asyncio.wait_for(started.wait(), 10)
+    run = await app.get_run(run_id)
+    assert run.status is RunStatus.QUEUED
+    assert [s.step_id for s in run.steps] == ["one"]
+    async with app.worker():
+        run = await app.wait_for_run(run_id)
+    assert run.output == ["one", "two"]
+
+
+async def _status_is(app: Any, run_id: str, status: RunStatus) -> bool:
+    return (await app.get_run(run_id)).status is status

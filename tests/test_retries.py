@@ -1,0 +1,195 @@
+"""Errors and retries: per step, durable, and overridable by the errors user code raises."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from helpers import only_run_id
+
+from engine import (
+    Context,
+    Event,
+    NonRetriableError,
+    RetryAfterError,
+    RunStatus,
+    StepError,
+    TriggerEvent,
+)
+
+
+async def run_once(app: Any, name: str, data: dict[str, Any] | None = None) -> Any:
+    async with app.worker():
+        [event_id] = await app.send(Event(name=name, data=data or {}))
+        return await app.wait_for_run(await only_run_id(app, event_id))
+
+
+async def test_step_retries_with_its_own_counter_and_ctx_attempt(make_engine: Any) -> None:
+    """Each step counts its own attempts; ctx.attempt is 0-based and per step."""
+    app = make_engine()
+    seen: list[tuple[str, int]] = []
+
+    @app.create_function("flaky", trigger=TriggerEvent("t/flaky"), retries=3)
+    async def flaky(ctx: Context) -> Any:
+        def first() -> str:
+            seen.append(("first", ctx.attempt))
+            if ctx.attempt < 2:
+                raise RuntimeError("not yet")
+            return "ok"
+
+        def second() -> str:
+            seen.append(("second", ctx.attempt))
+            if ctx.attempt < 1:
+                raise RuntimeError("not yet")
+            return "ok"
+
+        return [await ctx.step.run("first", first), await ctx.step.run("second", second)]
+
+    run = await run_once(app, "t/flaky")
+    assert run.status is RunStatus.COMPLETED
+    assert seen == [("first", 0), ("first", 1), ("first", 2), ("second", 0), ("second", 1)]
+    assert [(s.step_id, s.attempts) for s in run.steps] == [("first", 3), ("second", 2)]
+
+
+async def test_exhausted_retries_raise_step_error_that_user_may_replace(make_engine: Any) -> None:
+    """After retries+1 attempts the call site gets StepError; a caught one can be replaced."""
+    app = make_engine()
+    attempts = []
+
+    class PaymentDeclined(Exception):
+        pass
+
+    @app.create_function("declines", trigger=TriggerEvent("t/declines"), retries=2)
+    async def declines(ctx: Context) -> Any:
+        def charge() -> None:
+            attempts.append(1)
+            raise ValueError("card declined")
+
+        try:
+            await ctx.step.run("charge", charge)
+        except StepError as error:
+            assert error.step_id == "charge" and error.error_type == "ValueError"
+            raise PaymentDeclined(f"gave up: {error.error_message}") from error
+
+    run = await run_once(app, "t/declines")
+    assert len(attempts) == 3
+    assert run.status is RunStatus.FAILED
+    assert run.error == {"type": "PaymentDeclined", "message": "gave up: card declined"}
+    assert run.steps[0].status == "FAILED" and run.steps[0].attempts == 3
+
+
+async def test_uncaught_step_error_fails_run_without_function_retries(make_engine: Any) -> None:
+    app = make_engine()
+    body_runs = []
+
+    @app.create_function("uncaught", trigger=TriggerEvent("t/uncaught"), retries=1)
+    async def uncaught(ctx: Context) -> Any:
+        body_runs.append(1)
+        await ctx.step.run("boom", lambda: 1 / 0)
+
+    run = await run_once(app, "t/uncaught")
+    assert run.status is RunStatus.FAILED
+    assert run.error["type"] == "StepError" and run.attempt == 0
+    assert run.steps[0].attempts == 2
+
+
+async def test_non_retriable_error_fails_step_on_first_attempt(make_engine: Any) -> None:
+    app = make_engine()
+    calls = []
+
+    @app.create_function("fatal", trigger=TriggerEvent("t/fatal"), retries=4)
+    async def fatal(ctx: Context) -> Any:
+        def lookup() -> None:
+            calls.append(1)
+            raise NonRetriableError("user not found")
+
+        await ctx.step.run("lookup", lookup)
+
+    run = await run_once(app, "t/fatal")
+    assert calls == [1]
+    assert run.status is RunStatus.FAILED
+    assert run.steps[0].error == {"type": "NonRetriableError", "message": "user not found",
+                                  "code": "non_retriable"}
+
+
+@pytest.mark.parametrize("kind", ["timedelta", "seconds", "datetime"])
+async def test_retry_after_sets_the_next_attempt_time(make_engine: Any, kind: str) -> None:
+    """RetryAfterError wins over the backoff: with a huge default backoff the retry is still fast."""
+    from engine import Backoff
+
+    app = make_engine(backoff=Backoff(initial="1h", maximum="1h", jitter=0))
+    calls = []
+
+    @app.create_function("limited", trigger=TriggerEvent("t/limited"))
+    async def limited(ctx: Context) -> Any:
+        def call_api() -> str:
+            calls.append(datetime.now(UTC))
+            if len(calls) == 1:
+                after: Any = {"timedelta": timedelta(milliseconds=200), "seconds": 0.2,
+                              "datetime": datetime.now(UTC) + timedelta(milliseconds=200)}[kind]
+                raise RetryAfterError("429 from the API", after)
+            return "ok"
+
+        return await ctx.step.run("call-api", call_api)
+
+    run = await run_once(app, "t/limited")
+    assert run.status is RunStatus.COMPLETED and run.output == "ok"
+    assert calls[1] - calls[0] >= timedelta(milliseconds=150)
+    assert run.steps[0].attempts == 2
+
+
+async def test_error_outside_steps_retries_the_function(make_engine: Any) -> None:
+    """A body error retries the whole function; steps that completed are not redone."""
+    app = make_engine()
+    step_calls, body_calls = [], []
+
+    @app.create_function("body", trigger=TriggerEvent("t/body"), retries=2)
+    async def body(ctx: Context) -> Any:
+        body_calls.append(ctx.attempt)
+        value = await ctx.step.run("once", lambda: step_calls.append(1) or 7)
+        if len(body_calls) < 3:
+            raise RuntimeError("flaky body")
+        return value
+
+    run = await run_once(app, "t/body")
+    assert run.status is RunStatus.COMPLETED and run.output == 7
+    assert body_calls == [0, 1, 2] and step_calls == [1]
+    assert run.attempt == 2
+
+
+async def test_function_retries_run_out(make_engine: Any) -> None:
+    app = make_engine()
+
+    @app.create_function("always", trigger=TriggerEvent("t/always"), retries=1)
+    async def always(ctx: Context) -> Any:
+        raise KeyError("missing")
+
+    run = await run_once(app, "t/always")
+    assert run.status is RunStatus.FAILED and run.attempt == 1
+    assert run.error["type"] == "KeyError"
+
+
+async def test_waiting_for_a_retry_is_visible(make_engine: Any) -> None:
+    """A run waiting for its backoff says so, and holds no worker."""
+    from engine import Backoff
+
+    app = make_engine(backoff=Backoff(initial="1h", maximum="1h", jitter=0))
+
+    @app.create_function("slow-retry", trigger=TriggerEvent("t/slow"))
+    async def slow_retry(ctx: Context) -> Any:
+        await ctx.step.run("fails", lambda: 1 / 0)
+
+    async with app.worker() as worker:
+        [event_id] = await app.send(Event(name="t/slow"))
+        run_id = await only_run_id(app, event_id)
+
+        async def retrying() -> Any:
+            run = await app.get_run(run_id)
+            return run if run.status is RunStatus.RETRYING else None
+
+        from helpers import eventually
+
+        run = await eventually(retrying)
+        assert "retrying step 'fails'" in run.waiting_reason
+        assert worker.executions == {}
