@@ -1,0 +1,197 @@
+"""Events: sending from Python and SQL, transactions, dedupe, limits, and trigger matching."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+from helpers import eventually, move_clock, only_run_id
+
+from engine import (
+    ConfigurationError,
+    Context,
+    Event,
+    ExpressionError,
+    InvalidEventError,
+    RunStatus,
+    TriggerEvent,
+)
+
+
+async def test_send_returns_ids_and_each_trigger_starts_its_own_run(make_engine: Any) -> None:
+    app = make_engine()
+
+    @app.create_function("multi", trigger=[TriggerEvent("a/one"), TriggerEvent("a/two")])
+    async def multi(ctx: Context) -> Any:
+        return ctx.event.name
+
+    async with app.worker():
+        ids = await app.send([Event(name="a/one"), Event(name="a/two", id="fixed")])
+        assert ids[1] == "fixed" and len(set(ids)) == 2
+        outputs = [(await app.wait_for_run(await only_run_id(app, i))).output for i in ids]
+    assert outputs == ["a/one", "a/two"]
+
+
+async def test_expression_filters_with_inngest_semantics(make_engine: Any) -> None:
+    """An int compares with a double, and a missing field is null, not an error."""
+    app = make_engine()
+
+    @app.create_function("big", trigger=TriggerEvent("order/created", "event.data.total > 100"))
+    async def big(ctx: Context) -> Any:
+        return ctx.event.data["total"]
+
+    @app.create_function("no-coupon", trigger=TriggerEvent("order/created", "event.data.coupon == null"))
+    async def no_coupon(ctx: Context) -> Any:
+        return "no coupon"
+
+    async with app.worker():
+        small, large, couponed = await app.send([
+            Event(name="order/created", data={"total": 99, "coupon": "X"}),
+            Event(name="order/created", data={"total": 120.5}),
+            Event(name="order/created", data={"total": 150, "coupon": "Y"}),
+        ])
+        await eventually(lambda: _count_runs(app, 2))
+        await asyncio.sleep(0.2)  # anything else would have been routed by now
+    assert await app.runs_for_event(small) == []
+    assert sorted(r.function_id for r in await app.runs_for_event(large)) == ["big", "no-coupon"]
+    assert [r.function_id for r in await app.runs_for_event(couponed)] == ["big"]
+
+
+async def _count_runs(app: Any, n: int) -> bool:
+    return len(await app.list_runs()) >= n
+
+
+async def test_same_id_within_24_hours_is_stored_once(make_engine: Any, sql: Any) -> None:
+    app = make_engine()
+
+    @app.create_function("once", trigger=TriggerEvent("a/once"))
+    async def once(ctx: Context) -> Any:
+        return None
+
+    async with app.worker():
+        first = await app.send(Event(name="a/once", id="order-1", data={"n": 1}))
+        second = await app.send(Event(name="a/once", id="order-1", data={"n": 2}))
+        assert first == second == ["order-1"]
+        await eventually(lambda: _count_runs(app, 1))
+        await move_clock(sql, timedelta(hours=25))
+        await app.send(Event(name="a/once", id="order-1", data={"n": 3}))
+        await eventually(lambda: _count_runs(app, 2))
+    assert await sql.fetchval("SELECT count(*) FROM engine.events WHERE id = 'order-1'") == 2
+    data = sorted(r.event.data["n"] for r in await app.runs_for_event("order-1"))
+    assert data == [1, 3]
+
+
+async def test_send_inside_callers_transaction(make_engine: Any, database_url: str) -> None:
+    """With connection=, the event exists only if the caller's transaction commits."""
+    app = make_engine()
+    conn = await asyncpg.connect(database_url)
+    try:
+        with pytest.raises(RuntimeError):
+            async with conn.transaction():
+                [rolled_back] = await app.send(Event(name="a/tx"), connection=conn)
+                raise RuntimeError("the caller's business logic failed")
+        async with conn.transaction():
+            [committed] = await app.send(Event(name="a/tx"), connection=conn)
+        ids = {r["id"] for r in await conn.fetch("SELECT id FROM engine.events")}
+    finally:
+        await conn.close()
+    assert ids == {committed} and rolled_back != committed
+
+
+async def test_sql_send_event_starts_the_function(make_engine: Any, sql: Any) -> None:
+    """Any language can send an event with SQL, in its own transaction."""
+    app = make_engine()
+
+    @app.create_function("from-sql", trigger=TriggerEvent("billing/paid"))
+    async def from_sql(ctx: Context) -> Any:
+        return ctx.event.data
+
+    await app.database()  # registers the function
+    async with sql.transaction():
+        event_id = await sql.fetchval(
+            "SELECT engine.send_event('billing/paid', '{\"amount\": 5}'::jsonb)")
+    async with app.worker():
+        run = await app.wait_for_run(await only_run_id(app, event_id))
+    assert run.output == {"amount": 5}
+
+
+@pytest.mark.parametrize(
+    ("event", "reason"),
+    [
+        ({"name": "engine/fake"}, "reserved"),
+        ({"name": ""}, "at least 1"),
+        ({"name": "x" * 513}, "at most 512"),
+        ({"name": "a", "data": {"big": "x" * (512 * 1024)}}, "limit"),
+        ({"name": "a", "data": {"n": float("inf")}}, "JSON"),
+        ({"name": "a", "data": {"bad": "nul\x00"}}, "NUL"),
+        ({"name": "a", "data": [1, 2]}, "dict"),
+    ],
+)
+async def test_python_send_rejects_bad_events_with_a_reason(make_engine: Any, sql: Any,
+                                                            event: dict[str, Any], reason: str) -> None:
+    app = make_engine()
+    with pytest.raises(InvalidEventError, match=reason):
+        await app.send([Event(name="fine"), event])  # type: ignore[list-item]
+    assert await sql.fetchval("SELECT count(*) FROM engine.events") == 0
+
+
+@pytest.mark.parametrize(
+    ("call", "reason"),
+    [
+        ("SELECT engine.send_event('engine/x', '{}')", "reserved"),
+        ("SELECT engine.send_event('a', '[1]')", "must be a JSON object"),
+        ("SELECT engine.send_event('', '{}')", "required"),
+        ("SELECT engine.send_event(repeat('n', 600), '{}')", "limit is 512"),
+    ],
+)
+async def test_sql_send_rejects_bad_events(sql: Any, call: str, reason: str) -> None:
+    with pytest.raises(asyncpg.PostgresError, match=reason) as caught:
+        await sql.fetchval(call)
+    assert caught.value.sqlstate == "EN001"
+
+
+async def test_invalid_expression_fails_registration_pointing_at_it(make_engine: Any) -> None:
+    app = make_engine()
+    with pytest.raises(ExpressionError) as caught:
+
+        @app.create_function("bad", trigger=TriggerEvent("a/b", "event.data.total >"))
+        async def bad(ctx: Context) -> None: ...
+
+    message = str(caught.value)
+    assert "trigger 'a/b' expression" in message and "^" in message
+    assert "bad" not in app.functions
+
+
+async def test_trigger_declarations_are_checked(make_engine: Any) -> None:
+    app = make_engine()
+
+    async def handler(ctx: Context) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="limit is 10"):
+        app.create_function("many", trigger=[TriggerEvent(f"e/{i}") for i in range(11)])(handler)
+    with pytest.raises(ConfigurationError, match="same trigger twice"):
+        app.create_function("dup", trigger=[TriggerEvent("e"), TriggerEvent("e")])(handler)
+    with pytest.raises(ConfigurationError, match="retries"):
+        app.create_function("r", trigger=TriggerEvent("e"), retries=21)(handler)
+    with pytest.raises(ConfigurationError, match="async def"):
+        app.create_function("sync", trigger=TriggerEvent("e"))(lambda ctx: None)  # type: ignore[arg-type]
+
+
+async def test_event_for_another_apps_function_is_routed_by_any_worker(make_engine: Any) -> None:
+    """Routing uses the registry: a worker of app A creates runs for app B's functions."""
+    billing, shipping = make_engine("billing"), make_engine("shipping")
+
+    @shipping.create_function("ship", trigger=TriggerEvent("order/paid"))
+    async def ship(ctx: Context) -> Any:
+        return "shipped"
+
+    await shipping.database()  # shipping's functions are registered
+    async with billing.worker():
+        [event_id] = await billing.send(Event(name="order/paid"))
+        run_id = await only_run_id(billing, event_id)
+    assert (await billing.get_run(run_id)).status is RunStatus.QUEUED
+    async with shipping.worker():
+        assert (await shipping.wait_for_run(run_id)).output == "shipped"

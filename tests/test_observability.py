@@ -1,0 +1,115 @@
+"""Spans per run and step in the sender's trace, OTLP export, and logs that do not repeat."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from helpers import eventually, only_run_id
+from opentelemetry import trace
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from structlog.testing import capture_logs
+
+from engine import Context, Event, TriggerEvent
+
+APPS = Path(__file__).parent / "apps"
+
+
+async def test_run_and_step_spans_are_children_of_the_senders_trace(make_engine: Any, spans: Any) -> None:
+    app = make_engine()
+
+    @app.create_function("traced", trigger=TriggerEvent("t/traced"))
+    async def traced(ctx: Context) -> Any:
+        await ctx.step.run("one", lambda: 1)
+        await ctx.step.run("two", lambda: {"secret": "s3cr3t"})
+
+    async with app.worker():
+        with trace.get_tracer("test").start_as_current_span("http request") as parent:
+            [event_id] = await app.send(Event(name="t/traced", data={"password": "hunter2"}))
+        run_id = await only_run_id(app, event_id)
+        await app.wait_for_run(run_id)
+
+    finished = {s.name: s for s in spans.get_finished_spans()}
+    run_span, one, two = finished["run traced"], finished["step one"], finished["step two"]
+    trace_id = parent.get_span_context().trace_id
+    assert {run_span.context.trace_id, one.context.trace_id, two.context.trace_id} == {trace_id}
+    assert run_span.parent.span_id == parent.get_span_context().span_id
+    assert one.parent.span_id == run_span.context.span_id
+    assert one.attributes["engine.run_id"] == run_id
+    assert one.attributes["engine.step_id"] == "one" and one.attributes["engine.attempt"] == 0
+    assert one.attributes["engine.outcome"] == "completed"
+    assert run_span.attributes["engine.outcome"] == "COMPLETED"
+    everything = repr([dict(s.attributes) for s in spans.get_finished_spans()])
+    assert "hunter2" not in everything and "s3cr3t" not in everything
+
+
+async def test_ctx_logger_does_not_repeat_lines_on_replay(make_engine: Any) -> None:
+    app = make_engine()
+
+    @app.create_function("chatty", trigger=TriggerEvent("t/chatty"))
+    async def chatty(ctx: Context) -> Any:
+        ctx.logger.info("chatty.begin")
+        await ctx.step.sleep("pause", "20ms")
+        ctx.logger.info("chatty.middle")
+        await ctx.step.sleep("pause-again", "20ms")
+        ctx.logger.info("chatty.end")
+
+    with capture_logs() as logs:
+        async with app.worker():
+            [event_id] = await app.send(Event(name="t/chatty"))
+            run_id = await only_run_id(app, event_id)
+            await app.wait_for_run(run_id)
+    lines = [entry["event"] for entry in logs if entry["event"].startswith("chatty.")]
+    assert lines == ["chatty.begin", "chatty.middle", "chatty.end"]
+    started = [e for e in logs if e["event"] == "run.started"]
+    assert len(started) == 3 and all(e["run_id"] == run_id for e in started)
+
+
+class _Collector(http.server.BaseHTTPRequestHandler):
+    received: list[ExportTraceServiceRequest] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - the http.server API
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        self.received.append(request)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+async def test_worker_exports_spans_to_an_otlp_endpoint(database_url: str, make_engine: Any) -> None:
+    """`engine worker` sends spans to the collector named by OTEL_EXPORTER_OTLP_ENDPOINT."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {**os.environ, "DATABASE_URL": database_url, "PYTHONPATH": str(APPS),
+           "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
+           "OTEL_BSP_SCHEDULE_DELAY": "50"}
+    worker = subprocess.Popen([sys.executable, "-m", "engine", "worker", "traced_app:app",
+                               "--poll-interval", "100ms"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        app = make_engine("traced-app")
+        [event_id] = await app.send(Event(name="traced/go"))
+
+        async def routed() -> Any:
+            return await app.runs_for_event(event_id)
+
+        [run] = await eventually(routed, timeout=30)
+        await app.wait_for_run(run.run_id, timeout=30)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        server.shutdown()
+        server.server_close()
+    names = {span.name for request in _Collector.received for rs in request.resource_spans
+             for ss in rs.scope_spans for span in ss.spans}
+    assert {"run traced", "step only"} <= names
