@@ -7,7 +7,6 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 from uuid import UUID
 
 from .db import Connection, Database
@@ -39,9 +38,16 @@ class Engine:
         pool_size: connections this process opens at most.
     """
 
-    def __init__(self, app_id: str, database_url: str | None = None, *, max_steps: int = 1000,
-                 max_output_bytes: int = 4 * 1024 * 1024, backoff: Backoff | None = None,
-                 pool_size: int = 10) -> None:
+    def __init__(
+        self,
+        app_id: str,
+        database_url: str | None = None,
+        *,
+        max_steps: int = 1000,
+        max_output_bytes: int = 4 * 1024 * 1024,
+        backoff: Backoff | None = None,
+        pool_size: int = 10,
+    ) -> None:
         self.app_id = app_id
         self.database_url = database_url or os.environ.get("DATABASE_URL")
         self.functions: dict[str, Function] = {}
@@ -53,8 +59,9 @@ class Engine:
         self._registered = False
 
     # -- declaring -------------------------------------------------------------------------------
-    def create_function(self, fn_id: str, trigger: Trigger | list[Trigger] | None = None, *,
-                        retries: int = 4) -> Callable[[Handler], Function]:
+    def create_function(
+        self, fn_id: str, trigger: Trigger | list[Trigger] | None = None, *, retries: int = 4
+    ) -> Callable[[Handler], Function]:
         """Declares a durable function.
 
         Args:
@@ -90,7 +97,9 @@ class Engine:
                 await db.fetchval("schema_version")  # a clear error if the schema is missing
             if replace_registry or not self._registered:
                 entries = dumps([f.registry_entry() for f in self.functions.values()])
-                await self._db.fetchval("register_functions", self.app_id, entries, replace_registry)
+                await self._db.fetchval(
+                    "register_functions", self.app_id, entries, replace_registry
+                )
                 self._registered = True
             return self._db
 
@@ -109,7 +118,9 @@ class Engine:
             await db.close()
 
     # -- events ----------------------------------------------------------------------------------
-    async def send(self, events: Event | list[Event], *, connection: Connection | None = None) -> list[str]:
+    async def send(
+        self, events: Event | list[Event], *, connection: Connection | None = None
+    ) -> list[str]:
         """Sends one event or a list; returns their ids.
 
         With ``connection=``, the events are written through the caller's own asyncpg
@@ -132,8 +143,9 @@ class Engine:
             raise RunNotFoundError(f"no run {run_id}")
         return run_info_from_row(row)
 
-    async def list_runs(self, fn_id: str | None = None, status: RunStatus | str | None = None,
-                        limit: int = 50) -> list[RunInfo]:
+    async def list_runs(
+        self, fn_id: str | None = None, status: RunStatus | str | None = None, limit: int = 50
+    ) -> list[RunInfo]:
         """This app's runs, newest first, optionally of one function and/or one status."""
         db = await self.database()
         status_value = None if status is None else RunStatus(status).value
@@ -145,7 +157,11 @@ class Engine:
         db = await self.database()
         return [run_info_from_row(row) for row in await db.fetch("runs_for_event", event_id)]
 
-    async def wait_for_run(self, run_id: str | UUID, timeout: Duration = 30) -> RunInfo:
+    async def wait_for_run(
+        self,
+        run_id: str | UUID,
+        timeout: Duration = 30,  # noqa: ASYNC109 - `timeout=` is the public API the issue pins
+    ) -> RunInfo:
         """Waits until the run reaches a terminal status and returns it.
 
         Raises:
@@ -178,11 +194,18 @@ class Engine:
 
     # -- working ---------------------------------------------------------------------------------
     @asynccontextmanager
-    async def worker(self, *, concurrency: int = 10, lease: Duration = "30s",
-                     poll_interval: Duration = "1s", grace: Duration = "10s") -> AsyncIterator[Worker]:
+    async def worker(
+        self,
+        *,
+        concurrency: int = 10,
+        lease: Duration = "30s",
+        poll_interval: Duration = "1s",
+        grace: Duration = "10s",
+    ) -> AsyncIterator[Worker]:
         """Runs a worker in the background while the block runs; stops it gracefully after."""
-        worker = Worker(self, concurrency=concurrency, lease=lease, poll_interval=poll_interval,
-                        grace=grace)
+        worker = Worker(
+            self, concurrency=concurrency, lease=lease, poll_interval=poll_interval, grace=grace
+        )
         task = asyncio.create_task(worker.run(), name=f"worker {self.app_id}")
         try:
             yield worker

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -25,10 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``engine`` command."""
     args = _parser().parse_args(argv)
     configure_logging(args.log_level)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(args.handler(args))
-    except KeyboardInterrupt:
-        pass
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,14 +38,17 @@ def _parser() -> argparse.ArgumentParser:
     dev = commands.add_parser("dev", help="run a module's functions on an embedded PostgreSQL")
     dev.add_argument("target", help="a file (examples/quickstart.py) or module[:attribute]")
     dev.add_argument("--data-dir", default=".engine", help="where the embedded data lives")
-    dev.add_argument("--serve", action="store_true",
-                     help="keep working after the module's demo() returns")
+    dev.add_argument(
+        "--serve", action="store_true", help="keep working after the module's demo() returns"
+    )
     _worker_options(dev)
     dev.set_defaults(handler=_dev)
 
     worker = commands.add_parser("worker", help="run a worker for module:app")
     worker.add_argument("target", help="module:attribute naming an Engine (or a file path)")
-    worker.add_argument("--database-url", default=None, help="defaults to the Engine's, then $DATABASE_URL")
+    worker.add_argument(
+        "--database-url", default=None, help="defaults to the Engine's, then $DATABASE_URL"
+    )
     _worker_options(worker)
     worker.set_defaults(handler=_worker)
 
@@ -90,7 +92,9 @@ def load_target(target: str) -> tuple[ModuleType, Engine]:
     else:
         found = [v for v in vars(module).values() if isinstance(v, Engine)]
         if len(found) != 1:
-            raise SystemExit(f"engine: {target} has {len(found)} Engine instances; name one as module:attr")
+            raise SystemExit(
+                f"engine: {target} has {len(found)} Engine instances; name one as module:attr"
+            )
         app = found[0]
     if not isinstance(app, Engine):
         raise SystemExit(f"engine: {target} is not an Engine")
@@ -101,8 +105,12 @@ async def _run_worker(app: Engine, args: argparse.Namespace, demo: Any = None) -
     telemetry.configure_from_environment()
     loop = asyncio.get_running_loop()
     try:
-        async with app.worker(concurrency=args.concurrency, lease=args.lease,
-                              poll_interval=args.poll_interval, grace=args.grace) as worker:
+        async with app.worker(
+            concurrency=args.concurrency,
+            lease=args.lease,
+            poll_interval=args.poll_interval,
+            grace=args.grace,
+        ) as worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, worker.stop)
             if demo is not None:

@@ -68,7 +68,13 @@ class Context:
     """
 
     def __init__(
-        self, *, event: Event, events: list[Event], run_id: str, step: Steps, logger: RunLogger,
+        self,
+        *,
+        event: Event,
+        events: list[Event],
+        run_id: str,
+        step: Steps,
+        logger: RunLogger,
         run_attempt: int,
     ) -> None:
         self.event = event

@@ -11,14 +11,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from .errors import SQLSTATE_ERRORS, EngineError, SchemaMissingError
 
 Record = asyncpg.Record
-Connection = asyncpg.Connection
+# A caller's own connection, or one borrowed from the pool.
+Connection: TypeAlias = "asyncpg.Connection[Record] | PoolConnectionProxy[Record]"
 NOTIFY_CHANNEL = "engine_wakeup"
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
@@ -87,17 +89,23 @@ class Database:
 
     async def fetch(self, query: str, *args: Any, conn: Connection | None = None) -> list[Record]:
         """Runs a named query and returns its rows."""
-        return await self._call(lambda c: c.fetch(queries()[query], *args), conn)
+        rows: list[Record] = await self._call(lambda c: c.fetch(queries()[query], *args), conn)
+        return rows
 
-    async def fetchrow(self, query: str, *args: Any, conn: Connection | None = None) -> Record | None:
+    async def fetchrow(
+        self, query: str, *args: Any, conn: Connection | None = None
+    ) -> Record | None:
         """Runs a named query and returns its first row."""
-        return await self._call(lambda c: c.fetchrow(queries()[query], *args), conn)
+        row: Record | None = await self._call(lambda c: c.fetchrow(queries()[query], *args), conn)
+        return row
 
     async def fetchval(self, query: str, *args: Any, conn: Connection | None = None) -> Any:
         """Runs a named query and returns the first column of its first row."""
         return await self._call(lambda c: c.fetchval(queries()[query], *args), conn)
 
-    async def _call(self, action: Callable[[Connection], Awaitable[Any]], conn: Connection | None) -> Any:
+    async def _call(
+        self, action: Callable[[Connection], Awaitable[Any]], conn: Connection | None
+    ) -> Any:
         try:
             if conn is not None:
                 return await action(conn)
@@ -112,7 +120,7 @@ class Database:
         async with self.pool.acquire() as conn, conn.transaction():
             yield conn
 
-    async def dedicated(self) -> Connection:
+    async def dedicated(self) -> asyncpg.Connection[Record]:
         """A connection outside the pool (for LISTEN: a pool would UNLISTEN it on release)."""
         return await asyncpg.connect(self.url)
 

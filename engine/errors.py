@@ -14,7 +14,7 @@ The hierarchy, with the stable code each error carries::
     ├── RetryAfterError                        retry_after    raised by user code: retry at a time
     ├── SerializationError                     serialization  a value with no JSON form (fails
     │                                                         the step that returned it)
-    └── RunFailure                             run_failed  the run cannot go on, whatever retries say
+    └── RunFailure                             run_failed  the run cannot go on, retries or not
         ├── StepLimitError                     step_limit
         ├── OutputLimitError                   output_limit
         ├── DeterminismError                   determinism

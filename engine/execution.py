@@ -69,9 +69,17 @@ class StepRecord:
     def to_json(self, output_json: str | None = None) -> str:
         """The JSON argument of ``engine.checkpoint_step``; ``output_json`` is pre-encoded."""
         wake = None if self.wake_at is None else self.wake_at.isoformat()
-        head = dumps({"key": self.key, "position": self.position, "kind": self.kind,
-                      "status": self.status, "attempts": self.attempts, "error": self.error,
-                      "wake_at": wake})
+        head = dumps(
+            {
+                "key": self.key,
+                "position": self.position,
+                "kind": self.kind,
+                "status": self.status,
+                "attempts": self.attempts,
+                "error": self.error,
+                "wake_at": wake,
+            }
+        )
         return f'{head[:-1]},"output":{output_json or "null"}}}'
 
 
@@ -95,10 +103,15 @@ class ClaimedRun:
         """Builds it from a row of ``engine.claim_runs``."""
         steps = [_step_from_json(s) for s in loads(row["steps"])]
         return cls(
-            run_id=row["id"], function=function, lease_token=row["lease_token"],
-            attempt=row["attempt"], log_lines=row["log_lines"],
-            cancel_requested=row["cancel_requested"], traceparent=row["traceparent"],
-            claimed_at=row["claimed_at"], events=[event_from_row(loads(row["event"]))],
+            run_id=row["id"],
+            function=function,
+            lease_token=row["lease_token"],
+            attempt=row["attempt"],
+            log_lines=row["log_lines"],
+            cancel_requested=row["cancel_requested"],
+            traceparent=row["traceparent"],
+            claimed_at=row["claimed_at"],
+            events=[event_from_row(loads(row["event"]))],
             steps={s.key: s for s in steps},
         )
 
@@ -106,8 +119,13 @@ class ClaimedRun:
 def _step_from_json(item: dict[str, Any]) -> StepRecord:
     wake = item.get("wake_at")
     return StepRecord(
-        key=item["key"], position=item["position"], kind=item["kind"], status=item["status"],
-        attempts=item["attempts"], output=item["output"], error=item["error"],
+        key=item["key"],
+        position=item["position"],
+        kind=item["kind"],
+        status=item["status"],
+        attempts=item["attempts"],
+        output=item["output"],
+        error=item["error"],
         wake_at=None if wake is None else datetime.fromisoformat(wake),
     )
 
@@ -122,7 +140,7 @@ class Suspension:
     steps: list[StepRecord] = field(default_factory=list)
 
 
-class LeaseLost(BaseException):  # noqa: N818 - a signal, not an error
+class LeaseLost(BaseException):
     """The run's lease is gone (another worker has it): stop, and write nothing more."""
 
 
@@ -139,7 +157,13 @@ class Execution:
     """One execution of a claimed run, from replay to its end or suspension."""
 
     def __init__(
-        self, run: ClaimedRun, *, db: Database, owner: UUID, limits: Limits, backoff: Backoff,
+        self,
+        run: ClaimedRun,
+        *,
+        db: Database,
+        owner: UUID,
+        limits: Limits,
+        backoff: Backoff,
     ) -> None:
         self.run = run
         self.db = db
@@ -181,14 +205,21 @@ class Execution:
         position = self._next_position
         self._next_position += 1
         if position >= self.limits.max_steps:
-            self.fail(StepLimitError(
-                f"the run asked for more than {self.limits.max_steps} steps (limit max_steps)"))
+            self.fail(
+                StepLimitError(
+                    f"the run asked for more than {self.limits.max_steps} steps (limit max_steps)"
+                )
+            )
         recorded = self._by_position.get(position)
         record = self.run.steps.get(key)
         if (recorded is not None and recorded != key) or (record and record.position != position):
-            self.fail(DeterminismError(
-                f"at position {position} the run recorded step {recorded or '(none)'!r}, but the "
-                f"code now asks for step {key!r}: the function changed while the run was in flight"))
+            self.fail(
+                DeterminismError(
+                    f"at position {position} the run recorded step {recorded or '(none)'!r}, "
+                    f"but the code now asks for step {key!r}: the function changed while "
+                    "the run was in flight"
+                )
+            )
         return StepPlan(key=key, position=position, record=record)
 
     def fail(self, failure: RunFailure) -> Any:
@@ -234,8 +265,12 @@ class Execution:
     async def checkpoint(self, record: StepRecord, output_json: str | None = None) -> None:
         """Commits a step record under the lease before the function goes on."""
         result = await self.db.fetchval(
-            "checkpoint_step", self.run.run_id, self.owner, self.run.lease_token,
-            record.to_json(output_json))
+            "checkpoint_step",
+            self.run.run_id,
+            self.owner,
+            self.run.lease_token,
+            record.to_json(output_json),
+        )
         if result in ("lost", "duplicate"):
             self.lost = True
             raise LeaseLost(f"run {self.run.run_id}: {result} while recording step {record.key!r}")
@@ -249,19 +284,26 @@ class Execution:
         try:
             text = dumps(value)
         except NotSerializable as exc:
-            raise SerializationError(f"{what} returned a value that cannot be stored: {exc}") from exc
+            raise SerializationError(
+                f"{what} returned a value that cannot be stored: {exc}"
+            ) from exc
         size = len(text.encode())
         if size > self.limits.max_output_bytes:
-            self.fail(OutputLimitError(
-                f"{what} returned {size} bytes of JSON; the limit is "
-                f"{self.limits.max_output_bytes} (max_output_bytes)"))
+            self.fail(
+                OutputLimitError(
+                    f"{what} returned {size} bytes of JSON; the limit is "
+                    f"{self.limits.max_output_bytes} (max_output_bytes)"
+                )
+            )
         return text
 
     # -- the driver ------------------------------------------------------------------------------
     async def execute(self, make_context: Callable[[Execution], Context]) -> None:
         """Runs the function until it ends or must wait, and records the outcome."""
         with (
-            structlog.contextvars.bound_contextvars(run_id=str(self.run.run_id), function_id=self.fn_id),
+            structlog.contextvars.bound_contextvars(
+                run_id=str(self.run.run_id), function_id=self.fn_id
+            ),
             telemetry.run_span(self) as span,
         ):
             try:
@@ -307,7 +349,9 @@ class Execution:
         elif self.stopping:
             due = self.db_now()
             sleeps = [s for p in self.suspensions for s in p.steps]
-            await self._suspend(Suspension(due, RunStatus.QUEUED, "handed back by a stopping worker", sleeps), span)
+            await self._suspend(
+                Suspension(due, RunStatus.QUEUED, "handed back by a stopping worker", sleeps), span
+            )
         else:
             await self._suspend(_merge(self.suspensions), span)
 
@@ -320,7 +364,9 @@ class Execution:
         error = task.exception()
         if error is None:
             await self._complete(task.result(), span)
-        elif isinstance(error, StepError | NonRetriableError | RunFailure | SerializationError) or not isinstance(error, Exception):
+        elif isinstance(
+            error, StepError | NonRetriableError | RunFailure | SerializationError
+        ) or not isinstance(error, Exception):
             await self._fail(error, span)
         elif self.run.attempt < self.run.function.retries:
             await self._retry_function(error, span)
@@ -337,8 +383,12 @@ class Execution:
 
     async def _retry_function(self, error: BaseException, span: trace.Span) -> None:
         delay = self.backoff.delay(self.run.attempt)
-        self.log.warning("run.attempt_failed", attempt=self.run.attempt, error=str(error),
-                         retry_in=delay.total_seconds())
+        self.log.warning(
+            "run.attempt_failed",
+            attempt=self.run.attempt,
+            error=str(error),
+            retry_in=delay.total_seconds(),
+        )
         self.run.attempt += 1
         reason = f"retrying the function after {type(error).__name__}: {error}"
         await self._suspend(Suspension(self.db_now() + delay, RunStatus.RETRYING, reason), span)
@@ -347,11 +397,24 @@ class Execution:
         self.log.error("run.failed", error=str(error), error_type=type(error).__name__)
         await self._finish(RunStatus.FAILED, span, error=dumps(error_payload(error)))
 
-    async def _finish(self, status: RunStatus, span: trace.Span, *, output: str | None = None,
-                      error: str | None = None) -> None:
+    async def _finish(
+        self,
+        status: RunStatus,
+        span: trace.Span,
+        *,
+        output: str | None = None,
+        error: str | None = None,
+    ) -> None:
         result = await self.db.fetchval(
-            "finish_run", self.run.run_id, self.owner, self.run.lease_token, status.value,
-            output, error, self.run_logger.count)
+            "finish_run",
+            self.run.run_id,
+            self.owner,
+            self.run.lease_token,
+            status.value,
+            output,
+            error,
+            self.run_logger.count,
+        )
         if result == "lost":
             raise LeaseLost(f"run {self.run.run_id}: lost before it could end {status.value}")
         self.log.info("run.finished", status=status.value)
@@ -360,14 +423,26 @@ class Execution:
     async def _suspend(self, suspension: Suspension, span: trace.Span) -> None:
         steps = "[" + ",".join(s.to_json() for s in suspension.steps) + "]"
         result = await self.db.fetchval(
-            "suspend_run", self.run.run_id, self.owner, self.run.lease_token,
-            suspension.status.value, suspension.due, suspension.reason, self.run.attempt,
-            self.run_logger.count, steps)
+            "suspend_run",
+            self.run.run_id,
+            self.owner,
+            self.run.lease_token,
+            suspension.status.value,
+            suspension.due,
+            suspension.reason,
+            self.run.attempt,
+            self.run_logger.count,
+            steps,
+        )
         if result == "lost":
             raise LeaseLost(f"run {self.run.run_id}: lost before it could be suspended")
         outcome = RunStatus.CANCELLED if result == "cancel" else suspension.status
-        self.log.info("run.suspended", status=outcome.value, due=suspension.due.isoformat(),
-                      reason=suspension.reason)
+        self.log.info(
+            "run.suspended",
+            status=outcome.value,
+            due=suspension.due.isoformat(),
+            reason=suspension.reason,
+        )
         telemetry.mark(span, outcome.value)
         self.next_due = suspension.due
 

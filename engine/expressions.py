@@ -19,6 +19,7 @@ from typing import Any
 import celpy
 import lark
 from celpy import celtypes
+from celpy.adapter import json_to_cel
 from celpy.evaluation import CELEvalError, Evaluator
 
 from .errors import ExpressionError
@@ -55,12 +56,12 @@ _FUNCTIONS = {
 }
 
 
-class _NullingEvaluator(Evaluator):  # type: ignore[misc]
+class _NullingEvaluator(Evaluator):
     """An evaluator in which ``map.missing`` and ``null.field`` are null, except in ``has()``."""
 
     _in_has = False
 
-    def member_dot(self, tree: lark.Tree) -> Any:
+    def member_dot(self, tree: lark.Tree[Any]) -> Any:
         result = super().member_dot(tree)
         if isinstance(result, CELEvalError) and not self._in_has:
             member = self.visit(tree.children[0])
@@ -68,7 +69,7 @@ class _NullingEvaluator(Evaluator):  # type: ignore[misc]
                 return None
         return result
 
-    def macro_has_eval(self, exprlist: lark.Tree) -> Any:
+    def macro_has_eval(self, exprlist: lark.Tree[Any]) -> Any:
         self._in_has = True
         try:
             return super().macro_has_eval(exprlist)
@@ -76,7 +77,7 @@ class _NullingEvaluator(Evaluator):  # type: ignore[misc]
             self._in_has = False
 
 
-class _Runner(celpy.InterpretedRunner):  # type: ignore[misc]
+class _Runner(celpy.InterpretedRunner):
     def evaluate(self, context: Mapping[str, Any]) -> Any:
         evaluator = _NullingEvaluator(ast=self.ast, activation=self.new_activation())
         return evaluator.evaluate(context)
@@ -107,7 +108,7 @@ class Expression:
 
     def evaluate(self, variables: Mapping[str, Any]) -> Any:
         """Evaluates to a plain Python value; raises :class:`ExpressionError` when it fails."""
-        activation = {name: celpy.json_to_cel(value) for name, value in variables.items()}
+        activation = {name: json_to_cel(value) for name, value in variables.items()}
         try:
             result = self._program.evaluate(activation)
         except Exception as exc:
@@ -127,15 +128,19 @@ class Expression:
         return f"Expression({self.source!r})"
 
 
+_SCALARS: tuple[tuple[type, type], ...] = (
+    (celtypes.BoolType, bool),
+    (celtypes.IntType, int),
+    (celtypes.UintType, int),
+    (celtypes.DoubleType, float),
+    (celtypes.StringType, str),
+)
+
+
 def _to_python(value: Any) -> Any:
-    if isinstance(value, celtypes.BoolType):
-        return bool(value)
-    if isinstance(value, celtypes.IntType | celtypes.UintType):
-        return int(value)
-    if isinstance(value, celtypes.DoubleType):
-        return float(value)
-    if isinstance(value, celtypes.StringType):
-        return str(value)
+    for cel_type, python_type in _SCALARS:
+        if isinstance(value, cel_type):
+            return python_type(value)
     if isinstance(value, celtypes.MapType):
         return {str(k): _to_python(v) for k, v in value.items()}
     if isinstance(value, celtypes.ListType):

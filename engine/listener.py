@@ -22,8 +22,14 @@ log = structlog.get_logger("engine")
 class Listener:
     """Calls ``wake()`` on every notification and after every (re)connect."""
 
-    def __init__(self, db: Database, wake: Callable[[], None], *, health_interval: float = 10.0,
-                 health_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        db: Database,
+        wake: Callable[[], None],
+        *,
+        health_interval: float = 10.0,
+        health_timeout: float = 5.0,
+    ) -> None:
         self._db = db
         self._wake = wake
         self._health_interval = health_interval
@@ -36,7 +42,7 @@ class Listener:
             try:
                 await self._listen_once()
                 backoff = 0.1
-            except (OSError, asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - reconnect on anything
+            except (TimeoutError, OSError, Exception) as exc:
                 log.warning("listener.disconnected", error=str(exc), retry_in=backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)

@@ -17,7 +17,9 @@ import structlog
 def configure_logging(level: str = "info") -> None:
     """Configures structlog (and stdlib logging) for the engine's processes."""
     renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer() if sys.stderr.isatty() else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer()
+        if sys.stderr.isatty()
+        else structlog.processors.JSONRenderer()
     )
     structlog.configure(
         processors=[

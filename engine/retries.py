@@ -29,7 +29,7 @@ class Backoff:
         initial = parse_duration(self.initial, what="backoff initial")
         maximum = parse_duration(self.maximum, what="backoff maximum")
         base = min(initial * (self.factor ** min(attempt, 64)), maximum)
-        return base * (1 - random.uniform(0, self.jitter))  # noqa: S311 - jitter, not security
+        return base * (1 - random.uniform(0, self.jitter))
 
 
 def check_retries(retries: int, fn_id: str) -> int:

@@ -45,17 +45,22 @@ class RoutedRun:
 class Router:
     """Creates runs from due events for every function of the registry."""
 
-    def __init__(self, db: Database, app_id: str, functions: dict[str, Function],
-                 refresh: float = 5.0) -> None:
+    def __init__(
+        self, db: Database, app_id: str, functions: dict[str, Function], refresh: float = 5.0
+    ) -> None:
         self._db = db
         self._app_id = app_id
-        self._own = [RegisteredFunction(app_id, f.fn_id, tuple(f.triggers)) for f in functions.values()]
+        self._own = [
+            RegisteredFunction(app_id, f.fn_id, tuple(f.triggers)) for f in functions.values()
+        ]
         self._others: list[RegisteredFunction] = []
         self._refresh = refresh
         self._loaded_at = -float("inf")
         self._compiled: dict[str, tuple[TriggerEvent, ...]] = {}
 
-    async def route(self, owner: UUID, lease: timedelta, capacity: int) -> tuple[int, list[RoutedRun]]:
+    async def route(
+        self, owner: UUID, lease: timedelta, capacity: int
+    ) -> tuple[int, list[RoutedRun]]:
         """Routes one batch of due events; returns how many were routed and the runs leased here."""
         await self._load_registry()
         async with self._db.transaction() as conn:
@@ -64,28 +69,48 @@ class Router:
                 return 0, []
             plan, by_seq = self._plan(events, capacity)
             created = await self._db.fetch(
-                "create_runs", [e["seq"] for e in events], dumps(plan), owner, lease, conn=conn)
-        mine = [RoutedRun(row, by_seq[row["event_seq"]]["event"], by_seq[row["event_seq"]]["traceparent"])
-                for row in created if row["lease_token"] > 0]
+                "create_runs", [e["seq"] for e in events], dumps(plan), owner, lease, conn=conn
+            )
+        mine = [
+            RoutedRun(
+                row, by_seq[row["event_seq"]]["event"], by_seq[row["event_seq"]]["traceparent"]
+            )
+            for row in created
+            if row["lease_token"] > 0
+        ]
         return len(events), mine
 
-    def _plan(self, events: list[Record], capacity: int) -> tuple[list[dict[str, Any]], dict[int, Any]]:
+    def _plan(
+        self, events: list[Record], capacity: int
+    ) -> tuple[list[dict[str, Any]], dict[int, Any]]:
         plan: list[dict[str, Any]] = []
         by_seq: dict[int, Any] = {}
         for row in events:
-            event = {"id": row["id"], "name": row["name"], "data": loads(row["data"]),
-                     "ts": row["ts"].isoformat(), "v": row["v"]}
+            event = {
+                "id": row["id"],
+                "name": row["name"],
+                "data": loads(row["data"]),
+                "ts": row["ts"].isoformat(),
+                "v": row["v"],
+            }
             by_seq[row["seq"]] = {"event": event, "traceparent": row["traceparent"]}
             for fn in self._matching(event):
                 claim = fn.app_id == self._app_id and capacity > 0
                 capacity -= claim
-                plan.append({"app_id": fn.app_id, "function_id": fn.fn_id,
-                             "event_seq": row["seq"], "claim": claim})
+                plan.append(
+                    {
+                        "app_id": fn.app_id,
+                        "function_id": fn.fn_id,
+                        "event_seq": row["seq"],
+                        "claim": claim,
+                    }
+                )
         return plan, by_seq
 
     def _matching(self, event: dict[str, Any]) -> list[RegisteredFunction]:
-        return [fn for fn in (*self._own, *self._others)
-                if any(t.matches(event) for t in fn.triggers)]
+        return [
+            fn for fn in (*self._own, *self._others) if any(t.matches(event) for t in fn.triggers)
+        ]
 
     async def _load_registry(self) -> None:
         if time.monotonic() - self._loaded_at < self._refresh:
@@ -105,7 +130,10 @@ class Router:
         if text not in self._compiled:
             try:
                 self._compiled[text] = tuple(
-                    TriggerEvent(t["event"], t.get("expression")) for t in json.loads(text) if "event" in t)
+                    TriggerEvent(t["event"], t.get("expression"))
+                    for t in json.loads(text)
+                    if "event" in t
+                )
             except EngineError:
                 self._compiled[text] = ()  # registered by a newer engine we cannot read: skip
         return self._compiled[text]

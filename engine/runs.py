@@ -80,16 +80,29 @@ def run_info_from_row(row: Any) -> RunInfo:
     """Builds a :class:`RunInfo` from a row of ``engine.run_details``."""
     steps = [
         StepInfo(
-            step_id=s["key"], position=s["position"], kind=s["kind"], status=s["status"],
-            attempts=s["attempts"], output=s["output"], error=s["error"], wake_at=s["wake_at"],
+            step_id=s["key"],
+            position=s["position"],
+            kind=s["kind"],
+            status=s["status"],
+            attempts=s["attempts"],
+            output=s["output"],
+            error=s["error"],
+            wake_at=s["wake_at"],
         )
         for s in loads(row["steps"])
     ]
     return RunInfo(
-        run_id=str(row["id"]), app_id=row["app_id"], function_id=row["function_id"],
-        status=RunStatus(row["status"]), attempt=row["attempt"],
-        waiting_reason=row["waiting_reason"], output=loads_or_none(row["output"]),
-        error=loads_or_none(row["error"]), event=event_from_row(loads(row["event"])),
-        steps=steps, created_at=row["created_at"], started_at=row["started_at"],
+        run_id=str(row["id"]),
+        app_id=row["app_id"],
+        function_id=row["function_id"],
+        status=RunStatus(row["status"]),
+        attempt=row["attempt"],
+        waiting_reason=row["waiting_reason"],
+        output=loads_or_none(row["output"]),
+        error=loads_or_none(row["error"]),
+        event=event_from_row(loads(row["event"])),
+        steps=steps,
+        created_at=row["created_at"],
+        started_at=row["started_at"],
         ended_at=row["ended_at"],
     )

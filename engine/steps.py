@@ -67,8 +67,14 @@ class Steps:
             raise outcome.error
         return restore(outcome.value, _return_type(fn))
 
-    async def _attempt(self, plan: StepPlan, attempt: int, fn: Callable[..., Any],
-                       args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Outcome:
+    async def _attempt(
+        self,
+        plan: StepPlan,
+        attempt: int,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> _Outcome:
         """Executes one attempt and records it before the function goes on."""
         ex = self._ex
         with telemetry.step_span(ex, plan.key, attempt) as span:
@@ -80,25 +86,47 @@ class Steps:
                     raise
                 telemetry.mark(span, "error")
                 return await self._failed(plan, attempt, error)
-            await ex.checkpoint(StepRecord(plan.key, plan.position, "run", "COMPLETED", attempt + 1), output)
+            await ex.checkpoint(
+                StepRecord(plan.key, plan.position, "run", "COMPLETED", attempt + 1), output
+            )
             telemetry.mark(span, "completed")
         return _Outcome(value=loads(output))
 
     async def _failed(self, plan: StepPlan, attempt: int, error: Exception) -> _Outcome:
         ex = self._ex
-        final = (isinstance(error, NonRetriableError | SerializationError)
-                 or attempt >= ex.run.function.retries)
-        record = StepRecord(plan.key, plan.position, "run", "FAILED" if final else "RETRYING",
-                            attempt + 1, error=error_payload(error))
+        final = (
+            isinstance(error, NonRetriableError | SerializationError)
+            or attempt >= ex.run.function.retries
+        )
+        record = StepRecord(
+            plan.key,
+            plan.position,
+            "run",
+            "FAILED" if final else "RETRYING",
+            attempt + 1,
+            error=error_payload(error),
+        )
         await ex.checkpoint(record)
-        ex.log.warning("step.failed", step_id=plan.key, attempt=attempt, final=final,
-                       error=str(error), error_type=type(error).__name__)
+        ex.log.warning(
+            "step.failed",
+            step_id=plan.key,
+            attempt=attempt,
+            final=final,
+            error=str(error),
+            error_type=type(error).__name__,
+        )
         if final:
             return _Outcome(error=_step_error(plan.key, record.error))
         now = ex.db_now()
-        due = error.due(now) if isinstance(error, RetryAfterError) else now + ex.backoff.delay(attempt)
-        reason = (f"retrying step {plan.key!r} (attempt {attempt + 2}) after "
-                  f"{type(error).__name__}: {error}")
+        due = (
+            error.due(now)
+            if isinstance(error, RetryAfterError)
+            else now + ex.backoff.delay(attempt)
+        )
+        reason = (
+            f"retrying step {plan.key!r} (attempt {attempt + 2}) after "
+            f"{type(error).__name__}: {error}"
+        )
         return _Outcome(wait=Suspension(due, RunStatus.RETRYING, reason))
 
     async def sleep(self, step_id: str, duration: Duration) -> None:
@@ -111,7 +139,7 @@ class Steps:
         await self._sleep(step_id, lambda now: now + delay)
 
     async def sleep_until(self, step_id: str, when: datetime) -> None:
-        """Pauses the run durably until ``when`` (an aware datetime); a past time returns at once."""
+        """Pauses the run durably until ``when`` (aware); a time in the past returns at once."""
         wake_at = utc(when)
         await self._sleep(step_id, lambda now: wake_at)
 
@@ -138,8 +166,9 @@ class Steps:
         await ex.suspend(Suspension(record.wake_at, RunStatus.SLEEPING, reason, pending))
 
 
-async def _call_in_step(key: str, attempt: int, fn: Callable[..., Any],
-                        args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+async def _call_in_step(
+    key: str, attempt: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
     step_token = current_step.set(key)
     attempt_token = current_attempt.set(attempt)
     try:

@@ -38,30 +38,37 @@ def _parent(traceparent: str | None) -> otel_context.Context:
 @contextmanager
 def run_span(ex: Execution) -> Iterator[trace.Span]:
     """The span of one execution of a run, a child of the trace that sent its event."""
-    attributes = {
+    attributes: dict[str, str | int] = {
         "engine.run_id": str(ex.run.run_id),
         "engine.function_id": ex.fn_id,
         "engine.attempt": ex.run.attempt,
     }
-    with tracer.start_as_current_span(
-        f"run {ex.fn_id}", context=_parent(ex.run.traceparent), attributes=attributes,
-        kind=trace.SpanKind.CONSUMER,
-    ) as span, _bound_trace_ids(span):
+    with (
+        tracer.start_as_current_span(
+            f"run {ex.fn_id}",
+            context=_parent(ex.run.traceparent),
+            attributes=attributes,
+            kind=trace.SpanKind.CONSUMER,
+        ) as span,
+        _bound_trace_ids(span),
+    ):
         yield span
 
 
 @contextmanager
 def step_span(ex: Execution, step_key: str, attempt: int) -> Iterator[trace.Span]:
     """The span of one attempt of a step, a child of its run's span."""
-    attributes = {
+    attributes: dict[str, str | int] = {
         "engine.run_id": str(ex.run.run_id),
         "engine.function_id": ex.fn_id,
         "engine.step_id": step_key,
         "engine.attempt": attempt,
     }
-    with tracer.start_as_current_span(f"step {step_key}", attributes=attributes) as span, \
-            _bound_trace_ids(span), \
-            structlog.contextvars.bound_contextvars(step_id=step_key, attempt=attempt):
+    with (
+        tracer.start_as_current_span(f"step {step_key}", attributes=attributes) as span,
+        _bound_trace_ids(span),
+        structlog.contextvars.bound_contextvars(step_id=step_key, attempt=attempt),
+    ):
         yield span
 
 
@@ -88,15 +95,21 @@ def configure_from_environment() -> None:
     """Exports spans over OTLP/HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the traces one) is
     set, honouring the other standard ``OTEL_*`` variables. Called by ``engine worker``/``dev``.
     """
-    if not (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-            or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+    if not (
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    ):
         return
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    provider = TracerProvider(resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "engine-worker")}))
+    provider = TracerProvider(
+        resource=Resource.create(
+            {"service.name": os.environ.get("OTEL_SERVICE_NAME", "engine-worker")}
+        )
+    )
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
 

@@ -27,7 +27,9 @@ class TriggerEvent:
 
     def __post_init__(self) -> None:
         if not isinstance(self.event, str) or not self.event:
-            raise ConfigurationError(f"TriggerEvent: event must be a non-empty name, got {self.event!r}")
+            raise ConfigurationError(
+                f"TriggerEvent: event must be a non-empty name, got {self.event!r}"
+            )
         if self.expression is not None:
             what = f"trigger {self.event!r} expression"
             object.__setattr__(self, "compiled", Expression(self.expression, what=what))

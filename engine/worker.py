@@ -45,8 +45,15 @@ class Worker:
         grace: on stop, how long executing steps get to finish before their runs are released.
     """
 
-    def __init__(self, engine: Engine, *, concurrency: int = 10, lease: Duration = "30s",
-                 poll_interval: Duration = "1s", grace: Duration = "10s") -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        concurrency: int = 10,
+        lease: Duration = "30s",
+        poll_interval: Duration = "1s",
+        grace: Duration = "10s",
+    ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.engine = engine
@@ -70,11 +77,18 @@ class Worker:
         """Runs until :meth:`stop` is called; then stops gracefully."""
         db = await self.engine.database(replace_registry=True)
         self._router = Router(db, self.engine.app_id, self.engine.functions)
-        log.info("worker.started", owner=str(self.owner), app_id=self.engine.app_id,
-                 functions=self._fn_ids, concurrency=self.concurrency)
+        log.info(
+            "worker.started",
+            owner=str(self.owner),
+            app_id=self.engine.app_id,
+            functions=self._fn_ids,
+            concurrency=self.concurrency,
+        )
         async with asyncio.TaskGroup() as group:
-            side = [group.create_task(Listener(db, self.wake).run(), name="listener"),
-                    group.create_task(self._heartbeat(), name="heartbeat")]
+            side = [
+                group.create_task(Listener(db, self.wake).run(), name="listener"),
+                group.create_task(self._heartbeat(), name="heartbeat"),
+            ]
             await self._loop()
             await self._drain()
             for task in side:
@@ -99,7 +113,7 @@ class Worker:
         while not self._stopping.is_set():
             try:
                 progressed = await self._tick()
-            except Exception as exc:  # noqa: BLE001 - the database may be restarting: poll again
+            except Exception as exc:
                 log.warning("worker.tick_failed", error=str(exc), error_type=type(exc).__name__)
                 progressed = False
             if not progressed:
@@ -122,8 +136,9 @@ class Worker:
 
     async def _claim(self, limit: int) -> int:
         db = await self.engine.database()
-        rows = await db.fetch("claim_runs", self.engine.app_id, self._fn_ids, self.owner,
-                              self.lease, limit)
+        rows = await db.fetch(
+            "claim_runs", self.engine.app_id, self._fn_ids, self.owner, self.lease, limit
+        )
         for row in rows:
             self._start(ClaimedRun.from_row(row, self.engine.functions[row["function_id"]]))
         return len(rows)
@@ -131,9 +146,14 @@ class Worker:
     def _routed(self, routed: RoutedRun) -> ClaimedRun:
         row = routed.row
         return ClaimedRun(
-            run_id=row["id"], function=self.engine.functions[row["function_id"]],
-            lease_token=row["lease_token"], attempt=0, log_lines=0, cancel_requested=False,
-            traceparent=routed.traceparent, claimed_at=row["created_at"],
+            run_id=row["id"],
+            function=self.engine.functions[row["function_id"]],
+            lease_token=row["lease_token"],
+            attempt=0,
+            log_lines=0,
+            cancel_requested=False,
+            traceparent=routed.traceparent,
+            claimed_at=row["created_at"],
             events=[event_from_row(routed.event)],
         )
 
@@ -156,8 +176,13 @@ class Worker:
 
     # -- executions ------------------------------------------------------------------------------
     def _start(self, run: ClaimedRun) -> None:
-        ex = Execution(run, db=self.engine.open_database, owner=self.owner,
-                       limits=self.engine.limits, backoff=self.engine.backoff)
+        ex = Execution(
+            run,
+            db=self.engine.open_database,
+            owner=self.owner,
+            limits=self.engine.limits,
+            backoff=self.engine.backoff,
+        )
         self.executions[run.run_id] = ex
         task = asyncio.create_task(self._execute(ex), name=f"run {run.run_id}")
         self._tasks.add(task)
@@ -184,7 +209,7 @@ class Worker:
                 continue
             try:
                 await self._renew_leases()
-            except Exception as exc:  # noqa: BLE001 - a missed beat is retried at the next one
+            except Exception as exc:
                 log.warning("worker.heartbeat_failed", error=str(exc))
 
     async def _renew_leases(self) -> None:
@@ -214,5 +239,11 @@ class Worker:
 
 
 def _make_context(ex: Execution) -> Context:
-    return Context(event=ex.run.events[0], events=ex.run.events, run_id=str(ex.run.run_id),
-                   step=Steps(ex), logger=ex.run_logger, run_attempt=ex.run.attempt)
+    return Context(
+        event=ex.run.events[0],
+        events=ex.run.events,
+        run_id=str(ex.run.run_id),
+        step=Steps(ex),
+        logger=ex.run_logger,
+        run_attempt=ex.run.attempt,
+    )

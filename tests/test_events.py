@@ -43,16 +43,20 @@ async def test_expression_filters_with_inngest_semantics(make_engine: Any) -> No
     async def big(ctx: Context) -> Any:
         return ctx.event.data["total"]
 
-    @app.create_function("no-coupon", trigger=TriggerEvent("order/created", "event.data.coupon == null"))
+    @app.create_function(
+        "no-coupon", trigger=TriggerEvent("order/created", "event.data.coupon == null")
+    )
     async def no_coupon(ctx: Context) -> Any:
         return "no coupon"
 
     async with app.worker():
-        small, large, couponed = await app.send([
-            Event(name="order/created", data={"total": 99, "coupon": "X"}),
-            Event(name="order/created", data={"total": 120.5}),
-            Event(name="order/created", data={"total": 150, "coupon": "Y"}),
-        ])
+        small, large, couponed = await app.send(
+            [
+                Event(name="order/created", data={"total": 99, "coupon": "X"}),
+                Event(name="order/created", data={"total": 120.5}),
+                Event(name="order/created", data={"total": 150, "coupon": "Y"}),
+            ]
+        )
         await eventually(lambda: _count_runs(app, 2))
         await asyncio.sleep(0.2)  # anything else would have been routed by now
     assert await app.runs_for_event(small) == []
@@ -112,7 +116,8 @@ async def test_sql_send_event_starts_the_function(make_engine: Any, sql: Any) ->
     await app.database()  # registers the function
     async with sql.transaction():
         event_id = await sql.fetchval(
-            "SELECT engine.send_event('billing/paid', '{\"amount\": 5}'::jsonb)")
+            "SELECT engine.send_event('billing/paid', '{\"amount\": 5}'::jsonb)"
+        )
     async with app.worker():
         run = await app.wait_for_run(await only_run_id(app, event_id))
     assert run.output == {"amount": 5}
@@ -130,8 +135,9 @@ async def test_sql_send_event_starts_the_function(make_engine: Any, sql: Any) ->
         ({"name": "a", "data": [1, 2]}, "dict"),
     ],
 )
-async def test_python_send_rejects_bad_events_with_a_reason(make_engine: Any, sql: Any,
-                                                            event: dict[str, Any], reason: str) -> None:
+async def test_python_send_rejects_bad_events_with_a_reason(
+    make_engine: Any, sql: Any, event: dict[str, Any], reason: str
+) -> None:
     app = make_engine()
     with pytest.raises(InvalidEventError, match=reason):
         await app.send([Event(name="fine"), event])  # type: ignore[list-item]

@@ -20,7 +20,9 @@ from engine import Context, Event, TriggerEvent
 APPS = Path(__file__).parent / "apps"
 
 
-async def test_run_and_step_spans_are_children_of_the_senders_trace(make_engine: Any, spans: Any) -> None:
+async def test_run_and_step_spans_are_children_of_the_senders_trace(
+    make_engine: Any, spans: Any
+) -> None:
     app = make_engine()
 
     @app.create_function("traced", trigger=TriggerEvent("t/traced"))
@@ -73,7 +75,7 @@ async def test_ctx_logger_does_not_repeat_lines_on_replay(make_engine: Any) -> N
 class _Collector(http.server.BaseHTTPRequestHandler):
     received: list[ExportTraceServiceRequest] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - the http.server API
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         request = ExportTraceServiceRequest()
         request.ParseFromString(body)
@@ -86,16 +88,25 @@ class _Collector(http.server.BaseHTTPRequestHandler):
         pass
 
 
-async def test_worker_exports_spans_to_an_otlp_endpoint(database_url: str, make_engine: Any) -> None:
+async def test_worker_exports_spans_to_an_otlp_endpoint(
+    database_url: str, make_engine: Any
+) -> None:
     """`engine worker` sends spans to the collector named by OTEL_EXPORTER_OTLP_ENDPOINT."""
     server = http.server.HTTPServer(("127.0.0.1", 0), _Collector)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    env = {**os.environ, "DATABASE_URL": database_url, "PYTHONPATH": str(APPS),
-           "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
-           "OTEL_BSP_SCHEDULE_DELAY": "50"}
-    worker = subprocess.Popen([sys.executable, "-m", "engine", "worker", "traced_app:app",
-                               "--poll-interval", "100ms"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "PYTHONPATH": str(APPS),
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "engine", "worker", "traced_app:app", "--poll-interval", "100ms"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         app = make_engine("traced-app")
         [event_id] = await app.send(Event(name="traced/go"))
@@ -110,6 +121,11 @@ async def test_worker_exports_spans_to_an_otlp_endpoint(database_url: str, make_
         worker.wait(timeout=30)
         server.shutdown()
         server.server_close()
-    names = {span.name for request in _Collector.received for rs in request.resource_spans
-             for ss in rs.scope_spans for span in ss.spans}
+    names = {
+        span.name
+        for request in _Collector.received
+        for rs in request.resource_spans
+        for ss in rs.scope_spans
+        for span in ss.spans
+    }
     assert {"run traced", "step only"} <= names

@@ -109,13 +109,16 @@ async def test_non_retriable_error_fails_step_on_first_attempt(make_engine: Any)
     run = await run_once(app, "t/fatal")
     assert calls == [1]
     assert run.status is RunStatus.FAILED
-    assert run.steps[0].error == {"type": "NonRetriableError", "message": "user not found",
-                                  "code": "non_retriable"}
+    assert run.steps[0].error == {
+        "type": "NonRetriableError",
+        "message": "user not found",
+        "code": "non_retriable",
+    }
 
 
 @pytest.mark.parametrize("kind", ["timedelta", "seconds", "datetime"])
 async def test_retry_after_sets_the_next_attempt_time(make_engine: Any, kind: str) -> None:
-    """RetryAfterError wins over the backoff: with a huge default backoff the retry is still fast."""
+    """RetryAfterError wins over the backoff: with an hour of backoff, the retry is still fast."""
     from engine import Backoff
 
     app = make_engine(backoff=Backoff(initial="1h", maximum="1h", jitter=0))
@@ -126,8 +129,11 @@ async def test_retry_after_sets_the_next_attempt_time(make_engine: Any, kind: st
         def call_api() -> str:
             calls.append(datetime.now(UTC))
             if len(calls) == 1:
-                after: Any = {"timedelta": timedelta(milliseconds=200), "seconds": 0.2,
-                              "datetime": datetime.now(UTC) + timedelta(milliseconds=200)}[kind]
+                after: Any = {
+                    "timedelta": timedelta(milliseconds=200),
+                    "seconds": 0.2,
+                    "datetime": datetime.now(UTC) + timedelta(milliseconds=200),
+                }[kind]
                 raise RetryAfterError("429 from the API", after)
             return "ok"
 

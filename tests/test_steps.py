@@ -85,7 +85,9 @@ async def test_outputs_are_json_round_trips(make_engine: Any) -> None:
     assert run.steps[1].output == {"id": "u1", "vip": True}
 
 
-async def test_sync_and_async_callables_get_args_and_do_not_block_each_other(make_engine: Any) -> None:
+async def test_sync_and_async_callables_get_args_and_do_not_block_each_other(
+    make_engine: Any,
+) -> None:
     """Sync callables run in threads, so two blocking steps overlap instead of queueing."""
     app = make_engine()
     import threading
@@ -122,7 +124,7 @@ async def test_unserializable_output_fails_that_step_readably(make_engine: Any) 
     @app.create_function("bad-output", trigger=TriggerEvent("t/bad"))
     async def bad_output(ctx: Context) -> Any:
         await ctx.step.run("good", lambda: {"kept": True})
-        await ctx.step.run("bad", lambda: object())
+        await ctx.step.run("bad", object)
         return "unreachable"
 
     async with app.worker():
@@ -235,15 +237,25 @@ async def test_function_without_steps_completes(make_engine: Any) -> None:
 
     @app.create_function("plain", trigger=TriggerEvent("t/plain"))
     async def plain(ctx: Context) -> Any:
-        return {"event": ctx.event.name, "data": ctx.event.data, "attempt": ctx.attempt,
-                "run_id": ctx.run_id, "events": len(ctx.events)}
+        return {
+            "event": ctx.event.name,
+            "data": ctx.event.data,
+            "attempt": ctx.attempt,
+            "run_id": ctx.run_id,
+            "events": len(ctx.events),
+        }
 
     async with app.worker():
         [event_id] = await app.send(Event(name="t/plain", data={"k": "v"}))
         run_id = await only_run_id(app, event_id)
         run = await app.wait_for_run(run_id)
-    assert run.output == {"event": "t/plain", "data": {"k": "v"}, "attempt": 0,
-                          "run_id": run_id, "events": 1}
+    assert run.output == {
+        "event": "t/plain",
+        "data": {"k": "v"},
+        "attempt": 0,
+        "run_id": run_id,
+        "events": 1,
+    }
     assert run.steps == []
 
 
