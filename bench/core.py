@@ -1,0 +1,159 @@
+"""Core figures on an embedded PostgreSQL with durable settings (fsync and synchronous_commit on).
+
+    python bench/core.py [--events 300] [--steps 1000] [--runs 2000] [--repeat 3]
+
+Prints, for each figure, the median of the repeats with min and max, and writes them as JSON to
+bench/results/core.json:
+
+- latency: event committed -> first step of its function starts (events sent one at a time,
+  one worker), p50/p90/p99;
+- step overhead: one run of N trivial steps, time per step;
+- throughput: N events each triggering a 3-step function, runs/s until all complete (one worker
+  process, concurrency 50).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import platform
+import statistics
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from engine import Context, Engine, Event, TriggerEvent
+from engine.db import Database
+from engine.embedded import start
+from engine.logs import configure_logging
+
+_repeat = itertools.count()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def latency(url: str, events: int) -> dict[str, float]:
+    app = Engine("bench-latency", url)
+    started: dict[str, float] = {}
+
+    @app.create_function("first-step", trigger=TriggerEvent("bench/latency"))
+    async def first_step(ctx: Context) -> None:
+        started.setdefault(ctx.event.data["i"], time.perf_counter())
+        await ctx.step.run("one", lambda: None)
+
+    samples = []
+    async with app.worker(concurrency=10):
+        await asyncio.sleep(0.5)
+        for i in range(events):
+            await app.send(Event(name="bench/latency", data={"i": str(i)}))
+            sent = time.perf_counter()
+            while str(i) not in started:
+                await asyncio.sleep(0.0002)
+            samples.append((started[str(i)] - sent) * 1000)
+    await app.close()
+    return {"p50_ms": percentile(samples, 0.5), "p90_ms": percentile(samples, 0.9),
+            "p99_ms": percentile(samples, 0.99)}
+
+
+async def step_overhead(url: str, steps: int) -> dict[str, float]:
+    app = Engine("bench-steps", url)
+
+    @app.create_function("many-steps", trigger=TriggerEvent("bench/steps"))
+    async def many_steps(ctx: Context) -> None:
+        for i in range(steps):
+            await ctx.step.run(f"s{i}", lambda: None)
+
+    app.limits = type(app.limits)(max_steps=steps + 1)
+    async with app.worker():
+        [event_id] = await app.send(Event(name="bench/steps"))
+        runs: list[Any] = []
+        while not runs:
+            await asyncio.sleep(0.01)
+            runs = await app.runs_for_event(event_id)
+        run = await app.wait_for_run(runs[0].run_id, timeout=600)
+    await app.close()
+    elapsed = (run.ended_at - run.started_at).total_seconds()
+    return {"ms_per_step": elapsed * 1000 / steps}
+
+
+async def throughput(url: str, runs: int) -> dict[str, float]:
+    app_id = f"bench-throughput-{next(_repeat)}"  # each repeat counts only its own runs
+    app = Engine(app_id, url, pool_size=20)
+
+    @app.create_function("three-steps", trigger=TriggerEvent("bench/throughput"))
+    async def three_steps(ctx: Context) -> None:
+        for name in ("a", "b", "c"):
+            await ctx.step.run(name, lambda: None)
+
+    conn = await asyncpg.connect(url)
+    async with app.worker(concurrency=50):
+        start_at = time.perf_counter()
+        for offset in range(0, runs, 1000):
+            batch = min(1000, runs - offset)
+            await app.send([Event(name="bench/throughput") for _ in range(batch)])
+        while await conn.fetchval(
+            "SELECT count(*) FROM engine.runs WHERE app_id = $1 AND status = 'COMPLETED'", app_id
+        ) < runs:
+            await asyncio.sleep(0.05)
+        elapsed = time.perf_counter() - start_at
+    await conn.close()
+    await app.close()
+    return {"runs_per_s": runs / elapsed, "steps_per_s": 3 * runs / elapsed}
+
+
+async def settings(url: str) -> dict[str, str]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT name, setting FROM pg_settings WHERE name IN "
+            "('fsync', 'synchronous_commit', 'shared_buffers', 'server_version')")
+    finally:
+        await conn.close()
+    return {r["name"]: r["setting"] for r in rows}
+
+
+def summarize(samples: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {key: {"median": statistics.median(s[key] for s in samples),
+                  "min": min(s[key] for s in samples), "max": max(s[key] for s in samples)}
+            for key in samples[0]}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    configure_logging("warning")
+    url, _server = start(Path(tempfile.mkdtemp(prefix="engine-bench-")) / "pg")
+    await Database(url).apply_schema()
+    figures: dict[str, Any] = {}
+    for name, job in (("latency", lambda: latency(url, args.events)),
+                      ("step_overhead", lambda: step_overhead(url, args.steps)),
+                      ("throughput", lambda: throughput(url, args.runs))):
+        figures[name] = summarize([await job() for _ in range(args.repeat)])
+        print(name, json.dumps(figures[name]))
+    result = {
+        "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
+        "postgres": await settings(url),
+        "packages": {p: metadata.version(p) for p in ("asyncpg", "cel-python", "engine")},
+        "args": vars(args), "figures": figures,
+    }
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "core.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result["postgres"]))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
