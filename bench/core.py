@@ -44,24 +44,29 @@ def percentile(values: list[float], q: float) -> float:
 async def latency(url: str, events: int) -> dict[str, float]:
     app = Engine("bench-latency", url)
     started: dict[str, float] = {}
+    arrived = asyncio.Event()
 
     @app.create_function("first-step", trigger=TriggerEvent("bench/latency"))
     async def first_step(ctx: Context) -> None:
         started.setdefault(ctx.event.data["i"], time.perf_counter())
+        arrived.set()
         await ctx.step.run("one", lambda: None)
 
     samples = []
     async with app.worker(concurrency=10):
         await asyncio.sleep(0.5)
         for i in range(events):
+            arrived.clear()
             await app.send(Event(name="bench/latency", data={"i": str(i)}))
             sent = time.perf_counter()
-            while str(i) not in started:
-                await asyncio.sleep(0.0002)
+            await arrived.wait()
             samples.append((started[str(i)] - sent) * 1000)
     await app.close()
-    return {"p50_ms": percentile(samples, 0.5), "p90_ms": percentile(samples, 0.9),
-            "p99_ms": percentile(samples, 0.99)}
+    return {
+        "p50_ms": percentile(samples, 0.5),
+        "p90_ms": percentile(samples, 0.9),
+        "p99_ms": percentile(samples, 0.99),
+    }
 
 
 async def step_overhead(url: str, steps: int) -> dict[str, float]:
@@ -100,9 +105,8 @@ async def throughput(url: str, runs: int) -> dict[str, float]:
         for offset in range(0, runs, 1000):
             batch = min(1000, runs - offset)
             await app.send([Event(name="bench/throughput") for _ in range(batch)])
-        while await conn.fetchval(
-            "SELECT count(*) FROM engine.runs WHERE app_id = $1 AND status = 'COMPLETED'", app_id
-        ) < runs:
+        done_query = "SELECT count(*) FROM engine.runs WHERE app_id = $1 AND status = 'COMPLETED'"
+        while await conn.fetchval(done_query, app_id) < runs:  # noqa: ASYNC110 - polls the database
             await asyncio.sleep(0.05)
         elapsed = time.perf_counter() - start_at
     await conn.close()
@@ -115,16 +119,22 @@ async def settings(url: str) -> dict[str, str]:
     try:
         rows = await conn.fetch(
             "SELECT name, setting FROM pg_settings WHERE name IN "
-            "('fsync', 'synchronous_commit', 'shared_buffers', 'server_version')")
+            "('fsync', 'synchronous_commit', 'shared_buffers', 'server_version')"
+        )
     finally:
         await conn.close()
     return {r["name"]: r["setting"] for r in rows}
 
 
 def summarize(samples: list[dict[str, float]]) -> dict[str, dict[str, float]]:
-    return {key: {"median": statistics.median(s[key] for s in samples),
-                  "min": min(s[key] for s in samples), "max": max(s[key] for s in samples)}
-            for key in samples[0]}
+    return {
+        key: {
+            "median": statistics.median(s[key] for s in samples),
+            "min": min(s[key] for s in samples),
+            "max": max(s[key] for s in samples),
+        }
+        for key in samples[0]
+    }
 
 
 async def main() -> None:
@@ -138,16 +148,20 @@ async def main() -> None:
     url, _server = start(Path(tempfile.mkdtemp(prefix="engine-bench-")) / "pg")
     await Database(url).apply_schema()
     figures: dict[str, Any] = {}
-    for name, job in (("latency", lambda: latency(url, args.events)),
-                      ("step_overhead", lambda: step_overhead(url, args.steps)),
-                      ("throughput", lambda: throughput(url, args.runs))):
+    for name, job in (
+        ("latency", lambda: latency(url, args.events)),
+        ("step_overhead", lambda: step_overhead(url, args.steps)),
+        ("throughput", lambda: throughput(url, args.runs)),
+    ):
         figures[name] = summarize([await job() for _ in range(args.repeat)])
         print(name, json.dumps(figures[name]))
     result = {
-        "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "python": platform.python_version(),
         "postgres": await settings(url),
         "packages": {p: metadata.version(p) for p in ("asyncpg", "cel-python", "engine")},
-        "args": vars(args), "figures": figures,
+        "args": vars(args),
+        "figures": figures,
     }
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
