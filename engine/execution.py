@@ -177,6 +177,7 @@ class Execution:
         self.fatal: RunFailure | None = None
         self.in_flight = 0
         self.suspensions: list[Suspension] = []
+        self.next_due: datetime | None = None  # set when the run is released with a due time
         self._halted = False
         self._settled = asyncio.Event()
         self._counters: dict[str, int] = {}
@@ -446,7 +447,6 @@ class Execution:
         telemetry.mark(span, outcome.value)
         self.next_due = suspension.due
 
-    next_due: datetime | None = None
 
 
 def _merge(suspensions: list[Suspension]) -> Suspension:

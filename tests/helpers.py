@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -41,3 +45,24 @@ async def only_run_id(engine: Engine, event_id: str, timeout: float = 10.0) -> s
     found = await eventually(runs, timeout)
     assert len(found) == 1, found
     return str(found[0].run_id)
+
+
+APPS = Path(__file__).parent / "apps"
+
+
+def start_worker_process(
+    target: str, database_url: str, *options: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Starts `engine worker TARGET` (an app under tests/apps) as a separate process."""
+    environment = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "PYTHONPATH": str(APPS),
+        **(env or {}),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "engine", "worker", target, "--poll-interval", "100ms", *options],
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )

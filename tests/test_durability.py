@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-from helpers import eventually, move_clock, only_run_id
+from helpers import APPS, eventually, move_clock, only_run_id, start_worker_process
 
 from engine import Context, Event, RunStatus, TriggerEvent
-
-APPS = Path(__file__).parent / "apps"
 
 
 async def test_sleep_spans_a_worker_restart(make_engine: Any, sql: Any) -> None:
@@ -126,23 +121,7 @@ async def test_killed_worker_run_is_finished_by_another(
     """SIGKILL in the middle of a run: the lease expires, another worker finishes the run,
     and every step that had completed ran exactly once."""
     await sql.execute("CREATE TABLE effects (run_id text, step text)")
-    env = {**os.environ, "DATABASE_URL": database_url, "PYTHONPATH": str(APPS)}
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine",
-            "worker",
-            "crashy:app",
-            "--lease",
-            "1s",
-            "--poll-interval",
-            "100ms",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    worker = start_worker_process("crashy:app", database_url, "--lease", "1s")
     try:
         app = make_engine("crashy")
         [event_id] = await app.send(Event(name="crashy/go"))
@@ -308,23 +287,7 @@ async def test_sigterm_lets_the_step_finish_and_hands_the_run_back(
 ) -> None:
     """`engine worker` on SIGTERM: the executing step is recorded, the run is released, the
     process exits cleanly, and another worker completes the run."""
-    env = {**os.environ, "DATABASE_URL": database_url, "PYTHONPATH": str(APPS)}
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine",
-            "worker",
-            "graceful:app",
-            "--grace",
-            "10s",
-            "--poll-interval",
-            "100ms",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    worker = start_worker_process("graceful:app", database_url, "--grace", "10s")
     app = make_engine("graceful")
 
     @app.create_function("graceful", trigger=TriggerEvent("graceful/go"))

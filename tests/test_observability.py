@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import http.server
-import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
 
-from helpers import eventually, only_run_id
+from helpers import eventually, only_run_id, start_worker_process
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from structlog.testing import capture_logs
@@ -94,18 +91,13 @@ async def test_worker_exports_spans_to_an_otlp_endpoint(
     """`engine worker` sends spans to the collector named by OTEL_EXPORTER_OTLP_ENDPOINT."""
     server = http.server.HTTPServer(("127.0.0.1", 0), _Collector)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "PYTHONPATH": str(APPS),
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
-        "OTEL_BSP_SCHEDULE_DELAY": "50",
-    }
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "engine", "worker", "traced_app:app", "--poll-interval", "100ms"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    worker = start_worker_process(
+        "traced_app:app",
+        database_url,
+        env={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
+            "OTEL_BSP_SCHEDULE_DELAY": "50",
+        },
     )
     try:
         app = make_engine("traced-app")
