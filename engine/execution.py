@@ -448,7 +448,6 @@ class Execution:
         self.next_due = suspension.due
 
 
-
 def _merge(suspensions: list[Suspension]) -> Suspension:
     """One release for several waiting steps: wake at the earliest; record every sleep."""
     first = min(suspensions, key=lambda s: s.due)

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -79,8 +79,3 @@ def restore(value: Any, annotation: Any) -> Any:
 def loads_or_none(text: str | None) -> Any:
     """Decodes JSON text from the database, keeping SQL NULL as ``None``."""
     return None if text is None else loads(text)
-
-
-def as_dict(value: Any) -> dict[str, Any]:
-    """Casts decoded JSON known to be an object."""
-    return cast(dict[str, Any], value)

@@ -48,7 +48,7 @@ class Steps:
         plan = ex.plan(step_id)
         record = plan.record
         if record is not None and record.status == "COMPLETED":
-            return restore(record.output, _return_type(fn))
+            return _restored(record.output, fn)
         if record is not None and record.status == "FAILED":
             raise _step_error(plan.key, record.error)
         await ex.gate()
@@ -65,7 +65,7 @@ class Steps:
             await ex.block()
         if outcome.error is not None:
             raise outcome.error
-        return restore(outcome.value, _return_type(fn))
+        return _restored(outcome.value, fn)
 
     async def _attempt(
         self,
@@ -182,6 +182,13 @@ async def _call_in_step(
     finally:
         current_step.reset(step_token)
         current_attempt.reset(attempt_token)
+
+
+def _restored(value: Any, fn: Callable[..., Any]) -> Any:
+    """The step's output as the caller gets it: a model only when ``fn`` declares one."""
+    if not isinstance(value, dict):  # only a JSON object can become a model: skip the lookup
+        return value
+    return restore(value, _return_type(fn))
 
 
 def _return_type(fn: Callable[..., Any]) -> Any:
