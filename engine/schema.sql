@@ -34,7 +34,36 @@ CREATE TABLE IF NOT EXISTS engine.meta (
     key   text PRIMARY KEY,
     value text NOT NULL
 );
-INSERT INTO engine.meta (key, value) VALUES ('schema_version', '1')
+
+-- Upgrades from version 1 (before waits, invokes, cron and timeouts): constraints and partial
+-- indexes whose definitions changed are dropped here and created again below.
+DO $$
+BEGIN
+    IF (SELECT value::int FROM engine.meta WHERE key = 'schema_version') < 2 THEN
+        ALTER TABLE engine.runs DROP CONSTRAINT IF EXISTS runs_status_check;
+        ALTER TABLE engine.steps DROP CONSTRAINT IF EXISTS steps_status_check;
+        DROP FUNCTION IF EXISTS engine.cancel_run(uuid);
+        DROP FUNCTION IF EXISTS engine.suspend_run(uuid, uuid, bigint, text, timestamptz, text,
+                                                   int, int, jsonb);
+        DROP FUNCTION IF EXISTS engine.claim_events(int);
+        DROP FUNCTION IF EXISTS engine.register_functions(text, jsonb, boolean);
+        DROP INDEX IF EXISTS engine.runs_due_idx;
+        ALTER TABLE engine.runs
+            ADD COLUMN IF NOT EXISTS parent_run_id uuid,
+            ADD COLUMN IF NOT EXISTS start_deadline timestamptz,
+            ADD COLUMN IF NOT EXISTS finish_timeout interval,
+            ADD COLUMN IF NOT EXISTS finish_deadline timestamptz,
+            ADD CONSTRAINT runs_status_check CHECK (status IN (
+                'QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING',
+                'COMPLETED', 'FAILED', 'CANCELLED', 'SKIPPED'));
+        ALTER TABLE engine.steps
+            ADD COLUMN IF NOT EXISTS event_seq bigint,
+            ADD CONSTRAINT steps_status_check CHECK (status IN (
+                'COMPLETED', 'FAILED', 'SLEEPING', 'RETRYING', 'WAITING'));
+    END IF;
+END $$;
+
+INSERT INTO engine.meta (key, value) VALUES ('schema_version', '2')
 ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 
 CREATE OR REPLACE FUNCTION engine.schema_version() RETURNS int
@@ -102,17 +131,20 @@ CREATE TABLE IF NOT EXISTS engine.functions (
 -- ---------------------------------------------------------------------------------------------
 -- Runs and steps
 -- ---------------------------------------------------------------------------------------------
--- status: QUEUED, RUNNING, SLEEPING, RETRYING (non-terminal);
+-- status: QUEUED, RUNNING, SLEEPING, RETRYING, WAITING (non-terminal);
 --         COMPLETED, FAILED, CANCELLED, SKIPPED (terminal: a terminal run never changes).
 CREATE TABLE IF NOT EXISTS engine.runs (
     id               uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     app_id           text NOT NULL,
     function_id      text NOT NULL,
-    status           text NOT NULL CHECK (status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING',
-                                                     'COMPLETED', 'FAILED', 'CANCELLED', 'SKIPPED')),
+    status           text NOT NULL CONSTRAINT runs_status_check CHECK (status IN (
+                         'QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING',
+                         'COMPLETED', 'FAILED', 'CANCELLED', 'SKIPPED')),
     event_seq        bigint NOT NULL REFERENCES engine.events (seq) ON DELETE CASCADE,
-    -- Exactly one run per (function, cause): 'event:<seq>' for event-triggered runs.
+    -- Exactly one run per (function, cause): 'event:<seq>' for event-triggered runs,
+    -- 'cron:<time>' for cron ticks, 'invoke:<parent run>:<step>' for invoked runs.
     dedupe_key       text,
+    parent_run_id    uuid,                       -- the run whose step.invoke started this one
     due_at           timestamptz NOT NULL,
     waiting_reason   text,
     lease_owner      uuid,
@@ -124,6 +156,11 @@ CREATE TABLE IF NOT EXISTS engine.runs (
     output           jsonb,
     error            jsonb,
     traceparent      text,
+    -- timeouts: start_deadline bounds the first start; finish_deadline (set at the first
+    -- start from finish_timeout) bounds the end. Passing either cancels the run.
+    start_deadline   timestamptz,
+    finish_timeout   interval,
+    finish_deadline  timestamptz,
     created_at       timestamptz NOT NULL,
     started_at       timestamptz,
     ended_at         timestamptz,
@@ -133,28 +170,88 @@ CREATE UNIQUE INDEX IF NOT EXISTS runs_dedupe_idx
     ON engine.runs (app_id, function_id, dedupe_key) WHERE dedupe_key IS NOT NULL;
 -- The claim reads only these two partial indexes: finished runs never slow it down.
 CREATE INDEX IF NOT EXISTS runs_due_idx
-    ON engine.runs (app_id, due_at) WHERE status IN ('QUEUED', 'SLEEPING', 'RETRYING');
+    ON engine.runs (app_id, due_at) WHERE status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING');
 CREATE INDEX IF NOT EXISTS runs_leased_idx
     ON engine.runs (app_id, lease_expires_at) WHERE status = 'RUNNING';
 CREATE INDEX IF NOT EXISTS runs_event_idx ON engine.runs (event_seq);
 CREATE INDEX IF NOT EXISTS runs_function_idx ON engine.runs (app_id, function_id, created_at DESC);
 
--- status: COMPLETED, FAILED (terminal), SLEEPING, RETRYING.
+-- kind: run, sleep, wait (wait_for_event), invoke, send (send_event).
+-- status: COMPLETED, FAILED (terminal), SLEEPING, RETRYING, WAITING (a wait or an invoke).
 -- The primary key refuses a second record of a step; a terminal step is never rewritten.
 CREATE TABLE IF NOT EXISTS engine.steps (
     run_id     uuid NOT NULL REFERENCES engine.runs (id) ON DELETE CASCADE,
     step_key   text NOT NULL,
     position   int NOT NULL,
     kind       text NOT NULL,
-    status     text NOT NULL CHECK (status IN ('COMPLETED', 'FAILED', 'SLEEPING', 'RETRYING')),
+    status     text NOT NULL CONSTRAINT steps_status_check CHECK (status IN (
+                   'COMPLETED', 'FAILED', 'SLEEPING', 'RETRYING', 'WAITING')),
     attempts   int NOT NULL DEFAULT 1,
     output     jsonb,
     error      jsonb,
-    wake_at    timestamptz,
+    wake_at    timestamptz,                  -- a sleep's end; a wait's or an invoke's timeout
+    event_seq  bigint,                       -- the event a wait consumed
     created_at timestamptz NOT NULL,
     ended_at   timestamptz,
     PRIMARY KEY (run_id, step_key)
 );
+
+-- ---------------------------------------------------------------------------------------------
+-- Matchers: what a run waits to hear about. A `wait` (step.wait_for_event) or an `invoke`
+-- (step.invoke, waiting for its child's engine/function.finished) completes a WAITING step; a
+-- `cancel` (cancel=[Cancel(...)]) cancels the run. A matcher is consumed by deleting it, so the
+-- event that resolves it does so exactly once, in the transaction that records the step.
+--
+-- Races between an event being routed and a matcher being registered are closed by an advisory
+-- lock per event name: routing holds it shared, registration holds it exclusively while it
+-- inserts the matcher and looks back for events that arrived since the run's trigger. Every
+-- event is then seen by at least one side; the delete decides which one resolves it.
+-- ---------------------------------------------------------------------------------------------
+CREATE TABLE IF NOT EXISTS engine.matchers (
+    run_id      uuid NOT NULL REFERENCES engine.runs (id) ON DELETE CASCADE,
+    key         text NOT NULL,          -- the step key of a wait or invoke; 'cancel:<n>'
+    kind        text NOT NULL CHECK (kind IN ('wait', 'invoke', 'cancel')),
+    event_name  text NOT NULL,
+    match_path  text[],                 -- match=: async.data at this path ...
+    match_value jsonb,                  -- ... equals this (the trigger's value, or JSON null)
+    expression  text,                   -- if_exp: CEL over `event` (the trigger) and `async`
+    since_seq   bigint NOT NULL,        -- only events after this one resolve the matcher
+    expires_at  timestamptz NOT NULL,   -- 'infinity' when there is no timeout
+    on_timeout  jsonb,                  -- the step record written when it expires
+    created_at  timestamptz NOT NULL,
+    PRIMARY KEY (run_id, key)
+);
+CREATE INDEX IF NOT EXISTS matchers_name_idx ON engine.matchers (event_name);
+
+-- ---------------------------------------------------------------------------------------------
+-- Cron schedules: one row per (function, cron), holding the next time it fires. Any worker of
+-- the app may fire it: the row is claimed with SKIP LOCKED and the run's dedupe key
+-- 'cron:<time>' makes each scheduled time start one run.
+-- ---------------------------------------------------------------------------------------------
+CREATE TABLE IF NOT EXISTS engine.cron_schedules (
+    app_id      text NOT NULL,
+    function_id text NOT NULL,
+    cron        text NOT NULL,
+    next_at     timestamptz NOT NULL,
+    PRIMARY KEY (app_id, function_id, cron),
+    FOREIGN KEY (app_id, function_id) REFERENCES engine.functions ON DELETE CASCADE
+);
+
+-- A run's event and steps as JSON (claims, get_run and matchers read them).
+CREATE OR REPLACE FUNCTION engine.run_event(p_seq bigint) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object('id', e.id, 'name', e.name, 'data', e.data, 'ts', e.ts, 'v', e.v)
+    FROM engine.events e WHERE e.seq = p_seq
+$$;
+
+CREATE OR REPLACE FUNCTION engine.run_steps(p_run uuid) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'key', s.step_key, 'position', s.position, 'kind', s.kind, 'status', s.status,
+               'attempts', s.attempts, 'output', s.output, 'error', s.error, 'wake_at', s.wake_at)
+               ORDER BY s.position), '[]'::jsonb)
+    FROM engine.steps s WHERE s.run_id = p_run
+$$;
 
 -- ---------------------------------------------------------------------------------------------
 -- Wake-ups. NOTIFY is a hint that carries no data; workers poll as a safety net. It fires once
@@ -277,8 +374,10 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- The function registry
 -- ---------------------------------------------------------------------------------------------
--- p_functions: [{function_id, triggers, config}]. With p_replace, functions of the app that are
--- not listed are removed (a worker starting with the current code); without it, only upserted.
+-- p_functions: [{function_id, triggers, config, crons: [{cron, next_at}]}]. With p_replace,
+-- functions of the app that are not listed are removed (a worker starting with the current
+-- code); without it, only upserted. A cron schedule keeps its next time while its cron is
+-- unchanged, so a restart neither skips nor repeats a tick.
 CREATE OR REPLACE FUNCTION engine.register_functions(p_app text, p_functions jsonb, p_replace boolean)
 RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
@@ -293,20 +392,230 @@ BEGIN
         WHERE f.app_id = p_app
           AND f.function_id NOT IN (SELECT x ->> 'function_id' FROM jsonb_array_elements(p_functions) x);
     END IF;
+    DELETE FROM engine.cron_schedules c
+    USING jsonb_to_recordset(p_functions) AS x(function_id text, crons jsonb)
+    WHERE c.app_id = p_app AND c.function_id = x.function_id
+      AND NOT coalesce(x.crons, '[]') @> jsonb_build_array(jsonb_build_object('cron', c.cron));
+    INSERT INTO engine.cron_schedules (app_id, function_id, cron, next_at)
+    SELECT p_app, x.function_id, c.cron, c.next_at
+    FROM jsonb_to_recordset(p_functions) AS x(function_id text, crons jsonb),
+         jsonb_to_recordset(coalesce(x.crons, '[]')) AS c(cron text, next_at timestamptz)
+    ON CONFLICT DO NOTHING;
+END $$;
+
+-- Locks this app's cron schedules that are due (SKIP LOCKED: one worker fires each tick). The
+-- worker computes the tick to fire and the next one, then calls fire_cron in this transaction.
+CREATE OR REPLACE FUNCTION engine.due_crons(p_app text)
+RETURNS TABLE (function_id text, cron text, next_at timestamptz)
+LANGUAGE sql AS $$
+    SELECT c.function_id, c.cron, c.next_at FROM engine.cron_schedules c
+    WHERE c.app_id = p_app AND c.next_at <= engine.now()
+    ORDER BY c.next_at
+    FOR UPDATE SKIP LOCKED
+$$;
+
+-- Starts the run of one cron tick (an engine/scheduled.timer event) and moves the schedule on.
+-- The dedupe key 'cron:<time>' makes a tick start one run, however many workers fire it.
+CREATE OR REPLACE FUNCTION engine.fire_cron(
+    p_app text, p_function text, p_cron text, p_tick timestamptz, p_next timestamptz)
+RETURNS uuid LANGUAGE plpgsql AS $$
+DECLARE
+    v_now timestamptz := engine.now();
+    v_key text := 'cron:' || to_char(p_tick AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"');
+    v_seq bigint;
+    v_run uuid;
+BEGIN
+    UPDATE engine.cron_schedules c SET next_at = p_next
+    WHERE c.app_id = p_app AND c.function_id = p_function AND c.cron = p_cron;
+    IF EXISTS (SELECT 1 FROM engine.runs r
+               WHERE r.app_id = p_app AND r.function_id = p_function AND r.dedupe_key = v_key) THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO engine.events (id, name, data, ts, received_at)
+    VALUES (p_app || '/' || p_function || '/' || v_key, 'engine/scheduled.timer',
+            jsonb_build_object('cron', p_cron, 'scheduled_at', p_tick, 'function_id', p_function),
+            p_tick, v_now)
+    RETURNING seq INTO v_seq;
+    INSERT INTO engine.runs (app_id, function_id, status, event_seq, dedupe_key, due_at,
+                             start_deadline, finish_timeout, created_at, updated_at)
+    VALUES (p_app, p_function, 'QUEUED', v_seq, v_key, v_now,
+            v_now + engine.timeout_of(p_app, p_function, 'start'),
+            engine.timeout_of(p_app, p_function, 'finish'), v_now, v_now)
+    ON CONFLICT DO NOTHING
+    RETURNING id INTO v_run;
+    RETURN v_run;
 END $$;
 
 -- ---------------------------------------------------------------------------------------------
 -- Routing events to runs (one transaction: claim_events, then create_runs)
 -- ---------------------------------------------------------------------------------------------
+-- The advisory lock key of an event name (see Matchers).
+CREATE OR REPLACE FUNCTION engine.event_lock(p_name text) RETURNS bigint
+LANGUAGE sql IMMUTABLE AS $$ SELECT hashtextextended('engine.event:' || p_name, 0) $$;
+
+-- Locks up to p_limit due queue rows, and the names of their events in shared mode, so that no
+-- matcher of those names is half-registered while they are routed. `awaited` tells the router
+-- whether some run has a matcher for the event's name (then it asks for matcher_candidates).
 CREATE OR REPLACE FUNCTION engine.claim_events(p_limit int)
-RETURNS TABLE (seq bigint, id text, name text, data jsonb, ts timestamptz, v text, traceparent text)
+RETURNS TABLE (seq bigint, id text, name text, data jsonb, ts timestamptz, v text, traceparent text,
+               awaited boolean)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_seqs bigint[];
+BEGIN
+    SELECT array_agg(d.seq) INTO v_seqs FROM (
+        SELECT q.seq FROM engine.event_queue q
+        WHERE q.due_at <= engine.now()
+        ORDER BY q.due_at, q.seq
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED) d;
+    IF v_seqs IS NULL THEN
+        RETURN;
+    END IF;
+    PERFORM pg_advisory_xact_lock_shared(engine.event_lock(n.name))
+    FROM (SELECT DISTINCT e.name FROM engine.events e WHERE e.seq = ANY (v_seqs) ORDER BY 1) n;
+    RETURN QUERY
+    SELECT e.seq, e.id, e.name, e.data, e.ts, e.v, e.traceparent,
+           EXISTS (SELECT 1 FROM engine.matchers m WHERE m.event_name = e.name)
+    FROM engine.events e WHERE e.seq = ANY (v_seqs)
+    ORDER BY e.seq;
+END $$;
+
+-- The live matchers that the claimed events p_seqs may resolve, filtered by name, match= and
+-- age in SQL; the router evaluates the CEL expressions (`if_exp`) of what is left.
+CREATE OR REPLACE FUNCTION engine.matcher_candidates(p_seqs bigint[])
+RETURNS TABLE (event_seq bigint, run_id uuid, key text, kind text, expression text, trigger jsonb)
+LANGUAGE sql STABLE AS $$
+    SELECT e.seq, m.run_id, m.key, m.kind, m.expression,
+           CASE WHEN m.expression IS NOT NULL THEN engine.run_event(r.event_seq) END
+    FROM engine.events e
+    JOIN engine.matchers m ON m.event_name = e.name AND m.since_seq < e.seq
+    JOIN engine.runs r ON r.id = m.run_id
+    WHERE e.seq = ANY (p_seqs)
+      AND m.expires_at > engine.now()
+      AND (m.match_path IS NULL OR coalesce(e.data #> m.match_path, 'null') = m.match_value)
+    ORDER BY e.seq, m.run_id, m.key
+$$;
+
+-- Consumes one matcher with one event: a wait's step completes with the event, an invoke's with
+-- the child's result (or fails with its error), a cancel cancels the run. Returns false when the
+-- matcher was gone already (resolved by someone else, expired, or its run ended).
+CREATE OR REPLACE FUNCTION engine.resolve_match(p_run uuid, p_key text, p_seq bigint)
+RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    v_now   timestamptz := engine.now();
+    v_kind  text;
+    v_event jsonb;
+    v_error jsonb;
+BEGIN
+    DELETE FROM engine.matchers m WHERE m.run_id = p_run AND m.key = p_key
+    RETURNING m.kind INTO v_kind;
+    IF v_kind IS NULL THEN
+        RETURN false;
+    END IF;
+    v_event := engine.run_event(p_seq);
+    IF v_kind = 'cancel' THEN
+        PERFORM engine.cancel_run(p_run, format('cancelled by event %s (%s)',
+                                                v_event ->> 'name', v_event ->> 'id'));
+        RETURN true;
+    END IF;
+    v_error := nullif(v_event #> '{data,error}', 'null'::jsonb);
+    UPDATE engine.steps s
+    SET status = CASE WHEN v_kind = 'invoke' AND v_error IS NOT NULL THEN 'FAILED' ELSE 'COMPLETED' END,
+        output = CASE WHEN v_kind = 'invoke' THEN v_event #> '{data,result}' ELSE v_event END,
+        error = CASE WHEN v_kind = 'invoke' THEN v_error END,
+        event_seq = p_seq, ended_at = v_now
+    WHERE s.run_id = p_run AND s.step_key = p_key AND s.status = 'WAITING';
+    -- A suspended run wakes now to go on; a running one notices when it suspends (suspend_run).
+    UPDATE engine.runs r
+    SET due_at = v_now, waiting_reason = format('resumed by event %s', v_event ->> 'name'),
+        updated_at = v_now
+    WHERE r.id = p_run AND r.status IN ('WAITING', 'SLEEPING');
+    RETURN true;
+END $$;
+
+-- p_matches: [{run_id, key, event_seq}]. Returns how many were resolved.
+CREATE OR REPLACE FUNCTION engine.resolve_matches(p_matches jsonb) RETURNS int
 LANGUAGE sql AS $$
-    SELECT e.seq, e.id, e.name, e.data, e.ts, e.v, e.traceparent
-    FROM engine.event_queue q JOIN engine.events e ON e.seq = q.seq
-    WHERE q.due_at <= engine.now()
-    ORDER BY q.due_at, q.seq
+    SELECT count(*) FILTER (WHERE engine.resolve_match(x.run_id, x.key, x.event_seq))::int
+    FROM jsonb_to_recordset(p_matches) AS x(run_id uuid, key text, event_seq bigint)
+$$;
+
+-- Registers matchers for a run this worker holds, with the WAITING steps they complete, and
+-- looks back for events that arrived since the run's trigger. A matcher with no expression is
+-- resolved here by the first such event; for the others the candidates are returned
+-- (`resolved` false) for the worker to evaluate their CEL expression.
+-- p_steps: step records (as checkpoint_step); p_matchers: [{key, kind, event_name, match_path,
+-- match_value, expression, expires_at, on_timeout}]. Raises EN002 if the lease is lost.
+CREATE OR REPLACE FUNCTION engine.register_matchers(
+    p_run uuid, p_owner uuid, p_token bigint, p_steps jsonb, p_matchers jsonb)
+RETURNS TABLE (key text, event_seq bigint, event jsonb, resolved boolean)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_now     timestamptz := engine.now();
+    v_since   bigint;
+    v_step    jsonb;
+    v_matcher record;
+    v_seq     bigint;
+BEGIN
+    -- Name locks first, in a fixed order, before any row lock: routers hold them shared.
+    PERFORM pg_advisory_xact_lock(engine.event_lock(n.name))
+    FROM (SELECT DISTINCT x ->> 'event_name' AS name FROM jsonb_array_elements(p_matchers) x
+          ORDER BY 1) n;
+    IF engine.hold_lease(p_run, p_owner, p_token) IS NULL THEN
+        RAISE EXCEPTION 'run %: lease lost', p_run USING ERRCODE = 'EN002';
+    END IF;
+    SELECT r.event_seq INTO v_since FROM engine.runs r WHERE r.id = p_run;
+    FOR v_step IN SELECT value FROM jsonb_array_elements(p_steps) LOOP
+        PERFORM engine.record_step(p_run, v_step);
+    END LOOP;
+    FOR v_matcher IN
+        SELECT * FROM jsonb_to_recordset(p_matchers) AS x(
+            key text, kind text, event_name text, match_path text[], match_value jsonb,
+            expression text, expires_at timestamptz, on_timeout jsonb)
+    LOOP
+        INSERT INTO engine.matchers AS m (run_id, key, kind, event_name, match_path, match_value,
+                                          expression, since_seq, expires_at, on_timeout, created_at)
+        VALUES (p_run, v_matcher.key, v_matcher.kind, v_matcher.event_name, v_matcher.match_path,
+                v_matcher.match_value, v_matcher.expression, v_since, v_matcher.expires_at,
+                v_matcher.on_timeout, v_now)
+        ON CONFLICT DO NOTHING;
+        IF v_matcher.expression IS NULL THEN
+            SELECT c.seq INTO v_seq FROM engine.lookback(p_run, v_matcher.key, 1) c;
+            IF v_seq IS NOT NULL AND engine.resolve_match(p_run, v_matcher.key, v_seq) THEN
+                RETURN QUERY SELECT v_matcher.key, v_seq, engine.run_event(v_seq), true;
+            END IF;
+        ELSE
+            RETURN QUERY SELECT v_matcher.key, c.seq, engine.run_event(c.seq), false
+                         FROM engine.lookback(p_run, v_matcher.key, 1000) c;
+        END IF;
+    END LOOP;
+END $$;
+
+-- Events that arrived after the run's trigger and may resolve one of its matchers: due, of the
+-- right name, passing match=, and not already consumed by another wait of the same run.
+CREATE OR REPLACE FUNCTION engine.lookback(p_run uuid, p_key text, p_limit int)
+RETURNS TABLE (seq bigint)
+LANGUAGE sql STABLE AS $$
+    SELECT e.seq
+    FROM engine.matchers m
+    JOIN engine.events e ON e.name = m.event_name AND e.seq > m.since_seq
+    WHERE m.run_id = p_run AND m.key = p_key
+      AND (m.match_path IS NULL OR coalesce(e.data #> m.match_path, 'null') = m.match_value)
+      AND NOT EXISTS (SELECT 1 FROM engine.steps s WHERE s.run_id = p_run AND s.event_seq = e.seq)
+      AND NOT EXISTS (SELECT 1 FROM engine.event_queue q
+                      WHERE q.seq = e.seq AND q.due_at > engine.now())
+    ORDER BY e.seq
     LIMIT p_limit
-    FOR UPDATE OF q SKIP LOCKED
+$$;
+
+-- A function's timeouts.start or timeouts.finish, from the registry (NULL: none).
+CREATE OR REPLACE FUNCTION engine.timeout_of(p_app text, p_function text, p_which text)
+RETURNS interval LANGUAGE sql STABLE AS $$
+    SELECT (f.config #>> ARRAY['timeouts', p_which])::interval
+    FROM engine.functions f WHERE f.app_id = p_app AND f.function_id = p_function
 $$;
 
 -- p_runs: [{app_id, function_id, event_seq, claim}]. Runs with claim=true are created RUNNING
@@ -324,6 +633,7 @@ BEGIN
     RETURN QUERY
     INSERT INTO engine.runs AS r (app_id, function_id, status, event_seq, dedupe_key, due_at,
                                   lease_owner, lease_token, lease_expires_at, traceparent,
+                                  start_deadline, finish_timeout, finish_deadline,
                                   created_at, started_at, updated_at)
     SELECT x.app_id, x.function_id,
            CASE WHEN x.claim THEN 'RUNNING' ELSE 'QUEUED' END,
@@ -331,7 +641,11 @@ BEGIN
            CASE WHEN x.claim THEN p_owner END,
            CASE WHEN x.claim THEN 1 ELSE 0 END,
            CASE WHEN x.claim THEN v_now + p_lease END,
-           e.traceparent, v_now,
+           e.traceparent,
+           v_now + engine.timeout_of(x.app_id, x.function_id, 'start'),
+           engine.timeout_of(x.app_id, x.function_id, 'finish'),
+           CASE WHEN x.claim THEN v_now + engine.timeout_of(x.app_id, x.function_id, 'finish') END,
+           v_now,
            CASE WHEN x.claim THEN v_now END,
            v_now
     FROM jsonb_to_recordset(p_runs) AS x(app_id text, function_id text, event_seq bigint, claim boolean)
@@ -343,21 +657,6 @@ END $$;
 -- ---------------------------------------------------------------------------------------------
 -- Claiming runs
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION engine.run_event(p_seq bigint) RETURNS jsonb
-LANGUAGE sql STABLE AS $$
-    SELECT jsonb_build_object('id', e.id, 'name', e.name, 'data', e.data, 'ts', e.ts, 'v', e.v)
-    FROM engine.events e WHERE e.seq = p_seq
-$$;
-
-CREATE OR REPLACE FUNCTION engine.run_steps(p_run uuid) RETURNS jsonb
-LANGUAGE sql STABLE AS $$
-    SELECT coalesce(jsonb_agg(jsonb_build_object(
-               'key', s.step_key, 'position', s.position, 'kind', s.kind, 'status', s.status,
-               'attempts', s.attempts, 'output', s.output, 'error', s.error, 'wake_at', s.wake_at)
-               ORDER BY s.position), '[]'::jsonb)
-    FROM engine.steps s WHERE s.run_id = p_run
-$$;
-
 -- What a run did, for get_run and dashboards: the run, its event and its steps.
 CREATE OR REPLACE VIEW engine.run_details AS
 SELECT r.id, r.app_id, r.function_id, r.status, r.attempt, r.waiting_reason, r.due_at,
@@ -365,9 +664,10 @@ SELECT r.id, r.app_id, r.function_id, r.status, r.attempt, r.waiting_reason, r.d
        engine.run_event(r.event_seq) AS event, engine.run_steps(r.id) AS steps
 FROM engine.runs r;
 
--- Leases up to p_limit runs of the given functions to p_owner: due queued, sleeping and
--- retrying runs, and running runs whose lease expired (their worker died). Returns each run with
--- its event and its recorded steps, so a claimed run replays with no further round trip.
+-- Leases up to p_limit runs of the given functions to p_owner: due queued, sleeping, retrying
+-- and waiting runs, and running runs whose lease expired (their worker died). Returns each run
+-- with its event and its recorded steps, so a claimed run replays with no further round trip.
+-- A due run past one of its timeouts is cancelled instead of claimed.
 CREATE OR REPLACE FUNCTION engine.claim_runs(
     p_app text, p_functions text[], p_owner uuid, p_lease interval, p_limit int)
 RETURNS TABLE (id uuid, function_id text, lease_token bigint, attempt int, log_lines int,
@@ -381,7 +681,7 @@ DECLARE
 BEGIN
     WITH due AS (
         SELECT r.id FROM engine.runs r
-        WHERE r.app_id = p_app AND r.status IN ('QUEUED', 'SLEEPING', 'RETRYING')
+        WHERE r.app_id = p_app AND r.status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING')
           AND r.due_at <= v_now AND r.function_id = ANY (p_functions)
         ORDER BY r.due_at
         LIMIT p_limit
@@ -399,6 +699,7 @@ BEGIN
         UPDATE engine.runs r
         SET status = 'RUNNING', lease_owner = p_owner, lease_token = r.lease_token + 1,
             lease_expires_at = v_now + p_lease, started_at = coalesce(r.started_at, v_now),
+            finish_deadline = coalesce(r.finish_deadline, v_now + r.finish_timeout),
             waiting_reason = NULL, updated_at = v_now
         FROM picked WHERE r.id = picked.id
         RETURNING r.id
@@ -408,9 +709,20 @@ BEGIN
     IF v_ids IS NULL THEN
         RETURN;
     END IF;
+    v_ids := engine.enforce_timeouts(v_ids, v_now);
     -- A sleep whose time has come is over: record it so that replay returns at once.
     UPDATE engine.steps s SET status = 'COMPLETED', ended_at = s.wake_at
     WHERE s.run_id = ANY (v_ids) AND s.status = 'SLEEPING' AND s.wake_at <= v_now;
+    -- So is a wait or an invoke whose timeout passed: it records what its matcher says.
+    WITH gone AS (
+        DELETE FROM engine.matchers m
+        WHERE m.run_id = ANY (v_ids) AND m.kind IN ('wait', 'invoke') AND m.expires_at <= v_now
+        RETURNING m.run_id, m.key, m.on_timeout
+    )
+    UPDATE engine.steps s
+    SET status = coalesce(g.on_timeout ->> 'status', 'COMPLETED'), output = g.on_timeout -> 'output',
+        error = g.on_timeout -> 'error', ended_at = v_now
+    FROM gone g WHERE s.run_id = g.run_id AND s.step_key = g.key AND s.status = 'WAITING';
 
     RETURN QUERY
     SELECT r.id, r.function_id, r.lease_token, r.attempt, r.log_lines, r.cancel_requested,
@@ -418,13 +730,42 @@ BEGIN
     FROM engine.runs r WHERE r.id = ANY (v_ids);
 END $$;
 
+-- Cancels the just-claimed runs that are past a timeout; returns the others.
+CREATE OR REPLACE FUNCTION engine.enforce_timeouts(p_ids uuid[], p_now timestamptz)
+RETURNS uuid[] LANGUAGE plpgsql AS $$
+DECLARE
+    v_late uuid[];
+BEGIN
+    WITH late AS (
+        UPDATE engine.runs r
+        SET status = 'CANCELLED', ended_at = p_now, lease_owner = NULL, lease_expires_at = NULL,
+            error = jsonb_build_object(
+                'type', 'FunctionTimeout',
+                'message', CASE WHEN r.finish_deadline <= p_now
+                                THEN format('the run did not finish within %s (timeouts.finish)', r.finish_timeout)
+                                ELSE format('the run did not start within %s (timeouts.start)',
+                                            r.start_deadline - r.created_at) END)
+        WHERE r.id = ANY (p_ids)
+          AND (r.finish_deadline <= p_now
+               OR (r.start_deadline <= p_now AND NOT EXISTS (
+                       SELECT 1 FROM engine.steps s WHERE s.run_id = r.id)))
+        RETURNING r.id
+    )
+    SELECT array_agg(l.id) INTO v_late FROM late l;
+    IF v_late IS NULL THEN
+        RETURN p_ids;
+    END IF;
+    RETURN ARRAY(SELECT x FROM unnest(p_ids) x WHERE x <> ALL (v_late));
+END $$;
+
 -- The earliest time at which something becomes claimable for these functions (or routable).
 CREATE OR REPLACE FUNCTION engine.next_due(p_app text, p_functions text[]) RETURNS timestamptz
 LANGUAGE sql STABLE AS $$
     SELECT least(
         (SELECT min(r.due_at) FROM engine.runs r
-         WHERE r.app_id = p_app AND r.status IN ('QUEUED', 'SLEEPING', 'RETRYING')
+         WHERE r.app_id = p_app AND r.status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING')
            AND r.function_id = ANY (p_functions)),
+        (SELECT min(c.next_at) FROM engine.cron_schedules c WHERE c.app_id = p_app),
         (SELECT min(r.lease_expires_at) FROM engine.runs r
          WHERE r.app_id = p_app AND r.status = 'RUNNING' AND r.function_id = ANY (p_functions)),
         (SELECT min(q.due_at) FROM engine.event_queue q))
@@ -438,7 +779,8 @@ $$;
 -- rather than slipping a new lease in between this check and the insert.
 CREATE OR REPLACE FUNCTION engine.hold_lease(p_run uuid, p_owner uuid, p_token bigint)
 RETURNS boolean LANGUAGE sql AS $$
-    SELECT r.cancel_requested FROM engine.runs r
+    SELECT r.cancel_requested OR coalesce(r.finish_deadline <= engine.now(), false)
+    FROM engine.runs r
     WHERE r.id = p_run AND r.lease_owner = p_owner AND r.lease_token = p_token AND r.status = 'RUNNING'
     FOR KEY SHARE
 $$;
@@ -478,16 +820,19 @@ BEGIN
     RETURN CASE WHEN v_cancel THEN 'cancel' ELSE 'ok' END;
 END $$;
 
--- Releases the run until p_due (a sleep, a retry backoff, or a worker handing work back),
--- recording p_steps (sleep steps) first. A run whose cancel was requested ends CANCELLED instead.
+-- Releases the run until p_due (a sleep, a wait, a retry backoff, or a worker handing work
+-- back), recording p_steps (sleep steps) first. A run whose cancel was requested ends CANCELLED
+-- instead. p_awaited names the waits and invokes the run is blocked on: if an event resolved one
+-- of them while the run was still executing, the run is due at once. A finish timeout caps p_due.
 CREATE OR REPLACE FUNCTION engine.suspend_run(
     p_run uuid, p_owner uuid, p_token bigint, p_status text, p_due timestamptz, p_reason text,
-    p_attempt int, p_log_lines int, p_steps jsonb)
+    p_attempt int, p_log_lines int, p_steps jsonb, p_awaited text[] DEFAULT '{}')
 RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     v_now    timestamptz := engine.now();
     v_cancel boolean := engine.hold_lease(p_run, p_owner, p_token);
     v_step   jsonb;
+    v_due    timestamptz := p_due;
 BEGIN
     IF v_cancel IS NULL THEN
         RETURN 'lost';
@@ -495,11 +840,17 @@ BEGIN
     FOR v_step IN SELECT value FROM jsonb_array_elements(p_steps) LOOP
         PERFORM engine.record_step(p_run, v_step);
     END LOOP;
+    IF EXISTS (SELECT 1 FROM engine.steps s
+               WHERE s.run_id = p_run AND s.step_key = ANY (p_awaited) AND s.status <> 'WAITING') THEN
+        v_due := v_now;
+    END IF;
     UPDATE engine.runs r
     SET status = CASE WHEN v_cancel THEN 'CANCELLED' ELSE p_status END,
-        due_at = p_due, waiting_reason = CASE WHEN v_cancel THEN NULL ELSE p_reason END,
+        due_at = least(v_due, r.finish_deadline),
+        waiting_reason = CASE WHEN v_cancel THEN NULL ELSE p_reason END,
         attempt = p_attempt, log_lines = greatest(r.log_lines, p_log_lines),
         ended_at = CASE WHEN v_cancel THEN v_now END,
+        error = CASE WHEN v_cancel THEN engine.timeout_error(r, v_now) END,
         lease_owner = NULL, lease_expires_at = NULL, updated_at = v_now
     WHERE r.id = p_run;
     IF p_status = 'QUEUED' AND NOT v_cancel THEN
@@ -507,6 +858,15 @@ BEGIN
     END IF;
     RETURN CASE WHEN v_cancel THEN 'cancel' ELSE 'ok' END;
 END $$;
+
+-- The error a run cancelled by its finish timeout carries (NULL for other cancels).
+CREATE OR REPLACE FUNCTION engine.timeout_error(r engine.runs, p_now timestamptz) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN r.finish_deadline <= p_now THEN jsonb_build_object(
+        'type', 'FunctionTimeout',
+        'message', format('the run did not finish within %s (timeouts.finish)', r.finish_timeout))
+    END
+$$;
 
 -- Ends a run: p_status is COMPLETED, FAILED or CANCELLED.
 CREATE OR REPLACE FUNCTION engine.finish_run(
@@ -517,7 +877,8 @@ DECLARE
     v_now timestamptz := engine.now();
 BEGIN
     UPDATE engine.runs r
-    SET status = p_status, output = p_output, error = p_error, ended_at = v_now,
+    SET status = p_status, output = p_output, ended_at = v_now,
+        error = coalesce(p_error, CASE WHEN p_status = 'CANCELLED' THEN engine.timeout_error(r, v_now) END),
         log_lines = greatest(r.log_lines, p_log_lines),
         lease_owner = NULL, lease_expires_at = NULL, waiting_reason = NULL, updated_at = v_now
     WHERE r.id = p_run AND r.lease_owner = p_owner AND r.lease_token = p_token AND r.status = 'RUNNING';
@@ -531,15 +892,151 @@ RETURNS TABLE (id uuid, cancel_requested boolean)
 LANGUAGE sql AS $$
     UPDATE engine.runs r SET lease_expires_at = engine.now() + p_lease
     WHERE r.id = ANY (p_runs) AND r.lease_owner = p_owner AND r.status = 'RUNNING'
-    RETURNING r.id, r.cancel_requested
+    RETURNING r.id, r.cancel_requested OR coalesce(r.finish_deadline <= engine.now(), false)
 $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Steps that talk to other runs: send_event, invoke
+-- ---------------------------------------------------------------------------------------------
+-- Sends p_events and records the step with their ids in one transaction, so that a replay never
+-- sends twice. Returns the checkpoint result (as checkpoint_step) and the ids.
+CREATE OR REPLACE FUNCTION engine.send_step(
+    p_run uuid, p_owner uuid, p_token bigint, p_step jsonb, p_events jsonb, p_traceparent text)
+RETURNS TABLE (result text, ids jsonb) LANGUAGE plpgsql AS $$
+DECLARE
+    v_ids jsonb;
+    v_result text;
+BEGIN
+    IF engine.hold_lease(p_run, p_owner, p_token) IS NULL THEN
+        RETURN QUERY SELECT 'lost'::text, NULL::jsonb;
+        RETURN;
+    END IF;
+    SELECT coalesce(jsonb_agg(i), '[]') INTO v_ids FROM engine.send_events(p_events, p_traceparent) i;
+    v_result := engine.checkpoint_step(p_run, p_owner, p_token,
+                                       p_step || jsonb_build_object('output', v_ids));
+    IF v_result = 'duplicate' THEN  -- recorded by an earlier execution: send nothing
+        RAISE EXCEPTION 'step % of run % is already recorded', p_step ->> 'key', p_run
+            USING ERRCODE = 'EN002';
+    END IF;
+    RETURN QUERY SELECT v_result, v_ids;
+END $$;
+
+-- Starts p_function as a child run of p_run (an engine/function.invoked event carrying p_data),
+-- records the parent's step as WAITING and registers the matcher that its child's
+-- engine/function.finished resolves. The child cannot end before this commits, so no lookback is
+-- needed. Returns the child's id; raises EN002 if the lease is lost, EN003 for an unknown function.
+CREATE OR REPLACE FUNCTION engine.invoke(
+    p_run uuid, p_owner uuid, p_token bigint, p_step jsonb, p_app text, p_function text,
+    p_data jsonb, p_expires timestamptz, p_on_timeout jsonb, p_traceparent text)
+RETURNS uuid LANGUAGE plpgsql AS $$
+DECLARE
+    v_now   timestamptz := engine.now();
+    v_key   text := p_step ->> 'key';
+    v_seq   bigint;
+    v_child uuid;
+BEGIN
+    IF engine.hold_lease(p_run, p_owner, p_token) IS NULL THEN
+        RAISE EXCEPTION 'run %: lease lost', p_run USING ERRCODE = 'EN002';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM engine.functions f
+                   WHERE f.app_id = p_app AND f.function_id = p_function) THEN
+        RAISE EXCEPTION 'cannot invoke %/%: no such function is registered', p_app, p_function
+            USING ERRCODE = 'EN003';
+    END IF;
+    INSERT INTO engine.events (id, name, data, ts, received_at, traceparent)
+    VALUES (gen_random_uuid()::text, 'engine/function.invoked',
+            p_data, v_now, v_now, p_traceparent)
+    RETURNING seq INTO v_seq;
+    INSERT INTO engine.runs (app_id, function_id, status, event_seq, dedupe_key, parent_run_id,
+                             due_at, traceparent, start_deadline, finish_timeout,
+                             created_at, updated_at)
+    VALUES (p_app, p_function, 'QUEUED', v_seq, format('invoke:%s:%s', p_run, v_key), p_run,
+            v_now, p_traceparent, v_now + engine.timeout_of(p_app, p_function, 'start'),
+            engine.timeout_of(p_app, p_function, 'finish'), v_now, v_now)
+    RETURNING id INTO v_child;
+    PERFORM engine.record_step(p_run, p_step);
+    INSERT INTO engine.matchers (run_id, key, kind, event_name, match_path, match_value,
+                                 since_seq, expires_at, on_timeout, created_at)
+    VALUES (p_run, v_key, 'invoke', 'engine/function.finished', '{run_id}', to_jsonb(v_child::text),
+            v_seq, p_expires, p_on_timeout, v_now);
+    RETURN v_child;
+END $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- System events. When a run ends, the engine sends engine/function.finished (every terminal
+-- run, with `result` or `error`), plus engine/function.failed or engine/function.cancelled.
+-- Their id is the run's id. They are stored always (waits may look back for them) and queued
+-- for routing only when a function is triggered by them or a matcher awaits them, which keeps
+-- NOTIFY off the completion path. Runs triggered by these events send none (no loops).
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION engine.emit_system_event(
+    p_name text, p_id text, p_data jsonb, p_traceparent text)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_now timestamptz := engine.now();
+    v_seq bigint;
+BEGIN
+    INSERT INTO engine.events (id, name, data, ts, received_at, traceparent)
+    VALUES (p_id, p_name, p_data, v_now, v_now, p_traceparent)
+    RETURNING seq INTO v_seq;
+    PERFORM pg_advisory_xact_lock_shared(engine.event_lock(p_name));
+    IF EXISTS (SELECT 1 FROM engine.matchers m WHERE m.event_name = p_name)
+       OR EXISTS (SELECT 1 FROM engine.functions f
+                  WHERE f.triggers @> jsonb_build_array(jsonb_build_object('event', p_name))) THEN
+        INSERT INTO engine.event_queue (seq, due_at) VALUES (v_seq, v_now);
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION engine.on_run_ended() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_event jsonb := engine.run_event(NEW.event_seq);
+    v_base  jsonb;
+    v_error jsonb;
+BEGIN
+    DELETE FROM engine.matchers m WHERE m.run_id = NEW.id;
+    IF v_event ->> 'name' IN ('engine/function.finished', 'engine/function.failed',
+                              'engine/function.cancelled') THEN
+        RETURN NULL;
+    END IF;
+    v_base := jsonb_build_object('app_id', NEW.app_id, 'function_id', NEW.function_id,
+                                 'run_id', NEW.id, 'event', v_event);
+    IF NEW.status = 'COMPLETED' THEN
+        PERFORM engine.emit_system_event('engine/function.finished', NEW.id::text,
+            v_base || jsonb_build_object('result', NEW.output), NEW.traceparent);
+        RETURN NULL;
+    END IF;
+    IF NEW.status = 'FAILED' THEN
+        v_error := coalesce(NEW.error, '{}'::jsonb);
+        PERFORM engine.emit_system_event('engine/function.failed', NEW.id::text,
+            v_base || jsonb_build_object('error', v_error), NEW.traceparent);
+    ELSIF NEW.status = 'CANCELLED' THEN
+        v_error := coalesce(NEW.error, jsonb_build_object(
+            'type', 'FunctionCancelled',
+            'message', coalesce(NEW.waiting_reason, 'the run was cancelled')));
+        PERFORM engine.emit_system_event('engine/function.cancelled', NEW.id::text,
+            v_base || jsonb_build_object('reason', v_error ->> 'message'), NEW.traceparent);
+    ELSE
+        RETURN NULL;  -- SKIPPED: the run never started
+    END IF;
+    PERFORM engine.emit_system_event('engine/function.finished', NEW.id::text,
+        v_base || jsonb_build_object('error', v_error), NEW.traceparent);
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER runs_ended
+    AFTER UPDATE OF status ON engine.runs
+    FOR EACH ROW
+    WHEN (OLD.status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING')
+          AND NEW.status IN ('COMPLETED', 'FAILED', 'CANCELLED', 'SKIPPED'))
+    EXECUTE FUNCTION engine.on_run_ended();
 
 -- ---------------------------------------------------------------------------------------------
 -- Management
 -- ---------------------------------------------------------------------------------------------
--- A queued, sleeping or retrying run is cancelled at once; a running one is flagged and its
--- worker ends it between steps. Returns the run's status after the call (NULL: no such run).
-CREATE OR REPLACE FUNCTION engine.cancel_run(p_run uuid) RETURNS text
+-- A queued, sleeping, retrying or waiting run is cancelled at once; a running one is flagged and
+-- its worker ends it between steps. Returns the run's status after the call (NULL: no such run).
+CREATE OR REPLACE FUNCTION engine.cancel_run(p_run uuid, p_reason text DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
     v_now    timestamptz := engine.now();
@@ -549,13 +1046,68 @@ BEGIN
     SET cancel_requested = true,
         status = CASE WHEN r.status = 'RUNNING' THEN r.status ELSE 'CANCELLED' END,
         ended_at = CASE WHEN r.status = 'RUNNING' THEN NULL ELSE v_now END,
-        waiting_reason = NULL, updated_at = v_now
-    WHERE r.id = p_run AND r.status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING')
+        waiting_reason = p_reason, updated_at = v_now
+    WHERE r.id = p_run AND r.status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING')
     RETURNING r.status INTO v_status;
     IF v_status IS NULL THEN
         SELECT r.status INTO v_status FROM engine.runs r WHERE r.id = p_run;
     END IF;
     RETURN v_status;
+END $$;
+
+-- Cancels the given runs (see cancel_run); returns how many were not already over.
+CREATE OR REPLACE FUNCTION engine.cancel_runs(p_runs uuid[], p_reason text) RETURNS int
+LANGUAGE sql AS $$
+    SELECT count(*)::int FROM engine.runs r
+    WHERE r.id = ANY (p_runs) AND r.status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING')
+      AND engine.cancel_run(r.id, p_reason) IS NOT NULL
+$$;
+
+-- Runs a bulk cancel may choose from: not over, of one function, created in a time range.
+CREATE OR REPLACE FUNCTION engine.cancellable_runs(
+    p_app text, p_function text, p_after timestamptz, p_before timestamptz)
+RETURNS TABLE (id uuid, event jsonb) LANGUAGE sql STABLE AS $$
+    SELECT r.id, engine.run_event(r.event_seq) FROM engine.runs r
+    WHERE r.app_id = p_app AND r.function_id = p_function
+      AND r.status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING')
+      AND (p_after IS NULL OR r.created_at > p_after)
+      AND (p_before IS NULL OR r.created_at < p_before)
+$$;
+
+-- Starts the function of p_run again with the same event. With p_from_step, the steps recorded
+-- before that step are copied over, so execution resumes there. Returns the new run's id.
+CREATE OR REPLACE FUNCTION engine.rerun(p_run uuid, p_from_step text) RETURNS uuid
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_now      timestamptz := engine.now();
+    v_old      engine.runs;
+    v_position int;
+    v_new      uuid;
+BEGIN
+    SELECT * INTO v_old FROM engine.runs r WHERE r.id = p_run;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF p_from_step IS NOT NULL THEN
+        SELECT s.position INTO v_position FROM engine.steps s
+        WHERE s.run_id = p_run AND s.step_key = p_from_step;
+        IF v_position IS NULL THEN
+            RAISE EXCEPTION 'run % has no step %', p_run, p_from_step USING ERRCODE = 'EN003';
+        END IF;
+    END IF;
+    INSERT INTO engine.runs (app_id, function_id, status, event_seq, due_at, traceparent,
+                             start_deadline, finish_timeout, created_at, updated_at)
+    VALUES (v_old.app_id, v_old.function_id, 'QUEUED', v_old.event_seq, v_now, v_old.traceparent,
+            v_now + engine.timeout_of(v_old.app_id, v_old.function_id, 'start'),
+            engine.timeout_of(v_old.app_id, v_old.function_id, 'finish'), v_now, v_now)
+    RETURNING id INTO v_new;
+    INSERT INTO engine.steps (run_id, step_key, position, kind, status, attempts, output, error,
+                              wake_at, event_seq, created_at, ended_at)
+    SELECT v_new, s.step_key, s.position, s.kind, s.status, s.attempts, s.output, s.error,
+           s.wake_at, s.event_seq, s.created_at, s.ended_at
+    FROM engine.steps s
+    WHERE s.run_id = p_run AND s.position < v_position AND s.status IN ('COMPLETED', 'FAILED');
+    RETURN v_new;
 END $$;
 
 -- Deletes finished runs (with their steps) and routed events older than p_age. Events still
