@@ -1,10 +1,12 @@
 """engine: durable functions for asyncio, with PostgreSQL as the only moving part.
 
 Events trigger functions; a function is a list of memoized steps; each step retries on its own;
-sleeps pause durably. See README.md for a tour.
+sleeps and waits pause durably; cron, invoke and cancellation are declared on the function.
+See README.md for a tour.
 """
 
 from .app import Engine
+from .cancellation import Cancel, Timeouts
 from .context import Context
 from .errors import (
     ConfigurationError,
@@ -27,11 +29,12 @@ from .events import Event
 from .function import Function
 from .retries import Backoff
 from .runs import RunInfo, RunStatus, StepInfo
-from .triggers import TriggerEvent
+from .triggers import TriggerCron, TriggerEvent
 from .worker import Worker
 
 __all__ = [
     "Backoff",
+    "Cancel",
     "ConfigurationError",
     "Context",
     "DeterminismError",
@@ -54,6 +57,8 @@ __all__ = [
     "StepError",
     "StepInfo",
     "StepLimitError",
+    "Timeouts",
+    "TriggerCron",
     "TriggerEvent",
     "Worker",
 ]

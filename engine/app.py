@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime
 from uuid import UUID
 
+from .cancellation import Cancel, Timeouts
 from .db import Connection, Database
 from .durations import Duration, parse_duration
 from .errors import EngineError, RunNotFoundError
 from .events import Event, validate_outgoing
 from .execution import Limits
+from .expressions import Expression
 from .function import Function, Handler, build_function
 from .retries import Backoff
 from .runs import RunInfo, RunStatus, run_info_from_row
-from .serialization import dumps
+from .serialization import dumps, loads
 from .telemetry import current_traceparent
-from .triggers import Trigger
+from .triggers import Trigger, TriggerEvent
 from .worker import Worker
 
 
@@ -60,29 +64,63 @@ class Engine:
 
     # -- declaring -------------------------------------------------------------------------------
     def create_function(
-        self, fn_id: str, trigger: Trigger | list[Trigger] | None = None, *, retries: int = 4
+        self,
+        fn_id: str,
+        trigger: Trigger | list[Trigger] | None = None,
+        *,
+        retries: int = 4,
+        cancel: Cancel | list[Cancel] | None = None,
+        timeouts: Timeouts | None = None,
+        on_failure: Handler | None = None,
     ) -> Callable[[Handler], Function]:
         """Declares a durable function.
 
         Args:
             fn_id: a stable id (never change it while runs are in flight).
-            trigger: one trigger or a list of up to 10; ``None`` for a function that is only
-                invoked.
+            trigger: a :class:`TriggerEvent` or :class:`TriggerCron`, or a list of up to 10;
+                ``None`` for a function that is only invoked (``ctx.step.invoke``).
             retries: retries per step after the first attempt (0-20, default 4).
+            cancel: up to 5 :class:`Cancel` events that cancel a run.
+            timeouts: :class:`Timeouts` that cancel a run that starts or finishes too late.
+            on_failure: ``async def handler(ctx)`` run (as function ``<fn_id>-failure``) when a
+                run fails for good; ``ctx.event`` is the ``engine/function.failed`` event.
 
         Raises:
             ConfigurationError: an invalid id, option or expression; the message says which.
         """
 
         def register(handler: Handler) -> Function:
-            if fn_id in self.functions:
-                raise EngineError(f"function {fn_id!r} is declared twice in app {self.app_id!r}")
-            function = build_function(fn_id, handler, trigger, retries)
+            function = build_function(
+                fn_id,
+                handler,
+                trigger,
+                retries,
+                app_id=self.app_id,
+                cancel=cancel,
+                timeouts=timeouts,
+            )
+            failure = None if on_failure is None else self._failure_handler(fn_id, on_failure)
+            for declared in (function, failure):
+                if declared is not None and declared.fn_id in self.functions:
+                    raise EngineError(
+                        f"function {declared.fn_id!r} is declared twice in app {self.app_id!r}"
+                    )
             self.functions[fn_id] = function
+            if failure is not None:
+                self.functions[failure.fn_id] = failure
             self._registered = False
             return function
 
         return register
+
+    def _failure_handler(self, fn_id: str, handler: Handler) -> Function:
+        """The function that runs ``on_failure``: triggered by this function's failures."""
+        condition = (
+            f"event.data.app_id == {json.dumps(self.app_id)} && "
+            f"event.data.function_id == {json.dumps(fn_id)}"
+        )
+        trigger = TriggerEvent("engine/function.failed", condition)
+        return build_function(f"{fn_id}-failure", handler, trigger, 0, app_id=self.app_id)
 
     # -- connecting ------------------------------------------------------------------------------
     async def database(self, *, replace_registry: bool = False) -> Database:
@@ -96,7 +134,8 @@ class Engine:
                 self._db = db
                 await db.fetchval("schema_version")  # a clear error if the schema is missing
             if replace_registry or not self._registered:
-                entries = dumps([f.registry_entry() for f in self.functions.values()])
+                now: datetime = await self._db.fetchval("now")
+                entries = dumps([f.registry_entry(now) for f in self.functions.values()])
                 await self._db.fetchval(
                     "register_functions", self.app_id, entries, replace_registry
                 )
@@ -191,6 +230,44 @@ class Engine:
         if status is None:
             raise RunNotFoundError(f"no run {run_id}")
         return RunStatus(status)
+
+    async def cancel_runs(
+        self,
+        fn_id: str,
+        *,
+        started_after: datetime | None = None,
+        started_before: datetime | None = None,
+        if_exp: str | None = None,
+    ) -> int:
+        """Cancels every run of ``fn_id`` not yet over, created in the given range and (with
+        ``if_exp``, CEL over ``event``) whose event matches. Returns how many were cancelled.
+
+        Runs suspended or queued end ``CANCELLED`` at once; executing ones between steps.
+        """
+        check = None if if_exp is None else Expression(if_exp, what="cancel_runs if_exp")
+        db = await self.database()
+        rows = await db.fetch("cancellable_runs", self.app_id, fn_id, started_after, started_before)
+        chosen = [
+            row["id"]
+            for row in rows
+            if check is None or check.matches({"event": loads(row["event"])})
+        ]
+        if not chosen:
+            return 0
+        count: int = await db.fetchval("cancel_runs", chosen, "cancelled by cancel_runs")
+        return count
+
+    async def rerun(self, run_id: str | UUID, from_step: str | None = None) -> str:
+        """Starts the run's function again with the same event; returns the new run's id.
+
+        With ``from_step`` (a step id as recorded, e.g. ``"charge"`` or ``"fetch:1"``), the
+        steps recorded before it keep their outputs and execution resumes from it.
+        """
+        db = await self.database()
+        new_id = await db.fetchval("rerun", _uuid(run_id), from_step)
+        if new_id is None:
+            raise RunNotFoundError(f"no run {run_id}")
+        return str(new_id)
 
     # -- working ---------------------------------------------------------------------------------
     @asynccontextmanager

@@ -168,5 +168,15 @@ def error_payload(exc: BaseException) -> dict[str, Any]:
     return payload
 
 
+class StaleLeaseError(EngineError):
+    """Internal: a worker wrote under a lease it no longer holds; the write was refused."""
+
+    code = "stale_lease"
+
+
 # SQLSTATE codes raised by schema.sql, mapped to the error they mean.
-SQLSTATE_ERRORS: dict[str, type[EngineError]] = {"EN001": InvalidEventError}
+SQLSTATE_ERRORS: dict[str, type[EngineError]] = {
+    "EN001": InvalidEventError,
+    "EN002": StaleLeaseError,
+    "EN003": EngineError,
+}

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 from uuid import UUID
 
 import structlog
@@ -34,12 +35,14 @@ from .errors import (
     OutputLimitError,
     RunFailure,
     SerializationError,
+    StaleLeaseError,
     StepError,
     StepLimitError,
     error_payload,
 )
 from .events import Event, event_from_row
 from .function import Function
+from .matching import accepts
 from .retries import Backoff
 from .runs import RunStatus
 from .serialization import NotSerializable, dumps, loads
@@ -138,6 +141,7 @@ class Suspension:
     status: RunStatus
     reason: str
     steps: list[StepRecord] = field(default_factory=list)
+    awaited: list[str] = field(default_factory=list)  # waits and invokes blocking the run
 
 
 class LeaseLost(BaseException):
@@ -223,7 +227,7 @@ class Execution:
             )
         return StepPlan(key=key, position=position, record=record)
 
-    def fail(self, failure: RunFailure) -> Any:
+    def fail(self, failure: RunFailure) -> NoReturn:
         """Marks the run as failed for good (first failure wins) and raises it."""
         if self.fatal is None:
             self.fatal = failure
@@ -252,6 +256,16 @@ class Execution:
         if self.in_flight == 0 and (self.suspensions or self._halted or self.lost):
             self._settled.set()
 
+    @asynccontextmanager
+    async def executing(self) -> AsyncIterator[None]:
+        """Marks a step as executing: the run does not settle until the block ends."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            self.maybe_settle()
+
     def note_cancel(self) -> None:
         """A cancel was requested (seen by a checkpoint or a heartbeat)."""
         self.cancel_requested = True
@@ -277,6 +291,106 @@ class Execution:
             raise LeaseLost(f"run {self.run.run_id}: {result} while recording step {record.key!r}")
         if result == "cancel":
             self.note_cancel()
+        self._remember(record)
+
+    async def register_matchers(
+        self, steps: list[StepRecord], matchers: list[dict[str, Any]]
+    ) -> dict[str, dict[str, Any]]:
+        """Records WAITING steps with their matchers and looks back for events since the
+        trigger; returns the events that already resolved a matcher, by matcher key."""
+        args = (
+            self.run.run_id,
+            self.owner,
+            self.run.lease_token,
+            "[" + ",".join(s.to_json() for s in steps) + "]",
+            dumps(matchers),
+        )
+        try:
+            if not any(m["expression"] for m in matchers):
+                rows = await self.db.fetch("register_matchers", *args)
+                return {row["key"]: loads(row["event"]) for row in rows if row["resolved"]}
+            async with self.db.transaction() as conn:
+                rows = await self.db.fetch("register_matchers", *args, conn=conn)
+                return await self._resolve_candidates(matchers, rows, conn)
+        except StaleLeaseError as exc:
+            self.lost = True
+            raise LeaseLost(str(exc)) from None
+
+    async def _resolve_candidates(
+        self, matchers: list[dict[str, Any]], rows: list[Any], conn: Any
+    ) -> dict[str, dict[str, Any]]:
+        """Evaluates the expressions of the looked-back candidates; resolves the first match."""
+        resolved = {row["key"]: loads(row["event"]) for row in rows if row["resolved"]}
+        trigger = self.run.events[0].model_dump(mode="json")
+        expressions = {m["key"]: m["expression"] for m in matchers}
+        for row in rows:
+            key = row["key"]
+            if row["resolved"] or key in resolved:
+                continue
+            event = loads(row["event"])
+            if accepts(expressions[key], trigger, event):
+                match = [
+                    {"run_id": str(self.run.run_id), "key": key, "event_seq": row["event_seq"]}
+                ]
+                if await self.db.fetchval("resolve_matches", dumps(match), conn=conn):
+                    resolved[key] = event
+        return resolved
+
+    async def invoke(
+        self,
+        record: StepRecord,
+        target: Function,
+        data: dict[str, Any],
+        expires: datetime | None,
+        on_timeout: dict[str, Any],
+    ) -> None:
+        """Starts ``target`` as a child run and records ``record`` (WAITING) for its result."""
+        try:
+            await self.db.fetchval(
+                "invoke",
+                self.run.run_id,
+                self.owner,
+                self.run.lease_token,
+                record.to_json(),
+                target.app_id,
+                target.fn_id,
+                dumps(data),
+                expires,
+                dumps(on_timeout),
+                telemetry.current_traceparent(),
+            )
+        except StaleLeaseError as exc:
+            self.lost = True
+            raise LeaseLost(str(exc)) from None
+        self._remember(record)
+
+    async def send_events(self, record: StepRecord, events: list[dict[str, Any]]) -> list[str]:
+        """Sends events and records the step with their ids, in one transaction."""
+        try:
+            row = await self.db.fetchrow(
+                "send_step",
+                self.run.run_id,
+                self.owner,
+                self.run.lease_token,
+                record.to_json(),
+                dumps(events),
+                telemetry.current_traceparent(),
+            )
+        except StaleLeaseError as exc:
+            self.lost = True
+            raise LeaseLost(str(exc)) from None
+        assert row is not None
+        if row["result"] == "lost":
+            self.lost = True
+            raise LeaseLost(f"run {self.run.run_id}: lost while sending events in {record.key!r}")
+        if row["result"] == "cancel":
+            self.note_cancel()
+        ids: list[str] = loads(row["ids"])
+        record.output = ids
+        self._remember(record)
+        return ids
+
+    def _remember(self, record: StepRecord) -> None:
         self.run.steps[record.key] = record
         self._by_position[record.position] = record.key
 
@@ -314,6 +428,8 @@ class Execution:
                 telemetry.mark(span, "lease_lost")
 
     async def _drive(self, make_context: Callable[[Execution], Context], span: trace.Span) -> None:
+        if self._first_start() and self.run.function.cancel:
+            await self._arm_cancels()
         if self.cancel_requested:
             await self._finish(RunStatus.CANCELLED, span)
             return
@@ -330,6 +446,27 @@ class Execution:
             await self._after_settling(span)
         else:
             await self._after_return(task, span)
+
+    def _first_start(self) -> bool:
+        return not self.run.steps and self.run.attempt == 0 and not self.cancel_requested
+
+    async def _arm_cancels(self) -> None:
+        """Registers the function's cancel events for this run (with a look back to its
+        trigger, so that a cancel sent before the run started counts)."""
+        trigger = self.run.events[0]
+        trigger_json = trigger.model_dump(mode="json")
+        since = trigger.ts or self.run.claimed_at
+        matchers = [
+            cancel.matcher.row(
+                key=f"cancel:{index}",
+                kind="cancel",
+                trigger=trigger_json,
+                expires_at=None if cancel.window is None else since + cancel.window,
+            )
+            for index, cancel in enumerate(self.run.function.cancel)
+        ]
+        if await self.register_matchers([], matchers):
+            self.note_cancel()
 
     async def _call(self, make_context: Callable[[Execution], Context]) -> Any:
         return await self.run.function.handler(make_context(self))
@@ -434,6 +571,7 @@ class Execution:
             self.run.attempt,
             self.run_logger.count,
             steps,
+            suspension.awaited,
         )
         if result == "lost":
             raise LeaseLost(f"run {self.run.run_id}: lost before it could be suspended")
@@ -453,7 +591,8 @@ def _merge(suspensions: list[Suspension]) -> Suspension:
     first = min(suspensions, key=lambda s: s.due)
     reasons = "; ".join(s.reason for s in sorted(suspensions, key=lambda s: s.due))
     steps = [step for s in suspensions for step in s.steps]
-    return Suspension(first.due, first.status, reasons, steps)
+    awaited = [key for s in suspensions for key in s.awaited]
+    return Suspension(first.due, first.status, reasons, steps, awaited)
 
 
 def utc(value: datetime) -> datetime:

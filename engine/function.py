@@ -5,13 +5,15 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
+from .cancellation import Cancel, Timeouts, check_cancels
 from .context import Context
 from .errors import ConfigurationError
 from .retries import check_retries
-from .triggers import Trigger, normalize_triggers
+from .triggers import Trigger, TriggerCron, TriggerEvent, normalize_triggers
 
 Handler = Callable[[Context], Awaitable[Any]]
 _FN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
@@ -28,22 +30,50 @@ class Function:
     handler: Handler
     triggers: list[Trigger]
     retries: int
-    options: dict[str, Any] = field(default_factory=dict)
+    app_id: str = ""
+    cancel: tuple[Cancel, ...] = ()
+    timeouts: Timeouts | None = None
 
     async def __call__(self, ctx: Context) -> Any:
         return await self.handler(ctx)
 
-    def registry_entry(self) -> dict[str, Any]:
-        """The row of ``engine.functions`` describing this function."""
+    @property
+    def event_triggers(self) -> list[TriggerEvent]:
+        """The triggers that events fire (cron triggers fire on their own)."""
+        return [t for t in self.triggers if isinstance(t, TriggerEvent)]
+
+    @property
+    def crons(self) -> list[TriggerCron]:
+        """The cron triggers."""
+        return [t for t in self.triggers if isinstance(t, TriggerCron)]
+
+    def registry_entry(self, now: datetime) -> dict[str, Any]:
+        """The row of ``engine.functions`` describing this function; ``now`` is the database's."""
+        config: dict[str, Any] = {"retries": self.retries}
+        if self.timeouts is not None:
+            config["timeouts"] = self.timeouts.to_json()
+        if self.cancel:
+            config["cancel"] = [c.to_json() for c in self.cancel]
         return {
             "function_id": self.fn_id,
             "triggers": [t.to_json() for t in self.triggers],
-            "config": {"retries": self.retries},
+            "config": config,
+            "crons": [
+                {"cron": t.cron, "next_at": t.schedule.next_after(now).isoformat()}
+                for t in self.crons
+            ],
         }
 
 
 def build_function(
-    fn_id: str, handler: Handler, trigger: Trigger | list[Trigger] | None, retries: int
+    fn_id: str,
+    handler: Handler,
+    trigger: Trigger | list[Trigger] | None,
+    retries: int,
+    *,
+    app_id: str = "",
+    cancel: Cancel | list[Cancel] | None = None,
+    timeouts: Timeouts | None = None,
 ) -> Function:
     """Validates a declaration; raises :class:`ConfigurationError` with what is wrong."""
     if not isinstance(fn_id, str) or not _FN_ID.match(fn_id):
@@ -57,4 +87,16 @@ def build_function(
         handler=handler,
         triggers=normalize_triggers(trigger, fn_id),
         retries=check_retries(retries, fn_id),
+        app_id=app_id,
+        cancel=check_cancels(cancel, fn_id),
+        timeouts=_check_timeouts(timeouts, fn_id),
     )
+
+
+def _check_timeouts(timeouts: Timeouts | None, fn_id: str) -> Timeouts | None:
+    if timeouts is None:
+        return None
+    if not isinstance(timeouts, Timeouts):
+        raise ConfigurationError(f"function {fn_id!r}: timeouts= expects Timeouts(...)")
+    timeouts.to_json()  # parses both durations now, so a bad one fails at registration
+    return timeouts

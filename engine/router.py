@@ -15,9 +15,10 @@ from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
-from .db import Database, Record
+from .db import Connection, Database, Record
 from .errors import EngineError
 from .function import Function
+from .matching import accepts
 from .serialization import dumps, loads
 from .triggers import TriggerEvent
 
@@ -51,7 +52,7 @@ class Router:
         self._db = db
         self._app_id = app_id
         self._own = [
-            RegisteredFunction(app_id, f.fn_id, tuple(f.triggers)) for f in functions.values()
+            RegisteredFunction(app_id, f.fn_id, tuple(f.event_triggers)) for f in functions.values()
         ]
         self._others: list[RegisteredFunction] = []
         self._refresh = refresh
@@ -71,6 +72,9 @@ class Router:
             created = await self._db.fetch(
                 "create_runs", [e["seq"] for e in events], dumps(plan), owner, lease, conn=conn
             )
+            awaited = [e["seq"] for e in events if e["awaited"]]
+            if awaited:
+                await self._resolve_matchers(awaited, by_seq, conn)
         mine = [
             RoutedRun(
                 row, by_seq[row["event_seq"]]["event"], by_seq[row["event_seq"]]["traceparent"]
@@ -106,6 +110,31 @@ class Router:
                     }
                 )
         return plan, by_seq
+
+    async def _resolve_matchers(
+        self, seqs: list[int], by_seq: dict[int, Any], conn: Connection
+    ) -> None:
+        """Resolves the waits, invokes and cancels these events satisfy, in the routing
+        transaction: each matcher by its earliest event, and each event resumes at most one
+        wait of a run (a cancel is not consumed)."""
+        rows = await self._db.fetch("matcher_candidates", seqs, conn=conn)
+        matches: list[dict[str, Any]] = []
+        taken: set[tuple[Any, str]] = set()
+        consumed: set[tuple[Any, int]] = set()
+        for row in rows:
+            run_id, key, seq = row["run_id"], row["key"], row["event_seq"]
+            consumes = row["kind"] != "cancel"
+            if (run_id, key) in taken or (consumes and (run_id, seq) in consumed):
+                continue
+            trigger = None if row["trigger"] is None else loads(row["trigger"])
+            if not accepts(row["expression"], trigger, by_seq[seq]["event"]):
+                continue
+            taken.add((run_id, key))
+            if consumes:
+                consumed.add((run_id, seq))
+            matches.append({"run_id": str(run_id), "key": key, "event_seq": seq})
+        if matches:
+            await self._db.fetchval("resolve_matches", dumps(matches), conn=conn)
 
     def _matching(self, event: dict[str, Any]) -> list[RegisteredFunction]:
         return [

@@ -17,14 +17,16 @@ class RunStatus(StrEnum):
 
     ``QUEUED`` waits to be claimed (new, or handed back by a stopping worker); ``RUNNING`` is
     leased to a worker; ``SLEEPING`` waits for a sleep to end; ``RETRYING`` waits for a retry
-    backoff. ``COMPLETED``, ``FAILED``, ``CANCELLED`` and ``SKIPPED`` are terminal: a terminal run
-    never changes again.
+    backoff; ``WAITING`` waits for an event (``wait_for_event``) or a child run (``invoke``).
+    ``COMPLETED``, ``FAILED``, ``CANCELLED`` and ``SKIPPED`` are terminal: a terminal run never
+    changes again.
     """
 
     QUEUED = "QUEUED"
     RUNNING = "RUNNING"
     SLEEPING = "SLEEPING"
     RETRYING = "RETRYING"
+    WAITING = "WAITING"
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"

@@ -579,7 +579,8 @@ BEGIN
         INSERT INTO engine.matchers AS m (run_id, key, kind, event_name, match_path, match_value,
                                           expression, since_seq, expires_at, on_timeout, created_at)
         VALUES (p_run, v_matcher.key, v_matcher.kind, v_matcher.event_name, v_matcher.match_path,
-                v_matcher.match_value, v_matcher.expression, v_since, v_matcher.expires_at,
+                v_matcher.match_value, v_matcher.expression, v_since,
+                coalesce(v_matcher.expires_at, 'infinity'),
                 v_matcher.on_timeout, v_now)
         ON CONFLICT DO NOTHING;
         IF v_matcher.expression IS NULL THEN
@@ -958,7 +959,7 @@ BEGIN
     INSERT INTO engine.matchers (run_id, key, kind, event_name, match_path, match_value,
                                  since_seq, expires_at, on_timeout, created_at)
     VALUES (p_run, v_key, 'invoke', 'engine/function.finished', '{run_id}', to_jsonb(v_child::text),
-            v_seq, p_expires, p_on_timeout, v_now);
+            v_seq, coalesce(p_expires, 'infinity'), p_on_timeout, v_now);
     RETURN v_child;
 END $$;
 

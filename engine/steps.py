@@ -11,22 +11,33 @@ import inspect
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from . import telemetry
 from .context import current_attempt, current_step
 from .durations import Duration, parse_duration
 from .errors import (
+    EngineError,
+    InvalidEventError,
     NonRetriableError,
     RetryAfterError,
+    RunFailure,
     SerializationError,
     StepError,
     error_payload,
 )
+from .events import Event, event_from_row, validate_outgoing
 from .execution import Execution, StepPlan, StepRecord, Suspension, utc
+from .matching import EventMatcher
 from .runs import RunStatus
 from .serialization import loads, restore
+
+if TYPE_CHECKING:
+    from .function import Function
+
+# The due time of a run that waits with no timeout (an invoke without one).
+FOREVER = datetime(9999, 12, 31, tzinfo=UTC)
 
 
 class Steps:
@@ -164,6 +175,127 @@ class Steps:
         assert record.wake_at is not None
         reason = f"sleeping in step {plan.key!r} until {record.wake_at.isoformat()}"
         await ex.suspend(Suspension(record.wake_at, RunStatus.SLEEPING, reason, pending))
+
+    async def wait_for_event(
+        self,
+        step_id: str,
+        *,
+        event: str,
+        timeout: Duration,  # noqa: ASYNC109 - a durable timeout, the API the issue pins
+        if_exp: str | None = None,
+        match: str | None = None,
+    ) -> Event | None:
+        """Pauses the run until a matching event arrives; returns it, or ``None`` on timeout.
+
+        ``match="data.order_id"`` requires ``async.data.order_id == event.data.order_id``;
+        ``if_exp`` is CEL in which ``event`` is the run's triggering event and ``async`` the
+        candidate. Events that arrived after the run's triggering event, before this wait was
+        reached, match too. An event resumes the wait exactly once; the waiting run holds no
+        worker.
+        """
+        ex = self._ex
+        plan = ex.plan(step_id)
+        record = plan.record
+        if record is None:
+            what = f"wait_for_event {step_id!r}"
+            try:
+                matcher = EventMatcher(event, match, if_exp, what=what)
+                delay = parse_duration(timeout, what=what)
+            except EngineError as exc:
+                ex.fail(RunFailure(str(exc)))
+            await ex.gate()
+            record = StepRecord(
+                plan.key, plan.position, "wait", "WAITING", wake_at=ex.db_now() + delay
+            )
+            row = matcher.row(
+                key=plan.key,
+                kind="wait",
+                trigger=ex.run.events[0].model_dump(mode="json"),
+                expires_at=record.wake_at,
+                on_timeout={"status": "COMPLETED", "output": None},
+            )
+            async with ex.executing():
+                found = await ex.register_matchers([record], [row])
+            if plan.key in found:
+                return event_from_row(found[plan.key])
+        elif record.status == "COMPLETED":
+            return None if record.output is None else event_from_row(record.output)
+        await self._await(plan.key, record, f"waiting for event {event!r}")
+        return None  # not reached: the run is released while it waits
+
+    async def invoke(
+        self,
+        step_id: str,
+        *,
+        function: Function,
+        data: dict[str, Any] | None = None,
+        timeout: Duration | None = None,  # noqa: ASYNC109 - durable, pinned by the issue
+    ) -> Any:
+        """Runs ``function`` as a child run with ``data`` as its event's data; returns its output.
+
+        The child may be any function of any app registered in the database, whatever its
+        triggers. The parent waits without holding a worker.
+
+        Raises:
+            StepError: the child failed (with its error's type and message), or ``timeout``
+                passed first (type ``InvokeTimeoutError``).
+        """
+        ex = self._ex
+        plan = ex.plan(step_id)
+        record = plan.record
+        if record is None:
+            what = f"invoke {step_id!r}"
+            delay = None if timeout is None else parse_duration(timeout, what=what)
+            await ex.gate()
+            expires = None if delay is None else ex.db_now() + delay
+            record = StepRecord(plan.key, plan.position, "invoke", "WAITING", wake_at=expires)
+            message = f"invoking function {function.fn_id!r} timed out after {timeout}"
+            on_timeout = {
+                "status": "FAILED",
+                "error": {"type": "InvokeTimeoutError", "message": message},
+            }
+            async with ex.executing():
+                await ex.invoke(record, function, dict(data or {}), expires, on_timeout)
+        elif record.status == "COMPLETED":
+            return record.output
+        elif record.status == "FAILED":
+            raise _step_error(plan.key, record.error)
+        await self._await(plan.key, record, f"waiting for function {function.fn_id!r}")
+        return None  # not reached: the run is released while it waits
+
+    async def send_event(self, step_id: str, events: Event | list[Event]) -> list[str]:
+        """Sends one event or a list, once for this run; returns their ids.
+
+        The events and the step's record are written in one transaction, so a replay never
+        sends twice. Invalid events fail the step (``StepError``) without sending anything.
+        """
+        ex = self._ex
+        plan = ex.plan(step_id)
+        record = plan.record
+        if record is not None and record.status == "COMPLETED":
+            return list(record.output)
+        if record is not None and record.status == "FAILED":
+            raise _step_error(plan.key, record.error)
+        await ex.gate()
+        async with ex.executing():
+            try:
+                payload = validate_outgoing(events)
+            except InvalidEventError as exc:
+                failed = StepRecord(
+                    plan.key, plan.position, "send", "FAILED", error=error_payload(exc)
+                )
+                await ex.checkpoint(failed)
+                raise _step_error(plan.key, failed.error) from exc
+            return await ex.send_events(
+                StepRecord(plan.key, plan.position, "send", "COMPLETED"), payload
+            )
+
+    async def _await(self, key: str, record: StepRecord, what: str) -> None:
+        """Releases the run until a WAITING step is resolved (or its timeout passes)."""
+        due = record.wake_at or FOREVER
+        until = "" if record.wake_at is None else f" until {record.wake_at.isoformat()}"
+        reason = f"{what} in step {key!r}{until}"
+        await self._ex.suspend(Suspension(due, RunStatus.WAITING, reason, awaited=[key]))
 
 
 async def _call_in_step(

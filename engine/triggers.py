@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .cron import CronSchedule
 from .errors import ConfigurationError
 from .expressions import Expression
 
@@ -45,7 +46,29 @@ class TriggerEvent:
         return {"event": self.event, "expression": self.expression}
 
 
-Trigger = TriggerEvent
+@dataclass(frozen=True)
+class TriggerCron:
+    """Starts a run at each time of a cron schedule.
+
+    Args:
+        cron: five fields, optionally prefixed by ``TZ=Area/City `` (UTC otherwise), for example
+            ``"TZ=Europe/Paris 0 9 * * 1-5"``. Parsed at registration, so an invalid one fails
+            ``create_function``. Each scheduled time starts exactly one run, whatever the number
+            of workers; daylight-saving changes follow Debian cron (see :mod:`engine.cron`).
+    """
+
+    cron: str
+    schedule: CronSchedule = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "schedule", CronSchedule.parse(self.cron, what="TriggerCron"))
+
+    def to_json(self) -> dict[str, Any]:
+        """The registry form."""
+        return {"cron": self.cron}
+
+
+Trigger = TriggerEvent | TriggerCron
 
 
 def normalize_triggers(trigger: Trigger | list[Trigger] | None, fn_id: str) -> list[Trigger]:
@@ -56,7 +79,7 @@ def normalize_triggers(trigger: Trigger | list[Trigger] | None, fn_id: str) -> l
             f"function {fn_id!r} has {len(triggers)} triggers; the limit is {MAX_TRIGGERS}"
         )
     for item in triggers:
-        if not isinstance(item, TriggerEvent):
+        if not isinstance(item, TriggerEvent | TriggerCron):
             raise ConfigurationError(f"function {fn_id!r}: {item!r} is not a trigger")
     if len(set(triggers)) != len(triggers):
         raise ConfigurationError(f"function {fn_id!r} declares the same trigger twice")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 from uuid import UUID, uuid4
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .app import Engine
 
 log = structlog.get_logger("engine")
+_CRON_RECHECK = 60.0  # seconds: the longest a worker goes without reading its cron schedules
 
 
 class Worker:
@@ -71,6 +72,10 @@ class Worker:
         self._timer_at = float("inf")  # monotonic time of the earliest known due work
         self._router: Router | None = None
         self._fn_ids = list(engine.functions)
+        self._crons = {
+            (f.fn_id, t.cron): t.schedule for f in engine.functions.values() for t in f.crons
+        }
+        self._cron_check_at = 0.0  # monotonic time at which a cron schedule may be due
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -121,6 +126,7 @@ class Worker:
 
     async def _tick(self) -> bool:
         """Routes due events and claims due runs up to the free slots; True if it found work."""
+        fired = await self._fire_crons() if self._crons else 0
         free = self.concurrency - len(self.executions)
         if free <= 0:
             return False
@@ -132,7 +138,39 @@ class Worker:
         claimed = await self._claim(free) if free > 0 else 0
         if routed == 0 and claimed < free:
             await self._arm_timer()
-        return routed > 0 or claimed > 0
+        return routed > 0 or claimed > 0 or fired > 0
+
+    async def _fire_crons(self) -> int:
+        """Starts the runs of this app's due cron ticks: one per schedule, for its latest
+        missed time (ticks missed while no worker ran are not started one by one)."""
+        if time.monotonic() < self._cron_check_at:
+            return 0
+        db = await self.engine.database()
+        fired = 0
+        async with db.transaction() as conn:
+            due = await db.fetch("due_crons", self.engine.app_id, conn=conn)
+            now: datetime = await db.fetchval("now", conn=conn)
+            for row in due:
+                schedule = self._crons.get((row["function_id"], row["cron"]))
+                if schedule is None:  # registered by another version of the app: not ours
+                    continue
+                tick = schedule.latest_until(row["next_at"], now)
+                run_id = await db.fetchval(
+                    "fire_cron",
+                    self.engine.app_id,
+                    row["function_id"],
+                    row["cron"],
+                    tick,
+                    schedule.next_after(now),
+                    conn=conn,
+                )
+                fired += run_id is not None
+            until_next = await db.fetchval("next_cron", self.engine.app_id, conn=conn)
+        # next_at only moves forward, so sleeping until the earliest one misses nothing; the
+        # loop's timer (engine.next_due) wakes the worker then.
+        wait = _CRON_RECHECK if until_next is None else until_next.total_seconds()
+        self._cron_check_at = time.monotonic() + min(max(wait, 0.0), _CRON_RECHECK)
+        return fired
 
     async def _claim(self, limit: int) -> int:
         db = await self.engine.database()

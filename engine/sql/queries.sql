@@ -14,7 +14,32 @@ SELECT app_id, function_id, triggers FROM engine.functions
 SELECT id FROM engine.send_events($1::jsonb, $2, $3) AS id
 
 -- name: claim_events
-SELECT seq, id, name, data, ts, v, traceparent FROM engine.claim_events($1)
+SELECT seq, id, name, data, ts, v, traceparent, awaited FROM engine.claim_events($1)
+
+-- name: matcher_candidates
+SELECT event_seq, run_id, key, kind, expression, trigger FROM engine.matcher_candidates($1::bigint[])
+
+-- name: resolve_matches
+SELECT engine.resolve_matches($1::jsonb)
+
+-- name: register_matchers
+SELECT key, event_seq, event, resolved
+FROM engine.register_matchers($1::uuid, $2::uuid, $3, $4::jsonb, $5::jsonb)
+
+-- name: invoke
+SELECT engine.invoke($1::uuid, $2::uuid, $3, $4::jsonb, $5, $6, $7::jsonb, $8, $9::jsonb, $10)
+
+-- name: send_step
+SELECT result, ids FROM engine.send_step($1::uuid, $2::uuid, $3, $4::jsonb, $5::jsonb, $6)
+
+-- name: due_crons
+SELECT function_id, cron, next_at FROM engine.due_crons($1)
+
+-- name: fire_cron
+SELECT engine.fire_cron($1, $2, $3, $4, $5)
+
+-- name: next_cron
+SELECT min(next_at) - engine.now() FROM engine.cron_schedules WHERE app_id = $1
 
 -- name: create_runs
 SELECT id, function_id, event_seq, lease_token, created_at
@@ -32,7 +57,7 @@ SELECT engine.next_due($1, $2::text[]) AS next_due, engine.now() AS now
 SELECT engine.checkpoint_step($1::uuid, $2::uuid, $3, $4::jsonb)
 
 -- name: suspend_run
-SELECT engine.suspend_run($1::uuid, $2::uuid, $3, $4, $5, $6, $7, $8, $9::jsonb)
+SELECT engine.suspend_run($1::uuid, $2::uuid, $3, $4, $5, $6, $7, $8, $9::jsonb, $10::text[])
 
 -- name: finish_run
 SELECT engine.finish_run($1::uuid, $2::uuid, $3, $4, $5::jsonb, $6::jsonb, $7)
@@ -41,7 +66,16 @@ SELECT engine.finish_run($1::uuid, $2::uuid, $3, $4, $5::jsonb, $6::jsonb, $7)
 SELECT id, cancel_requested FROM engine.heartbeat($1::uuid, $2::interval, $3::uuid[])
 
 -- name: cancel_run
-SELECT engine.cancel_run($1::uuid)
+SELECT engine.cancel_run($1::uuid, 'cancelled by cancel_run')
+
+-- name: cancel_runs
+SELECT engine.cancel_runs($1::uuid[], $2)
+
+-- name: cancellable_runs
+SELECT id, event FROM engine.cancellable_runs($1, $2, $3, $4)
+
+-- name: rerun
+SELECT engine.rerun($1::uuid, $2)
 
 -- name: get_run
 SELECT * FROM engine.run_details WHERE id = $1::uuid
