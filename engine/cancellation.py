@@ -37,7 +37,7 @@ class Cancel:
         object.__setattr__(
             self, "matcher", EventMatcher(self.event, self.match, self.if_exp, what=what)
         )
-        window = None if self.timeout is None else parse_duration(self.timeout, what=what)
+        window = None if self.timeout is None else _duration(self.timeout, f"{what} timeout")
         object.__setattr__(self, "window", window)
 
     def to_json(self) -> dict[str, Any]:
@@ -64,11 +64,18 @@ class Timeouts:
         for name in ("start", "finish"):
             value = getattr(self, name)
             if value is not None:
-                delay = parse_duration(value, what=f"timeouts.{name}")
+                delay = _duration(value, f"timeouts.{name}")
                 if delay <= timedelta(0):
                     raise ConfigurationError(f"timeouts.{name} must be positive, got {value!r}")
                 result[name] = f"{delay.total_seconds()} seconds"
         return result
+
+
+def _duration(value: Duration, what: str) -> timedelta:
+    try:
+        return parse_duration(value, what=what)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
 
 
 def check_cancels(cancel: Cancel | list[Cancel] | None, fn_id: str) -> tuple[Cancel, ...]:

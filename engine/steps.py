@@ -201,7 +201,7 @@ class Steps:
             try:
                 matcher = EventMatcher(event, match, if_exp, what=what)
                 delay = parse_duration(timeout, what=what)
-            except EngineError as exc:
+            except (EngineError, ValueError) as exc:
                 ex.fail(RunFailure(str(exc)))
             await ex.gate()
             record = StepRecord(

@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from .app import Engine
 
 log = structlog.get_logger("engine")
-_CRON_RECHECK = 60.0  # seconds: the longest a worker goes without reading its cron schedules
 
 
 class Worker:
@@ -125,11 +124,13 @@ class Worker:
                 await self._sleep_until_woken()
 
     async def _tick(self) -> bool:
-        """Routes due events and claims due runs up to the free slots; True if it found work."""
+        """Routes due events and claims due runs up to the free slots; True if it found work.
+
+        Events are routed even when every slot is busy, so that their runs exist (visible,
+        claimable by other workers, subject to their timeouts) as soon as possible.
+        """
         fired = await self._fire_crons() if self._crons else 0
-        free = self.concurrency - len(self.executions)
-        if free <= 0:
-            return False
+        free = max(self.concurrency - len(self.executions), 0)
         assert self._router is not None
         routed, mine = await self._router.route(self.owner, self.lease, free)
         for routed_run in mine:
@@ -146,11 +147,17 @@ class Worker:
         if time.monotonic() < self._cron_check_at:
             return 0
         db = await self.engine.database()
+        until_next = await db.fetchval("next_cron", self.engine.app_id)
+        if until_next is None or until_next.total_seconds() > 0:
+            # Looked at again at the next tick time, and at least every poll (durable time may
+            # jump: a test moving the clock, or a corrected system clock).
+            wait = self.poll_interval if until_next is None else until_next.total_seconds()
+            self._cron_check_at = time.monotonic() + min(wait, self.poll_interval)
+            return 0
         fired = 0
         async with db.transaction() as conn:
-            due = await db.fetch("due_crons", self.engine.app_id, conn=conn)
             now: datetime = await db.fetchval("now", conn=conn)
-            for row in due:
+            for row in await db.fetch("due_crons", self.engine.app_id, conn=conn):
                 schedule = self._crons.get((row["function_id"], row["cron"]))
                 if schedule is None:  # registered by another version of the app: not ours
                     continue
@@ -165,11 +172,6 @@ class Worker:
                     conn=conn,
                 )
                 fired += run_id is not None
-            until_next = await db.fetchval("next_cron", self.engine.app_id, conn=conn)
-        # next_at only moves forward, so sleeping until the earliest one misses nothing; the
-        # loop's timer (engine.next_due) wakes the worker then.
-        wait = _CRON_RECHECK if until_next is None else until_next.total_seconds()
-        self._cron_check_at = time.monotonic() + min(max(wait, 0.0), _CRON_RECHECK)
         return fired
 
     async def _claim(self, limit: int) -> int:

@@ -113,6 +113,7 @@ async def test_missing_schema_is_a_clear_error(server_url: str) -> None:
 def test_public_api_is_pinned() -> None:
     assert sorted(engine.__all__) == [
         "Backoff",
+        "Cancel",
         "ConfigurationError",
         "Context",
         "DeterminismError",
@@ -135,6 +136,8 @@ def test_public_api_is_pinned() -> None:
         "StepError",
         "StepInfo",
         "StepLimitError",
+        "Timeouts",
+        "TriggerCron",
         "TriggerEvent",
         "Worker",
     ]

@@ -1,0 +1,156 @@
+"""Timeouts, bulk cancel and rerun."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from helpers import eventually, move_clock, only_run_id
+
+from engine import ConfigurationError, Context, Event, RunStatus, Timeouts, TriggerEvent
+
+
+async def test_finish_timeout_fires_while_the_run_sleeps(make_engine: Any, sql: Any) -> None:
+    app = make_engine()
+
+    @app.create_function("bounded", trigger=TriggerEvent("t/go"), timeouts=Timeouts(finish="30m"))
+    async def bounded(ctx: Context) -> Any:
+        await ctx.step.run("a", lambda: 1)
+        await ctx.step.sleep("nap", "2h")
+        await ctx.step.run("b", lambda: 2)
+
+    async with app.worker(poll_interval="50ms"):
+        [event_id] = await app.send(Event(name="t/go"))
+        run_id = await only_run_id(app, event_id)
+        await eventually(lambda: _status(app, run_id, "SLEEPING"))
+        await move_clock(sql, timedelta(minutes=31))
+        run = await app.wait_for_run(run_id)
+    assert run.status is RunStatus.CANCELLED
+    assert run.error is not None and "timeouts.finish" in run.error["message"]
+    assert [s.step_id for s in run.steps] == ["a", "nap"]
+    reason = await sql.fetchval(
+        "SELECT data->>'reason' FROM engine.events WHERE name = 'engine/function.cancelled'"
+    )
+    assert "timeouts.finish" in reason
+
+
+async def test_finish_timeout_stops_a_running_run_between_steps(make_engine: Any, sql: Any) -> None:
+    app = make_engine()
+    gate = asyncio.Event()
+
+    async def held() -> int:
+        await gate.wait()
+        return 1
+
+    @app.create_function("busy", trigger=TriggerEvent("t/busy"), timeouts=Timeouts(finish="1m"))
+    async def busy(ctx: Context) -> Any:
+        await ctx.step.run("held", held)
+        await ctx.step.run("after", lambda: 2)
+
+    async with app.worker(lease="600ms"):
+        [event_id] = await app.send(Event(name="t/busy"))
+        run_id = await only_run_id(app, event_id)
+        await eventually(lambda: _status(app, run_id, "RUNNING"))
+        await move_clock(sql, timedelta(minutes=2))
+        gate.set()
+        run = await app.wait_for_run(run_id)
+    assert run.status is RunStatus.CANCELLED
+    assert [s.step_id for s in run.steps] == ["held"]
+
+
+async def test_start_timeout_cancels_a_run_that_waited_too_long(make_engine: Any, sql: Any) -> None:
+    """A backlog: the second run is still queued when its start deadline passes."""
+    app = make_engine()
+    gate = asyncio.Event()
+    ran: list[bool] = []
+
+    async def hold(block: bool) -> bool:
+        if block:
+            await gate.wait()
+        ran.append(block)
+        return block
+
+    @app.create_function("eager", trigger=TriggerEvent("t/eager"), timeouts=Timeouts(start="5m"))
+    async def eager(ctx: Context) -> Any:
+        return await ctx.step.run("hold", hold, ctx.event.data["block"])
+
+    async with app.worker(concurrency=1):
+        [busy_id] = await app.send(Event(name="t/eager", data={"block": True}))
+        busy = await only_run_id(app, busy_id)
+        await eventually(lambda: _status(app, busy, "RUNNING"))
+        [late_id] = await app.send(Event(name="t/eager", data={"block": False}))
+        late = await only_run_id(app, late_id)
+        await move_clock(sql, timedelta(minutes=6))
+        gate.set()
+        assert (await app.wait_for_run(busy)).status is RunStatus.COMPLETED
+        stale = await app.wait_for_run(late)
+    assert stale.status is RunStatus.CANCELLED
+    assert stale.error is not None and "timeouts.start" in stale.error["message"]
+    assert ran == [True]
+
+
+def test_invalid_timeouts_fail_at_declaration(make_engine: Any) -> None:
+    app = make_engine()
+    with pytest.raises(ConfigurationError, match=r"timeouts\.finish"):
+        app.create_function("f", timeouts=Timeouts(finish="soon"))(_noop)
+    with pytest.raises(ConfigurationError, match="positive"):
+        app.create_function("g", timeouts=Timeouts(start=0))(_noop)
+
+
+async def test_cancel_runs_in_bulk(make_engine: Any) -> None:
+    app = make_engine()
+
+    @app.create_function("sleeper", trigger=TriggerEvent("s/go"))
+    async def sleeper(ctx: Context) -> Any:
+        await ctx.step.sleep("nap", "1h")
+
+    async with app.worker():
+        before = datetime.now(UTC) - timedelta(seconds=1)
+        ids = await app.send([Event(name="s/go", data={"plan": p}) for p in ["free", "pro"] * 3])
+        runs = [await only_run_id(app, i) for i in ids]
+        for run_id in runs:
+            await eventually(lambda run_id=run_id: _status(app, run_id, "SLEEPING"))
+        count = await app.cancel_runs(
+            "sleeper", started_after=before, if_exp="event.data.plan == 'pro'"
+        )
+        assert count == 3
+        statuses = Counter([(await app.get_run(r)).status.value for r in runs])
+        assert statuses == {"CANCELLED": 3, "SLEEPING": 3}
+        assert await app.cancel_runs("sleeper", started_before=before) == 0
+        assert await app.cancel_runs("sleeper") == 3
+
+
+async def test_rerun_from_a_step_keeps_earlier_outputs(make_engine: Any) -> None:
+    app = make_engine()
+    calls: Counter[str] = Counter()
+
+    def effect(name: str) -> str:
+        calls[name] += 1
+        return f"{name}{calls[name]}"
+
+    @app.create_function("pipeline", trigger=TriggerEvent("p/go"))
+    async def pipeline(ctx: Context) -> Any:
+        a = await ctx.step.run("extract", effect, "extract")
+        b = await ctx.step.run("load", effect, "load")
+        return [a, b, ctx.event.data["x"]]
+
+    async with app.worker():
+        [event_id] = await app.send(Event(name="p/go", data={"x": 1}))
+        first = await app.wait_for_run(await only_run_id(app, event_id))
+        again = await app.wait_for_run(await app.rerun(first.run_id))
+        resumed = await app.wait_for_run(await app.rerun(first.run_id, from_step="load"))
+    assert first.output == ["extract1", "load1", 1]
+    assert again.output == ["extract2", "load2", 1]
+    assert resumed.output == ["extract1", "load3", 1]  # extract kept from the first run
+    assert calls == {"extract": 2, "load": 3}
+
+
+async def _noop(ctx: Context) -> None:
+    return None
+
+
+async def _status(app: Any, run_id: str, status: str) -> bool:
+    return (await app.get_run(run_id)).status.value == status
