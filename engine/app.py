@@ -191,10 +191,30 @@ class Engine:
         rows = await db.fetch("list_runs", self.app_id, fn_id, status_value, limit)
         return [run_info_from_row(row) for row in rows]
 
-    async def runs_for_event(self, event_id: str) -> list[RunInfo]:
-        """The runs an event started."""
+    async def runs_for_event(
+        self,
+        event_id: str,
+        *,
+        at_least: int = 0,
+        timeout: Duration = 30,  # noqa: ASYNC109 - `timeout=` as in wait_for_run
+    ) -> list[RunInfo]:
+        """The runs an event started; with ``at_least``, waits until that many exist (routing
+        an event takes milliseconds once a worker runs).
+
+        Raises:
+            TimeoutError: fewer than ``at_least`` runs after ``timeout``.
+        """
+        deadline = time.monotonic() + parse_duration(timeout, what="timeout").total_seconds()
         db = await self.database()
-        return [run_info_from_row(row) for row in await db.fetch("runs_for_event", event_id)]
+        pause = 0.005
+        while True:
+            rows = await db.fetch("runs_for_event", event_id)
+            if len(rows) >= at_least:
+                return [run_info_from_row(row) for row in rows]
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"event {event_id} started {len(rows)} run(s) after {timeout}")
+            await asyncio.sleep(pause)
+            pause = min(pause * 1.5, 0.25)
 
     async def wait_for_run(
         self,

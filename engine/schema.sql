@@ -1111,6 +1111,24 @@ BEGIN
     RETURN v_new;
 END $$;
 
+-- Moves durable time forward (tests and demos only): by p_by, or to p_to, never backwards.
+-- Leases measure real time, so they move along: a running run keeps its worker. Returns the
+-- new durable time and wakes the workers.
+CREATE OR REPLACE FUNCTION engine.advance_clock(p_by interval, p_to timestamptz)
+RETURNS timestamptz LANGUAGE plpgsql AS $$
+DECLARE
+    v_old interval;
+    v_new interval;
+BEGIN
+    SELECT c.offset_by INTO v_old FROM engine.clock c WHERE c.singleton FOR UPDATE;
+    v_new := greatest(v_old + coalesce(p_by, '0'), coalesce(p_to - statement_timestamp(), v_old));
+    UPDATE engine.clock c SET offset_by = v_new WHERE c.singleton;
+    UPDATE engine.runs r SET lease_expires_at = r.lease_expires_at + (v_new - v_old)
+    WHERE r.status = 'RUNNING';
+    PERFORM pg_notify('engine_wakeup', 'clock');
+    RETURN statement_timestamp() + v_new;
+END $$;
+
 -- Deletes finished runs (with their steps) and routed events older than p_age. Events still
 -- referenced by a kept run stay.
 CREATE OR REPLACE FUNCTION engine.prune(p_age interval) RETURNS bigint

@@ -10,7 +10,6 @@ worker, and calls `demo(app)` below, which sends an event and prints the run's r
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -46,10 +45,7 @@ async def demo(app: Engine) -> None:
     [event_id] = await app.send(
         Event(name="user/signed-up", data={"user_id": "u-42", "plan": "pro"})
     )
-    runs = []
-    while not runs:  # routing the event to its function takes a few milliseconds
-        await asyncio.sleep(0.01)
-        runs = await app.runs_for_event(event_id)
+    runs = await app.runs_for_event(event_id, at_least=1)  # routing takes milliseconds
     run = await app.wait_for_run(runs[0].run_id, timeout=30)
     print(f"run {run.run_id} {run.status.value}")
     for step in run.steps:

@@ -96,3 +96,6 @@ ORDER BY d.created_at, d.id
 
 -- name: now
 SELECT engine.now()
+
+-- name: advance_clock
+SELECT engine.advance_clock($1::interval, $2::timestamptz)

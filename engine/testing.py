@@ -1,0 +1,29 @@
+"""Time travel for tests and demos: move durable time instead of waiting for it.
+
+Durable time is ``engine.now()``: the database's clock plus an offset kept in ``engine.clock``
+(zero in production). Moving it forward makes sleeps, waits, timeouts, retry backoffs and cron
+schedules come due at once, in every worker on the database. Never use it in production.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from .app import Engine
+from .durations import Duration, parse_duration
+
+
+async def advance_clock(
+    app: Engine, by: Duration | None = None, *, to: datetime | None = None
+) -> datetime:
+    """Moves durable time forward ``by`` a duration, or ``to`` a time (never backwards).
+
+    Returns the new durable time; the workers are woken to look for what came due. Leases
+    move along (they measure real time), so runs executing meanwhile keep their worker.
+    """
+    delta = timedelta(0) if by is None else parse_duration(by, what="advance_clock")
+    if delta < timedelta(0):
+        raise ValueError("advance_clock moves time forward only")
+    db = await app.database()
+    now: datetime = await db.fetchval("advance_clock", delta, to)
+    return now
