@@ -229,3 +229,32 @@ async def _status(app: Any, run_id: str, status: str) -> bool:
 
 async def _truthy(value: Any) -> Any:
     return value
+
+
+async def test_parallel_invoke_send_and_wait(make_engine: Any) -> None:
+    """gather() over an invoke, a send_event, a wait and a plain step: one suspension holds
+    both waiting steps, and the event sent by the run resumes its own wait."""
+    app = make_engine()
+    double, _, _ = declare_children(app)
+
+    @app.create_function("together", trigger=TriggerEvent("g/go"))
+    async def together(ctx: Context) -> Any:
+        doubled, sent, echoed, plain = await asyncio.gather(
+            ctx.step.invoke("call", function=double, data={"n": 4}),
+            ctx.step.send_event("send", Event(name="g/echo", data={"k": "v"})),
+            ctx.step.wait_for_event("echo", event="g/echo", timeout="1h"),
+            ctx.step.run("plain", lambda: "p"),
+        )
+        return [doubled, len(sent), echoed and echoed.data, plain]
+
+    async with app.worker():
+        [event_id] = await app.send(Event(name="g/go"))
+        run = await app.wait_for_run(await only_run_id(app, event_id))
+    assert run.status is RunStatus.COMPLETED, run.error
+    assert run.output == [8, 1, {"k": "v"}, "p"]
+    assert {s.step_id: s.kind for s in run.steps} == {
+        "call": "invoke",
+        "send": "send",
+        "echo": "wait",
+        "plain": "run",
+    }

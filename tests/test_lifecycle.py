@@ -154,3 +154,36 @@ async def _noop(ctx: Context) -> None:
 
 async def _status(app: Any, run_id: str, status: str) -> bool:
     return (await app.get_run(run_id)).status.value == status
+
+
+async def test_advance_clock_moves_leases_along(make_engine: Any) -> None:
+    """A run executing while durable time jumps a day keeps its worker: no takeover, one pass."""
+    from engine.testing import advance_clock
+
+    app = make_engine()
+    gate = asyncio.Event()
+    passes: Counter[str] = Counter()
+
+    async def held() -> int:
+        passes["held"] += 1
+        await gate.wait()
+        return 1
+
+    @app.create_function("long", trigger=TriggerEvent("l/go"))
+    async def long(ctx: Context) -> Any:
+        return await ctx.step.run("held", held)
+
+    async with app.worker(lease="1s", poll_interval="50ms"):
+        [event_id] = await app.send(Event(name="l/go"))
+        run_id = await only_run_id(app, event_id)
+        await eventually(lambda: _status(app, run_id, "RUNNING"))
+        before = datetime.now(UTC)
+        moved_to = await advance_clock(app, "1d")
+        assert moved_to - before >= timedelta(days=1)
+        await asyncio.sleep(0.3)  # a takeover would happen here if leases had not moved
+        gate.set()
+        run = await app.wait_for_run(run_id)
+    assert run.status is RunStatus.COMPLETED
+    assert passes == {"held": 1}
+    with pytest.raises(ValueError, match="negative"):
+        await advance_clock(app, timedelta(seconds=-1))
