@@ -848,7 +848,7 @@ BEGIN
     UPDATE engine.runs r
     SET status = CASE WHEN v_cancel THEN 'CANCELLED' ELSE p_status END,
         due_at = least(v_due, r.finish_deadline),
-        waiting_reason = CASE WHEN v_cancel THEN NULL ELSE p_reason END,
+        waiting_reason = CASE WHEN v_cancel THEN r.waiting_reason ELSE p_reason END,
         attempt = p_attempt, log_lines = greatest(r.log_lines, p_log_lines),
         ended_at = CASE WHEN v_cancel THEN v_now END,
         error = CASE WHEN v_cancel THEN engine.timeout_error(r, v_now) END,
@@ -881,7 +881,9 @@ BEGIN
     SET status = p_status, output = p_output, ended_at = v_now,
         error = coalesce(p_error, CASE WHEN p_status = 'CANCELLED' THEN engine.timeout_error(r, v_now) END),
         log_lines = greatest(r.log_lines, p_log_lines),
-        lease_owner = NULL, lease_expires_at = NULL, waiting_reason = NULL, updated_at = v_now
+        lease_owner = NULL, lease_expires_at = NULL, updated_at = v_now,
+        -- a cancel keeps its reason (who cancelled it), which engine/function.cancelled carries
+        waiting_reason = CASE WHEN p_status = 'CANCELLED' THEN r.waiting_reason END
     WHERE r.id = p_run AND r.lease_owner = p_owner AND r.lease_token = p_token AND r.status = 'RUNNING';
     RETURN CASE WHEN FOUND THEN 'ok' ELSE 'lost' END;
 END $$;

@@ -197,7 +197,7 @@ async def test_cancel_event_cancels_a_sleeping_run_at_once(make_engine: Any, sql
     assert cancelled == 1
 
 
-async def test_cancel_event_stops_a_running_run_between_steps(make_engine: Any) -> None:
+async def test_cancel_event_stops_a_running_run_between_steps(make_engine: Any, sql: Any) -> None:
     app = make_engine()
     effects: list[str] = []
     gate = asyncio.Event()
@@ -213,6 +213,10 @@ async def test_cancel_event_stops_a_running_run_between_steps(make_engine: Any) 
     assert run.status is RunStatus.CANCELLED
     assert effects == ["first"]
     assert [s.step_id for s in run.steps] == ["first"]
+    reason = await sql.fetchval(
+        "SELECT data->>'reason' FROM engine.events WHERE name = 'engine/function.cancelled'"
+    )
+    assert reason.startswith("cancelled by event o/cancelled")
 
 
 async def test_cancel_sent_before_the_run_starts_counts(make_engine: Any) -> None:
