@@ -181,11 +181,12 @@ class Steps:
         step_id: str,
         *,
         event: str,
-        timeout: Duration,  # noqa: ASYNC109 - a durable timeout, the API the issue pins
+        timeout: Duration = "24h",  # noqa: ASYNC109 - a durable timeout, the API the issue pins
         if_exp: str | None = None,
         match: str | None = None,
     ) -> Event | None:
-        """Pauses the run until a matching event arrives; returns it, or ``None`` on timeout.
+        """Pauses the run until a matching event arrives; returns it, or ``None`` once
+        ``timeout`` (default 24 hours) has passed.
 
         ``match="data.order_id"`` requires ``async.data.order_id == event.data.order_id``;
         ``if_exp`` is CEL in which ``event`` is the run's triggering event and ``async`` the

@@ -48,6 +48,32 @@ async def only_run_id(engine: Engine, event_id: str, timeout: float = 10.0) -> s
 
 
 APPS = Path(__file__).parent / "apps"
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def run_engine_dev(example: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    """Runs `engine dev examples/EXAMPLE` as a newcomer would: embedded PostgreSQL, no URL."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "--log-level",
+            "warning",
+            "dev",
+            str(EXAMPLES / example),
+            "--data-dir",
+            str(data_dir / "pg"),
+            "--poll-interval",
+            "200ms",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=data_dir,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k != "DATABASE_URL"},
+    )
 
 
 def start_worker_process(

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-from helpers import eventually
+from helpers import eventually, run_engine_dev
 
 import engine
 
@@ -18,25 +17,7 @@ ROOT = Path(__file__).parent.parent
 
 def test_quickstart_runs_under_engine_dev(tmp_path: Path) -> None:
     """The README's first command: an embedded PostgreSQL, the demo event, the run's result."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "engine",
-            "dev",
-            str(ROOT / "examples" / "quickstart.py"),
-            "--data-dir",
-            str(tmp_path / "pg"),
-            "--poll-interval",
-            "200ms",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        check=False,
-        env={k: v for k, v in os.environ.items() if k != "DATABASE_URL"},
-    )
+    result = run_engine_dev("quickstart.py", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "COMPLETED" in result.stdout
     assert "step fetch-user" in result.stdout and "step send-welcome" in result.stdout

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).parent.parent
+from helpers import run_engine_dev
 
 EXPECTED = {
     "order_flow.py": [
@@ -31,27 +27,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("example", sorted(EXPECTED))
 def test_example_runs_under_engine_dev(example: str, tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "engine",
-            "--log-level",
-            "warning",
-            "dev",
-            str(ROOT / "examples" / example),
-            "--data-dir",
-            str(tmp_path / "pg"),
-            "--poll-interval",
-            "200ms",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        check=False,
-        env={k: v for k, v in os.environ.items() if k != "DATABASE_URL"},
-    )
+    result = run_engine_dev(example, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     for line in EXPECTED[example]:
         assert line in result.stdout, result.stdout
