@@ -256,7 +256,10 @@ class Steps:
                 "error": {"type": "InvokeTimeoutError", "message": message},
             }
             async with ex.executing():
-                await ex.invoke(record, function, dict(data or {}), expires, on_timeout)
+                try:
+                    await ex.invoke(record, function, dict(data or {}), expires, on_timeout)
+                except EngineError as exc:  # no such function registered: retrying cannot help
+                    ex.fail(RunFailure(f"{what}: {exc}"))
         elif record.status == "COMPLETED":
             return record.output
         elif record.status == "FAILED":

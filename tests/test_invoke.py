@@ -258,3 +258,19 @@ async def test_parallel_invoke_send_and_wait(make_engine: Any) -> None:
         "echo": "wait",
         "plain": "run",
     }
+
+
+async def test_invoking_an_unregistered_function_fails_the_run(make_engine: Any) -> None:
+    other = make_engine("elsewhere")  # never connects: its function is not registered
+    double, _, _ = declare_children(other)
+    app = make_engine()
+
+    @app.create_function("parent", trigger=TriggerEvent("p/go"))
+    async def parent(ctx: Context) -> Any:
+        return await ctx.step.invoke("call", function=double)
+
+    async with app.worker():
+        [event_id] = await app.send(Event(name="p/go"))
+        run = await app.wait_for_run(await only_run_id(app, event_id))
+    assert run.status is RunStatus.FAILED
+    assert run.error is not None and "no such function" in run.error["message"]

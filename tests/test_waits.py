@@ -248,3 +248,29 @@ async def _noop(ctx: Context) -> None:
 
 async def _status(app: Any, run_id: str, status: str) -> bool:
     return (await app.get_run(run_id)).status.value == status
+
+
+async def test_cancel_timeout_disarms_the_cancel(make_engine: Any, sql: Any) -> None:
+    """Cancel(timeout=1h): a cancel event two hours after the trigger no longer cancels."""
+    app = make_engine()
+
+    @app.create_function(
+        "window",
+        trigger=TriggerEvent("w/start"),
+        cancel=Cancel(event="w/stop", match="data.id", timeout="1h"),
+    )
+    async def window(ctx: Context) -> Any:
+        await ctx.step.sleep("nap", "3h")
+        return "finished"
+
+    async with app.worker(poll_interval="50ms"):
+        [event_id] = await app.send(Event(name="w/start", data={"id": 1}))
+        run_id = await only_run_id(app, event_id)
+        await eventually(lambda: _status(app, run_id, "SLEEPING"))
+        await move_clock(sql, timedelta(hours=2))
+        await app.send(Event(name="w/stop", data={"id": 1}))
+        await asyncio.sleep(0.3)
+        assert await _status(app, run_id, "SLEEPING")
+        await move_clock(sql, timedelta(hours=2))
+        run = await app.wait_for_run(run_id)
+    assert run.status is RunStatus.COMPLETED and run.output == "finished"
