@@ -86,7 +86,7 @@ def build_function(
         fn_id=fn_id,
         handler=handler,
         triggers=normalize_triggers(trigger, fn_id),
-        retries=check_retries(retries, fn_id),
+        retries=check_retries(retries, f"function {fn_id!r}"),
         app_id=app_id,
         cancel=check_cancels(cancel, fn_id),
         timeouts=_check_timeouts(timeouts, fn_id),

@@ -32,12 +32,12 @@ class Backoff:
         return base * (1 - random.uniform(0, self.jitter))
 
 
-def check_retries(retries: int, fn_id: str) -> int:
-    """Validates the ``retries`` option (0 to 20 retries after the first attempt)."""
+def check_retries(retries: int, what: str) -> int:
+    """Validates a ``retries`` option (0 to 20 retries after the first attempt) of ``what``."""
     from .errors import ConfigurationError
 
     if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
         raise ConfigurationError(
-            f"function {fn_id!r}: retries must be an int from 0 to {MAX_RETRIES}, got {retries!r}"
+            f"{what}: retries must be an int from 0 to {MAX_RETRIES}, got {retries!r}"
         )
     return retries

@@ -30,6 +30,7 @@ from .errors import (
 from .events import Event, event_from_row, validate_outgoing
 from .execution import Execution, StepPlan, StepRecord, Suspension, utc
 from .matching import EventMatcher
+from .retries import check_retries
 from .runs import RunStatus
 from .serialization import loads, restore
 
@@ -46,17 +47,31 @@ class Steps:
     def __init__(self, execution: Execution) -> None:
         self._ex = execution
 
-    async def run(self, step_id: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    async def run(
+        self,
+        step_id: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        retries: int | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Runs ``fn(*args, **kwargs)`` once for this run and returns its JSON round trip.
 
         ``fn`` may be sync (it runs in a thread) or async. Errors are retried with a durable
-        backoff, up to the function's ``retries``; then :class:`StepError` is raised here.
+        backoff, up to ``retries`` (default: the function's); then :class:`StepError` is raised
+        here. ``retries`` is this method's own keyword: it is not passed to ``fn``.
 
         Raises:
             StepError: the step failed for good.
         """
         ex = self._ex
         plan = ex.plan(step_id)
+        allowed = ex.run.function.retries
+        if retries is not None:
+            try:
+                allowed = check_retries(retries, f"step {plan.key!r}")
+            except EngineError as exc:
+                ex.fail(RunFailure(str(exc)))
         record = plan.record
         if record is not None and record.status == "COMPLETED":
             return _restored(record.output, fn)
@@ -66,7 +81,7 @@ class Steps:
         attempt = record.attempts if record is not None else 0
         ex.in_flight += 1
         try:
-            outcome = await self._attempt(plan, attempt, fn, args, kwargs)
+            outcome = await self._attempt(plan, attempt, fn, args, kwargs, allowed=allowed)
             if outcome.wait is not None:  # registered before the run can settle
                 ex.suspensions.append(outcome.wait)
         finally:
@@ -85,6 +100,8 @@ class Steps:
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        *,
+        allowed: int,
     ) -> _Outcome:
         """Executes one attempt and records it before the function goes on."""
         ex = self._ex
@@ -96,19 +113,18 @@ class Steps:
                 if ex.fatal is not None:  # a limit or a nested step: the run fails as a whole
                     raise
                 telemetry.mark(span, "error")
-                return await self._failed(plan, attempt, error)
+                return await self._failed(plan, attempt, allowed, error)
             await ex.checkpoint(
                 StepRecord(plan.key, plan.position, "run", "COMPLETED", attempt + 1), output
             )
             telemetry.mark(span, "completed")
         return _Outcome(value=loads(output))
 
-    async def _failed(self, plan: StepPlan, attempt: int, error: Exception) -> _Outcome:
+    async def _failed(
+        self, plan: StepPlan, attempt: int, allowed: int, error: Exception
+    ) -> _Outcome:
         ex = self._ex
-        final = (
-            isinstance(error, NonRetriableError | SerializationError)
-            or attempt >= ex.run.function.retries
-        )
+        final = isinstance(error, NonRetriableError | SerializationError) or attempt >= allowed
         record = StepRecord(
             plan.key,
             plan.position,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -199,3 +200,29 @@ async def test_waiting_for_a_retry_is_visible(make_engine: Any) -> None:
         run = await eventually(retrying)
         assert "retrying step 'fails'" in run.waiting_reason
         assert worker.executions == {}
+
+
+async def test_a_step_may_override_the_function_retries(make_engine: Any) -> None:
+    """retries= on ctx.step.run is the step's own policy; it is not passed to the callable."""
+    app = make_engine()
+    attempts: Counter[str] = Counter()
+
+    def flaky(name: str) -> str:
+        attempts[name] += 1
+        raise RuntimeError(f"{name} failed")
+
+    @app.create_function("override", trigger=TriggerEvent("o/go"), retries=5)
+    async def override(ctx: Context) -> Any:
+        outcomes = []
+        for name, retries in (("once", 0), ("thrice", 2)):
+            try:
+                await ctx.step.run(name, flaky, name, retries=retries)
+            except StepError as error:
+                outcomes.append(error.error_message)
+        return outcomes
+
+    async with app.worker():
+        [event_id] = await app.send(Event(name="o/go"))
+        run = await app.wait_for_run(await only_run_id(app, event_id))
+    assert run.output == ["once failed", "thrice failed"]
+    assert attempts == {"once": 1, "thrice": 3}
