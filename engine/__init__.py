@@ -26,6 +26,7 @@ from .errors import (
     StepLimitError,
 )
 from .events import Event
+from .flow import Concurrency
 from .function import Function
 from .retries import Backoff
 from .runs import RunInfo, RunStatus, StepInfo
@@ -35,6 +36,7 @@ from .worker import Worker
 __all__ = [
     "Backoff",
     "Cancel",
+    "Concurrency",
     "ConfigurationError",
     "Context",
     "DeterminismError",

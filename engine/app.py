@@ -18,6 +18,7 @@ from .errors import EngineError, RunNotFoundError
 from .events import Event, validate_outgoing
 from .execution import Limits
 from .expressions import Expression
+from .flow import Concurrency
 from .function import Function, Handler, build_function
 from .retries import Backoff
 from .runs import RunInfo, RunStatus, run_info_from_row
@@ -72,6 +73,7 @@ class Engine:
         cancel: Cancel | list[Cancel] | None = None,
         timeouts: Timeouts | None = None,
         on_failure: Handler | None = None,
+        concurrency: Concurrency | list[Concurrency] | None = None,
     ) -> Callable[[Handler], Function]:
         """Declares a durable function.
 
@@ -84,6 +86,7 @@ class Engine:
             timeouts: :class:`Timeouts` that cancel a run that starts or finishes too late.
             on_failure: ``async def handler(ctx)`` run (as function ``<fn_id>-failure``) when a
                 run fails for good; ``ctx.event`` is the ``engine/function.failed`` event.
+            concurrency: up to 2 :class:`Concurrency` limits on runs executing at once.
 
         Raises:
             ConfigurationError: an invalid id, option or expression; the message says which.
@@ -98,6 +101,7 @@ class Engine:
                 app_id=self.app_id,
                 cancel=cancel,
                 timeouts=timeouts,
+                concurrency=concurrency,
             )
             failure = None if on_failure is None else self._failure_handler(fn_id, on_failure)
             for declared in (function, failure):

@@ -45,7 +45,7 @@ from .function import Function
 from .matching import accepts
 from .retries import Backoff
 from .runs import RunStatus
-from .serialization import NotSerializable, dumps, loads
+from .serialization import NotSerializable, dumps, dumps_or_none, loads
 
 
 @dataclass(frozen=True)
@@ -358,6 +358,7 @@ class Execution:
                 expires,
                 dumps(on_timeout),
                 telemetry.current_traceparent(),
+                dumps_or_none(target.slots({"name": "engine/function.invoked", "data": data})),
             )
         except StaleLeaseError as exc:
             self.lost = True

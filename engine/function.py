@@ -12,6 +12,7 @@ from typing import Any
 from .cancellation import Cancel, Timeouts, check_cancels
 from .context import Context
 from .errors import ConfigurationError
+from .flow import Concurrency, check_concurrency, concurrency_slots
 from .retries import check_retries
 from .triggers import Trigger, TriggerCron, TriggerEvent, normalize_triggers
 
@@ -33,6 +34,7 @@ class Function:
     app_id: str = ""
     cancel: tuple[Cancel, ...] = ()
     timeouts: Timeouts | None = None
+    concurrency: tuple[Concurrency, ...] = ()
 
     async def __call__(self, ctx: Context) -> Any:
         return await self.handler(ctx)
@@ -47,6 +49,11 @@ class Function:
         """The cron triggers."""
         return [t for t in self.triggers if isinstance(t, TriggerCron)]
 
+    def slots(self, event: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """The concurrency permits a run of this function needs for ``event`` (JSON form)."""
+        specs = [c.to_json() for c in self.concurrency]
+        return concurrency_slots(specs, self.app_id, self.fn_id, event)
+
     def registry_entry(self, now: datetime) -> dict[str, Any]:
         """The row of ``engine.functions`` describing this function; ``now`` is the database's."""
         config: dict[str, Any] = {"retries": self.retries}
@@ -54,6 +61,8 @@ class Function:
             config["timeouts"] = self.timeouts.to_json()
         if self.cancel:
             config["cancel"] = [c.to_json() for c in self.cancel]
+        if self.concurrency:
+            config["concurrency"] = [c.to_json() for c in self.concurrency]
         return {
             "function_id": self.fn_id,
             "triggers": [t.to_json() for t in self.triggers],
@@ -74,6 +83,7 @@ def build_function(
     app_id: str = "",
     cancel: Cancel | list[Cancel] | None = None,
     timeouts: Timeouts | None = None,
+    concurrency: Concurrency | list[Concurrency] | None = None,
 ) -> Function:
     """Validates a declaration; raises :class:`ConfigurationError` with what is wrong."""
     if not isinstance(fn_id, str) or not _FN_ID.match(fn_id):
@@ -90,6 +100,7 @@ def build_function(
         app_id=app_id,
         cancel=check_cancels(cancel, fn_id),
         timeouts=_check_timeouts(timeouts, fn_id),
+        concurrency=check_concurrency(concurrency, fn_id),
     )
 
 

@@ -9,7 +9,6 @@ created already leased to it when it has room, which saves a round trip before t
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -17,6 +16,7 @@ from uuid import UUID
 
 from .db import Connection, Database, Record
 from .errors import EngineError
+from .flow import concurrency_slots
 from .function import Function
 from .matching import accepts
 from .serialization import dumps, loads
@@ -32,6 +32,7 @@ class RegisteredFunction:
     app_id: str
     fn_id: str
     triggers: tuple[TriggerEvent, ...]
+    concurrency: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass
@@ -46,28 +47,34 @@ class RoutedRun:
 class Router:
     """Creates runs from due events for every function of the registry."""
 
-    def __init__(
-        self, db: Database, app_id: str, functions: dict[str, Function], refresh: float = 5.0
-    ) -> None:
+    def __init__(self, db: Database, app_id: str, functions: dict[str, Function]) -> None:
         self._db = db
         self._app_id = app_id
         self._own = [
-            RegisteredFunction(app_id, f.fn_id, tuple(f.event_triggers)) for f in functions.values()
+            RegisteredFunction(
+                app_id,
+                f.fn_id,
+                tuple(f.event_triggers),
+                tuple(c.to_json() for c in f.concurrency),
+            )
+            for f in functions.values()
         ]
         self._others: list[RegisteredFunction] = []
-        self._refresh = refresh
-        self._loaded_at = -float("inf")
+        self._version: int | None = None  # engine.meta's registry_version of self._others
         self._compiled: dict[str, tuple[TriggerEvent, ...]] = {}
 
     async def route(
         self, owner: UUID, lease: timedelta, capacity: int
     ) -> tuple[int, list[RoutedRun]]:
         """Routes one batch of due events; returns how many were routed and the runs leased here."""
-        await self._load_registry()
         async with self._db.transaction() as conn:
             events = await self._db.fetch("claim_events", EVENT_BATCH, conn=conn)
             if not events:
                 return 0, []
+            if events[0]["registry_version"] != self._version:
+                # Another app registered or changed functions: route with the current registry.
+                await self._load_registry(conn)
+                self._version = events[0]["registry_version"]
             plan, by_seq = self._plan(events, capacity)
             created = await self._db.fetch(
                 "create_runs", [e["seq"] for e in events], dumps(plan), owner, lease, conn=conn
@@ -99,7 +106,9 @@ class Router:
             }
             by_seq[row["seq"]] = {"event": event, "traceparent": row["traceparent"]}
             for fn in self._matching(event):
-                claim = fn.app_id == self._app_id and capacity > 0
+                slots = concurrency_slots(list(fn.concurrency), fn.app_id, fn.fn_id, event)
+                # Runs under concurrency limits are left to the claim, which takes permits.
+                claim = fn.app_id == self._app_id and capacity > 0 and slots is None
                 capacity -= claim
                 plan.append(
                     {
@@ -107,6 +116,7 @@ class Router:
                         "function_id": fn.fn_id,
                         "event_seq": row["seq"],
                         "claim": claim,
+                        "concurrency": slots,
                     }
                 )
         return plan, by_seq
@@ -141,19 +151,19 @@ class Router:
             fn for fn in (*self._own, *self._others) if any(t.matches(event) for t in fn.triggers)
         ]
 
-    async def _load_registry(self) -> None:
-        if time.monotonic() - self._loaded_at < self._refresh:
-            return
-        rows = await self._db.fetch("registry")
+    async def _load_registry(self, conn: Connection) -> None:
+        rows = await self._db.fetch("registry", conn=conn)
         others = []
         for row in rows:
             if row["app_id"] == self._app_id:
                 continue  # this worker's own code is the truth for its app
             triggers = self._triggers(row["triggers"])
             if triggers:
-                others.append(RegisteredFunction(row["app_id"], row["function_id"], triggers))
+                limits = tuple(json.loads(row["config"]).get("concurrency") or ())
+                others.append(
+                    RegisteredFunction(row["app_id"], row["function_id"], triggers, limits)
+                )
         self._others = others
-        self._loaded_at = time.monotonic()
 
     def _triggers(self, text: str) -> tuple[TriggerEvent, ...]:
         if text not in self._compiled:

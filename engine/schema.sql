@@ -35,8 +35,8 @@ CREATE TABLE IF NOT EXISTS engine.meta (
     value text NOT NULL
 );
 
--- Upgrades from version 1 (before waits, invokes, cron and timeouts): constraints and partial
--- indexes whose definitions changed are dropped here and created again below.
+-- Upgrades from earlier versions: constraints and partial indexes whose definitions changed are
+-- dropped here and created again below; new columns are added.
 DO $$
 BEGIN
     IF (SELECT value::int FROM engine.meta WHERE key = 'schema_version') < 2 THEN
@@ -63,8 +63,24 @@ BEGIN
     END IF;
 END $$;
 
-INSERT INTO engine.meta (key, value) VALUES ('schema_version', '2')
+DO $$
+BEGIN
+    IF (SELECT value::int FROM engine.meta WHERE key = 'schema_version') < 3 THEN
+        ALTER TABLE engine.runs
+            ADD COLUMN IF NOT EXISTS concurrency jsonb,
+            ADD COLUMN IF NOT EXISTS blocked_on text;
+        DROP FUNCTION IF EXISTS engine.invoke(uuid, uuid, bigint, jsonb, text, text, jsonb,
+                                              timestamptz, jsonb, text);
+        DROP FUNCTION IF EXISTS engine.fire_cron(text, text, text, timestamptz, timestamptz);
+        DROP FUNCTION IF EXISTS engine.claim_events(int);
+    END IF;
+END $$;
+
+INSERT INTO engine.meta (key, value) VALUES ('schema_version', '3')
 ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+-- Bumped by every change of engine.functions: routers reload the registry when it moves, so no
+-- event is routed with a stale view of the functions it triggers.
+INSERT INTO engine.meta (key, value) VALUES ('registry_version', '0') ON CONFLICT DO NOTHING;
 
 CREATE OR REPLACE FUNCTION engine.schema_version() RETURNS int
 LANGUAGE sql STABLE AS $$ SELECT value::int FROM engine.meta WHERE key = 'schema_version' $$;
@@ -161,6 +177,11 @@ CREATE TABLE IF NOT EXISTS engine.runs (
     start_deadline   timestamptz,
     finish_timeout   interval,
     finish_deadline  timestamptz,
+    -- flow control: the concurrency permits the run needs while RUNNING ([{slot, limit}], sorted
+    -- by slot), and the slot it is parked on while that slot is full (its due_at is 'infinity'
+    -- until a permit is released)
+    concurrency      jsonb,
+    blocked_on       text,
     created_at       timestamptz NOT NULL,
     started_at       timestamptz,
     ended_at         timestamptz,
@@ -174,6 +195,17 @@ CREATE INDEX IF NOT EXISTS runs_due_idx
 CREATE INDEX IF NOT EXISTS runs_leased_idx
     ON engine.runs (app_id, lease_expires_at) WHERE status = 'RUNNING';
 CREATE INDEX IF NOT EXISTS runs_event_idx ON engine.runs (event_seq);
+CREATE INDEX IF NOT EXISTS runs_blocked_idx
+    ON engine.runs (blocked_on, created_at) WHERE blocked_on IS NOT NULL;
+
+-- Concurrency permits: one row per slot ('fn:<app>/<fn>' or 'app:<app>', plus '|<key>' for keyed
+-- limits) counting its RUNNING runs. A claim takes a permit under the row's lock only while
+-- in_use < limit; leaving RUNNING gives it back (trigger runs_released). Counting runs and then
+-- claiming would overshoot when workers race; this cannot.
+CREATE TABLE IF NOT EXISTS engine.concurrency_slots (
+    slot   text PRIMARY KEY,
+    in_use int NOT NULL DEFAULT 0 CHECK (in_use >= 0)
+);
 CREATE INDEX IF NOT EXISTS runs_function_idx ON engine.runs (app_id, function_id, created_at DESC);
 
 -- kind: run, sleep, wait (wait_for_event), invoke, send (send_event).
@@ -380,6 +412,9 @@ $$;
 -- unchanged, so a restart neither skips nor repeats a tick.
 CREATE OR REPLACE FUNCTION engine.register_functions(p_app text, p_functions jsonb, p_replace boolean)
 RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_changed bigint;
+    v_removed bigint := 0;
 BEGIN
     INSERT INTO engine.functions AS f (app_id, function_id, triggers, config, updated_at)
     SELECT p_app, x.function_id, x.triggers, x.config, now()
@@ -387,10 +422,15 @@ BEGIN
     ON CONFLICT (app_id, function_id) DO UPDATE
         SET triggers = excluded.triggers, config = excluded.config, updated_at = now()
         WHERE (f.triggers, f.config) IS DISTINCT FROM (excluded.triggers, excluded.config);
+    GET DIAGNOSTICS v_changed = ROW_COUNT;
     IF p_replace THEN
         DELETE FROM engine.functions f
         WHERE f.app_id = p_app
           AND f.function_id NOT IN (SELECT x ->> 'function_id' FROM jsonb_array_elements(p_functions) x);
+        GET DIAGNOSTICS v_removed = ROW_COUNT;
+    END IF;
+    IF v_changed + v_removed > 0 THEN
+        UPDATE engine.meta SET value = (value::bigint + 1)::text WHERE key = 'registry_version';
     END IF;
     DELETE FROM engine.cron_schedules c
     USING jsonb_to_recordset(p_functions) AS x(function_id text, crons jsonb)
@@ -417,7 +457,8 @@ $$;
 -- Starts the run of one cron tick (an engine/scheduled.timer event) and moves the schedule on.
 -- The dedupe key 'cron:<time>' makes a tick start one run, however many workers fire it.
 CREATE OR REPLACE FUNCTION engine.fire_cron(
-    p_app text, p_function text, p_cron text, p_tick timestamptz, p_next timestamptz)
+    p_app text, p_function text, p_cron text, p_tick timestamptz, p_next timestamptz,
+    p_concurrency jsonb)
 RETURNS uuid LANGUAGE plpgsql AS $$
 DECLARE
     v_now timestamptz := engine.now();
@@ -437,10 +478,10 @@ BEGIN
             p_tick, v_now)
     RETURNING seq INTO v_seq;
     INSERT INTO engine.runs (app_id, function_id, status, event_seq, dedupe_key, due_at,
-                             start_deadline, finish_timeout, created_at, updated_at)
+                             start_deadline, finish_timeout, concurrency, created_at, updated_at)
     VALUES (p_app, p_function, 'QUEUED', v_seq, v_key, v_now,
             v_now + engine.timeout_of(p_app, p_function, 'start'),
-            engine.timeout_of(p_app, p_function, 'finish'), v_now, v_now)
+            engine.timeout_of(p_app, p_function, 'finish'), p_concurrency, v_now, v_now)
     ON CONFLICT DO NOTHING
     RETURNING id INTO v_run;
     RETURN v_run;
@@ -458,7 +499,7 @@ LANGUAGE sql IMMUTABLE AS $$ SELECT hashtextextended('engine.event:' || p_name, 
 -- whether some run has a matcher for the event's name (then it asks for matcher_candidates).
 CREATE OR REPLACE FUNCTION engine.claim_events(p_limit int)
 RETURNS TABLE (seq bigint, id text, name text, data jsonb, ts timestamptz, v text, traceparent text,
-               awaited boolean)
+               awaited boolean, registry_version bigint)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -477,7 +518,8 @@ BEGIN
     FROM (SELECT DISTINCT e.name FROM engine.events e WHERE e.seq = ANY (v_seqs) ORDER BY 1) n;
     RETURN QUERY
     SELECT e.seq, e.id, e.name, e.data, e.ts, e.v, e.traceparent,
-           EXISTS (SELECT 1 FROM engine.matchers m WHERE m.event_name = e.name)
+           EXISTS (SELECT 1 FROM engine.matchers m WHERE m.event_name = e.name),
+           (SELECT value::bigint FROM engine.meta WHERE key = 'registry_version')
     FROM engine.events e WHERE e.seq = ANY (v_seqs)
     ORDER BY e.seq;
 END $$;
@@ -619,8 +661,9 @@ RETURNS interval LANGUAGE sql STABLE AS $$
     FROM engine.functions f WHERE f.app_id = p_app AND f.function_id = p_function
 $$;
 
--- p_runs: [{app_id, function_id, event_seq, claim}]. Runs with claim=true are created RUNNING
--- and leased to p_owner (the router executes them at once); the others are QUEUED.
+-- p_runs: [{app_id, function_id, event_seq, claim, concurrency}]. Runs with claim=true are
+-- created RUNNING and leased to p_owner (the router executes them at once; never a run with
+-- concurrency limits, whose permits only the claim takes); the others are QUEUED.
 -- Returns the runs leased to p_owner. The unique dedupe key makes routing exactly-once.
 CREATE OR REPLACE FUNCTION engine.create_runs(
     p_seqs bigint[], p_runs jsonb, p_owner uuid, p_lease interval)
@@ -634,7 +677,7 @@ BEGIN
     RETURN QUERY
     INSERT INTO engine.runs AS r (app_id, function_id, status, event_seq, dedupe_key, due_at,
                                   lease_owner, lease_token, lease_expires_at, traceparent,
-                                  start_deadline, finish_timeout, finish_deadline,
+                                  start_deadline, finish_timeout, finish_deadline, concurrency,
                                   created_at, started_at, updated_at)
     SELECT x.app_id, x.function_id,
            CASE WHEN x.claim THEN 'RUNNING' ELSE 'QUEUED' END,
@@ -646,10 +689,12 @@ BEGIN
            v_now + engine.timeout_of(x.app_id, x.function_id, 'start'),
            engine.timeout_of(x.app_id, x.function_id, 'finish'),
            CASE WHEN x.claim THEN v_now + engine.timeout_of(x.app_id, x.function_id, 'finish') END,
+           nullif(x.concurrency, 'null'),
            v_now,
            CASE WHEN x.claim THEN v_now END,
            v_now
-    FROM jsonb_to_recordset(p_runs) AS x(app_id text, function_id text, event_seq bigint, claim boolean)
+    FROM jsonb_to_recordset(p_runs)
+         AS x(app_id text, function_id text, event_seq bigint, claim boolean, concurrency jsonb)
     JOIN engine.events e ON e.seq = x.event_seq
     ON CONFLICT (app_id, function_id, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
     RETURNING r.id, r.function_id, r.event_seq, r.lease_token, r.created_at;
@@ -677,39 +722,55 @@ RETURNS TABLE (id uuid, function_id text, lease_token bigint, attempt int, log_l
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    v_now timestamptz := engine.now();
-    v_ids uuid[];
+    v_now     timestamptz := engine.now();
+    v_ids     uuid[] := '{}';
+    v_run     record;
+    v_blocked text;
 BEGIN
-    WITH due AS (
-        SELECT r.id FROM engine.runs r
-        WHERE r.app_id = p_app AND r.status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING')
-          AND r.due_at <= v_now AND r.function_id = ANY (p_functions)
-        ORDER BY r.due_at
-        LIMIT p_limit
-        FOR UPDATE SKIP LOCKED
-    ), expired AS (
-        SELECT r.id FROM engine.runs r
-        WHERE r.app_id = p_app AND r.status = 'RUNNING'
-          AND r.lease_expires_at < v_now AND r.function_id = ANY (p_functions)
-        ORDER BY r.lease_expires_at
-        LIMIT p_limit
-        FOR UPDATE SKIP LOCKED
-    ), picked AS (
-        SELECT d.id FROM due d UNION ALL SELECT x.id FROM expired x LIMIT p_limit
-    ), claimed AS (
-        UPDATE engine.runs r
-        SET status = 'RUNNING', lease_owner = p_owner, lease_token = r.lease_token + 1,
-            lease_expires_at = v_now + p_lease, started_at = coalesce(r.started_at, v_now),
-            finish_deadline = coalesce(r.finish_deadline, v_now + r.finish_timeout),
-            waiting_reason = NULL, updated_at = v_now
-        FROM picked WHERE r.id = picked.id
-        RETURNING r.id
-    )
-    SELECT array_agg(c.id) INTO v_ids FROM claimed c;
-
-    IF v_ids IS NULL THEN
+    FOR v_run IN
+        WITH due AS (
+            SELECT r.id, r.status, r.concurrency FROM engine.runs r
+            WHERE r.app_id = p_app AND r.status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING')
+              AND r.due_at <= v_now AND r.function_id = ANY (p_functions)
+            ORDER BY r.due_at
+            LIMIT p_limit + 32  -- room for runs that park on a full concurrency slot
+            FOR UPDATE SKIP LOCKED
+        ), expired AS (
+            SELECT r.id, r.status, r.concurrency FROM engine.runs r
+            WHERE r.app_id = p_app AND r.status = 'RUNNING'
+              AND r.lease_expires_at < v_now AND r.function_id = ANY (p_functions)
+            ORDER BY r.lease_expires_at
+            LIMIT p_limit
+            FOR UPDATE SKIP LOCKED
+        )
+        SELECT * FROM due UNION ALL SELECT * FROM expired
+    LOOP
+        EXIT WHEN cardinality(v_ids) >= p_limit;
+        -- A run taken over from a dead worker keeps the permits it holds.
+        IF v_run.concurrency IS NOT NULL AND v_run.status <> 'RUNNING' THEN
+            v_blocked := engine.take_permits(v_run.concurrency);
+            IF v_blocked = '' THEN
+                CONTINUE;  -- a slot row is locked by another claim: try again next time
+            ELSIF v_blocked IS NOT NULL THEN
+                -- Parked: no worker looks at it again until a permit of that slot is released.
+                UPDATE engine.runs r
+                SET due_at = 'infinity', blocked_on = v_blocked, updated_at = v_now,
+                    waiting_reason = format('concurrency limit reached (%s)', v_blocked)
+                WHERE r.id = v_run.id;
+                CONTINUE;
+            END IF;
+        END IF;
+        v_ids := v_ids || v_run.id;
+    END LOOP;
+    IF cardinality(v_ids) = 0 THEN
         RETURN;
     END IF;
+    UPDATE engine.runs r
+    SET status = 'RUNNING', lease_owner = p_owner, lease_token = r.lease_token + 1,
+        lease_expires_at = v_now + p_lease, started_at = coalesce(r.started_at, v_now),
+        finish_deadline = coalesce(r.finish_deadline, v_now + r.finish_timeout),
+        waiting_reason = NULL, blocked_on = NULL, updated_at = v_now
+    WHERE r.id = ANY (v_ids);
     v_ids := engine.enforce_timeouts(v_ids, v_now);
     -- A sleep whose time has come is over: record it so that replay returns at once.
     UPDATE engine.steps s SET status = 'COMPLETED', ended_at = s.wake_at
@@ -730,6 +791,63 @@ BEGIN
            r.traceparent, r.created_at, v_now, engine.run_event(r.event_seq), engine.run_steps(r.id)
     FROM engine.runs r WHERE r.id = ANY (v_ids);
 END $$;
+
+-- Takes one permit of each slot (p_slots: [{slot, limit}], sorted) for a run being claimed.
+-- Returns NULL when all were taken, the first full slot's name (nothing taken), or '' when a
+-- slot row is locked by another claim (nothing taken: SKIP LOCKED keeps claims from waiting on
+-- each other, and so from deadlocking).
+CREATE OR REPLACE FUNCTION engine.take_permits(p_slots jsonb) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_slot  record;
+    v_taken text[] := '{}';
+    v_used  int;
+BEGIN
+    FOR v_slot IN SELECT x.slot, x.cap FROM jsonb_to_recordset(p_slots) AS x(slot text, cap int) LOOP
+        SELECT s.in_use INTO v_used FROM engine.concurrency_slots s
+        WHERE s.slot = v_slot.slot FOR UPDATE SKIP LOCKED;
+        IF NOT FOUND AND NOT EXISTS (SELECT 1 FROM engine.concurrency_slots s
+                                     WHERE s.slot = v_slot.slot) THEN
+            INSERT INTO engine.concurrency_slots (slot) VALUES (v_slot.slot) ON CONFLICT DO NOTHING;
+            SELECT s.in_use INTO v_used FROM engine.concurrency_slots s
+            WHERE s.slot = v_slot.slot FOR UPDATE SKIP LOCKED;
+        END IF;
+        IF v_used IS NULL OR v_used >= v_slot.cap THEN
+            UPDATE engine.concurrency_slots s SET in_use = s.in_use - 1 WHERE s.slot = ANY (v_taken);
+            RETURN CASE WHEN v_used IS NULL THEN '' ELSE v_slot.slot END;
+        END IF;
+        UPDATE engine.concurrency_slots s SET in_use = s.in_use + 1 WHERE s.slot = v_slot.slot;
+        v_taken := v_taken || v_slot.slot;
+    END LOOP;
+    RETURN NULL;
+END $$;
+
+-- A run leaving RUNNING gives its permits back and wakes the longest-parked run of each slot.
+CREATE OR REPLACE FUNCTION engine.release_permits() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_now  timestamptz := engine.now();
+    v_slot text;
+BEGIN
+    FOR v_slot IN SELECT x ->> 'slot' FROM jsonb_array_elements(NEW.concurrency) x LOOP
+        UPDATE engine.concurrency_slots s SET in_use = greatest(s.in_use - 1, 0)
+        WHERE s.slot = v_slot;
+        UPDATE engine.runs r SET due_at = v_now, blocked_on = NULL, updated_at = v_now
+        WHERE r.id = (SELECT b.id FROM engine.runs b
+                      WHERE b.blocked_on = v_slot
+                        AND b.status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING')
+                      ORDER BY b.created_at
+                      LIMIT 1
+                      FOR UPDATE SKIP LOCKED);
+    END LOOP;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER runs_released
+    AFTER UPDATE OF status ON engine.runs
+    FOR EACH ROW
+    WHEN (OLD.status = 'RUNNING' AND NEW.status <> 'RUNNING' AND NEW.concurrency IS NOT NULL)
+    EXECUTE FUNCTION engine.release_permits();
 
 -- Cancels the just-claimed runs that are past a timeout; returns the others.
 CREATE OR REPLACE FUNCTION engine.enforce_timeouts(p_ids uuid[], p_now timestamptz)
@@ -930,7 +1048,8 @@ END $$;
 -- needed. Returns the child's id; raises EN002 if the lease is lost, EN003 for an unknown function.
 CREATE OR REPLACE FUNCTION engine.invoke(
     p_run uuid, p_owner uuid, p_token bigint, p_step jsonb, p_app text, p_function text,
-    p_data jsonb, p_expires timestamptz, p_on_timeout jsonb, p_traceparent text)
+    p_data jsonb, p_expires timestamptz, p_on_timeout jsonb, p_traceparent text,
+    p_concurrency jsonb)
 RETURNS uuid LANGUAGE plpgsql AS $$
 DECLARE
     v_now   timestamptz := engine.now();
@@ -951,11 +1070,11 @@ BEGIN
             p_data, v_now, v_now, p_traceparent)
     RETURNING seq INTO v_seq;
     INSERT INTO engine.runs (app_id, function_id, status, event_seq, dedupe_key, parent_run_id,
-                             due_at, traceparent, start_deadline, finish_timeout,
+                             due_at, traceparent, start_deadline, finish_timeout, concurrency,
                              created_at, updated_at)
     VALUES (p_app, p_function, 'QUEUED', v_seq, format('invoke:%s:%s', p_run, v_key), p_run,
             v_now, p_traceparent, v_now + engine.timeout_of(p_app, p_function, 'start'),
-            engine.timeout_of(p_app, p_function, 'finish'), v_now, v_now)
+            engine.timeout_of(p_app, p_function, 'finish'), p_concurrency, v_now, v_now)
     RETURNING id INTO v_child;
     PERFORM engine.record_step(p_run, p_step);
     INSERT INTO engine.matchers (run_id, key, kind, event_name, match_path, match_value,
@@ -1049,7 +1168,7 @@ BEGIN
     SET cancel_requested = true,
         status = CASE WHEN r.status = 'RUNNING' THEN r.status ELSE 'CANCELLED' END,
         ended_at = CASE WHEN r.status = 'RUNNING' THEN NULL ELSE v_now END,
-        waiting_reason = p_reason, updated_at = v_now
+        waiting_reason = p_reason, blocked_on = NULL, updated_at = v_now
     WHERE r.id = p_run AND r.status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING')
     RETURNING r.status INTO v_status;
     IF v_status IS NULL THEN
@@ -1099,10 +1218,11 @@ BEGIN
         END IF;
     END IF;
     INSERT INTO engine.runs (app_id, function_id, status, event_seq, due_at, traceparent,
-                             start_deadline, finish_timeout, created_at, updated_at)
+                             start_deadline, finish_timeout, concurrency, created_at, updated_at)
     VALUES (v_old.app_id, v_old.function_id, 'QUEUED', v_old.event_seq, v_now, v_old.traceparent,
             v_now + engine.timeout_of(v_old.app_id, v_old.function_id, 'start'),
-            engine.timeout_of(v_old.app_id, v_old.function_id, 'finish'), v_now, v_now)
+            engine.timeout_of(v_old.app_id, v_old.function_id, 'finish'), v_old.concurrency,
+            v_now, v_now)
     RETURNING id INTO v_new;
     INSERT INTO engine.steps (run_id, step_key, position, kind, status, attempts, output, error,
                               wake_at, event_seq, created_at, ended_at)

@@ -25,6 +25,7 @@ from .events import event_from_row
 from .execution import ClaimedRun, Execution
 from .listener import Listener
 from .router import RoutedRun, Router
+from .serialization import dumps_or_none
 from .steps import Steps
 
 if TYPE_CHECKING:
@@ -162,6 +163,8 @@ class Worker:
                 if schedule is None:  # registered by another version of the app: not ours
                     continue
                 tick = schedule.latest_until(row["next_at"], now)
+                function = self.engine.functions[row["function_id"]]
+                event = {"name": "engine/scheduled.timer", "data": {"cron": row["cron"]}}
                 run_id = await db.fetchval(
                     "fire_cron",
                     self.engine.app_id,
@@ -169,6 +172,7 @@ class Worker:
                     row["cron"],
                     tick,
                     schedule.next_after(now),
+                    dumps_or_none(function.slots(event)),
                     conn=conn,
                 )
                 fired += run_id is not None

@@ -41,7 +41,7 @@ async def test_migrate_is_idempotent_and_schema_file_is_the_packaged_one(server_
             )
         conn = await asyncpg.connect(url)
         try:
-            assert await conn.fetchval("SELECT engine.schema_version()") == 2
+            assert await conn.fetchval("SELECT engine.schema_version()") == 3
         finally:
             await conn.close()
     finally:
@@ -95,6 +95,7 @@ def test_public_api_is_pinned() -> None:
     assert sorted(engine.__all__) == [
         "Backoff",
         "Cancel",
+        "Concurrency",
         "ConfigurationError",
         "Context",
         "DeterminismError",

@@ -201,3 +201,27 @@ async def test_event_for_another_apps_function_is_routed_by_any_worker(make_engi
     assert (await billing.get_run(run_id)).status is RunStatus.QUEUED
     async with shipping.worker():
         assert (await shipping.wait_for_run(run_id)).output == "shipped"
+
+
+async def test_a_function_registered_by_another_app_gets_the_next_event(make_engine: Any) -> None:
+    """A router that already loaded the registry routes to a function registered since
+    (the registry version moved), instead of consuming the event with a stale view."""
+    router_app = make_engine("router-app")
+
+    @router_app.create_function("warm", trigger=TriggerEvent("t/warm"))
+    async def warm(ctx: Context) -> None:
+        return None
+
+    async with router_app.worker():
+        [warm_id] = await router_app.send(Event(name="t/warm"))
+        await router_app.wait_for_run(await only_run_id(router_app, warm_id))
+        late = make_engine("late-app")
+
+        @late.create_function("late", trigger=TriggerEvent("t/late"))
+        async def late_fn(ctx: Context) -> None:
+            return None
+
+        await late.database()  # registers, without running a worker of its own
+        [event_id] = await router_app.send(Event(name="t/late"))
+        [run] = await router_app.runs_for_event(event_id, at_least=1, timeout=3)
+    assert (run.app_id, run.function_id, run.status) == ("late-app", "late", RunStatus.QUEUED)

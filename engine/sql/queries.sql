@@ -8,13 +8,14 @@ SELECT engine.schema_version()
 SELECT engine.register_functions($1, $2::jsonb, $3)
 
 -- name: registry
-SELECT app_id, function_id, triggers FROM engine.functions
+SELECT app_id, function_id, triggers, config FROM engine.functions
 
 -- name: send_events
 SELECT id FROM engine.send_events($1::jsonb, $2, $3) AS id
 
 -- name: claim_events
-SELECT seq, id, name, data, ts, v, traceparent, awaited FROM engine.claim_events($1)
+SELECT seq, id, name, data, ts, v, traceparent, awaited, registry_version
+FROM engine.claim_events($1)
 
 -- name: matcher_candidates
 SELECT event_seq, run_id, key, kind, expression, trigger FROM engine.matcher_candidates($1::bigint[])
@@ -27,7 +28,8 @@ SELECT key, event_seq, event, resolved
 FROM engine.register_matchers($1::uuid, $2::uuid, $3, $4::jsonb, $5::jsonb)
 
 -- name: invoke
-SELECT engine.invoke($1::uuid, $2::uuid, $3, $4::jsonb, $5, $6, $7::jsonb, $8, $9::jsonb, $10)
+SELECT engine.invoke($1::uuid, $2::uuid, $3, $4::jsonb, $5, $6, $7::jsonb, $8, $9::jsonb, $10,
+                     $11::jsonb)
 
 -- name: send_step
 SELECT result, ids FROM engine.send_step($1::uuid, $2::uuid, $3, $4::jsonb, $5::jsonb, $6)
@@ -36,7 +38,7 @@ SELECT result, ids FROM engine.send_step($1::uuid, $2::uuid, $3, $4::jsonb, $5::
 SELECT function_id, cron, next_at FROM engine.due_crons($1)
 
 -- name: fire_cron
-SELECT engine.fire_cron($1, $2, $3, $4, $5)
+SELECT engine.fire_cron($1, $2, $3, $4, $5, $6::jsonb)
 
 -- name: next_cron
 SELECT min(next_at) - engine.now() FROM engine.cron_schedules WHERE app_id = $1

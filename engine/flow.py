@@ -1,0 +1,105 @@
+"""Flow control declared on a function, enforced in PostgreSQL.
+
+Concurrency limits are permits (``engine.concurrency_slots``): the claim takes one per slot under
+the slot row's lock only while fewer than the limit are in use, and a run leaving ``RUNNING``
+gives it back. Sleeping and waiting runs hold none. A run whose slot is full is parked (no worker
+looks at it) until a permit of that slot is released.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from .errors import ConfigurationError, ExpressionError
+from .expressions import Expression
+
+MAX_CONCURRENCY = 2
+SCOPES = ("fn", "app")
+
+
+@dataclass(frozen=True)
+class Concurrency:
+    """At most ``limit`` runs executing at once, per value of ``key``.
+
+    Args:
+        limit: runs executing at the same moment, at most (sleeping and waiting runs do not
+            count).
+        key: CEL over ``event`` (``"event.data.user_id"``): one limit per value. ``None``: one
+            limit for all runs.
+        scope: ``"fn"`` (default): per function; ``"app"``: shared by every function of the app
+            declaring the same key (a key is then required).
+    """
+
+    limit: int
+    key: str | None = None
+    scope: str = "fn"
+    compiled: Expression | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
+            raise ConfigurationError(f"Concurrency: limit must be an int >= 1, got {self.limit!r}")
+        if self.scope not in SCOPES:
+            raise ConfigurationError(
+                f"Concurrency: scope must be 'fn' or 'app', got {self.scope!r}"
+            )
+        if self.scope == "app" and self.key is None:
+            raise ConfigurationError("Concurrency(scope='app') needs a key")
+        compiled = None
+        if self.key is not None:
+            compiled = Expression(self.key, what=f"Concurrency key {self.key!r}")
+        object.__setattr__(self, "compiled", compiled)
+
+    def to_json(self) -> dict[str, Any]:
+        """The registry form, from which any worker computes a run's slots."""
+        return {"limit": self.limit, "key": self.key, "scope": self.scope}
+
+
+def check_concurrency(
+    value: Concurrency | list[Concurrency] | None, fn_id: str
+) -> tuple[Concurrency, ...]:
+    """Validates the ``concurrency=`` option of ``create_function``."""
+    items = [] if value is None else [value] if isinstance(value, Concurrency) else list(value)
+    if len(items) > MAX_CONCURRENCY:
+        raise ConfigurationError(
+            f"function {fn_id!r} declares {len(items)} concurrency limits; the limit is "
+            f"{MAX_CONCURRENCY}"
+        )
+    for item in items:
+        if not isinstance(item, Concurrency):
+            raise ConfigurationError(
+                f"function {fn_id!r}: concurrency= expects Concurrency(...), got {item!r}"
+            )
+    return tuple(items)
+
+
+def concurrency_slots(
+    specs: list[dict[str, Any]], app_id: str, fn_id: str, event: dict[str, Any]
+) -> list[dict[str, Any]] | None:
+    """The permits a run needs (``[{slot, cap}]``, sorted), from the registry form of its
+    function's limits and its triggering event; ``None`` when it has none."""
+    if not specs:
+        return None
+    slots = []
+    for spec in specs:
+        scope = f"fn:{app_id}/{fn_id}" if spec["scope"] == "fn" else f"app:{app_id}"
+        if spec.get("key"):
+            scope += "|" + _key_value(spec["key"], event)
+        slots.append({"slot": scope, "cap": int(spec["limit"])})
+    # A fixed order across runs: two claims never take the same two slots in opposite orders.
+    return sorted(slots, key=lambda s: s["slot"])
+
+
+def _key_value(source: str, event: dict[str, Any]) -> str:
+    try:
+        value = _compiled(source).evaluate({"event": event})
+    except ExpressionError:
+        value = None  # a key that cannot be evaluated groups with the runs that have none
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+@lru_cache(maxsize=1024)
+def _compiled(source: str) -> Expression:
+    return Expression(source, what="concurrency key")

@@ -1,0 +1,45 @@
+"""Functions under flow control, run by several worker processes in the flow tests.
+
+Each step records when it starts and ends in `flow_log` (wall clock, from the database), so the
+test can check from the database that no limit was ever exceeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import asyncpg
+
+from engine import Concurrency, Context, Engine, TriggerEvent
+
+app = Engine("flow-app")
+
+
+async def record(run_id: str, key: str) -> str:
+    conn = await asyncpg.connect(os.environ["DATABASE_URL"])
+    try:
+        row_id = await conn.fetchval(
+            "INSERT INTO flow_log (run_id, key, started_at) VALUES ($1, $2, clock_timestamp()) "
+            "RETURNING id",
+            run_id,
+            key,
+        )
+        await asyncio.sleep(0.03)
+        await conn.execute("UPDATE flow_log SET ended_at = clock_timestamp() WHERE id = $1", row_id)
+    finally:
+        await conn.close()
+    return key
+
+
+@app.create_function(
+    "limited",
+    trigger=TriggerEvent("flow/go"),
+    concurrency=[Concurrency(limit=3), Concurrency(limit=1, key="event.data.user")],
+)
+async def limited(ctx: Context) -> Any:
+    user = str(ctx.event.data["user"])
+    await ctx.step.run("first", record, ctx.run_id, user)
+    await ctx.step.sleep("rest", "20ms")  # a sleeping run holds no permit
+    return await ctx.step.run("second", record, ctx.run_id, user)
