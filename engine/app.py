@@ -18,7 +18,7 @@ from .errors import EngineError, RunNotFoundError
 from .events import Event, validate_outgoing
 from .execution import Limits
 from .expressions import Expression
-from .flow import Concurrency
+from .flow import Concurrency, RateLimit, Singleton
 from .function import Function, Handler, build_function
 from .retries import Backoff
 from .runs import RunInfo, RunStatus, run_info_from_row
@@ -74,6 +74,9 @@ class Engine:
         timeouts: Timeouts | None = None,
         on_failure: Handler | None = None,
         concurrency: Concurrency | list[Concurrency] | None = None,
+        rate_limit: RateLimit | None = None,
+        singleton: Singleton | None = None,
+        idempotency: str | None = None,
     ) -> Callable[[Handler], Function]:
         """Declares a durable function.
 
@@ -87,6 +90,9 @@ class Engine:
             on_failure: ``async def handler(ctx)`` run (as function ``<fn_id>-failure``) when a
                 run fails for good; ``ctx.event`` is the ``engine/function.failed`` event.
             concurrency: up to 2 :class:`Concurrency` limits on runs executing at once.
+            rate_limit: a :class:`RateLimit`; runs over it are SKIPPED.
+            singleton: a :class:`Singleton`: one active run per key (skip or cancel the other).
+            idempotency: CEL over ``event``: one run per value per 24 hours, later ones SKIPPED.
 
         Raises:
             ConfigurationError: an invalid id, option or expression; the message says which.
@@ -102,6 +108,9 @@ class Engine:
                 cancel=cancel,
                 timeouts=timeouts,
                 concurrency=concurrency,
+                rate_limit=rate_limit,
+                singleton=singleton,
+                idempotency=idempotency,
             )
             failure = None if on_failure is None else self._failure_handler(fn_id, on_failure)
             for declared in (function, failure):

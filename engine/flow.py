@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from .durations import Duration, parse_duration
 from .errors import ConfigurationError, ExpressionError
 from .expressions import Expression
 
 MAX_CONCURRENCY = 2
+FLOW_OPTIONS = ("concurrency", "rate_limit", "singleton", "idempotency")
 SCOPES = ("fn", "app")
 
 
@@ -55,6 +57,98 @@ class Concurrency:
     def to_json(self) -> dict[str, Any]:
         """The registry form, from which any worker computes a run's slots."""
         return {"limit": self.limit, "key": self.key, "scope": self.scope}
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``limit`` runs per ``period`` per value of ``key``; the excess is SKIPPED.
+
+    The window slides: no interval of length ``period`` ever holds more than ``limit`` starts.
+    """
+
+    limit: int
+    period: Duration
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
+            raise ConfigurationError(f"RateLimit: limit must be an int >= 1, got {self.limit!r}")
+        _positive(self.period, "RateLimit period")
+        if self.key is not None:
+            Expression(self.key, what=f"RateLimit key {self.key!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The registry form."""
+        period = _positive(self.period, "RateLimit period").total_seconds()
+        return {"limit": self.limit, "period": period, "key": self.key}
+
+
+@dataclass(frozen=True)
+class Singleton:
+    """At most one active run (sleeping and waiting included) per value of ``key``.
+
+    ``mode="skip"``: a new run is SKIPPED while one is active; ``mode="cancel"``: the active one
+    is CANCELLED and the new one runs.
+    """
+
+    key: str | None = None
+    mode: str = "skip"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("skip", "cancel"):
+            raise ConfigurationError(
+                f"Singleton: mode must be 'skip' or 'cancel', got {self.mode!r}"
+            )
+        if self.key is not None:
+            Expression(self.key, what=f"Singleton key {self.key!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The registry form."""
+        return {"key": self.key, "mode": self.mode}
+
+
+def _positive(value: Duration, what: str) -> Any:
+    try:
+        delay = parse_duration(value, what=what)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    if delay.total_seconds() <= 0:
+        raise ConfigurationError(f"{what} must be positive, got {value!r}")
+    return delay
+
+
+def check_idempotency(expression: str | None, fn_id: str) -> str | None:
+    """Validates ``idempotency=`` (CEL over ``event``: at most one run per value per 24 h)."""
+    if expression is not None:
+        Expression(expression, what=f"function {fn_id!r} idempotency {expression!r}")
+    return expression
+
+
+def admission(
+    flow: dict[str, Any], app_id: str, fn_id: str, event: dict[str, Any]
+) -> dict[str, Any]:
+    """The fields a run's flow control adds to its creation (see ``engine.admit``), from the
+    registry form of its function's options and its triggering event."""
+    base = f"{app_id}/{fn_id}"
+    fields: dict[str, Any] = {
+        "concurrency": concurrency_slots(flow.get("concurrency") or [], app_id, fn_id, event)
+    }
+    if flow.get("idempotency"):
+        fields["idempotency_key"] = f"{base}|{_key_value(flow['idempotency'], event)}"
+    rate = flow.get("rate_limit")
+    if rate:
+        fields["rate_key"] = _scoped(base, rate.get("key"), event)
+        fields["rate_limit"] = rate["limit"]
+        fields["rate_period"] = rate["period"]
+    singleton = flow.get("singleton")
+    if singleton:
+        fields["singleton_key"] = _scoped(base, singleton.get("key"), event)
+        fields["singleton_mode"] = singleton["mode"]
+    return fields
+
+
+def _scoped(base: str, key: str | None, event: dict[str, Any]) -> str:
+    return base if not key else f"{base}|{_key_value(key, event)}"
 
 
 def check_concurrency(

@@ -12,7 +12,15 @@ from typing import Any
 from .cancellation import Cancel, Timeouts, check_cancels
 from .context import Context
 from .errors import ConfigurationError
-from .flow import Concurrency, check_concurrency, concurrency_slots
+from .flow import (
+    Concurrency,
+    RateLimit,
+    Singleton,
+    admission,
+    check_concurrency,
+    check_idempotency,
+    concurrency_slots,
+)
 from .retries import check_retries
 from .triggers import Trigger, TriggerCron, TriggerEvent, normalize_triggers
 
@@ -35,6 +43,9 @@ class Function:
     cancel: tuple[Cancel, ...] = ()
     timeouts: Timeouts | None = None
     concurrency: tuple[Concurrency, ...] = ()
+    rate_limit: RateLimit | None = None
+    singleton: Singleton | None = None
+    idempotency: str | None = None
 
     async def __call__(self, ctx: Context) -> Any:
         return await self.handler(ctx)
@@ -49,6 +60,23 @@ class Function:
         """The cron triggers."""
         return [t for t in self.triggers if isinstance(t, TriggerCron)]
 
+    def flow(self) -> dict[str, Any]:
+        """The registry form of the flow control options (what a router needs to admit runs)."""
+        flow: dict[str, Any] = {}
+        if self.concurrency:
+            flow["concurrency"] = [c.to_json() for c in self.concurrency]
+        if self.rate_limit is not None:
+            flow["rate_limit"] = self.rate_limit.to_json()
+        if self.singleton is not None:
+            flow["singleton"] = self.singleton.to_json()
+        if self.idempotency is not None:
+            flow["idempotency"] = self.idempotency
+        return flow
+
+    def admission(self, event: dict[str, Any]) -> dict[str, Any]:
+        """The flow control fields of a new run of this function for ``event``."""
+        return admission(self.flow(), self.app_id, self.fn_id, event)
+
     def slots(self, event: dict[str, Any]) -> list[dict[str, Any]] | None:
         """The concurrency permits a run of this function needs for ``event`` (JSON form)."""
         specs = [c.to_json() for c in self.concurrency]
@@ -61,8 +89,7 @@ class Function:
             config["timeouts"] = self.timeouts.to_json()
         if self.cancel:
             config["cancel"] = [c.to_json() for c in self.cancel]
-        if self.concurrency:
-            config["concurrency"] = [c.to_json() for c in self.concurrency]
+        config.update(self.flow())
         return {
             "function_id": self.fn_id,
             "triggers": [t.to_json() for t in self.triggers],
@@ -84,6 +111,9 @@ def build_function(
     cancel: Cancel | list[Cancel] | None = None,
     timeouts: Timeouts | None = None,
     concurrency: Concurrency | list[Concurrency] | None = None,
+    rate_limit: RateLimit | None = None,
+    singleton: Singleton | None = None,
+    idempotency: str | None = None,
 ) -> Function:
     """Validates a declaration; raises :class:`ConfigurationError` with what is wrong."""
     if not isinstance(fn_id, str) or not _FN_ID.match(fn_id):
@@ -101,7 +131,16 @@ def build_function(
         cancel=check_cancels(cancel, fn_id),
         timeouts=_check_timeouts(timeouts, fn_id),
         concurrency=check_concurrency(concurrency, fn_id),
+        rate_limit=_typed(rate_limit, RateLimit, "rate_limit", fn_id),
+        singleton=_typed(singleton, Singleton, "singleton", fn_id),
+        idempotency=check_idempotency(idempotency, fn_id),
     )
+
+
+def _typed(value: Any, kind: type, option: str, fn_id: str) -> Any:
+    if value is not None and not isinstance(value, kind):
+        raise ConfigurationError(f"function {fn_id!r}: {option}= expects {kind.__name__}(...)")
+    return value
 
 
 def _check_timeouts(timeouts: Timeouts | None, fn_id: str) -> Timeouts | None:

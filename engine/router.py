@@ -9,14 +9,14 @@ created already leased to it when it has room, which saves a round trip before t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
 from .db import Connection, Database, Record
 from .errors import EngineError
-from .flow import concurrency_slots
+from .flow import FLOW_OPTIONS, admission
 from .function import Function
 from .matching import accepts
 from .serialization import dumps, loads
@@ -32,7 +32,7 @@ class RegisteredFunction:
     app_id: str
     fn_id: str
     triggers: tuple[TriggerEvent, ...]
-    concurrency: tuple[dict[str, Any], ...] = ()
+    flow: dict[str, Any] = field(default_factory=dict)  # registry form of flow control
 
 
 @dataclass
@@ -51,12 +51,7 @@ class Router:
         self._db = db
         self._app_id = app_id
         self._own = [
-            RegisteredFunction(
-                app_id,
-                f.fn_id,
-                tuple(f.event_triggers),
-                tuple(c.to_json() for c in f.concurrency),
-            )
+            RegisteredFunction(app_id, f.fn_id, tuple(f.event_triggers), f.flow())
             for f in functions.values()
         ]
         self._others: list[RegisteredFunction] = []
@@ -106,9 +101,9 @@ class Router:
             }
             by_seq[row["seq"]] = {"event": event, "traceparent": row["traceparent"]}
             for fn in self._matching(event):
-                slots = concurrency_slots(list(fn.concurrency), fn.app_id, fn.fn_id, event)
+                controls = admission(fn.flow, fn.app_id, fn.fn_id, event)
                 # Runs under concurrency limits are left to the claim, which takes permits.
-                claim = fn.app_id == self._app_id and capacity > 0 and slots is None
+                claim = fn.app_id == self._app_id and capacity > 0 and not controls["concurrency"]
                 capacity -= claim
                 plan.append(
                     {
@@ -116,7 +111,7 @@ class Router:
                         "function_id": fn.fn_id,
                         "event_seq": row["seq"],
                         "claim": claim,
-                        "concurrency": slots,
+                        **controls,
                     }
                 )
         return plan, by_seq
@@ -159,10 +154,9 @@ class Router:
                 continue  # this worker's own code is the truth for its app
             triggers = self._triggers(row["triggers"])
             if triggers:
-                limits = tuple(json.loads(row["config"]).get("concurrency") or ())
-                others.append(
-                    RegisteredFunction(row["app_id"], row["function_id"], triggers, limits)
-                )
+                config = json.loads(row["config"])
+                flow = {k: config[k] for k in FLOW_OPTIONS if k in config}
+                others.append(RegisteredFunction(row["app_id"], row["function_id"], triggers, flow))
         self._others = others
 
     def _triggers(self, text: str) -> tuple[TriggerEvent, ...]:

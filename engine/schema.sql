@@ -68,7 +68,8 @@ BEGIN
     IF (SELECT value::int FROM engine.meta WHERE key = 'schema_version') < 3 THEN
         ALTER TABLE engine.runs
             ADD COLUMN IF NOT EXISTS concurrency jsonb,
-            ADD COLUMN IF NOT EXISTS blocked_on text;
+            ADD COLUMN IF NOT EXISTS blocked_on text,
+            ADD COLUMN IF NOT EXISTS singleton_key text;
         DROP FUNCTION IF EXISTS engine.invoke(uuid, uuid, bigint, jsonb, text, text, jsonb,
                                               timestamptz, jsonb, text);
         DROP FUNCTION IF EXISTS engine.fire_cron(text, text, text, timestamptz, timestamptz);
@@ -182,6 +183,7 @@ CREATE TABLE IF NOT EXISTS engine.runs (
     -- until a permit is released)
     concurrency      jsonb,
     blocked_on       text,
+    singleton_key    text,                       -- at most one active run per key (singleton)
     created_at       timestamptz NOT NULL,
     started_at       timestamptz,
     ended_at         timestamptz,
@@ -197,6 +199,25 @@ CREATE INDEX IF NOT EXISTS runs_leased_idx
 CREATE INDEX IF NOT EXISTS runs_event_idx ON engine.runs (event_seq);
 CREATE INDEX IF NOT EXISTS runs_blocked_idx
     ON engine.runs (blocked_on, created_at) WHERE blocked_on IS NOT NULL;
+
+CREATE INDEX IF NOT EXISTS runs_singleton_idx ON engine.runs (singleton_key)
+    WHERE singleton_key IS NOT NULL
+      AND status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING');
+
+-- Idempotency keys, kept 24 hours: a second run with the same key is SKIPPED.
+CREATE TABLE IF NOT EXISTS engine.idempotency_keys (
+    key        text PRIMARY KEY,
+    run_event  bigint NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+
+-- Rate limits: the start times admitted in the current window of each key (a sliding log, so
+-- "at most N per period" holds over every window, not only aligned ones).
+CREATE TABLE IF NOT EXISTS engine.rate_log (
+    key text NOT NULL,
+    at  timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rate_log_key_idx ON engine.rate_log (key, at);
 
 -- Concurrency permits: one row per slot ('fn:<app>/<fn>' or 'app:<app>', plus '|<key>' for keyed
 -- limits) counting its RUNNING runs. A claim takes a permit under the row's lock only while
@@ -678,9 +699,10 @@ BEGIN
     INSERT INTO engine.runs AS r (app_id, function_id, status, event_seq, dedupe_key, due_at,
                                   lease_owner, lease_token, lease_expires_at, traceparent,
                                   start_deadline, finish_timeout, finish_deadline, concurrency,
-                                  created_at, started_at, updated_at)
+                                  singleton_key, waiting_reason, created_at, started_at,
+                                  ended_at, updated_at)
     SELECT x.app_id, x.function_id,
-           CASE WHEN x.claim THEN 'RUNNING' ELSE 'QUEUED' END,
+           CASE WHEN x.skip IS NOT NULL THEN 'SKIPPED' WHEN x.claim THEN 'RUNNING' ELSE 'QUEUED' END,
            x.event_seq, 'event:' || x.event_seq, v_now,
            CASE WHEN x.claim THEN p_owner END,
            CASE WHEN x.claim THEN 1 ELSE 0 END,
@@ -690,14 +712,97 @@ BEGIN
            engine.timeout_of(x.app_id, x.function_id, 'finish'),
            CASE WHEN x.claim THEN v_now + engine.timeout_of(x.app_id, x.function_id, 'finish') END,
            nullif(x.concurrency, 'null'),
+           x.singleton_key, x.skip,
            v_now,
            CASE WHEN x.claim THEN v_now END,
+           CASE WHEN x.skip IS NOT NULL THEN v_now END,
            v_now
-    FROM jsonb_to_recordset(p_runs)
-         AS x(app_id text, function_id text, event_seq bigint, claim boolean, concurrency jsonb)
+    FROM jsonb_to_recordset(engine.admit(p_runs, v_now))
+         AS x(app_id text, function_id text, event_seq bigint, claim boolean, concurrency jsonb,
+              singleton_key text, skip text)
     JOIN engine.events e ON e.seq = x.event_seq
     ON CONFLICT (app_id, function_id, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
     RETURNING r.id, r.function_id, r.event_seq, r.lease_token, r.created_at;
+END $$;
+
+-- Admission control for runs being created (p_runs as in create_runs, with the keys the router
+-- computed: idempotency_key; rate_key with rate_limit and rate_period (seconds); singleton_key
+-- with singleton_mode). Returns p_runs with `skip` (the reason) set on the runs that must be
+-- SKIPPED, and `claim` cleared on them. Keys are locked (advisory, sorted) first, so routers
+-- admitting the same key serialize and every limit is exact.
+CREATE OR REPLACE FUNCTION engine.admit(p_runs jsonb, p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_out     jsonb := '[]';
+    v_run     jsonb;
+    v_skip    text;
+    v_key     text;
+    v_used    int;
+    v_fresh   boolean;
+    v_batch   jsonb := '{}';   -- singleton key -> index in v_out of the run admitted for it
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM jsonb_array_elements(p_runs) x
+                   WHERE x ?| ARRAY['idempotency_key', 'rate_key', 'singleton_key']) THEN
+        RETURN p_runs;  -- the common case: no admission control at all
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtextextended('engine.flow:' || k.key, 0))
+    FROM (SELECT DISTINCT v.key FROM jsonb_array_elements(p_runs) x,
+          LATERAL (VALUES (x ->> 'rate_key'), (x ->> 'singleton_key')) AS v(key)
+          WHERE v.key IS NOT NULL ORDER BY 1) k;
+    FOR v_run IN SELECT value FROM jsonb_array_elements(p_runs) LOOP
+        v_skip := NULL;
+        v_key := v_run ->> 'idempotency_key';
+        IF v_key IS NOT NULL THEN
+            v_fresh := NULL;
+            INSERT INTO engine.idempotency_keys AS k (key, run_event, expires_at)
+            VALUES (v_key, (v_run ->> 'event_seq')::bigint, p_now + interval '24 hours')
+            ON CONFLICT (key) DO UPDATE
+                SET run_event = excluded.run_event, expires_at = excluded.expires_at
+                WHERE k.expires_at <= p_now
+            RETURNING true INTO v_fresh;
+            IF v_fresh IS NULL THEN
+                v_skip := format('idempotency: key %s was used by another run in the last 24 hours',
+                                 split_part(v_key, '|', 2));
+            END IF;
+        END IF;
+        v_key := v_run ->> 'rate_key';
+        IF v_skip IS NULL AND v_key IS NOT NULL THEN
+            DELETE FROM engine.rate_log l
+            WHERE l.key = v_key AND l.at <= p_now - make_interval(secs => (v_run ->> 'rate_period')::float8);
+            SELECT count(*) INTO v_used FROM engine.rate_log l WHERE l.key = v_key;
+            IF v_used >= (v_run ->> 'rate_limit')::int THEN
+                v_skip := format('rate limit: %s runs already started in the last %s seconds',
+                                 v_used, v_run ->> 'rate_period');
+            ELSE
+                INSERT INTO engine.rate_log (key, at) VALUES (v_key, p_now);
+            END IF;
+        END IF;
+        v_key := v_run ->> 'singleton_key';
+        IF v_skip IS NULL AND v_key IS NOT NULL THEN
+            IF v_run ->> 'singleton_mode' = 'cancel' THEN
+                PERFORM engine.cancel_run(r.id, 'replaced by a newer run (singleton)')
+                FROM engine.runs r WHERE r.singleton_key = v_key
+                  AND r.status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING');
+                IF v_batch ? v_key THEN  -- an earlier event of this batch: it never starts
+                    v_out := jsonb_set(v_out, ARRAY[v_batch ->> v_key],
+                        (v_out -> (v_batch ->> v_key)::int)
+                        || '{"skip": "replaced by a newer run (singleton)", "claim": false}');
+                END IF;
+            ELSIF v_batch ? v_key OR EXISTS (
+                    SELECT 1 FROM engine.runs r WHERE r.singleton_key = v_key
+                      AND r.status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING')) THEN
+                v_skip := 'singleton: another run of this key is active';
+            END IF;
+            IF v_skip IS NULL THEN
+                v_batch := v_batch || jsonb_build_object(v_key, jsonb_array_length(v_out));
+            END IF;
+        END IF;
+        IF v_skip IS NOT NULL THEN
+            v_run := v_run || jsonb_build_object('skip', v_skip, 'claim', false);
+        END IF;
+        v_out := v_out || jsonb_build_array(v_run);
+    END LOOP;
+    RETURN v_out;
 END $$;
 
 -- ---------------------------------------------------------------------------------------------

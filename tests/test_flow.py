@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from helpers import eventually, start_worker_process
 
-from engine import Concurrency, ConfigurationError, Context, Event, TriggerEvent
+from engine import Concurrency, ConfigurationError, Context, Event, Singleton, TriggerEvent
 
 
 def max_overlap(intervals: list[tuple[Any, Any]]) -> int:
@@ -103,3 +103,116 @@ def test_concurrency_options_are_checked_at_declaration(make_engine: Any) -> Non
 
 async def _noop(ctx: Context) -> None:
     return None
+
+
+async def test_rate_limit_holds_with_three_routing_processes(
+    make_engine: Any, database_url: str, sql: Any
+) -> None:
+    """Three worker processes route 40 events of two users at once: 5 runs per user per hour
+    start, the rest are SKIPPED with the reason; after the window, the key admits again."""
+    await sql.execute(
+        "CREATE TABLE flow_log (id bigserial, run_id text, key text,"
+        " started_at timestamptz, ended_at timestamptz)"
+    )
+    workers = [start_worker_process("flow_app:app", database_url) for _ in range(3)]
+    try:
+        sender = make_engine("flow-app")
+        for n in range(40):  # one at a time: every worker's router gets some
+            await sender.send(Event(name="flow/rate", data={"user": n % 2, "n": n}))
+        await eventually(lambda: _settled(sql, "rate-limited", 40), timeout=60)
+        counts = await _statuses(sql, "rate-limited")
+        assert counts == {
+            ("0", "COMPLETED"): 5,
+            ("1", "COMPLETED"): 5,
+            ("0", "SKIPPED"): 15,
+            ("1", "SKIPPED"): 15,
+        }
+        reason = await sql.fetchval(
+            "SELECT waiting_reason FROM engine.runs WHERE status = 'SKIPPED' LIMIT 1"
+        )
+        assert reason.startswith("rate limit: 5 runs already started")
+        await sql.execute("UPDATE engine.clock SET offset_by = offset_by + interval '61 minutes'")
+        await sender.send(Event(name="flow/rate", data={"user": 0, "n": 99}))
+        await eventually(lambda: _settled(sql, "rate-limited", 41), timeout=30)
+        assert (await _statuses(sql, "rate-limited"))[("0", "COMPLETED")] == 6
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(timeout=30)
+
+
+async def _settled(sql: Any, fn_id: str, count: int) -> bool:
+    done = await sql.fetchval(
+        "SELECT count(*) FROM engine.runs WHERE function_id = $1"
+        " AND status IN ('COMPLETED', 'SKIPPED')",
+        fn_id,
+    )
+    return bool(done == count)
+
+
+async def _statuses(sql: Any, fn_id: str) -> dict[tuple[str, str], int]:
+    rows = await sql.fetch(
+        "SELECT e.data->>'user' AS user, r.status, count(*) AS n FROM engine.runs r"
+        " JOIN engine.events e ON e.seq = r.event_seq WHERE r.function_id = $1"
+        " GROUP BY 1, 2",
+        fn_id,
+    )
+    return {(row["user"], row["status"]): row["n"] for row in rows}
+
+
+async def test_idempotency_skips_repeats_for_24_hours(make_engine: Any, sql: Any) -> None:
+    app = make_engine()
+
+    @app.create_function(
+        "charge", trigger=TriggerEvent("cart/paid"), idempotency="event.data.cart_id"
+    )
+    async def charge(ctx: Context) -> Any:
+        return ctx.event.data["cart_id"]
+
+    async with app.worker():
+        ids = await app.send([Event(name="cart/paid", data={"cart_id": c}) for c in "aab"])
+        runs = [(await app.runs_for_event(i, at_least=1))[0] for i in ids]
+        statuses = [(await app.wait_for_run(r.run_id)).status.value for r in runs]
+        assert statuses == ["COMPLETED", "SKIPPED", "COMPLETED"]
+        skipped = await app.get_run(runs[1].run_id)
+        assert 'idempotency: key "a"' in (skipped.waiting_reason or "")
+        await sql.execute("UPDATE engine.clock SET offset_by = offset_by + interval '25 hours'")
+        [again] = await app.send(Event(name="cart/paid", data={"cart_id": "a"}))
+        run = (await app.runs_for_event(again, at_least=1))[0]
+        assert (await app.wait_for_run(run.run_id)).status.value == "COMPLETED"
+
+
+@pytest.mark.parametrize("mode", ["skip", "cancel"])
+async def test_singleton(make_engine: Any, mode: str) -> None:
+    """One active run per key: a second one is skipped, or replaces the first."""
+    app = make_engine()
+
+    @app.create_function(
+        "sync",
+        trigger=TriggerEvent("crm/sync"),
+        singleton=Singleton(key="event.data.user", mode=mode),
+    )
+    async def sync(ctx: Context) -> Any:
+        await ctx.step.sleep("slow", "1h")
+
+    async with app.worker():
+        [first] = await app.send(Event(name="crm/sync", data={"user": 1}))
+        first_run = (await app.runs_for_event(first, at_least=1))[0].run_id
+        await eventually(lambda: _is(app, first_run, "SLEEPING"))
+        second, other = await app.send(
+            [Event(name="crm/sync", data={"user": 1}), Event(name="crm/sync", data={"user": 2})]
+        )
+        second_run = (await app.runs_for_event(second, at_least=1))[0].run_id
+        other_run = (await app.runs_for_event(other, at_least=1))[0].run_id
+        await eventually(lambda: _is(app, other_run, "SLEEPING"))
+        if mode == "skip":
+            assert await _is(app, second_run, "SKIPPED")
+            assert await _is(app, first_run, "SLEEPING")
+        else:
+            assert await _is(app, first_run, "CANCELLED")
+            await eventually(lambda: _is(app, second_run, "SLEEPING"))
+
+
+async def _is(app: Any, run_id: str, status: str) -> bool:
+    return (await app.get_run(run_id)).status.value == status

@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 
-from engine import Concurrency, Context, Engine, TriggerEvent
+from engine import Concurrency, Context, Engine, RateLimit, TriggerEvent
 
 app = Engine("flow-app")
 
@@ -43,3 +43,12 @@ async def limited(ctx: Context) -> Any:
     await ctx.step.run("first", record, ctx.run_id, user)
     await ctx.step.sleep("rest", "20ms")  # a sleeping run holds no permit
     return await ctx.step.run("second", record, ctx.run_id, user)
+
+
+@app.create_function(
+    "rate-limited",
+    trigger=TriggerEvent("flow/rate"),
+    rate_limit=RateLimit(limit=5, period="1h", key="event.data.user"),
+)
+async def rate_limited(ctx: Context) -> Any:
+    return ctx.event.data["n"]
