@@ -26,7 +26,7 @@ from .errors import (
     StepLimitError,
 )
 from .events import Event
-from .flow import Concurrency, RateLimit, Singleton
+from .flow import Concurrency, Priority, RateLimit, Singleton
 from .function import Function
 from .retries import Backoff
 from .runs import RunInfo, RunStatus, StepInfo
@@ -49,6 +49,7 @@ __all__ = [
     "NestedStepError",
     "NonRetriableError",
     "OutputLimitError",
+    "Priority",
     "RateLimit",
     "RetryAfterError",
     "RunFailure",

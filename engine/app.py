@@ -18,7 +18,7 @@ from .errors import EngineError, RunNotFoundError
 from .events import Event, validate_outgoing
 from .execution import Limits
 from .expressions import Expression
-from .flow import Concurrency, RateLimit, Singleton
+from .flow import Concurrency, Priority, RateLimit, Singleton
 from .function import Function, Handler, build_function
 from .retries import Backoff
 from .runs import RunInfo, RunStatus, run_info_from_row
@@ -77,6 +77,7 @@ class Engine:
         rate_limit: RateLimit | None = None,
         singleton: Singleton | None = None,
         idempotency: str | None = None,
+        priority: Priority | None = None,
     ) -> Callable[[Handler], Function]:
         """Declares a durable function.
 
@@ -93,6 +94,7 @@ class Engine:
             rate_limit: a :class:`RateLimit`; runs over it are SKIPPED.
             singleton: a :class:`Singleton`: one active run per key (skip or cancel the other).
             idempotency: CEL over ``event``: one run per value per 24 hours, later ones SKIPPED.
+            priority: a :class:`Priority`: claimed ahead of (or behind) older queued runs.
 
         Raises:
             ConfigurationError: an invalid id, option or expression; the message says which.
@@ -111,6 +113,7 @@ class Engine:
                 rate_limit=rate_limit,
                 singleton=singleton,
                 idempotency=idempotency,
+                priority=priority,
             )
             failure = None if on_failure is None else self._failure_handler(fn_id, on_failure)
             for declared in (function, failure):

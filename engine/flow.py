@@ -18,7 +18,8 @@ from .errors import ConfigurationError, ExpressionError
 from .expressions import Expression
 
 MAX_CONCURRENCY = 2
-FLOW_OPTIONS = ("concurrency", "rate_limit", "singleton", "idempotency")
+FLOW_OPTIONS = ("concurrency", "rate_limit", "singleton", "idempotency", "priority")
+MAX_PRIORITY = 600  # seconds, either way
 SCOPES = ("fn", "app")
 
 
@@ -107,6 +108,32 @@ class Singleton:
         return {"key": self.key, "mode": self.mode}
 
 
+@dataclass(frozen=True)
+class Priority:
+    """``run``: CEL over ``event`` giving an int of seconds (-600..600). A run with priority N is
+    claimed ahead of runs queued up to N seconds before it; a negative N delays it."""
+
+    run: str
+
+    def __post_init__(self) -> None:
+        Expression(self.run, what=f"Priority run {self.run!r}")
+
+    def to_json(self) -> str:
+        """The registry form: the expression."""
+        return self.run
+
+
+def priority_of(source: str, event: dict[str, Any]) -> int:
+    """A run's priority in seconds, clamped to +-600; 0 when the expression is not a number."""
+    try:
+        value = _compiled(source).evaluate({"event": event})
+    except ExpressionError:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    return max(-MAX_PRIORITY, min(MAX_PRIORITY, int(value)))
+
+
 def _positive(value: Duration, what: str) -> Any:
     try:
         delay = parse_duration(value, what=what)
@@ -140,6 +167,8 @@ def admission(
         fields["rate_key"] = _scoped(base, rate.get("key"), event)
         fields["rate_limit"] = rate["limit"]
         fields["rate_period"] = rate["period"]
+    if flow.get("priority"):
+        fields["priority"] = priority_of(flow["priority"], event)
     singleton = flow.get("singleton")
     if singleton:
         fields["singleton_key"] = _scoped(base, singleton.get("key"), event)

@@ -14,6 +14,7 @@ from .context import Context
 from .errors import ConfigurationError
 from .flow import (
     Concurrency,
+    Priority,
     RateLimit,
     Singleton,
     admission,
@@ -46,6 +47,7 @@ class Function:
     rate_limit: RateLimit | None = None
     singleton: Singleton | None = None
     idempotency: str | None = None
+    priority: Priority | None = None
 
     async def __call__(self, ctx: Context) -> Any:
         return await self.handler(ctx)
@@ -71,6 +73,8 @@ class Function:
             flow["singleton"] = self.singleton.to_json()
         if self.idempotency is not None:
             flow["idempotency"] = self.idempotency
+        if self.priority is not None:
+            flow["priority"] = self.priority.to_json()
         return flow
 
     def admission(self, event: dict[str, Any]) -> dict[str, Any]:
@@ -114,6 +118,7 @@ def build_function(
     rate_limit: RateLimit | None = None,
     singleton: Singleton | None = None,
     idempotency: str | None = None,
+    priority: Priority | None = None,
 ) -> Function:
     """Validates a declaration; raises :class:`ConfigurationError` with what is wrong."""
     if not isinstance(fn_id, str) or not _FN_ID.match(fn_id):
@@ -134,6 +139,7 @@ def build_function(
         rate_limit=_typed(rate_limit, RateLimit, "rate_limit", fn_id),
         singleton=_typed(singleton, Singleton, "singleton", fn_id),
         idempotency=check_idempotency(idempotency, fn_id),
+        priority=_typed(priority, Priority, "priority", fn_id),
     )
 
 

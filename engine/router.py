@@ -103,7 +103,12 @@ class Router:
             for fn in self._matching(event):
                 controls = admission(fn.flow, fn.app_id, fn.fn_id, event)
                 # Runs under concurrency limits are left to the claim, which takes permits.
-                claim = fn.app_id == self._app_id and capacity > 0 and not controls["concurrency"]
+                claim = (
+                    fn.app_id == self._app_id
+                    and capacity > 0
+                    and not controls["concurrency"]
+                    and not controls.get("priority")  # a delay, or an order among queued runs
+                )
                 capacity -= claim
                 plan.append(
                     {

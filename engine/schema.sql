@@ -703,7 +703,10 @@ BEGIN
                                   ended_at, updated_at)
     SELECT x.app_id, x.function_id,
            CASE WHEN x.skip IS NOT NULL THEN 'SKIPPED' WHEN x.claim THEN 'RUNNING' ELSE 'QUEUED' END,
-           x.event_seq, 'event:' || x.event_seq, v_now,
+           -- priority N: due N seconds earlier, so the claim (by due_at) takes it ahead of runs
+           -- queued up to N seconds before it; a negative N delays it
+           x.event_seq, 'event:' || x.event_seq,
+           v_now - make_interval(secs => coalesce(x.priority, 0)),
            CASE WHEN x.claim THEN p_owner END,
            CASE WHEN x.claim THEN 1 ELSE 0 END,
            CASE WHEN x.claim THEN v_now + p_lease END,
@@ -719,7 +722,7 @@ BEGIN
            v_now
     FROM jsonb_to_recordset(engine.admit(p_runs, v_now))
          AS x(app_id text, function_id text, event_seq bigint, claim boolean, concurrency jsonb,
-              singleton_key text, skip text)
+              singleton_key text, skip text, priority int)
     JOIN engine.events e ON e.seq = x.event_seq
     ON CONFLICT (app_id, function_id, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
     RETURNING r.id, r.function_id, r.event_seq, r.lease_token, r.created_at;

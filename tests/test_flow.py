@@ -8,7 +8,15 @@ from typing import Any
 import pytest
 from helpers import eventually, start_worker_process
 
-from engine import Concurrency, ConfigurationError, Context, Event, Singleton, TriggerEvent
+from engine import (
+    Concurrency,
+    ConfigurationError,
+    Context,
+    Event,
+    Priority,
+    Singleton,
+    TriggerEvent,
+)
 
 
 def max_overlap(intervals: list[tuple[Any, Any]]) -> int:
@@ -216,3 +224,47 @@ async def test_singleton(make_engine: Any, mode: str) -> None:
 
 async def _is(app: Any, run_id: str, status: str) -> bool:
     return (await app.get_run(run_id)).status.value == status
+
+
+async def test_priority_orders_queued_runs_and_negative_priority_delays(
+    make_engine: Any, sql: Any
+) -> None:
+    app = make_engine()
+    gate = asyncio.Event()
+    order: list[str] = []
+
+    async def start(name: str) -> str:
+        order.append(name)
+        if name == "blocker":
+            await gate.wait()
+        return name
+
+    @app.create_function(
+        "jobs",
+        trigger=TriggerEvent("jobs/go"),
+        priority=Priority(run="event.data.plan == 'enterprise' ? 120 : event.data.boost"),
+    )
+    async def jobs(ctx: Context) -> Any:
+        return await ctx.step.run("start", start, ctx.event.data["name"])
+
+    def job(name: str, plan: str = "free", boost: int = 0) -> Event:
+        return Event(name="jobs/go", data={"name": name, "plan": plan, "boost": boost})
+
+    async with app.worker(concurrency=1, poll_interval="50ms"):
+        await app.send(job("blocker"))
+        await eventually(lambda: _truthy(order == ["blocker"]))
+        ids = await app.send([job("free-1"), job("free-2"), job("later", boost=-600)])
+        ids += await app.send(job("vip", plan="enterprise"))
+        for event_id in ids:
+            await app.runs_for_event(event_id, at_least=1)
+        gate.set()
+        await eventually(lambda: _truthy(len(order) == 4))
+        await asyncio.sleep(0.3)
+        assert order == ["blocker", "vip", "free-1", "free-2"]  # "later" waits 10 minutes
+        await sql.execute("UPDATE engine.clock SET offset_by = offset_by + interval '11 minutes'")
+        await eventually(lambda: _truthy(len(order) == 5))
+    assert order[-1] == "later"
+
+
+async def _truthy(value: Any) -> Any:
+    return value
