@@ -26,7 +26,7 @@ from .errors import (
     StepLimitError,
 )
 from .events import Event
-from .flow import Concurrency, Priority, RateLimit, Singleton
+from .flow import Concurrency, Priority, RateLimit, Singleton, Throttle
 from .function import Function
 from .retries import Backoff
 from .runs import RunInfo, RunStatus, StepInfo
@@ -62,6 +62,7 @@ __all__ = [
     "StepError",
     "StepInfo",
     "StepLimitError",
+    "Throttle",
     "Timeouts",
     "TriggerCron",
     "TriggerEvent",

@@ -18,7 +18,7 @@ from .errors import EngineError, RunNotFoundError
 from .events import Event, validate_outgoing
 from .execution import Limits
 from .expressions import Expression
-from .flow import Concurrency, Priority, RateLimit, Singleton
+from .flow import Concurrency, Priority, RateLimit, Singleton, Throttle
 from .function import Function, Handler, build_function
 from .retries import Backoff
 from .runs import RunInfo, RunStatus, run_info_from_row
@@ -78,6 +78,7 @@ class Engine:
         singleton: Singleton | None = None,
         idempotency: str | None = None,
         priority: Priority | None = None,
+        throttle: Throttle | None = None,
     ) -> Callable[[Handler], Function]:
         """Declares a durable function.
 
@@ -95,6 +96,7 @@ class Engine:
             singleton: a :class:`Singleton`: one active run per key (skip or cancel the other).
             idempotency: CEL over ``event``: one run per value per 24 hours, later ones SKIPPED.
             priority: a :class:`Priority`: claimed ahead of (or behind) older queued runs.
+            throttle: a :class:`Throttle`: starts spread over time; excess runs are delayed.
 
         Raises:
             ConfigurationError: an invalid id, option or expression; the message says which.
@@ -114,6 +116,7 @@ class Engine:
                 singleton=singleton,
                 idempotency=idempotency,
                 priority=priority,
+                throttle=throttle,
             )
             failure = None if on_failure is None else self._failure_handler(fn_id, on_failure)
             for declared in (function, failure):

@@ -18,7 +18,7 @@ from .errors import ConfigurationError, ExpressionError
 from .expressions import Expression
 
 MAX_CONCURRENCY = 2
-FLOW_OPTIONS = ("concurrency", "rate_limit", "singleton", "idempotency", "priority")
+FLOW_OPTIONS = ("concurrency", "rate_limit", "singleton", "idempotency", "priority", "throttle")
 MAX_PRIORITY = 600  # seconds, either way
 SCOPES = ("fn", "app")
 
@@ -82,6 +82,31 @@ class RateLimit:
         """The registry form."""
         period = _positive(self.period, "RateLimit period").total_seconds()
         return {"limit": self.limit, "period": period, "key": self.key}
+
+
+@dataclass(frozen=True)
+class Throttle:
+    """At most ``limit`` run starts per ``period`` per value of ``key``, spread evenly (GCRA),
+    with ``burst`` more allowed at once. Excess runs are delayed, never dropped."""
+
+    limit: int
+    period: Duration
+    burst: int = 1
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
+            raise ConfigurationError(f"Throttle: limit must be an int >= 1, got {self.limit!r}")
+        if isinstance(self.burst, bool) or not isinstance(self.burst, int) or self.burst < 0:
+            raise ConfigurationError(f"Throttle: burst must be an int >= 0, got {self.burst!r}")
+        _positive(self.period, "Throttle period")
+        if self.key is not None:
+            Expression(self.key, what=f"Throttle key {self.key!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The registry form: the GCRA emission interval (period / limit) and burst."""
+        period = _positive(self.period, "Throttle period").total_seconds()
+        return {"interval": period / self.limit, "burst": self.burst, "key": self.key}
 
 
 @dataclass(frozen=True)
@@ -167,6 +192,13 @@ def admission(
         fields["rate_key"] = _scoped(base, rate.get("key"), event)
         fields["rate_limit"] = rate["limit"]
         fields["rate_period"] = rate["period"]
+    throttle = flow.get("throttle")
+    if throttle:
+        fields["throttle"] = {
+            "key": _scoped(base, throttle.get("key"), event),
+            "interval": throttle["interval"],
+            "burst": throttle["burst"],
+        }
     if flow.get("priority"):
         fields["priority"] = priority_of(flow["priority"], event)
     singleton = flow.get("singleton")

@@ -17,6 +17,7 @@ from .flow import (
     Priority,
     RateLimit,
     Singleton,
+    Throttle,
     admission,
     check_concurrency,
     check_idempotency,
@@ -48,6 +49,7 @@ class Function:
     singleton: Singleton | None = None
     idempotency: str | None = None
     priority: Priority | None = None
+    throttle: Throttle | None = None
 
     async def __call__(self, ctx: Context) -> Any:
         return await self.handler(ctx)
@@ -75,6 +77,8 @@ class Function:
             flow["idempotency"] = self.idempotency
         if self.priority is not None:
             flow["priority"] = self.priority.to_json()
+        if self.throttle is not None:
+            flow["throttle"] = self.throttle.to_json()
         return flow
 
     def admission(self, event: dict[str, Any]) -> dict[str, Any]:
@@ -119,6 +123,7 @@ def build_function(
     singleton: Singleton | None = None,
     idempotency: str | None = None,
     priority: Priority | None = None,
+    throttle: Throttle | None = None,
 ) -> Function:
     """Validates a declaration; raises :class:`ConfigurationError` with what is wrong."""
     if not isinstance(fn_id, str) or not _FN_ID.match(fn_id):
@@ -140,6 +145,7 @@ def build_function(
         singleton=_typed(singleton, Singleton, "singleton", fn_id),
         idempotency=check_idempotency(idempotency, fn_id),
         priority=_typed(priority, Priority, "priority", fn_id),
+        throttle=_typed(throttle, Throttle, "throttle", fn_id),
     )
 
 

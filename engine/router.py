@@ -108,6 +108,7 @@ class Router:
                     and capacity > 0
                     and not controls["concurrency"]
                     and not controls.get("priority")  # a delay, or an order among queued runs
+                    and not controls.get("throttle")  # the claim decides when it may start
                 )
                 capacity -= claim
                 plan.append(

@@ -69,7 +69,8 @@ BEGIN
         ALTER TABLE engine.runs
             ADD COLUMN IF NOT EXISTS concurrency jsonb,
             ADD COLUMN IF NOT EXISTS blocked_on text,
-            ADD COLUMN IF NOT EXISTS singleton_key text;
+            ADD COLUMN IF NOT EXISTS singleton_key text,
+            ADD COLUMN IF NOT EXISTS throttle jsonb;
         DROP FUNCTION IF EXISTS engine.invoke(uuid, uuid, bigint, jsonb, text, text, jsonb,
                                               timestamptz, jsonb, text);
         DROP FUNCTION IF EXISTS engine.fire_cron(text, text, text, timestamptz, timestamptz);
@@ -184,6 +185,7 @@ CREATE TABLE IF NOT EXISTS engine.runs (
     concurrency      jsonb,
     blocked_on       text,
     singleton_key    text,                       -- at most one active run per key (singleton)
+    throttle         jsonb,                      -- {key, interval, burst}: GCRA on first starts
     created_at       timestamptz NOT NULL,
     started_at       timestamptz,
     ended_at         timestamptz,
@@ -218,6 +220,13 @@ CREATE TABLE IF NOT EXISTS engine.rate_log (
     at  timestamptz NOT NULL
 );
 CREATE INDEX IF NOT EXISTS rate_log_key_idx ON engine.rate_log (key, at);
+
+-- Throttles (GCRA): per key, the theoretical arrival time of the next start. A run may start when
+-- now >= tat - interval * burst; starting moves tat to max(tat, now) + interval.
+CREATE TABLE IF NOT EXISTS engine.throttles (
+    key text PRIMARY KEY,
+    tat timestamptz NOT NULL DEFAULT '-infinity'
+);
 
 -- Concurrency permits: one row per slot ('fn:<app>/<fn>' or 'app:<app>', plus '|<key>' for keyed
 -- limits) counting its RUNNING runs. A claim takes a permit under the row's lock only while
@@ -699,7 +708,7 @@ BEGIN
     INSERT INTO engine.runs AS r (app_id, function_id, status, event_seq, dedupe_key, due_at,
                                   lease_owner, lease_token, lease_expires_at, traceparent,
                                   start_deadline, finish_timeout, finish_deadline, concurrency,
-                                  singleton_key, waiting_reason, created_at, started_at,
+                                  singleton_key, throttle, waiting_reason, created_at, started_at,
                                   ended_at, updated_at)
     SELECT x.app_id, x.function_id,
            CASE WHEN x.skip IS NOT NULL THEN 'SKIPPED' WHEN x.claim THEN 'RUNNING' ELSE 'QUEUED' END,
@@ -715,14 +724,14 @@ BEGIN
            engine.timeout_of(x.app_id, x.function_id, 'finish'),
            CASE WHEN x.claim THEN v_now + engine.timeout_of(x.app_id, x.function_id, 'finish') END,
            nullif(x.concurrency, 'null'),
-           x.singleton_key, x.skip,
+           x.singleton_key, nullif(x.throttle, 'null'), x.skip,
            v_now,
            CASE WHEN x.claim THEN v_now END,
            CASE WHEN x.skip IS NOT NULL THEN v_now END,
            v_now
     FROM jsonb_to_recordset(engine.admit(p_runs, v_now))
          AS x(app_id text, function_id text, event_seq bigint, claim boolean, concurrency jsonb,
-              singleton_key text, skip text, priority int)
+              singleton_key text, skip text, priority int, throttle jsonb)
     JOIN engine.events e ON e.seq = x.event_seq
     ON CONFLICT (app_id, function_id, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
     RETURNING r.id, r.function_id, r.event_seq, r.lease_token, r.created_at;
@@ -832,19 +841,21 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_now     timestamptz := engine.now();
     v_ids     uuid[] := '{}';
-    v_run     record;
-    v_blocked text;
+    v_run       record;
+    v_blocked   text;
+    v_throttled boolean;
+    v_turn      timestamptz;
 BEGIN
     FOR v_run IN
         WITH due AS (
-            SELECT r.id, r.status, r.concurrency FROM engine.runs r
+            SELECT r.id, r.status, r.concurrency, r.throttle, r.started_at FROM engine.runs r
             WHERE r.app_id = p_app AND r.status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING')
               AND r.due_at <= v_now AND r.function_id = ANY (p_functions)
             ORDER BY r.due_at
             LIMIT p_limit + 32  -- room for runs that park on a full concurrency slot
             FOR UPDATE SKIP LOCKED
         ), expired AS (
-            SELECT r.id, r.status, r.concurrency FROM engine.runs r
+            SELECT r.id, r.status, r.concurrency, r.throttle, r.started_at FROM engine.runs r
             WHERE r.app_id = p_app AND r.status = 'RUNNING'
               AND r.lease_expires_at < v_now AND r.function_id = ANY (p_functions)
             ORDER BY r.lease_expires_at
@@ -854,6 +865,20 @@ BEGIN
         SELECT * FROM due UNION ALL SELECT * FROM expired
     LOOP
         EXIT WHEN cardinality(v_ids) >= p_limit;
+        -- Throttled functions: a first start waits for its turn (the row is locked until commit).
+        v_throttled := v_run.throttle IS NOT NULL AND v_run.started_at IS NULL;
+        IF v_throttled THEN
+            v_turn := engine.throttle_turn(v_run.throttle, v_now);
+            IF v_turn IS NULL THEN
+                CONTINUE;  -- the throttle row is locked by another claim: try again next time
+            ELSIF v_turn > v_now THEN
+                UPDATE engine.runs r
+                SET due_at = v_turn, updated_at = v_now,
+                    waiting_reason = format('throttled until %s', v_turn)
+                WHERE r.id = v_run.id;
+                CONTINUE;
+            END IF;
+        END IF;
         -- A run taken over from a dead worker keeps the permits it holds.
         IF v_run.concurrency IS NOT NULL AND v_run.status <> 'RUNNING' THEN
             v_blocked := engine.take_permits(v_run.concurrency);
@@ -867,6 +892,11 @@ BEGIN
                 WHERE r.id = v_run.id;
                 CONTINUE;
             END IF;
+        END IF;
+        IF v_throttled THEN
+            UPDATE engine.throttles t
+            SET tat = greatest(t.tat, v_now) + make_interval(secs => (v_run.throttle ->> 'interval')::float8)
+            WHERE t.key = v_run.throttle ->> 'key';
         END IF;
         v_ids := v_ids || v_run.id;
     END LOOP;
@@ -898,6 +928,29 @@ BEGIN
     SELECT r.id, r.function_id, r.lease_token, r.attempt, r.log_lines, r.cancel_requested,
            r.traceparent, r.created_at, v_now, engine.run_event(r.event_seq), engine.run_steps(r.id)
     FROM engine.runs r WHERE r.id = ANY (v_ids);
+END $$;
+
+-- When a throttled run may start (GCRA: tat - interval * burst), locking its key's row; NULL when
+-- the row is locked by another claim.
+CREATE OR REPLACE FUNCTION engine.throttle_turn(p_throttle jsonb, p_now timestamptz)
+RETURNS timestamptz LANGUAGE plpgsql AS $$
+DECLARE
+    v_key text := p_throttle ->> 'key';
+    v_tat timestamptz;
+BEGIN
+    SELECT t.tat INTO v_tat FROM engine.throttles t WHERE t.key = v_key FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        IF EXISTS (SELECT 1 FROM engine.throttles t WHERE t.key = v_key) THEN
+            RETURN NULL;
+        END IF;
+        INSERT INTO engine.throttles (key) VALUES (v_key) ON CONFLICT DO NOTHING;
+        SELECT t.tat INTO v_tat FROM engine.throttles t WHERE t.key = v_key FOR UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
+            RETURN NULL;
+        END IF;
+    END IF;
+    RETURN greatest(v_tat - make_interval(secs => (p_throttle ->> 'interval')::float8
+                                                   * (p_throttle ->> 'burst')::int), '-infinity');
 END $$;
 
 -- Takes one permit of each slot (p_slots: [{slot, limit}], sorted) for a run being claimed.

@@ -121,6 +121,7 @@ def test_public_api_is_pinned() -> None:
         "StepError",
         "StepInfo",
         "StepLimitError",
+        "Throttle",
         "Timeouts",
         "TriggerCron",
         "TriggerEvent",

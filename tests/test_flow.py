@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -268,3 +269,45 @@ async def test_priority_orders_queued_runs_and_negative_priority_delays(
 
 async def _truthy(value: Any) -> Any:
     return value
+
+
+async def test_throttle_spreads_starts_across_three_worker_processes(
+    make_engine: Any, database_url: str, sql: Any
+) -> None:
+    """Throttle(limit=2, period=1h, burst=1): two start at once, then one every 30 minutes of
+    durable time; the others wait (never dropped) and say why."""
+    await sql.execute(
+        "CREATE TABLE flow_log (id bigserial, run_id text, key text,"
+        " started_at timestamptz, ended_at timestamptz)"
+    )
+    workers = [start_worker_process("flow_app:app", database_url) for _ in range(3)]
+    try:
+        sender = make_engine("flow-app")
+        await sender.send([Event(name="flow/throttle", data={"n": n}) for n in range(6)])
+        await eventually(lambda: _count(sql, "throttled", "COMPLETED", 2), timeout=30)
+        await asyncio.sleep(0.5)
+        assert await _count(sql, "throttled", "COMPLETED", 2)
+        reason = await sql.fetchval(
+            "SELECT waiting_reason FROM engine.runs WHERE status = 'QUEUED' LIMIT 1"
+        )
+        assert reason.startswith("throttled until")
+        for done in range(3, 7):
+            await sql.execute("UPDATE engine.clock SET offset_by = offset_by + interval '30 min'")
+            await eventually(lambda done=done: _count(sql, "throttled", "COMPLETED", done), 30)
+            await asyncio.sleep(0.3)
+            assert await _count(sql, "throttled", "COMPLETED", done)
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(timeout=30)
+    starts = sorted(await sql.fetch("SELECT started_at FROM engine.runs"))
+    for first in starts:  # any hour holds at most limit + burst starts
+        assert sum(first[0] <= s[0] < first[0] + timedelta(hours=1) for s in starts) <= 3
+
+
+async def _count(sql: Any, fn_id: str, status: str, count: int) -> bool:
+    found = await sql.fetchval(
+        "SELECT count(*) FROM engine.runs WHERE function_id = $1 AND status = $2", fn_id, status
+    )
+    return bool(found == count)

@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 
-from engine import Concurrency, Context, Engine, RateLimit, TriggerEvent
+from engine import Concurrency, Context, Engine, RateLimit, Throttle, TriggerEvent
 
 app = Engine("flow-app")
 
@@ -51,4 +51,13 @@ async def limited(ctx: Context) -> Any:
     rate_limit=RateLimit(limit=5, period="1h", key="event.data.user"),
 )
 async def rate_limited(ctx: Context) -> Any:
+    return ctx.event.data["n"]
+
+
+@app.create_function(
+    "throttled",
+    trigger=TriggerEvent("flow/throttle"),
+    throttle=Throttle(limit=2, period="1h", burst=1),
+)
+async def throttled(ctx: Context) -> Any:
     return ctx.event.data["n"]
