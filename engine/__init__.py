@@ -26,7 +26,7 @@ from .errors import (
     StepLimitError,
 )
 from .events import Event
-from .flow import Concurrency, Priority, RateLimit, Singleton, Throttle
+from .flow import Concurrency, Debounce, Priority, RateLimit, Singleton, Throttle
 from .function import Function
 from .retries import Backoff
 from .runs import RunInfo, RunStatus, StepInfo
@@ -39,6 +39,7 @@ __all__ = [
     "Concurrency",
     "ConfigurationError",
     "Context",
+    "Debounce",
     "DeterminismError",
     "Engine",
     "EngineError",

@@ -18,7 +18,7 @@ from .errors import EngineError, RunNotFoundError
 from .events import Event, validate_outgoing
 from .execution import Limits
 from .expressions import Expression
-from .flow import Concurrency, Priority, RateLimit, Singleton, Throttle
+from .flow import Concurrency, Debounce, Priority, RateLimit, Singleton, Throttle
 from .function import Function, Handler, build_function
 from .retries import Backoff
 from .runs import RunInfo, RunStatus, run_info_from_row
@@ -79,6 +79,7 @@ class Engine:
         idempotency: str | None = None,
         priority: Priority | None = None,
         throttle: Throttle | None = None,
+        debounce: Debounce | None = None,
     ) -> Callable[[Handler], Function]:
         """Declares a durable function.
 
@@ -97,6 +98,7 @@ class Engine:
             idempotency: CEL over ``event``: one run per value per 24 hours, later ones SKIPPED.
             priority: a :class:`Priority`: claimed ahead of (or behind) older queued runs.
             throttle: a :class:`Throttle`: starts spread over time; excess runs are delayed.
+            debounce: a :class:`Debounce`: one run per quiet period, with the last event.
 
         Raises:
             ConfigurationError: an invalid id, option or expression; the message says which.
@@ -117,6 +119,7 @@ class Engine:
                 idempotency=idempotency,
                 priority=priority,
                 throttle=throttle,
+                debounce=debounce,
             )
             failure = None if on_failure is None else self._failure_handler(fn_id, on_failure)
             for declared in (function, failure):

@@ -18,7 +18,15 @@ from .errors import ConfigurationError, ExpressionError
 from .expressions import Expression
 
 MAX_CONCURRENCY = 2
-FLOW_OPTIONS = ("concurrency", "rate_limit", "singleton", "idempotency", "priority", "throttle")
+FLOW_OPTIONS = (
+    "concurrency",
+    "rate_limit",
+    "singleton",
+    "idempotency",
+    "priority",
+    "throttle",
+    "debounce",
+)
 MAX_PRIORITY = 600  # seconds, either way
 SCOPES = ("fn", "app")
 
@@ -107,6 +115,31 @@ class Throttle:
         """The registry form: the GCRA emission interval (period / limit) and burst."""
         period = _positive(self.period, "Throttle period").total_seconds()
         return {"interval": period / self.limit, "burst": self.burst, "key": self.key}
+
+
+@dataclass(frozen=True)
+class Debounce:
+    """One run per quiet ``period``: each new event of a key restarts the period, and the run
+    starts with the *last* event. ``timeout`` caps the delay from the first event."""
+
+    period: Duration
+    key: str | None = None
+    timeout: Duration | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self.period, "Debounce period")
+        if self.timeout is not None:
+            _positive(self.timeout, "Debounce timeout")
+        if self.key is not None:
+            Expression(self.key, what=f"Debounce key {self.key!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The registry form (seconds)."""
+        timeout = None
+        if self.timeout is not None:
+            timeout = _positive(self.timeout, "Debounce timeout").total_seconds()
+        period = _positive(self.period, "Debounce period").total_seconds()
+        return {"period": period, "timeout": timeout, "key": self.key}
 
 
 @dataclass(frozen=True)
@@ -199,6 +232,11 @@ def admission(
             "interval": throttle["interval"],
             "burst": throttle["burst"],
         }
+    debounce = flow.get("debounce")
+    if debounce:
+        fields["debounce_key"] = _scoped(base, debounce.get("key"), event)
+        fields["debounce_period"] = debounce["period"]
+        fields["debounce_timeout"] = debounce.get("timeout")
     if flow.get("priority"):
         fields["priority"] = priority_of(flow["priority"], event)
     singleton = flow.get("singleton")

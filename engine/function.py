@@ -14,6 +14,7 @@ from .context import Context
 from .errors import ConfigurationError
 from .flow import (
     Concurrency,
+    Debounce,
     Priority,
     RateLimit,
     Singleton,
@@ -50,6 +51,7 @@ class Function:
     idempotency: str | None = None
     priority: Priority | None = None
     throttle: Throttle | None = None
+    debounce: Debounce | None = None
 
     async def __call__(self, ctx: Context) -> Any:
         return await self.handler(ctx)
@@ -79,6 +81,8 @@ class Function:
             flow["priority"] = self.priority.to_json()
         if self.throttle is not None:
             flow["throttle"] = self.throttle.to_json()
+        if self.debounce is not None:
+            flow["debounce"] = self.debounce.to_json()
         return flow
 
     def admission(self, event: dict[str, Any]) -> dict[str, Any]:
@@ -124,6 +128,7 @@ def build_function(
     idempotency: str | None = None,
     priority: Priority | None = None,
     throttle: Throttle | None = None,
+    debounce: Debounce | None = None,
 ) -> Function:
     """Validates a declaration; raises :class:`ConfigurationError` with what is wrong."""
     if not isinstance(fn_id, str) or not _FN_ID.match(fn_id):
@@ -146,6 +151,7 @@ def build_function(
         idempotency=check_idempotency(idempotency, fn_id),
         priority=_typed(priority, Priority, "priority", fn_id),
         throttle=_typed(throttle, Throttle, "throttle", fn_id),
+        debounce=_typed(debounce, Debounce, "debounce", fn_id),
     )
 
 

@@ -109,6 +109,7 @@ class Router:
                     and not controls["concurrency"]
                     and not controls.get("priority")  # a delay, or an order among queued runs
                     and not controls.get("throttle")  # the claim decides when it may start
+                    and not controls.get("debounce_key")  # starts after a quiet period
                 )
                 capacity -= claim
                 plan.append(

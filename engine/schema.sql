@@ -70,7 +70,9 @@ BEGIN
             ADD COLUMN IF NOT EXISTS concurrency jsonb,
             ADD COLUMN IF NOT EXISTS blocked_on text,
             ADD COLUMN IF NOT EXISTS singleton_key text,
-            ADD COLUMN IF NOT EXISTS throttle jsonb;
+            ADD COLUMN IF NOT EXISTS throttle jsonb,
+            ADD COLUMN IF NOT EXISTS debounce_key text,
+            ADD COLUMN IF NOT EXISTS debounce_until timestamptz;
         DROP FUNCTION IF EXISTS engine.invoke(uuid, uuid, bigint, jsonb, text, text, jsonb,
                                               timestamptz, jsonb, text);
         DROP FUNCTION IF EXISTS engine.fire_cron(text, text, text, timestamptz, timestamptz);
@@ -186,6 +188,8 @@ CREATE TABLE IF NOT EXISTS engine.runs (
     blocked_on       text,
     singleton_key    text,                       -- at most one active run per key (singleton)
     throttle         jsonb,                      -- {key, interval, burst}: GCRA on first starts
+    debounce_key     text,                       -- a debounced run not yet started takes ...
+    debounce_until   timestamptz,                -- ... each new event of its key, until then
     created_at       timestamptz NOT NULL,
     started_at       timestamptz,
     ended_at         timestamptz,
@@ -205,6 +209,9 @@ CREATE INDEX IF NOT EXISTS runs_blocked_idx
 CREATE INDEX IF NOT EXISTS runs_singleton_idx ON engine.runs (singleton_key)
     WHERE singleton_key IS NOT NULL
       AND status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING');
+
+CREATE INDEX IF NOT EXISTS runs_debounce_idx ON engine.runs (debounce_key)
+    WHERE debounce_key IS NOT NULL AND status = 'QUEUED' AND started_at IS NULL;
 
 -- Idempotency keys, kept 24 hours: a second run with the same key is SKIPPED.
 CREATE TABLE IF NOT EXISTS engine.idempotency_keys (
@@ -708,14 +715,15 @@ BEGIN
     INSERT INTO engine.runs AS r (app_id, function_id, status, event_seq, dedupe_key, due_at,
                                   lease_owner, lease_token, lease_expires_at, traceparent,
                                   start_deadline, finish_timeout, finish_deadline, concurrency,
-                                  singleton_key, throttle, waiting_reason, created_at, started_at,
+                                  singleton_key, throttle, debounce_key, debounce_until,
+                                  waiting_reason, created_at, started_at,
                                   ended_at, updated_at)
     SELECT x.app_id, x.function_id,
            CASE WHEN x.skip IS NOT NULL THEN 'SKIPPED' WHEN x.claim THEN 'RUNNING' ELSE 'QUEUED' END,
            -- priority N: due N seconds earlier, so the claim (by due_at) takes it ahead of runs
            -- queued up to N seconds before it; a negative N delays it
            x.event_seq, 'event:' || x.event_seq,
-           v_now - make_interval(secs => coalesce(x.priority, 0)),
+           v_now + make_interval(secs => coalesce(x.debounce_period, 0) - coalesce(x.priority, 0)),
            CASE WHEN x.claim THEN p_owner END,
            CASE WHEN x.claim THEN 1 ELSE 0 END,
            CASE WHEN x.claim THEN v_now + p_lease END,
@@ -724,15 +732,19 @@ BEGIN
            engine.timeout_of(x.app_id, x.function_id, 'finish'),
            CASE WHEN x.claim THEN v_now + engine.timeout_of(x.app_id, x.function_id, 'finish') END,
            nullif(x.concurrency, 'null'),
-           x.singleton_key, nullif(x.throttle, 'null'), x.skip,
+           x.singleton_key, nullif(x.throttle, 'null'), x.debounce_key,
+           v_now + make_interval(secs => x.debounce_timeout),
+           coalesce(x.skip, CASE WHEN x.debounce_key IS NOT NULL THEN 'debounced: waiting for a quiet period' END),
            v_now,
            CASE WHEN x.claim THEN v_now END,
            CASE WHEN x.skip IS NOT NULL THEN v_now END,
            v_now
     FROM jsonb_to_recordset(engine.admit(p_runs, v_now))
          AS x(app_id text, function_id text, event_seq bigint, claim boolean, concurrency jsonb,
-              singleton_key text, skip text, priority int, throttle jsonb)
+              singleton_key text, skip text, priority int, throttle jsonb, debounce_key text,
+              debounce_period float8, debounce_timeout float8, merged boolean)
     JOIN engine.events e ON e.seq = x.event_seq
+    WHERE NOT coalesce(x.merged, false)
     ON CONFLICT (app_id, function_id, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
     RETURNING r.id, r.function_id, r.event_seq, r.lease_token, r.created_at;
 END $$;
@@ -752,14 +764,15 @@ DECLARE
     v_used    int;
     v_fresh   boolean;
     v_batch   jsonb := '{}';   -- singleton key -> index in v_out of the run admitted for it
+    v_pending jsonb := '{}';   -- debounce key -> index in v_out of the new run created for it
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM jsonb_array_elements(p_runs) x
-                   WHERE x ?| ARRAY['idempotency_key', 'rate_key', 'singleton_key']) THEN
+                   WHERE x ?| ARRAY['idempotency_key', 'rate_key', 'singleton_key', 'debounce_key']) THEN
         RETURN p_runs;  -- the common case: no admission control at all
     END IF;
     PERFORM pg_advisory_xact_lock(hashtextextended('engine.flow:' || k.key, 0))
     FROM (SELECT DISTINCT v.key FROM jsonb_array_elements(p_runs) x,
-          LATERAL (VALUES (x ->> 'rate_key'), (x ->> 'singleton_key')) AS v(key)
+          LATERAL (VALUES (x ->> 'rate_key'), (x ->> 'singleton_key'), (x ->> 'debounce_key')) AS v(key)
           WHERE v.key IS NOT NULL ORDER BY 1) k;
     FOR v_run IN SELECT value FROM jsonb_array_elements(p_runs) LOOP
         v_skip := NULL;
@@ -809,12 +822,48 @@ BEGIN
                 v_batch := v_batch || jsonb_build_object(v_key, jsonb_array_length(v_out));
             END IF;
         END IF;
+        v_key := v_run ->> 'debounce_key';
+        IF v_skip IS NULL AND v_key IS NOT NULL THEN
+            IF v_pending ? v_key THEN  -- an earlier event of this batch: the later one wins
+                v_out := jsonb_set(v_out, ARRAY[v_pending ->> v_key, 'event_seq'],
+                                   v_run -> 'event_seq');
+                v_run := v_run || '{"merged": true}';
+            ELSIF engine.debounce(v_run, p_now) THEN
+                v_run := v_run || '{"merged": true}';  -- the pending run of its key took it
+            ELSE
+                v_pending := v_pending || jsonb_build_object(v_key, jsonb_array_length(v_out));
+            END IF;
+        END IF;
         IF v_skip IS NOT NULL THEN
             v_run := v_run || jsonb_build_object('skip', v_skip, 'claim', false);
         END IF;
         v_out := v_out || jsonb_build_array(v_run);
     END LOOP;
     RETURN v_out;
+END $$;
+
+-- Gives a new event to the pending (not yet started) debounced run of its key, pushing its start
+-- back by the period, but not past its debounce_until. True when such a run took it; false when
+-- there is none (a new run is created for the event).
+CREATE OR REPLACE FUNCTION engine.debounce(p_run jsonb, p_now timestamptz) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_id uuid;
+BEGIN
+    SELECT r.id INTO v_id FROM engine.runs r
+    WHERE r.debounce_key = p_run ->> 'debounce_key' AND r.status = 'QUEUED' AND r.started_at IS NULL
+    ORDER BY r.created_at
+    LIMIT 1
+    FOR UPDATE;
+    IF v_id IS NULL THEN
+        RETURN false;
+    END IF;
+    UPDATE engine.runs r
+    SET event_seq = (p_run ->> 'event_seq')::bigint, updated_at = p_now,
+        due_at = least(p_now + make_interval(secs => (p_run ->> 'debounce_period')::float8),
+                       coalesce(r.debounce_until, 'infinity'))
+    WHERE r.id = v_id;
+    RETURN true;
 END $$;
 
 -- ---------------------------------------------------------------------------------------------

@@ -98,6 +98,7 @@ def test_public_api_is_pinned() -> None:
         "Concurrency",
         "ConfigurationError",
         "Context",
+        "Debounce",
         "DeterminismError",
         "Engine",
         "EngineError",

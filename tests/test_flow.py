@@ -311,3 +311,73 @@ async def _count(sql: Any, fn_id: str, status: str, count: int) -> bool:
         "SELECT count(*) FROM engine.runs WHERE function_id = $1 AND status = $2", fn_id, status
     )
     return bool(found == count)
+
+
+async def test_debounce_starts_one_run_with_the_last_event(
+    make_engine: Any, database_url: str, sql: Any
+) -> None:
+    """Debounce(period=1m, key=user, timeout=5m) with 3 worker processes routing: a burst gives
+    one run, with its last event, a quiet minute after it; a never-quiet key starts at 5 min."""
+    await sql.execute(
+        "CREATE TABLE flow_log (id bigserial, run_id text, key text,"
+        " started_at timestamptz, ended_at timestamptz)"
+    )
+    workers = [start_worker_process("flow_app:app", database_url) for _ in range(3)]
+    sender = make_engine("flow-app")
+
+    async def send(user: str, n: int) -> None:
+        [event_id] = await sender.send(Event(name="flow/debounce", data={"user": user, "n": n}))
+        await eventually(lambda: _routed(sql, event_id), timeout=30)
+
+    async def advance(seconds: int) -> None:
+        await sql.execute(
+            "UPDATE engine.clock SET offset_by = offset_by + make_interval(secs => $1)", seconds
+        )
+        await asyncio.sleep(0.4)  # the workers' polls see the new time
+
+    try:
+        for n in (1, 2, 3):
+            await send("a", n)
+        await advance(30)
+        await send("a", 4)  # restarts the quiet period
+        await advance(45)  # 75 s after the first event, 45 s after the last: still waiting
+        assert await _outputs(sql, "a") == [("QUEUED", None)]
+        await advance(20)
+        await eventually(lambda: _outputs_are(sql, "a", [("COMPLETED", 4)]), timeout=30)
+
+        await send("b", 1)
+        for n in range(2, 7):  # an event every 50 s: never a quiet minute
+            await advance(50)
+            await send("b", n)
+        assert await _outputs(sql, "b") == [("QUEUED", None)]
+        await advance(50)  # 300 s after the first event: the timeout starts it
+        await eventually(lambda: _outputs_are(sql, "b", [("COMPLETED", 6)]), timeout=30)
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(timeout=30)
+
+
+async def _routed(sql: Any, event_id: str) -> bool:
+    return bool(
+        await sql.fetchval(
+            "SELECT NOT EXISTS (SELECT 1 FROM engine.event_queue q JOIN engine.events e"
+            " ON e.seq = q.seq WHERE e.id = $1)",
+            event_id,
+        )
+    )
+
+
+async def _outputs(sql: Any, user: str) -> list[tuple[str, Any]]:
+    rows = await sql.fetch(
+        "SELECT r.status, r.output::text AS output FROM engine.runs r"
+        " JOIN engine.events e ON e.seq = r.event_seq"
+        " WHERE r.function_id = 'debounced' AND e.data->>'user' = $1",
+        user,
+    )
+    return [(r["status"], None if r["output"] is None else int(r["output"])) for r in rows]
+
+
+async def _outputs_are(sql: Any, user: str, expected: list[tuple[str, Any]]) -> bool:
+    return await _outputs(sql, user) == expected

@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 
-from engine import Concurrency, Context, Engine, RateLimit, Throttle, TriggerEvent
+from engine import Concurrency, Context, Debounce, Engine, RateLimit, Throttle, TriggerEvent
 
 app = Engine("flow-app")
 
@@ -60,4 +60,13 @@ async def rate_limited(ctx: Context) -> Any:
     throttle=Throttle(limit=2, period="1h", burst=1),
 )
 async def throttled(ctx: Context) -> Any:
+    return ctx.event.data["n"]
+
+
+@app.create_function(
+    "debounced",
+    trigger=TriggerEvent("flow/debounce"),
+    debounce=Debounce(period="1m", key="event.data.user", timeout="5m"),
+)
+async def debounced(ctx: Context) -> Any:
     return ctx.event.data["n"]
