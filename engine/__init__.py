@@ -26,7 +26,7 @@ from .errors import (
     StepLimitError,
 )
 from .events import Event
-from .flow import Concurrency, Debounce, Priority, RateLimit, Singleton, Throttle
+from .flow import Batch, Concurrency, Debounce, Priority, RateLimit, Singleton, Throttle
 from .function import Function
 from .retries import Backoff
 from .runs import RunInfo, RunStatus, StepInfo
@@ -35,6 +35,7 @@ from .worker import Worker
 
 __all__ = [
     "Backoff",
+    "Batch",
     "Cancel",
     "Concurrency",
     "ConfigurationError",

@@ -18,7 +18,7 @@ from .errors import EngineError, RunNotFoundError
 from .events import Event, validate_outgoing
 from .execution import Limits
 from .expressions import Expression
-from .flow import Concurrency, Debounce, Priority, RateLimit, Singleton, Throttle
+from .flow import Batch, Concurrency, Debounce, Priority, RateLimit, Singleton, Throttle
 from .function import Function, Handler, build_function
 from .retries import Backoff
 from .runs import RunInfo, RunStatus, run_info_from_row
@@ -80,6 +80,7 @@ class Engine:
         priority: Priority | None = None,
         throttle: Throttle | None = None,
         debounce: Debounce | None = None,
+        batch_events: Batch | None = None,
     ) -> Callable[[Handler], Function]:
         """Declares a durable function.
 
@@ -99,6 +100,7 @@ class Engine:
             priority: a :class:`Priority`: claimed ahead of (or behind) older queued runs.
             throttle: a :class:`Throttle`: starts spread over time; excess runs are delayed.
             debounce: a :class:`Debounce`: one run per quiet period, with the last event.
+            batch_events: a :class:`Batch`: one run for up to ``max_size`` events.
 
         Raises:
             ConfigurationError: an invalid id, option or expression; the message says which.
@@ -120,6 +122,7 @@ class Engine:
                 priority=priority,
                 throttle=throttle,
                 debounce=debounce,
+                batch_events=batch_events,
             )
             failure = None if on_failure is None else self._failure_handler(fn_id, on_failure)
             for declared in (function, failure):

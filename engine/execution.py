@@ -114,7 +114,10 @@ class ClaimedRun:
             cancel_requested=row["cancel_requested"],
             traceparent=row["traceparent"],
             claimed_at=row["claimed_at"],
-            events=[event_from_row(loads(row["event"]))],
+            events=[
+                event_from_row(e)
+                for e in (loads(row["events"]) if row["events"] else [loads(row["event"])])
+            ],
             steps={s.key: s for s in steps},
         )
 

@@ -26,7 +26,9 @@ FLOW_OPTIONS = (
     "priority",
     "throttle",
     "debounce",
+    "batch_events",
 )
+MAX_BATCH = 1000
 MAX_PRIORITY = 600  # seconds, either way
 SCOPES = ("fn", "app")
 
@@ -143,6 +145,34 @@ class Debounce:
 
 
 @dataclass(frozen=True)
+class Batch:
+    """One run receives up to ``max_size`` events of a key (``ctx.events``; ``ctx.event`` is the
+    first), when the batch is full or ``timeout`` after its first event."""
+
+    max_size: int
+    timeout: Duration
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.max_size, bool)
+            or not isinstance(self.max_size, int)
+            or not 1 <= self.max_size <= MAX_BATCH
+        ):
+            raise ConfigurationError(
+                f"Batch: max_size must be an int from 1 to {MAX_BATCH}, got {self.max_size!r}"
+            )
+        _positive(self.timeout, "Batch timeout")
+        if self.key is not None:
+            Expression(self.key, what=f"Batch key {self.key!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The registry form (seconds)."""
+        timeout = _positive(self.timeout, "Batch timeout").total_seconds()
+        return {"max_size": self.max_size, "timeout": timeout, "key": self.key}
+
+
+@dataclass(frozen=True)
 class Singleton:
     """At most one active run (sleeping and waiting included) per value of ``key``.
 
@@ -237,6 +267,11 @@ def admission(
         fields["debounce_key"] = _scoped(base, debounce.get("key"), event)
         fields["debounce_period"] = debounce["period"]
         fields["debounce_timeout"] = debounce.get("timeout")
+    batch = flow.get("batch_events")
+    if batch:
+        fields["batch_key"] = _scoped(base, batch.get("key"), event)
+        fields["batch_max"] = batch["max_size"]
+        fields["batch_timeout"] = batch["timeout"]
     if flow.get("priority"):
         fields["priority"] = priority_of(flow["priority"], event)
     singleton = flow.get("singleton")

@@ -13,6 +13,7 @@ from .cancellation import Cancel, Timeouts, check_cancels
 from .context import Context
 from .errors import ConfigurationError
 from .flow import (
+    Batch,
     Concurrency,
     Debounce,
     Priority,
@@ -52,6 +53,7 @@ class Function:
     priority: Priority | None = None
     throttle: Throttle | None = None
     debounce: Debounce | None = None
+    batch_events: Batch | None = None
 
     async def __call__(self, ctx: Context) -> Any:
         return await self.handler(ctx)
@@ -83,6 +85,8 @@ class Function:
             flow["throttle"] = self.throttle.to_json()
         if self.debounce is not None:
             flow["debounce"] = self.debounce.to_json()
+        if self.batch_events is not None:
+            flow["batch_events"] = self.batch_events.to_json()
         return flow
 
     def admission(self, event: dict[str, Any]) -> dict[str, Any]:
@@ -129,6 +133,7 @@ def build_function(
     priority: Priority | None = None,
     throttle: Throttle | None = None,
     debounce: Debounce | None = None,
+    batch_events: Batch | None = None,
 ) -> Function:
     """Validates a declaration; raises :class:`ConfigurationError` with what is wrong."""
     if not isinstance(fn_id, str) or not _FN_ID.match(fn_id):
@@ -137,6 +142,11 @@ def build_function(
         )
     if not inspect.iscoroutinefunction(handler):
         raise ConfigurationError(f"function {fn_id!r}: the handler must be an `async def`")
+    batch = _typed(batch_events, Batch, "batch_events", fn_id)
+    if batch is not None:
+        _check_batch_combinations(
+            fn_id, cancel=cancel, debounce=debounce, singleton=singleton, priority=priority
+        )
     return Function(
         fn_id=fn_id,
         handler=handler,
@@ -152,7 +162,18 @@ def build_function(
         priority=_typed(priority, Priority, "priority", fn_id),
         throttle=_typed(throttle, Throttle, "throttle", fn_id),
         debounce=_typed(debounce, Debounce, "debounce", fn_id),
+        batch_events=batch,
     )
+
+
+def _check_batch_combinations(fn_id: str, **options: Any) -> None:
+    """Batching cannot be combined with these (one run per several events has no single event
+    to cancel on, debounce, deduplicate or prioritize by), as in the reference."""
+    declared = sorted(name for name, value in options.items() if value)
+    if declared:
+        raise ConfigurationError(
+            f"function {fn_id!r}: batch_events cannot be combined with {', '.join(declared)}"
+        )
 
 
 def _typed(value: Any, kind: type, option: str, fn_id: str) -> Any:

@@ -110,6 +110,7 @@ class Router:
                     and not controls.get("priority")  # a delay, or an order among queued runs
                     and not controls.get("throttle")  # the claim decides when it may start
                     and not controls.get("debounce_key")  # starts after a quiet period
+                    and not controls.get("batch_key")  # starts when full or timed out
                 )
                 capacity -= claim
                 plan.append(

@@ -80,7 +80,18 @@ BEGIN
     END IF;
 END $$;
 
-INSERT INTO engine.meta (key, value) VALUES ('schema_version', '3')
+DO $$
+BEGIN
+    IF (SELECT value::int FROM engine.meta WHERE key = 'schema_version') < 4 THEN
+        ALTER TABLE engine.runs
+            ADD COLUMN IF NOT EXISTS batch_key text,
+            ADD COLUMN IF NOT EXISTS batch_size int,
+            ADD COLUMN IF NOT EXISTS batch_max int;
+        DROP FUNCTION IF EXISTS engine.claim_runs(text, text[], uuid, interval, int);
+    END IF;
+END $$;
+
+INSERT INTO engine.meta (key, value) VALUES ('schema_version', '4')
 ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 -- Bumped by every change of engine.functions: routers reload the registry when it moves, so no
 -- event is routed with a stale view of the functions it triggers.
@@ -190,6 +201,9 @@ CREATE TABLE IF NOT EXISTS engine.runs (
     throttle         jsonb,                      -- {key, interval, burst}: GCRA on first starts
     debounce_key     text,                       -- a debounced run not yet started takes ...
     debounce_until   timestamptz,                -- ... each new event of its key, until then
+    batch_key        text,                       -- batch_events: a run not yet started collects
+    batch_size       int,                        -- events of its key (engine.batch_events)
+    batch_max        int,                        -- until it holds batch_max of them
     created_at       timestamptz NOT NULL,
     started_at       timestamptz,
     ended_at         timestamptz,
@@ -212,6 +226,17 @@ CREATE INDEX IF NOT EXISTS runs_singleton_idx ON engine.runs (singleton_key)
 
 CREATE INDEX IF NOT EXISTS runs_debounce_idx ON engine.runs (debounce_key)
     WHERE debounce_key IS NOT NULL AND status = 'QUEUED' AND started_at IS NULL;
+
+CREATE INDEX IF NOT EXISTS runs_batch_idx ON engine.runs (batch_key)
+    WHERE batch_key IS NOT NULL AND status = 'QUEUED' AND started_at IS NULL;
+
+-- The events of a batched run, in order (the first is also the run's event_seq).
+CREATE TABLE IF NOT EXISTS engine.batch_events (
+    run_id   uuid NOT NULL REFERENCES engine.runs (id) ON DELETE CASCADE,
+    position int NOT NULL,
+    seq      bigint NOT NULL REFERENCES engine.events (seq) ON DELETE CASCADE,
+    PRIMARY KEY (run_id, position)
+);
 
 -- Idempotency keys, kept 24 hours: a second run with the same key is SKIPPED.
 CREATE TABLE IF NOT EXISTS engine.idempotency_keys (
@@ -712,41 +737,59 @@ DECLARE
 BEGIN
     DELETE FROM engine.event_queue q WHERE q.seq = ANY (p_seqs);
     RETURN QUERY
-    INSERT INTO engine.runs AS r (app_id, function_id, status, event_seq, dedupe_key, due_at,
-                                  lease_owner, lease_token, lease_expires_at, traceparent,
-                                  start_deadline, finish_timeout, finish_deadline, concurrency,
-                                  singleton_key, throttle, debounce_key, debounce_until,
-                                  waiting_reason, created_at, started_at,
-                                  ended_at, updated_at)
-    SELECT x.app_id, x.function_id,
-           CASE WHEN x.skip IS NOT NULL THEN 'SKIPPED' WHEN x.claim THEN 'RUNNING' ELSE 'QUEUED' END,
-           -- priority N: due N seconds earlier, so the claim (by due_at) takes it ahead of runs
-           -- queued up to N seconds before it; a negative N delays it
-           x.event_seq, 'event:' || x.event_seq,
-           v_now + make_interval(secs => coalesce(x.debounce_period, 0) - coalesce(x.priority, 0)),
-           CASE WHEN x.claim THEN p_owner END,
-           CASE WHEN x.claim THEN 1 ELSE 0 END,
-           CASE WHEN x.claim THEN v_now + p_lease END,
-           e.traceparent,
-           v_now + engine.timeout_of(x.app_id, x.function_id, 'start'),
-           engine.timeout_of(x.app_id, x.function_id, 'finish'),
-           CASE WHEN x.claim THEN v_now + engine.timeout_of(x.app_id, x.function_id, 'finish') END,
-           nullif(x.concurrency, 'null'),
-           x.singleton_key, nullif(x.throttle, 'null'), x.debounce_key,
-           v_now + make_interval(secs => x.debounce_timeout),
-           coalesce(x.skip, CASE WHEN x.debounce_key IS NOT NULL THEN 'debounced: waiting for a quiet period' END),
-           v_now,
-           CASE WHEN x.claim THEN v_now END,
-           CASE WHEN x.skip IS NOT NULL THEN v_now END,
-           v_now
-    FROM jsonb_to_recordset(engine.admit(p_runs, v_now))
-         AS x(app_id text, function_id text, event_seq bigint, claim boolean, concurrency jsonb,
-              singleton_key text, skip text, priority int, throttle jsonb, debounce_key text,
-              debounce_period float8, debounce_timeout float8, merged boolean)
-    JOIN engine.events e ON e.seq = x.event_seq
-    WHERE NOT coalesce(x.merged, false)
-    ON CONFLICT (app_id, function_id, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
-    RETURNING r.id, r.function_id, r.event_seq, r.lease_token, r.created_at;
+    WITH admitted AS (
+        SELECT x.* FROM jsonb_to_recordset(engine.admit(p_runs, v_now))
+            AS x(app_id text, function_id text, event_seq bigint, claim boolean, concurrency jsonb,
+                 singleton_key text, skip text, priority int, throttle jsonb, debounce_key text,
+                 debounce_period float8, debounce_timeout float8, merged boolean,
+                 batch_key text, batch_max int, batch_timeout float8, batch_seqs jsonb)
+        WHERE NOT coalesce(x.merged, false)
+    ), created AS (
+        INSERT INTO engine.runs AS r (app_id, function_id, status, event_seq, dedupe_key, due_at,
+                                      lease_owner, lease_token, lease_expires_at, traceparent,
+                                      start_deadline, finish_timeout, finish_deadline, concurrency,
+                                      singleton_key, throttle, debounce_key, debounce_until,
+                                      batch_key, batch_size, batch_max,
+                                      waiting_reason, created_at, started_at, ended_at, updated_at)
+        SELECT x.app_id, x.function_id,
+               CASE WHEN x.skip IS NOT NULL THEN 'SKIPPED' WHEN x.claim THEN 'RUNNING' ELSE 'QUEUED' END,
+               x.event_seq, 'event:' || x.event_seq,
+               -- priority N: due N seconds earlier, so the claim (by due_at) takes it ahead of
+               -- runs queued up to N seconds before it; a negative N delays it. A debounced run
+               -- waits its period; a batch its timeout, unless it is full already.
+               v_now + make_interval(secs => coalesce(x.debounce_period, 0) - coalesce(x.priority, 0)
+                   + CASE WHEN jsonb_array_length(coalesce(x.batch_seqs, '[]')) < x.batch_max
+                          THEN coalesce(x.batch_timeout, 0) ELSE 0 END),
+               CASE WHEN x.claim THEN p_owner END,
+               CASE WHEN x.claim THEN 1 ELSE 0 END,
+               CASE WHEN x.claim THEN v_now + p_lease END,
+               e.traceparent,
+               v_now + engine.timeout_of(x.app_id, x.function_id, 'start'),
+               engine.timeout_of(x.app_id, x.function_id, 'finish'),
+               CASE WHEN x.claim THEN v_now + engine.timeout_of(x.app_id, x.function_id, 'finish') END,
+               nullif(x.concurrency, 'null'),
+               x.singleton_key, nullif(x.throttle, 'null'), x.debounce_key,
+               v_now + make_interval(secs => x.debounce_timeout),
+               x.batch_key, jsonb_array_length(x.batch_seqs), x.batch_max,
+               coalesce(x.skip, CASE WHEN x.debounce_key IS NOT NULL THEN 'debounced: waiting for a quiet period'
+                                     WHEN x.batch_key IS NOT NULL THEN 'collecting a batch of events' END),
+               v_now,
+               CASE WHEN x.claim THEN v_now END,
+               CASE WHEN x.skip IS NOT NULL THEN v_now END,
+               v_now
+        FROM admitted x
+        JOIN engine.events e ON e.seq = x.event_seq
+        ON CONFLICT (app_id, function_id, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
+        RETURNING r.id, r.app_id, r.function_id, r.event_seq, r.lease_token, r.created_at
+    ), batched AS (
+        INSERT INTO engine.batch_events (run_id, position, seq)
+        SELECT c.id, b.ordinality - 1, b.value::bigint
+        FROM created c
+        JOIN admitted x ON (x.app_id, x.function_id, x.event_seq) = (c.app_id, c.function_id, c.event_seq)
+        CROSS JOIN LATERAL jsonb_array_elements_text(x.batch_seqs) WITH ORDINALITY AS b(value, ordinality)
+        WHERE x.batch_seqs IS NOT NULL
+    )
+    SELECT c.id, c.function_id, c.event_seq, c.lease_token, c.created_at FROM created c;
 END $$;
 
 -- Admission control for runs being created (p_runs as in create_runs, with the keys the router
@@ -765,14 +808,18 @@ DECLARE
     v_fresh   boolean;
     v_batch   jsonb := '{}';   -- singleton key -> index in v_out of the run admitted for it
     v_pending jsonb := '{}';   -- debounce key -> index in v_out of the new run created for it
+    v_open    jsonb := '{}';   -- batch key -> index in v_out of a new batch run not yet full
+    v_index   int;
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM jsonb_array_elements(p_runs) x
-                   WHERE x ?| ARRAY['idempotency_key', 'rate_key', 'singleton_key', 'debounce_key']) THEN
+                   WHERE x ?| ARRAY['idempotency_key', 'rate_key', 'singleton_key', 'debounce_key',
+                                    'batch_key']) THEN
         RETURN p_runs;  -- the common case: no admission control at all
     END IF;
     PERFORM pg_advisory_xact_lock(hashtextextended('engine.flow:' || k.key, 0))
     FROM (SELECT DISTINCT v.key FROM jsonb_array_elements(p_runs) x,
-          LATERAL (VALUES (x ->> 'rate_key'), (x ->> 'singleton_key'), (x ->> 'debounce_key')) AS v(key)
+          LATERAL (VALUES (x ->> 'rate_key'), (x ->> 'singleton_key'), (x ->> 'debounce_key'),
+                          (x ->> 'batch_key')) AS v(key)
           WHERE v.key IS NOT NULL ORDER BY 1) k;
     FOR v_run IN SELECT value FROM jsonb_array_elements(p_runs) LOOP
         v_skip := NULL;
@@ -834,6 +881,27 @@ BEGIN
                 v_pending := v_pending || jsonb_build_object(v_key, jsonb_array_length(v_out));
             END IF;
         END IF;
+        v_key := v_run ->> 'batch_key';
+        IF v_skip IS NULL AND v_key IS NOT NULL THEN
+            IF v_open ? v_key THEN  -- a batch opened by an earlier event of this call
+                v_index := (v_open ->> v_key)::int;
+                v_out := jsonb_set(v_out, ARRAY[v_index::text, 'batch_seqs'],
+                                   (v_out #> ARRAY[v_index::text, 'batch_seqs'])
+                                   || jsonb_build_array(v_run -> 'event_seq'));
+                IF jsonb_array_length(v_out #> ARRAY[v_index::text, 'batch_seqs'])
+                   >= (v_run ->> 'batch_max')::int THEN
+                    v_open := v_open - v_key;
+                END IF;
+                v_run := v_run || '{"merged": true}';
+            ELSIF engine.add_to_batch(v_run, p_now) THEN
+                v_run := v_run || '{"merged": true}';
+            ELSE
+                v_run := v_run || jsonb_build_object('batch_seqs', jsonb_build_array(v_run -> 'event_seq'));
+                IF (v_run ->> 'batch_max')::int > 1 THEN
+                    v_open := v_open || jsonb_build_object(v_key, jsonb_array_length(v_out));
+                END IF;
+            END IF;
+        END IF;
         IF v_skip IS NOT NULL THEN
             v_run := v_run || jsonb_build_object('skip', v_skip, 'claim', false);
         END IF;
@@ -841,6 +909,43 @@ BEGIN
     END LOOP;
     RETURN v_out;
 END $$;
+
+-- Adds an event to the open batch of its key (a batched run not yet started nor full); a full
+-- batch is due at once. False when no batch is open (a new one is created for the event).
+CREATE OR REPLACE FUNCTION engine.add_to_batch(p_run jsonb, p_now timestamptz) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_id   uuid;
+    v_size int;
+    v_max  int;
+BEGIN
+    SELECT r.id, r.batch_size, r.batch_max INTO v_id, v_size, v_max FROM engine.runs r
+    WHERE r.batch_key = p_run ->> 'batch_key' AND r.status = 'QUEUED' AND r.started_at IS NULL
+      AND r.batch_size < r.batch_max
+    ORDER BY r.created_at
+    LIMIT 1
+    FOR UPDATE;
+    IF v_id IS NULL THEN
+        RETURN false;
+    END IF;
+    INSERT INTO engine.batch_events (run_id, position, seq)
+    VALUES (v_id, v_size, (p_run ->> 'event_seq')::bigint);
+    UPDATE engine.runs r
+    SET batch_size = v_size + 1, updated_at = p_now,
+        due_at = CASE WHEN v_size + 1 >= v_max THEN p_now ELSE r.due_at END
+    WHERE r.id = v_id;
+    IF v_size + 1 >= v_max THEN
+        PERFORM pg_notify('engine_wakeup', 'runs');  -- a full batch starts now
+    END IF;
+    RETURN true;
+END $$;
+
+-- A batched run's events, in order.
+CREATE OR REPLACE FUNCTION engine.batch_of(p_run uuid) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_agg(engine.run_event(b.seq) ORDER BY b.position)
+    FROM engine.batch_events b WHERE b.run_id = p_run
+$$;
 
 -- Gives a new event to the pending (not yet started) debounced run of its key, pushing its start
 -- back by the period, but not past its debounce_until. True when such a run took it; false when
@@ -884,7 +989,7 @@ CREATE OR REPLACE FUNCTION engine.claim_runs(
     p_app text, p_functions text[], p_owner uuid, p_lease interval, p_limit int)
 RETURNS TABLE (id uuid, function_id text, lease_token bigint, attempt int, log_lines int,
                cancel_requested boolean, traceparent text, created_at timestamptz,
-               claimed_at timestamptz, event jsonb, steps jsonb)
+               claimed_at timestamptz, event jsonb, steps jsonb, events jsonb)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -975,7 +1080,8 @@ BEGIN
 
     RETURN QUERY
     SELECT r.id, r.function_id, r.lease_token, r.attempt, r.log_lines, r.cancel_requested,
-           r.traceparent, r.created_at, v_now, engine.run_event(r.event_seq), engine.run_steps(r.id)
+           r.traceparent, r.created_at, v_now, engine.run_event(r.event_seq), engine.run_steps(r.id),
+           CASE WHEN r.batch_key IS NOT NULL THEN engine.batch_of(r.id) END
     FROM engine.runs r WHERE r.id = ANY (v_ids);
 END $$;
 

@@ -41,7 +41,7 @@ async def test_migrate_is_idempotent_and_schema_file_is_the_packaged_one(server_
             )
         conn = await asyncpg.connect(url)
         try:
-            assert await conn.fetchval("SELECT engine.schema_version()") == 3
+            assert await conn.fetchval("SELECT engine.schema_version()") == 4
         finally:
             await conn.close()
     finally:
@@ -94,6 +94,7 @@ async def test_missing_schema_is_a_clear_error(server_url: str) -> None:
 def test_public_api_is_pinned() -> None:
     assert sorted(engine.__all__) == [
         "Backoff",
+        "Batch",
         "Cancel",
         "Concurrency",
         "ConfigurationError",

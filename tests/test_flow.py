@@ -10,9 +10,11 @@ import pytest
 from helpers import eventually, start_worker_process
 
 from engine import (
+    Batch,
     Concurrency,
     ConfigurationError,
     Context,
+    Debounce,
     Event,
     Priority,
     Singleton,
@@ -381,3 +383,46 @@ async def _outputs(sql: Any, user: str) -> list[tuple[str, Any]]:
 
 async def _outputs_are(sql: Any, user: str, expected: list[tuple[str, Any]]) -> bool:
     return await _outputs(sql, user) == expected
+
+
+async def test_batches_fill_up_or_time_out(make_engine: Any, database_url: str, sql: Any) -> None:
+    """Batch(max_size=5, timeout=1m): 12 events give runs of 5, 5 and, a minute later, 2;
+    each event in exactly one run, in order."""
+    await sql.execute(
+        "CREATE TABLE flow_log (id bigserial, run_id text, key text,"
+        " started_at timestamptz, ended_at timestamptz)"
+    )
+    workers = [start_worker_process("flow_app:app", database_url) for _ in range(3)]
+    sender = make_engine("flow-app")
+    try:
+        await sender.send([Event(name="flow/batch", data={"user": "a", "n": n}) for n in range(7)])
+        for n in range(7, 12):
+            [event_id] = await sender.send(Event(name="flow/batch", data={"user": "a", "n": n}))
+            await eventually(lambda event_id=event_id: _routed(sql, event_id), timeout=30)
+        await eventually(lambda: _count(sql, "batched", "COMPLETED", 2), timeout=30)
+        assert await _count(sql, "batched", "QUEUED", 1)
+        await sql.execute("UPDATE engine.clock SET offset_by = offset_by + interval '61 seconds'")
+        await eventually(lambda: _count(sql, "batched", "COMPLETED", 3), timeout=30)
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(timeout=30)
+    rows = await sql.fetch(
+        "SELECT output::text FROM engine.runs WHERE function_id = 'batched' ORDER BY created_at"
+    )
+    assert [r["output"] for r in rows] == ["[0, 1, 2, 3, 4]", "[5, 6, 7, 8, 9]", "[10, 11]"]
+
+
+def test_batching_refuses_the_combinations_the_reference_forbids(make_engine: Any) -> None:
+    app = make_engine()
+    batch = Batch(max_size=10, timeout="5s")
+    with pytest.raises(ConfigurationError, match="cannot be combined with debounce, singleton"):
+        app.create_function(
+            "f",
+            batch_events=batch,
+            debounce=Debounce(period="1s"),
+            singleton=Singleton(),
+        )(_noop)
+    with pytest.raises(ConfigurationError, match="max_size"):
+        Batch(max_size=0, timeout="1s")

@@ -12,7 +12,16 @@ from typing import Any
 
 import asyncpg
 
-from engine import Concurrency, Context, Debounce, Engine, RateLimit, Throttle, TriggerEvent
+from engine import (
+    Batch,
+    Concurrency,
+    Context,
+    Debounce,
+    Engine,
+    RateLimit,
+    Throttle,
+    TriggerEvent,
+)
 
 app = Engine("flow-app")
 
@@ -70,3 +79,13 @@ async def throttled(ctx: Context) -> Any:
 )
 async def debounced(ctx: Context) -> Any:
     return ctx.event.data["n"]
+
+
+@app.create_function(
+    "batched",
+    trigger=TriggerEvent("flow/batch"),
+    batch_events=Batch(max_size=5, timeout="1m", key="event.data.user"),
+)
+async def batched(ctx: Context) -> Any:
+    assert ctx.event == ctx.events[0]
+    return [event.data["n"] for event in ctx.events]
