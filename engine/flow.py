@@ -44,11 +44,14 @@ class Concurrency:
             limit for all runs.
         scope: ``"fn"`` (default): per function; ``"app"``: shared by every function of the app
             declaring the same key (a key is then required).
+        ordering: ``"fifo"``: runs of a key start in the order they were created (a newer run
+            does not take a freed slot while an older one waits for it). ``None``: any order.
     """
 
     limit: int
     key: str | None = None
     scope: str = "fn"
+    ordering: str | None = None
     compiled: Expression | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -60,6 +63,10 @@ class Concurrency:
             )
         if self.scope == "app" and self.key is None:
             raise ConfigurationError("Concurrency(scope='app') needs a key")
+        if self.ordering not in (None, "fifo"):
+            raise ConfigurationError(
+                f"Concurrency: ordering must be None or 'fifo', got {self.ordering!r}"
+            )
         compiled = None
         if self.key is not None:
             compiled = Expression(self.key, what=f"Concurrency key {self.key!r}")
@@ -67,7 +74,12 @@ class Concurrency:
 
     def to_json(self) -> dict[str, Any]:
         """The registry form, from which any worker computes a run's slots."""
-        return {"limit": self.limit, "key": self.key, "scope": self.scope}
+        return {
+            "limit": self.limit,
+            "key": self.key,
+            "scope": self.scope,
+            "ordering": self.ordering,
+        }
 
 
 @dataclass(frozen=True)
@@ -315,7 +327,9 @@ def concurrency_slots(
         scope = f"fn:{app_id}/{fn_id}" if spec["scope"] == "fn" else f"app:{app_id}"
         if spec.get("key"):
             scope += "|" + _key_value(spec["key"], event)
-        slots.append({"slot": scope, "cap": int(spec["limit"])})
+        slots.append(
+            {"slot": scope, "cap": int(spec["limit"]), "fifo": spec.get("ordering") == "fifo"}
+        )
     # A fixed order across runs: two claims never take the same two slots in opposite orders.
     return sorted(slots, key=lambda s: s["slot"])
 

@@ -88,6 +88,7 @@ BEGIN
             ADD COLUMN IF NOT EXISTS batch_size int,
             ADD COLUMN IF NOT EXISTS batch_max int;
         DROP FUNCTION IF EXISTS engine.claim_runs(text, text[], uuid, interval, int);
+        DROP FUNCTION IF EXISTS engine.take_permits(jsonb);
     END IF;
 END $$;
 
@@ -1002,14 +1003,18 @@ DECLARE
 BEGIN
     FOR v_run IN
         WITH due AS (
-            SELECT r.id, r.status, r.concurrency, r.throttle, r.started_at FROM engine.runs r
+            SELECT r.id, r.status, r.concurrency, r.throttle, r.started_at, r.created_at,
+                   r.event_seq
+            FROM engine.runs r
             WHERE r.app_id = p_app AND r.status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING')
               AND r.due_at <= v_now AND r.function_id = ANY (p_functions)
-            ORDER BY r.due_at
+            ORDER BY r.due_at, r.event_seq
             LIMIT p_limit + 32  -- room for runs that park on a full concurrency slot
             FOR UPDATE SKIP LOCKED
         ), expired AS (
-            SELECT r.id, r.status, r.concurrency, r.throttle, r.started_at FROM engine.runs r
+            SELECT r.id, r.status, r.concurrency, r.throttle, r.started_at, r.created_at,
+                   r.event_seq
+            FROM engine.runs r
             WHERE r.app_id = p_app AND r.status = 'RUNNING'
               AND r.lease_expires_at < v_now AND r.function_id = ANY (p_functions)
             ORDER BY r.lease_expires_at
@@ -1035,7 +1040,7 @@ BEGIN
         END IF;
         -- A run taken over from a dead worker keeps the permits it holds.
         IF v_run.concurrency IS NOT NULL AND v_run.status <> 'RUNNING' THEN
-            v_blocked := engine.take_permits(v_run.concurrency);
+            v_blocked := engine.take_permits(v_run.concurrency, v_run.created_at, v_run.event_seq);
             IF v_blocked = '' THEN
                 CONTINUE;  -- a slot row is locked by another claim: try again next time
             ELSIF v_blocked IS NOT NULL THEN
@@ -1108,18 +1113,21 @@ BEGIN
                                                    * (p_throttle ->> 'burst')::int), '-infinity');
 END $$;
 
--- Takes one permit of each slot (p_slots: [{slot, limit}], sorted) for a run being claimed.
--- Returns NULL when all were taken, the first full slot's name (nothing taken), or '' when a
--- slot row is locked by another claim (nothing taken: SKIP LOCKED keeps claims from waiting on
--- each other, and so from deadlocking).
-CREATE OR REPLACE FUNCTION engine.take_permits(p_slots jsonb) RETURNS text
+-- Takes one permit of each slot (p_slots: [{slot, cap, fifo}], sorted) for a run being claimed,
+-- created at p_created for event p_seq (runs created together are ordered by their events). Returns NULL when all were taken, the first full slot's name (nothing
+-- taken), or '' when a slot row is locked by another claim (nothing taken: SKIP LOCKED keeps
+-- claims from waiting on each other, and so from deadlocking). A FIFO slot also counts as full
+-- while an older run is parked on it, so runs start in the order they were created.
+CREATE OR REPLACE FUNCTION engine.take_permits(p_slots jsonb, p_created timestamptz, p_seq bigint)
+RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
     v_slot  record;
     v_taken text[] := '{}';
     v_used  int;
 BEGIN
-    FOR v_slot IN SELECT x.slot, x.cap FROM jsonb_to_recordset(p_slots) AS x(slot text, cap int) LOOP
+    FOR v_slot IN SELECT x.slot, x.cap, coalesce(x.fifo, false) AS fifo
+                  FROM jsonb_to_recordset(p_slots) AS x(slot text, cap int, fifo boolean) LOOP
         SELECT s.in_use INTO v_used FROM engine.concurrency_slots s
         WHERE s.slot = v_slot.slot FOR UPDATE SKIP LOCKED;
         IF NOT FOUND AND NOT EXISTS (SELECT 1 FROM engine.concurrency_slots s
@@ -1127,6 +1135,12 @@ BEGIN
             INSERT INTO engine.concurrency_slots (slot) VALUES (v_slot.slot) ON CONFLICT DO NOTHING;
             SELECT s.in_use INTO v_used FROM engine.concurrency_slots s
             WHERE s.slot = v_slot.slot FOR UPDATE SKIP LOCKED;
+        END IF;
+        IF v_used IS NOT NULL AND v_slot.fifo AND EXISTS (
+                SELECT 1 FROM engine.runs b
+                WHERE b.blocked_on = v_slot.slot AND (b.created_at, b.event_seq) < (p_created, p_seq)
+                  AND b.status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING')) THEN
+            v_used := v_slot.cap;  -- an older run waits for this slot: it goes first
         END IF;
         IF v_used IS NULL OR v_used >= v_slot.cap THEN
             UPDATE engine.concurrency_slots s SET in_use = s.in_use - 1 WHERE s.slot = ANY (v_taken);
@@ -1138,7 +1152,8 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- A run leaving RUNNING gives its permits back and wakes the longest-parked run of each slot.
+-- A run leaving RUNNING gives its permits back and wakes the longest-parked run of each slot. The
+-- woken run keeps blocked_on until it is claimed, so a FIFO slot still makes newer runs wait.
 CREATE OR REPLACE FUNCTION engine.release_permits() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -1148,11 +1163,11 @@ BEGIN
     FOR v_slot IN SELECT x ->> 'slot' FROM jsonb_array_elements(NEW.concurrency) x LOOP
         UPDATE engine.concurrency_slots s SET in_use = greatest(s.in_use - 1, 0)
         WHERE s.slot = v_slot;
-        UPDATE engine.runs r SET due_at = v_now, blocked_on = NULL, updated_at = v_now
+        UPDATE engine.runs r SET due_at = v_now, updated_at = v_now
         WHERE r.id = (SELECT b.id FROM engine.runs b
-                      WHERE b.blocked_on = v_slot
+                      WHERE b.blocked_on = v_slot AND b.due_at = 'infinity'
                         AND b.status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING')
-                      ORDER BY b.created_at
+                      ORDER BY b.created_at, b.event_seq
                       LIMIT 1
                       FOR UPDATE SKIP LOCKED);
     END LOOP;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -426,3 +427,33 @@ def test_batching_refuses_the_combinations_the_reference_forbids(make_engine: An
         )(_noop)
     with pytest.raises(ConfigurationError, match="max_size"):
         Batch(max_size=0, timeout="1s")
+
+
+@pytest.mark.parametrize("fifo", [True, False])
+async def test_fifo_slot_lets_the_older_woken_run_go_first(sql: Any, fifo: bool) -> None:
+    """The race FIFO is for: a freed slot woke the older run B, but a newer run C is due
+    earlier (it was queued, never parked). The claim takes C unless the slot is FIFO."""
+    slots = json.dumps([{"slot": "fn:app/f", "cap": 1, "fifo": fifo}])
+    for name in ("b", "c"):
+        await sql.execute("SELECT engine.send_event($1, '{}')", name)
+    await sql.execute(
+        "INSERT INTO engine.runs (app_id, function_id, status, event_seq, due_at, concurrency,"
+        " blocked_on, created_at, updated_at)"
+        " SELECT 'app', 'f', 'QUEUED', e.seq,"
+        "        CASE e.name WHEN 'b' THEN now() ELSE now() - interval '1 second' END,"
+        "        $1::jsonb, CASE e.name WHEN 'b' THEN 'fn:app/f' END,"
+        "        now() - CASE e.name WHEN 'b' THEN interval '1 minute' ELSE interval '0' END,"
+        "        now()"
+        " FROM engine.events e",
+        slots,
+    )
+    claimed = await sql.fetch(
+        "SELECT e.name FROM engine.claim_runs('app', '{f}', gen_random_uuid(), '30s', 1) c"
+        " JOIN engine.runs r ON r.id = c.id JOIN engine.events e ON e.seq = r.event_seq"
+    )
+    assert [row["name"] for row in claimed] == (["b"] if fifo else ["c"])
+    parked = await sql.fetchval(
+        "SELECT e.name FROM engine.runs r JOIN engine.events e ON e.seq = r.event_seq"
+        " WHERE r.status = 'QUEUED' AND r.due_at = 'infinity'"
+    )
+    assert parked == ("c" if fifo else None)
