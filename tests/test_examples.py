@@ -13,6 +13,13 @@ EXPECTED = {
         "A-2: COMPLETED [reserve-stock, wait-for-payment, release-stock] order A-2 unpaid",
         "A-3: CANCELLED [reserve-stock, wait-for-payment]",
     ],
+    "rate_limited_sync.py": [
+        "ada  COMPLETED x2",
+        "ada  SKIPPED   x1",
+        "cy   SKIPPED   x2",
+        "why skipped: rate limit: 2 runs already started in the last 60.0 seconds",
+        "all 10 settled",
+    ],
     "signup_drip.py": [
         "run COMPLETED: ['welcome sent', 'getting-started-tips sent', 'need-a-hand sent']",
         "sleep  wait-three-days  COMPLETED",
