@@ -457,3 +457,33 @@ async def test_fifo_slot_lets_the_older_woken_run_go_first(sql: Any, fifo: bool)
         " WHERE r.status = 'QUEUED' AND r.due_at = 'infinity'"
     )
     assert parked == ("c" if fifo else None)
+
+
+async def test_idempotency_and_singleton_hold_with_three_routing_processes(
+    make_engine: Any, database_url: str, sql: Any
+) -> None:
+    await sql.execute(
+        "CREATE TABLE flow_log (id bigserial, run_id text, key text,"
+        " started_at timestamptz, ended_at timestamptz)"
+    )
+    workers = [start_worker_process("flow_app:app", database_url) for _ in range(3)]
+    sender = make_engine("flow-app")
+    try:
+        for n in range(30):  # one send each: the three routers race for them
+            await sender.send(Event(name="flow/charge", data={"cart": n % 5}))
+            await sender.send(Event(name="flow/single", data={"user": n % 4}))
+        await eventually(lambda: _settled(sql, "charge-once", 30), timeout=60)
+        await eventually(lambda: _count(sql, "one-per-user", "SKIPPED", 26), timeout=60)
+        assert await _count(sql, "charge-once", "COMPLETED", 5)
+        assert await _count(sql, "one-per-user", "SLEEPING", 4)
+        distinct = await sql.fetchval(
+            "SELECT count(DISTINCT e.data->>'cart') FROM engine.runs r"
+            " JOIN engine.events e ON e.seq = r.event_seq"
+            " WHERE r.function_id = 'charge-once' AND r.status = 'COMPLETED'"
+        )
+        assert distinct == 5
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(timeout=30)

@@ -19,6 +19,7 @@ from engine import (
     Debounce,
     Engine,
     RateLimit,
+    Singleton,
     Throttle,
     TriggerEvent,
 )
@@ -89,3 +90,19 @@ async def debounced(ctx: Context) -> Any:
 async def batched(ctx: Context) -> Any:
     assert ctx.event == ctx.events[0]
     return [event.data["n"] for event in ctx.events]
+
+
+@app.create_function(
+    "charge-once", trigger=TriggerEvent("flow/charge"), idempotency="event.data.cart"
+)
+async def charge_once(ctx: Context) -> Any:
+    return ctx.event.data["cart"]
+
+
+@app.create_function(
+    "one-per-user",
+    trigger=TriggerEvent("flow/single"),
+    singleton=Singleton(key="event.data.user", mode="skip"),
+)
+async def one_per_user(ctx: Context) -> Any:
+    await ctx.step.sleep("hold", "1h")
