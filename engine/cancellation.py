@@ -8,6 +8,7 @@ from typing import Any
 
 from .durations import Duration, parse_duration
 from .errors import ConfigurationError
+from .flow import one_or_many
 from .matching import EventMatcher
 
 MAX_CANCELS = 5
@@ -80,14 +81,4 @@ def _duration(value: Duration, what: str) -> timedelta:
 
 def check_cancels(cancel: Cancel | list[Cancel] | None, fn_id: str) -> tuple[Cancel, ...]:
     """Validates the ``cancel=`` option of ``create_function``."""
-    items = [] if cancel is None else [cancel] if isinstance(cancel, Cancel) else list(cancel)
-    if len(items) > MAX_CANCELS:
-        raise ConfigurationError(
-            f"function {fn_id!r} declares {len(items)} cancel events; the limit is {MAX_CANCELS}"
-        )
-    for item in items:
-        if not isinstance(item, Cancel):
-            raise ConfigurationError(
-                f"function {fn_id!r}: cancel= expects Cancel(...), got {item!r}"
-            )
-    return tuple(items)
+    return one_or_many(cancel, Cancel, option="cancel", limit=MAX_CANCELS, fn_id=fn_id)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from .durations import Duration, parse_duration
 from .errors import ConfigurationError, ExpressionError
 from .expressions import Expression
 
+T = TypeVar("T")
 MAX_CONCURRENCY = 2
 FLOW_OPTIONS = (
     "concurrency",
@@ -297,22 +298,28 @@ def _scoped(base: str, key: str | None, event: dict[str, Any]) -> str:
     return base if not key else f"{base}|{_key_value(key, event)}"
 
 
+def one_or_many(value: Any, kind: type[T], *, option: str, limit: int, fn_id: str) -> tuple[T, ...]:
+    """Validates an option that takes one ``kind`` or a list of up to ``limit`` of them."""
+    items = [] if value is None else [value] if isinstance(value, kind) else list(value)
+    if len(items) > limit:
+        raise ConfigurationError(
+            f"function {fn_id!r} declares {len(items)} {option}; the limit is {limit}"
+        )
+    for item in items:
+        if not isinstance(item, kind):
+            raise ConfigurationError(
+                f"function {fn_id!r}: {option}= expects {kind.__name__}(...), got {item!r}"
+            )
+    return tuple(items)
+
+
 def check_concurrency(
     value: Concurrency | list[Concurrency] | None, fn_id: str
 ) -> tuple[Concurrency, ...]:
     """Validates the ``concurrency=`` option of ``create_function``."""
-    items = [] if value is None else [value] if isinstance(value, Concurrency) else list(value)
-    if len(items) > MAX_CONCURRENCY:
-        raise ConfigurationError(
-            f"function {fn_id!r} declares {len(items)} concurrency limits; the limit is "
-            f"{MAX_CONCURRENCY}"
-        )
-    for item in items:
-        if not isinstance(item, Concurrency):
-            raise ConfigurationError(
-                f"function {fn_id!r}: concurrency= expects Concurrency(...), got {item!r}"
-            )
-    return tuple(items)
+    return one_or_many(
+        value, Concurrency, option="concurrency", limit=MAX_CONCURRENCY, fn_id=fn_id
+    )
 
 
 def concurrency_slots(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -23,6 +24,24 @@ from engine import (
 )
 
 
+@pytest.fixture
+async def flow_workers(database_url: str, sql: Any) -> AsyncIterator[None]:
+    """Three `engine worker flow_app:app` processes on the test's database, and the table in
+    which flow_app's steps record when they run."""
+    await sql.execute(
+        "CREATE TABLE flow_log (id bigserial PRIMARY KEY, run_id text, key text,"
+        " started_at timestamptz, ended_at timestamptz)"
+    )
+    workers = [start_worker_process("flow_app:app", database_url) for _ in range(3)]
+    try:
+        yield
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(timeout=30)
+
+
 def max_overlap(intervals: list[tuple[Any, Any]]) -> int:
     """The most intervals open at the same instant (an end at t closes before a start at t)."""
     points = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
@@ -34,23 +53,12 @@ def max_overlap(intervals: list[tuple[Any, Any]]) -> int:
 
 
 async def test_concurrency_limits_hold_across_three_worker_processes(
-    make_engine: Any, database_url: str, sql: Any
+    make_engine: Any, flow_workers: None, sql: Any
 ) -> None:
-    await sql.execute(
-        "CREATE TABLE flow_log (id bigserial PRIMARY KEY, run_id text, key text,"
-        " started_at timestamptz, ended_at timestamptz)"
-    )
-    workers = [start_worker_process("flow_app:app", database_url) for _ in range(3)]
-    try:
-        sender = make_engine("flow-app")
-        count = 24
-        await sender.send([Event(name="flow/go", data={"user": n % 4}) for n in range(count)])
-        await eventually(lambda: _completed(sql, count), timeout=60)
-    finally:
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            worker.wait(timeout=30)
+    sender = make_engine("flow-app")
+    count = 24
+    await sender.send([Event(name="flow/go", data={"user": n % 4}) for n in range(count)])
+    await eventually(lambda: _completed(sql, count), timeout=60)
     rows = await sql.fetch("SELECT run_id, key, started_at, ended_at FROM flow_log")
     assert len(rows) == 2 * count  # every run did both steps, once each
     assert max_overlap([(r["started_at"], r["ended_at"]) for r in rows]) <= 3
@@ -118,40 +126,29 @@ async def _noop(ctx: Context) -> None:
 
 
 async def test_rate_limit_holds_with_three_routing_processes(
-    make_engine: Any, database_url: str, sql: Any
+    make_engine: Any, flow_workers: None, sql: Any
 ) -> None:
     """Three worker processes route 40 events of two users at once: 5 runs per user per hour
     start, the rest are SKIPPED with the reason; after the window, the key admits again."""
-    await sql.execute(
-        "CREATE TABLE flow_log (id bigserial, run_id text, key text,"
-        " started_at timestamptz, ended_at timestamptz)"
+    sender = make_engine("flow-app")
+    for n in range(40):  # one at a time: every worker's router gets some
+        await sender.send(Event(name="flow/rate", data={"user": n % 2, "n": n}))
+    await eventually(lambda: _settled(sql, "rate-limited", 40), timeout=60)
+    counts = await _statuses(sql, "rate-limited")
+    assert counts == {
+        ("0", "COMPLETED"): 5,
+        ("1", "COMPLETED"): 5,
+        ("0", "SKIPPED"): 15,
+        ("1", "SKIPPED"): 15,
+    }
+    reason = await sql.fetchval(
+        "SELECT waiting_reason FROM engine.runs WHERE status = 'SKIPPED' LIMIT 1"
     )
-    workers = [start_worker_process("flow_app:app", database_url) for _ in range(3)]
-    try:
-        sender = make_engine("flow-app")
-        for n in range(40):  # one at a time: every worker's router gets some
-            await sender.send(Event(name="flow/rate", data={"user": n % 2, "n": n}))
-        await eventually(lambda: _settled(sql, "rate-limited", 40), timeout=60)
-        counts = await _statuses(sql, "rate-limited")
-        assert counts == {
-            ("0", "COMPLETED"): 5,
-            ("1", "COMPLETED"): 5,
-            ("0", "SKIPPED"): 15,
-            ("1", "SKIPPED"): 15,
-        }
-        reason = await sql.fetchval(
-            "SELECT waiting_reason FROM engine.runs WHERE status = 'SKIPPED' LIMIT 1"
-        )
-        assert reason.startswith("rate limit: 5 runs already started")
-        await sql.execute("UPDATE engine.clock SET offset_by = offset_by + interval '61 minutes'")
-        await sender.send(Event(name="flow/rate", data={"user": 0, "n": 99}))
-        await eventually(lambda: _settled(sql, "rate-limited", 41), timeout=30)
-        assert (await _statuses(sql, "rate-limited"))[("0", "COMPLETED")] == 6
-    finally:
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            worker.wait(timeout=30)
+    assert reason.startswith("rate limit: 5 runs already started")
+    await sql.execute("UPDATE engine.clock SET offset_by = offset_by + interval '61 minutes'")
+    await sender.send(Event(name="flow/rate", data={"user": 0, "n": 99}))
+    await eventually(lambda: _settled(sql, "rate-limited", 41), timeout=30)
+    assert (await _statuses(sql, "rate-limited"))[("0", "COMPLETED")] == 6
 
 
 async def _settled(sql: Any, fn_id: str, count: int) -> bool:
@@ -275,35 +272,24 @@ async def _truthy(value: Any) -> Any:
 
 
 async def test_throttle_spreads_starts_across_three_worker_processes(
-    make_engine: Any, database_url: str, sql: Any
+    make_engine: Any, flow_workers: None, sql: Any
 ) -> None:
     """Throttle(limit=2, period=1h, burst=1): two start at once, then one every 30 minutes of
     durable time; the others wait (never dropped) and say why."""
-    await sql.execute(
-        "CREATE TABLE flow_log (id bigserial, run_id text, key text,"
-        " started_at timestamptz, ended_at timestamptz)"
+    sender = make_engine("flow-app")
+    await sender.send([Event(name="flow/throttle", data={"n": n}) for n in range(6)])
+    await eventually(lambda: _count(sql, "throttled", "COMPLETED", 2), timeout=30)
+    await asyncio.sleep(0.5)
+    assert await _count(sql, "throttled", "COMPLETED", 2)
+    reason = await sql.fetchval(
+        "SELECT waiting_reason FROM engine.runs WHERE status = 'QUEUED' LIMIT 1"
     )
-    workers = [start_worker_process("flow_app:app", database_url) for _ in range(3)]
-    try:
-        sender = make_engine("flow-app")
-        await sender.send([Event(name="flow/throttle", data={"n": n}) for n in range(6)])
-        await eventually(lambda: _count(sql, "throttled", "COMPLETED", 2), timeout=30)
-        await asyncio.sleep(0.5)
-        assert await _count(sql, "throttled", "COMPLETED", 2)
-        reason = await sql.fetchval(
-            "SELECT waiting_reason FROM engine.runs WHERE status = 'QUEUED' LIMIT 1"
-        )
-        assert reason.startswith("throttled until")
-        for done in range(3, 7):
-            await sql.execute("UPDATE engine.clock SET offset_by = offset_by + interval '30 min'")
-            await eventually(lambda done=done: _count(sql, "throttled", "COMPLETED", done), 30)
-            await asyncio.sleep(0.3)
-            assert await _count(sql, "throttled", "COMPLETED", done)
-    finally:
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            worker.wait(timeout=30)
+    assert reason.startswith("throttled until")
+    for done in range(3, 7):
+        await sql.execute("UPDATE engine.clock SET offset_by = offset_by + interval '30 min'")
+        await eventually(lambda done=done: _count(sql, "throttled", "COMPLETED", done), 30)
+        await asyncio.sleep(0.3)
+        assert await _count(sql, "throttled", "COMPLETED", done)
     starts = sorted(await sql.fetch("SELECT started_at FROM engine.runs"))
     for first in starts:  # any hour holds at most limit + burst starts
         assert sum(first[0] <= s[0] < first[0] + timedelta(hours=1) for s in starts) <= 3
@@ -317,15 +303,10 @@ async def _count(sql: Any, fn_id: str, status: str, count: int) -> bool:
 
 
 async def test_debounce_starts_one_run_with_the_last_event(
-    make_engine: Any, database_url: str, sql: Any
+    make_engine: Any, flow_workers: None, sql: Any
 ) -> None:
     """Debounce(period=1m, key=user, timeout=5m) with 3 worker processes routing: a burst gives
     one run, with its last event, a quiet minute after it; a never-quiet key starts at 5 min."""
-    await sql.execute(
-        "CREATE TABLE flow_log (id bigserial, run_id text, key text,"
-        " started_at timestamptz, ended_at timestamptz)"
-    )
-    workers = [start_worker_process("flow_app:app", database_url) for _ in range(3)]
     sender = make_engine("flow-app")
 
     async def send(user: str, n: int) -> None:
@@ -338,28 +319,22 @@ async def test_debounce_starts_one_run_with_the_last_event(
         )
         await asyncio.sleep(0.4)  # the workers' polls see the new time
 
-    try:
-        for n in (1, 2, 3):
-            await send("a", n)
-        await advance(30)
-        await send("a", 4)  # restarts the quiet period
-        await advance(45)  # 75 s after the first event, 45 s after the last: still waiting
-        assert await _outputs(sql, "a") == [("QUEUED", None)]
-        await advance(20)
-        await eventually(lambda: _outputs_are(sql, "a", [("COMPLETED", 4)]), timeout=30)
+    for n in (1, 2, 3):
+        await send("a", n)
+    await advance(30)
+    await send("a", 4)  # restarts the quiet period
+    await advance(45)  # 75 s after the first event, 45 s after the last: still waiting
+    assert await _outputs(sql, "a") == [("QUEUED", None)]
+    await advance(20)
+    await eventually(lambda: _outputs_are(sql, "a", [("COMPLETED", 4)]), timeout=30)
 
-        await send("b", 1)
-        for n in range(2, 7):  # an event every 50 s: never a quiet minute
-            await advance(50)
-            await send("b", n)
-        assert await _outputs(sql, "b") == [("QUEUED", None)]
-        await advance(50)  # 300 s after the first event: the timeout starts it
-        await eventually(lambda: _outputs_are(sql, "b", [("COMPLETED", 6)]), timeout=30)
-    finally:
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            worker.wait(timeout=30)
+    await send("b", 1)
+    for n in range(2, 7):  # an event every 50 s: never a quiet minute
+        await advance(50)
+        await send("b", n)
+    assert await _outputs(sql, "b") == [("QUEUED", None)]
+    await advance(50)  # 300 s after the first event: the timeout starts it
+    await eventually(lambda: _outputs_are(sql, "b", [("COMPLETED", 6)]), timeout=30)
 
 
 async def _routed(sql: Any, event_id: str) -> bool:
@@ -386,29 +361,18 @@ async def _outputs_are(sql: Any, user: str, expected: list[tuple[str, Any]]) -> 
     return await _outputs(sql, user) == expected
 
 
-async def test_batches_fill_up_or_time_out(make_engine: Any, database_url: str, sql: Any) -> None:
+async def test_batches_fill_up_or_time_out(make_engine: Any, flow_workers: None, sql: Any) -> None:
     """Batch(max_size=5, timeout=1m): 12 events give runs of 5, 5 and, a minute later, 2;
     each event in exactly one run, in order."""
-    await sql.execute(
-        "CREATE TABLE flow_log (id bigserial, run_id text, key text,"
-        " started_at timestamptz, ended_at timestamptz)"
-    )
-    workers = [start_worker_process("flow_app:app", database_url) for _ in range(3)]
     sender = make_engine("flow-app")
-    try:
-        await sender.send([Event(name="flow/batch", data={"user": "a", "n": n}) for n in range(7)])
-        for n in range(7, 12):
-            [event_id] = await sender.send(Event(name="flow/batch", data={"user": "a", "n": n}))
-            await eventually(lambda event_id=event_id: _routed(sql, event_id), timeout=30)
-        await eventually(lambda: _count(sql, "batched", "COMPLETED", 2), timeout=30)
-        assert await _count(sql, "batched", "QUEUED", 1)
-        await sql.execute("UPDATE engine.clock SET offset_by = offset_by + interval '61 seconds'")
-        await eventually(lambda: _count(sql, "batched", "COMPLETED", 3), timeout=30)
-    finally:
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            worker.wait(timeout=30)
+    await sender.send([Event(name="flow/batch", data={"user": "a", "n": n}) for n in range(7)])
+    for n in range(7, 12):
+        [event_id] = await sender.send(Event(name="flow/batch", data={"user": "a", "n": n}))
+        await eventually(lambda event_id=event_id: _routed(sql, event_id), timeout=30)
+    await eventually(lambda: _count(sql, "batched", "COMPLETED", 2), timeout=30)
+    assert await _count(sql, "batched", "QUEUED", 1)
+    await sql.execute("UPDATE engine.clock SET offset_by = offset_by + interval '61 seconds'")
+    await eventually(lambda: _count(sql, "batched", "COMPLETED", 3), timeout=30)
     rows = await sql.fetch(
         "SELECT output::text FROM engine.runs WHERE function_id = 'batched' ORDER BY created_at"
     )
@@ -460,30 +424,19 @@ async def test_fifo_slot_lets_the_older_woken_run_go_first(sql: Any, fifo: bool)
 
 
 async def test_idempotency_and_singleton_hold_with_three_routing_processes(
-    make_engine: Any, database_url: str, sql: Any
+    make_engine: Any, flow_workers: None, sql: Any
 ) -> None:
-    await sql.execute(
-        "CREATE TABLE flow_log (id bigserial, run_id text, key text,"
-        " started_at timestamptz, ended_at timestamptz)"
-    )
-    workers = [start_worker_process("flow_app:app", database_url) for _ in range(3)]
     sender = make_engine("flow-app")
-    try:
-        for n in range(30):  # one send each: the three routers race for them
-            await sender.send(Event(name="flow/charge", data={"cart": n % 5}))
-            await sender.send(Event(name="flow/single", data={"user": n % 4}))
-        await eventually(lambda: _settled(sql, "charge-once", 30), timeout=60)
-        await eventually(lambda: _count(sql, "one-per-user", "SKIPPED", 26), timeout=60)
-        assert await _count(sql, "charge-once", "COMPLETED", 5)
-        assert await _count(sql, "one-per-user", "SLEEPING", 4)
-        distinct = await sql.fetchval(
-            "SELECT count(DISTINCT e.data->>'cart') FROM engine.runs r"
-            " JOIN engine.events e ON e.seq = r.event_seq"
-            " WHERE r.function_id = 'charge-once' AND r.status = 'COMPLETED'"
-        )
-        assert distinct == 5
-    finally:
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            worker.wait(timeout=30)
+    for n in range(30):  # one send each: the three routers race for them
+        await sender.send(Event(name="flow/charge", data={"cart": n % 5}))
+        await sender.send(Event(name="flow/single", data={"user": n % 4}))
+    await eventually(lambda: _settled(sql, "charge-once", 30), timeout=60)
+    await eventually(lambda: _count(sql, "one-per-user", "SKIPPED", 26), timeout=60)
+    assert await _count(sql, "charge-once", "COMPLETED", 5)
+    assert await _count(sql, "one-per-user", "SLEEPING", 4)
+    distinct = await sql.fetchval(
+        "SELECT count(DISTINCT e.data->>'cart') FROM engine.runs r"
+        " JOIN engine.events e ON e.seq = r.event_seq"
+        " WHERE r.function_id = 'charge-once' AND r.status = 'COMPLETED'"
+    )
+    assert distinct == 5
