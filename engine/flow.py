@@ -317,9 +317,7 @@ def check_concurrency(
     value: Concurrency | list[Concurrency] | None, fn_id: str
 ) -> tuple[Concurrency, ...]:
     """Validates the ``concurrency=`` option of ``create_function``."""
-    return one_or_many(
-        value, Concurrency, option="concurrency", limit=MAX_CONCURRENCY, fn_id=fn_id
-    )
+    return one_or_many(value, Concurrency, option="concurrency", limit=MAX_CONCURRENCY, fn_id=fn_id)
 
 
 def concurrency_slots(
