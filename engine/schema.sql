@@ -92,7 +92,15 @@ BEGIN
     END IF;
 END $$;
 
-INSERT INTO engine.meta (key, value) VALUES ('schema_version', '4')
+DO $$
+BEGIN
+    IF (SELECT value::int FROM engine.meta WHERE key = 'schema_version') < 5 THEN
+        ALTER TABLE engine.runs ADD COLUMN IF NOT EXISTS rank_at timestamptz;
+        DROP INDEX IF EXISTS engine.runs_blocked_idx;
+    END IF;
+END $$;
+
+INSERT INTO engine.meta (key, value) VALUES ('schema_version', '5')
 ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 -- Bumped by every change of engine.functions: routers reload the registry when it moves, so no
 -- event is routed with a stale view of the functions it triggers.
@@ -205,6 +213,7 @@ CREATE TABLE IF NOT EXISTS engine.runs (
     batch_key        text,                       -- batch_events: a run not yet started collects
     batch_size       int,                        -- events of its key (engine.batch_events)
     batch_max        int,                        -- until it holds batch_max of them
+    rank_at          timestamptz,                -- its place in line: creation shifted by priority
     created_at       timestamptz NOT NULL,
     started_at       timestamptz,
     ended_at         timestamptz,
@@ -219,7 +228,8 @@ CREATE INDEX IF NOT EXISTS runs_leased_idx
     ON engine.runs (app_id, lease_expires_at) WHERE status = 'RUNNING';
 CREATE INDEX IF NOT EXISTS runs_event_idx ON engine.runs (event_seq);
 CREATE INDEX IF NOT EXISTS runs_blocked_idx
-    ON engine.runs (blocked_on, created_at) WHERE blocked_on IS NOT NULL;
+    ON engine.runs (blocked_on, coalesce(rank_at, created_at), event_seq)
+    WHERE blocked_on IS NOT NULL;
 
 CREATE INDEX IF NOT EXISTS runs_singleton_idx ON engine.runs (singleton_key)
     WHERE singleton_key IS NOT NULL
@@ -750,7 +760,7 @@ BEGIN
                                       lease_owner, lease_token, lease_expires_at, traceparent,
                                       start_deadline, finish_timeout, finish_deadline, concurrency,
                                       singleton_key, throttle, debounce_key, debounce_until,
-                                      batch_key, batch_size, batch_max,
+                                      batch_key, batch_size, batch_max, rank_at,
                                       waiting_reason, created_at, started_at, ended_at, updated_at)
         SELECT x.app_id, x.function_id,
                CASE WHEN x.skip IS NOT NULL THEN 'SKIPPED' WHEN x.claim THEN 'RUNNING' ELSE 'QUEUED' END,
@@ -772,6 +782,7 @@ BEGIN
                x.singleton_key, nullif(x.throttle, 'null'), x.debounce_key,
                v_now + make_interval(secs => x.debounce_timeout),
                x.batch_key, jsonb_array_length(x.batch_seqs), x.batch_max,
+               v_now - make_interval(secs => coalesce(x.priority, 0)),
                coalesce(x.skip, CASE WHEN x.debounce_key IS NOT NULL THEN 'debounced: waiting for a quiet period'
                                      WHEN x.batch_key IS NOT NULL THEN 'collecting a batch of events' END),
                v_now,
@@ -1003,8 +1014,8 @@ DECLARE
 BEGIN
     FOR v_run IN
         WITH due AS (
-            SELECT r.id, r.status, r.concurrency, r.throttle, r.started_at, r.created_at,
-                   r.event_seq
+            SELECT r.id, r.status, r.concurrency, r.throttle, r.started_at,
+                   coalesce(r.rank_at, r.created_at) AS rank_at, r.event_seq
             FROM engine.runs r
             WHERE r.app_id = p_app AND r.status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING')
               AND r.due_at <= v_now AND r.function_id = ANY (p_functions)
@@ -1012,8 +1023,8 @@ BEGIN
             LIMIT p_limit + 32  -- room for runs that park on a full concurrency slot
             FOR UPDATE SKIP LOCKED
         ), expired AS (
-            SELECT r.id, r.status, r.concurrency, r.throttle, r.started_at, r.created_at,
-                   r.event_seq
+            SELECT r.id, r.status, r.concurrency, r.throttle, r.started_at,
+                   coalesce(r.rank_at, r.created_at) AS rank_at, r.event_seq
             FROM engine.runs r
             WHERE r.app_id = p_app AND r.status = 'RUNNING'
               AND r.lease_expires_at < v_now AND r.function_id = ANY (p_functions)
@@ -1040,7 +1051,7 @@ BEGIN
         END IF;
         -- A run taken over from a dead worker keeps the permits it holds.
         IF v_run.concurrency IS NOT NULL AND v_run.status <> 'RUNNING' THEN
-            v_blocked := engine.take_permits(v_run.concurrency, v_run.created_at, v_run.event_seq);
+            v_blocked := engine.take_permits(v_run.concurrency, v_run.rank_at, v_run.event_seq);
             IF v_blocked = '' THEN
                 CONTINUE;  -- a slot row is locked by another claim: try again next time
             ELSIF v_blocked IS NOT NULL THEN
@@ -1113,12 +1124,13 @@ BEGIN
                                                    * (p_throttle ->> 'burst')::int), '-infinity');
 END $$;
 
--- Takes one permit of each slot (p_slots: [{slot, cap, fifo}], sorted) for a run being claimed,
--- created at p_created for event p_seq (runs created together are ordered by their events). Returns NULL when all were taken, the first full slot's name (nothing
--- taken), or '' when a slot row is locked by another claim (nothing taken: SKIP LOCKED keeps
--- claims from waiting on each other, and so from deadlocking). A FIFO slot also counts as full
--- while an older run is parked on it, so runs start in the order they were created.
-CREATE OR REPLACE FUNCTION engine.take_permits(p_slots jsonb, p_created timestamptz, p_seq bigint)
+-- Takes one permit of each slot (p_slots: [{slot, cap, fifo}], sorted) for a run being claimed
+-- whose place in line is (p_rank, p_seq): its rank_at (creation shifted by priority) and event.
+-- Returns NULL when all were taken, the first full slot's name (nothing taken), or '' when a
+-- slot row is locked by another claim (nothing taken: SKIP LOCKED keeps claims from waiting on
+-- each other, and so from deadlocking). A FIFO slot also counts as full while a run ahead in
+-- line is parked on it, so runs start in line order.
+CREATE OR REPLACE FUNCTION engine.take_permits(p_slots jsonb, p_rank timestamptz, p_seq bigint)
 RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -1138,7 +1150,8 @@ BEGIN
         END IF;
         IF v_used IS NOT NULL AND v_slot.fifo AND EXISTS (
                 SELECT 1 FROM engine.runs b
-                WHERE b.blocked_on = v_slot.slot AND (b.created_at, b.event_seq) < (p_created, p_seq)
+                WHERE b.blocked_on = v_slot.slot
+                  AND (coalesce(b.rank_at, b.created_at), b.event_seq) < (p_rank, p_seq)
                   AND b.status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING')) THEN
             v_used := v_slot.cap;  -- an older run waits for this slot: it goes first
         END IF;
@@ -1167,7 +1180,7 @@ BEGIN
         WHERE r.id = (SELECT b.id FROM engine.runs b
                       WHERE b.blocked_on = v_slot AND b.due_at = 'infinity'
                         AND b.status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING')
-                      ORDER BY b.created_at, b.event_seq
+                      ORDER BY coalesce(b.rank_at, b.created_at), b.event_seq
                       LIMIT 1
                       FOR UPDATE SKIP LOCKED);
     END LOOP;

@@ -440,3 +440,27 @@ async def test_idempotency_and_singleton_hold_with_three_routing_processes(
         " WHERE r.function_id = 'charge-once' AND r.status = 'COMPLETED'"
     )
     assert distinct == 5
+
+
+async def test_priority_orders_runs_waiting_for_a_slot_across_processes(
+    make_engine: Any, flow_workers: None, sql: Any
+) -> None:
+    """Runs parked on a full concurrency slot start in priority order, not arrival order."""
+    await sql.execute("CREATE TABLE flow_gate (opened boolean)")
+    sender = make_engine("flow-app")
+    await sender.send(Event(name="flow/priority", data={"name": "blocker", "plan": "free"}))
+    await eventually(lambda: _count(sql, "prioritized", "RUNNING", 1), timeout=30)
+    for name, plan in (("free-1", "free"), ("free-2", "free"), ("vip", "enterprise")):
+        await sender.send(Event(name="flow/priority", data={"name": name, "plan": plan}))
+    await eventually(lambda: _parked(sql, 3), timeout=30)
+    await sql.execute("INSERT INTO flow_gate VALUES (true)")
+    await eventually(lambda: _count(sql, "prioritized", "COMPLETED", 4), timeout=30)
+    order = [r["key"] for r in await sql.fetch("SELECT key FROM flow_log ORDER BY started_at")]
+    assert order == ["blocker", "vip", "free-1", "free-2"]
+
+
+async def _parked(sql: Any, count: int) -> bool:
+    found = await sql.fetchval(
+        "SELECT count(*) FROM engine.runs WHERE due_at = 'infinity' AND blocked_on IS NOT NULL"
+    )
+    return bool(found == count)

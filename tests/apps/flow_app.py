@@ -18,6 +18,7 @@ from engine import (
     Context,
     Debounce,
     Engine,
+    Priority,
     RateLimit,
     Singleton,
     Throttle,
@@ -106,3 +107,27 @@ async def charge_once(ctx: Context) -> Any:
 )
 async def one_per_user(ctx: Context) -> Any:
     await ctx.step.sleep("hold", "1h")
+
+
+async def open_gate(name: str) -> str:
+    """Waits until the test opens the gate (a row in flow_gate): holds the slot meanwhile."""
+    conn = await asyncpg.connect(os.environ["DATABASE_URL"])
+    try:
+        while not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM flow_gate)"):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)  # another process opens it: no in-process event to wait on
+    finally:
+        await conn.close()
+    return name
+
+
+@app.create_function(
+    "prioritized",
+    trigger=TriggerEvent("flow/priority"),
+    concurrency=Concurrency(limit=1),
+    priority=Priority(run="event.data.plan == 'enterprise' ? 120 : 0"),
+)
+async def prioritized(ctx: Context) -> Any:
+    name = str(ctx.event.data["name"])
+    if name == "blocker":
+        await ctx.step.run("gate", open_gate, name)
+    return await ctx.step.run("work", record, ctx.run_id, name)
