@@ -450,12 +450,12 @@ async def test_priority_orders_runs_waiting_for_a_slot_across_processes(
     await sql.execute("CREATE TABLE flow_gate (opened boolean)")
     sender = make_engine("flow-app")
     await sender.send(Event(name="flow/priority", data={"name": "blocker", "plan": "free"}))
-    await eventually(lambda: _count(sql, "prioritized", "RUNNING", 1), timeout=30)
+    await eventually(lambda: _count(sql, "prioritized", "RUNNING", 1), timeout=60)
     for name, plan in (("free-1", "free"), ("free-2", "free"), ("vip", "enterprise")):
         await sender.send(Event(name="flow/priority", data={"name": name, "plan": plan}))
-    await eventually(lambda: _parked(sql, 3), timeout=30)
+    await eventually(lambda: _parked(sql, 3), timeout=60)
     await sql.execute("INSERT INTO flow_gate VALUES (true)")
-    await eventually(lambda: _count(sql, "prioritized", "COMPLETED", 4), timeout=30)
+    await eventually(lambda: _count(sql, "prioritized", "COMPLETED", 4), timeout=60)
     order = [r["key"] for r in await sql.fetch("SELECT key FROM flow_log ORDER BY started_at")]
     assert order == ["blocker", "vip", "free-1", "free-2"]
 
