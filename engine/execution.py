@@ -45,7 +45,7 @@ from .function import Function
 from .matching import accepts
 from .retries import Backoff
 from .runs import RunStatus
-from .serialization import NotSerializable, dumps, dumps_or_none, loads
+from .serialization import NotSerializable, dumps, loads
 
 
 @dataclass(frozen=True)
@@ -346,10 +346,14 @@ class Execution:
         data: dict[str, Any],
         expires: datetime | None,
         on_timeout: dict[str, Any],
-    ) -> None:
-        """Starts ``target`` as a child run and records ``record`` (WAITING) for its result."""
+    ) -> StepRecord:
+        """Starts ``target`` as a child run and records ``record`` (WAITING) for its result.
+
+        Returns the step as recorded: FAILED if the child's flow control skipped it.
+        """
+        event = {"name": "engine/function.invoked", "data": data}
         try:
-            await self.db.fetchval(
+            row = await self.db.fetchrow(
                 "invoke",
                 self.run.run_id,
                 self.owner,
@@ -361,12 +365,18 @@ class Execution:
                 expires,
                 dumps(on_timeout),
                 telemetry.current_traceparent(),
-                dumps_or_none(target.slots({"name": "engine/function.invoked", "data": data})),
+                dumps(target.direct_admission(event)),
             )
         except StaleLeaseError as exc:
             self.lost = True
             raise LeaseLost(str(exc)) from None
+        assert row is not None
+        if row["skipped"] is not None:
+            message = f"function {target.fn_id} skipped the invoked run: {row['skipped']}"
+            record.status = "FAILED"
+            record.error = {"type": "InvokeSkippedError", "message": message}
         self._remember(record)
+        return record
 
     async def send_events(self, record: StepRecord, events: list[dict[str, Any]]) -> list[str]:
         """Sends events and records the step with their ids, in one transaction."""

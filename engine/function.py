@@ -23,7 +23,6 @@ from .flow import (
     admission,
     check_concurrency,
     check_idempotency,
-    concurrency_slots,
 )
 from .retries import check_retries
 from .triggers import Trigger, TriggerCron, TriggerEvent, normalize_triggers
@@ -89,14 +88,11 @@ class Function:
             flow["batch_events"] = self.batch_events.to_json()
         return flow
 
-    def admission(self, event: dict[str, Any]) -> dict[str, Any]:
-        """The flow control fields of a new run of this function for ``event``."""
-        return admission(self.flow(), self.app_id, self.fn_id, event)
-
-    def slots(self, event: dict[str, Any]) -> list[dict[str, Any]] | None:
-        """The concurrency permits a run of this function needs for ``event`` (JSON form)."""
-        specs = [c.to_json() for c in self.concurrency]
-        return concurrency_slots(specs, self.app_id, self.fn_id, event)
+    def direct_admission(self, event: dict[str, Any]) -> dict[str, Any]:
+        """The flow control fields of a run started directly (an invoke, a cron tick) for
+        ``event``: every option but debounce and batching, which gather routed events."""
+        flow = {k: v for k, v in self.flow().items() if k not in ("debounce", "batch_events")}
+        return admission(flow, self.app_id, self.fn_id, event)
 
     def registry_entry(self, now: datetime) -> dict[str, Any]:
         """The row of ``engine.functions`` describing this function; ``now`` is the database's."""

@@ -100,7 +100,15 @@ BEGIN
     END IF;
 END $$;
 
-INSERT INTO engine.meta (key, value) VALUES ('schema_version', '5')
+DO $$
+BEGIN
+    IF (SELECT value::int FROM engine.meta WHERE key = 'schema_version') < 6 THEN
+        DROP FUNCTION IF EXISTS engine.invoke(uuid, uuid, bigint, jsonb, text, text, jsonb,
+                                              timestamptz, jsonb, text, jsonb);
+    END IF;
+END $$;
+
+INSERT INTO engine.meta (key, value) VALUES ('schema_version', '6')
 ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 -- Bumped by every change of engine.functions: routers reload the registry when it moves, so no
 -- event is routed with a stale view of the functions it triggers.
@@ -531,13 +539,12 @@ $$;
 -- The dedupe key 'cron:<time>' makes a tick start one run, however many workers fire it.
 CREATE OR REPLACE FUNCTION engine.fire_cron(
     p_app text, p_function text, p_cron text, p_tick timestamptz, p_next timestamptz,
-    p_concurrency jsonb)
+    p_admission jsonb)
 RETURNS uuid LANGUAGE plpgsql AS $$
 DECLARE
     v_now timestamptz := engine.now();
     v_key text := 'cron:' || to_char(p_tick AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"');
     v_seq bigint;
-    v_run uuid;
 BEGIN
     UPDATE engine.cron_schedules c SET next_at = p_next
     WHERE c.app_id = p_app AND c.function_id = p_function AND c.cron = p_cron;
@@ -550,13 +557,37 @@ BEGIN
             jsonb_build_object('cron', p_cron, 'scheduled_at', p_tick, 'function_id', p_function),
             p_tick, v_now)
     RETURNING seq INTO v_seq;
-    INSERT INTO engine.runs (app_id, function_id, status, event_seq, dedupe_key, due_at,
-                             start_deadline, finish_timeout, concurrency, created_at, updated_at)
-    VALUES (p_app, p_function, 'QUEUED', v_seq, v_key, v_now,
-            v_now + engine.timeout_of(p_app, p_function, 'start'),
-            engine.timeout_of(p_app, p_function, 'finish'), p_concurrency, v_now, v_now)
+    RETURN (engine.insert_run(p_app, p_function, v_seq, v_key, NULL, NULL, p_admission, v_now)).id;
+END $$;
+
+-- Creates one run outside routing (a cron tick, an invoke) with the flow control the worker
+-- computed for it (p_admission: the fields engine.admit reads, without debounce and batching):
+-- it may come out SKIPPED (rate limit, idempotency, singleton), with the reason. Returns the run,
+-- or NULL if its dedupe key exists already.
+CREATE OR REPLACE FUNCTION engine.insert_run(
+    p_app text, p_function text, p_seq bigint, p_dedupe text, p_parent uuid, p_traceparent text,
+    p_admission jsonb, p_now timestamptz)
+RETURNS engine.runs LANGUAGE plpgsql AS $$
+DECLARE
+    v_entry jsonb := engine.admit(jsonb_build_array(coalesce(p_admission, '{}')
+        || jsonb_build_object('app_id', p_app, 'function_id', p_function, 'event_seq', p_seq)),
+        p_now) -> 0;
+    v_shift interval := make_interval(secs => coalesce((v_entry ->> 'priority')::int, 0));
+    v_run   engine.runs;
+BEGIN
+    INSERT INTO engine.runs AS r (app_id, function_id, status, event_seq, dedupe_key, parent_run_id,
+                                  due_at, traceparent, start_deadline, finish_timeout, concurrency,
+                                  singleton_key, throttle, rank_at, waiting_reason, created_at,
+                                  ended_at, updated_at)
+    VALUES (p_app, p_function, CASE WHEN v_entry ? 'skip' THEN 'SKIPPED' ELSE 'QUEUED' END,
+            p_seq, p_dedupe, p_parent, p_now - v_shift, p_traceparent,
+            p_now + engine.timeout_of(p_app, p_function, 'start'),
+            engine.timeout_of(p_app, p_function, 'finish'),
+            nullif(v_entry -> 'concurrency', 'null'), v_entry ->> 'singleton_key',
+            nullif(v_entry -> 'throttle', 'null'), p_now - v_shift, v_entry ->> 'skip', p_now,
+            CASE WHEN v_entry ? 'skip' THEN p_now END, p_now)
     ON CONFLICT DO NOTHING
-    RETURNING id INTO v_run;
+    RETURNING * INTO v_run;
     RETURN v_run;
 END $$;
 
@@ -1393,13 +1424,13 @@ END $$;
 CREATE OR REPLACE FUNCTION engine.invoke(
     p_run uuid, p_owner uuid, p_token bigint, p_step jsonb, p_app text, p_function text,
     p_data jsonb, p_expires timestamptz, p_on_timeout jsonb, p_traceparent text,
-    p_concurrency jsonb)
-RETURNS uuid LANGUAGE plpgsql AS $$
+    p_admission jsonb)
+RETURNS TABLE (child uuid, skipped text) LANGUAGE plpgsql AS $$
 DECLARE
     v_now   timestamptz := engine.now();
     v_key   text := p_step ->> 'key';
     v_seq   bigint;
-    v_child uuid;
+    v_child engine.runs;
 BEGIN
     IF engine.hold_lease(p_run, p_owner, p_token) IS NULL THEN
         RAISE EXCEPTION 'run %: lease lost', p_run USING ERRCODE = 'EN002';
@@ -1413,19 +1444,23 @@ BEGIN
     VALUES (gen_random_uuid()::text, 'engine/function.invoked',
             p_data, v_now, v_now, p_traceparent)
     RETURNING seq INTO v_seq;
-    INSERT INTO engine.runs (app_id, function_id, status, event_seq, dedupe_key, parent_run_id,
-                             due_at, traceparent, start_deadline, finish_timeout, concurrency,
-                             created_at, updated_at)
-    VALUES (p_app, p_function, 'QUEUED', v_seq, format('invoke:%s:%s', p_run, v_key), p_run,
-            v_now, p_traceparent, v_now + engine.timeout_of(p_app, p_function, 'start'),
-            engine.timeout_of(p_app, p_function, 'finish'), p_concurrency, v_now, v_now)
-    RETURNING id INTO v_child;
+    v_child := engine.insert_run(p_app, p_function, v_seq, format('invoke:%s:%s', p_run, v_key),
+                                 p_run, p_traceparent, p_admission, v_now);
+    IF v_child.status = 'SKIPPED' THEN  -- the child's flow control refused it: the step fails
+        PERFORM engine.record_step(p_run, p_step || jsonb_build_object(
+            'status', 'FAILED', 'error', jsonb_build_object(
+                'type', 'InvokeSkippedError',
+                'message', format('function %s skipped the invoked run: %s', p_function,
+                                  v_child.waiting_reason))));
+        RETURN QUERY SELECT v_child.id, v_child.waiting_reason;
+        RETURN;
+    END IF;
     PERFORM engine.record_step(p_run, p_step);
     INSERT INTO engine.matchers (run_id, key, kind, event_name, match_path, match_value,
                                  since_seq, expires_at, on_timeout, created_at)
-    VALUES (p_run, v_key, 'invoke', 'engine/function.finished', '{run_id}', to_jsonb(v_child::text),
+    VALUES (p_run, v_key, 'invoke', 'engine/function.finished', '{run_id}', to_jsonb(v_child.id::text),
             v_seq, coalesce(p_expires, 'infinity'), p_on_timeout, v_now);
-    RETURN v_child;
+    RETURN QUERY SELECT v_child.id, NULL::text;
 END $$;
 
 -- ---------------------------------------------------------------------------------------------

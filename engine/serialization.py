@@ -79,8 +79,3 @@ def restore(value: Any, annotation: Any) -> Any:
 def loads_or_none(text: str | None) -> Any:
     """Decodes JSON text from the database, keeping SQL NULL as ``None``."""
     return None if text is None else loads(text)
-
-
-def dumps_or_none(value: Any) -> str | None:
-    """JSON text of ``value``, or ``None`` (SQL NULL rather than JSON null) for ``None``."""
-    return None if value is None else dumps(value)

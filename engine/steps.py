@@ -273,9 +273,13 @@ class Steps:
             }
             async with ex.executing():
                 try:
-                    await ex.invoke(record, function, dict(data or {}), expires, on_timeout)
+                    record = await ex.invoke(
+                        record, function, dict(data or {}), expires, on_timeout
+                    )
                 except EngineError as exc:  # no such function registered: retrying cannot help
                     ex.fail(RunFailure(f"{what}: {exc}"))
+            if record.status == "FAILED":  # the child's flow control skipped it
+                raise _step_error(plan.key, record.error)
         elif record.status == "COMPLETED":
             return record.output
         elif record.status == "FAILED":

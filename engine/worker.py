@@ -25,7 +25,7 @@ from .events import event_from_row
 from .execution import ClaimedRun, Execution
 from .listener import Listener
 from .router import RoutedRun, Router
-from .serialization import dumps_or_none
+from .serialization import dumps
 from .steps import Steps
 
 if TYPE_CHECKING:
@@ -172,7 +172,7 @@ class Worker:
                     row["cron"],
                     tick,
                     schedule.next_after(now),
-                    dumps_or_none(function.slots(event)),
+                    dumps(function.direct_admission(event)),
                     conn=conn,
                 )
                 fired += run_id is not None

@@ -14,6 +14,7 @@ from engine import (
     Event,
     NonRetriableError,
     RunStatus,
+    Singleton,
     StepError,
     TriggerEvent,
 )
@@ -274,3 +275,32 @@ async def test_invoking_an_unregistered_function_fails_the_run(make_engine: Any)
         run = await app.wait_for_run(await only_run_id(app, event_id))
     assert run.status is RunStatus.FAILED
     assert run.error is not None and "no such function" in run.error["message"]
+
+
+async def test_flow_control_applies_to_invoked_runs(make_engine: Any) -> None:
+    """The child's singleton holds for invoked runs too: a second invoke while the first child is
+    active is skipped, and the parent gets a StepError saying why."""
+    app = make_engine()
+
+    @app.create_function("exclusive", singleton=Singleton(mode="skip"))
+    async def exclusive(ctx: Context) -> Any:
+        await ctx.step.sleep("hold", "1h")
+
+    @app.create_function("parent", trigger=TriggerEvent("p/go"))
+    async def parent(ctx: Context) -> Any:
+        try:
+            await ctx.step.invoke("call", function=exclusive, timeout="2h")
+        except StepError as error:
+            return [error.error_type, error.error_message]
+        return "invoked"
+
+    async with app.worker():
+        [first] = await app.send(Event(name="p/go"))
+        first_run = await only_run_id(app, first)
+        await eventually(lambda: _status(app, first_run, "WAITING"))
+        [second] = await app.send(Event(name="p/go"))
+        run = await app.wait_for_run(await only_run_id(app, second))
+    assert run.output[0] == "InvokeSkippedError"
+    assert "singleton" in run.output[1]
+    skipped = [r for r in await app.list_runs("exclusive") if r.status is RunStatus.SKIPPED]
+    assert len(skipped) == 1

@@ -28,8 +28,9 @@ SELECT key, event_seq, event, resolved
 FROM engine.register_matchers($1::uuid, $2::uuid, $3, $4::jsonb, $5::jsonb)
 
 -- name: invoke
-SELECT engine.invoke($1::uuid, $2::uuid, $3, $4::jsonb, $5, $6, $7::jsonb, $8, $9::jsonb, $10,
-                     $11::jsonb)
+SELECT child, skipped
+FROM engine.invoke($1::uuid, $2::uuid, $3, $4::jsonb, $5, $6, $7::jsonb, $8, $9::jsonb, $10,
+                   $11::jsonb)
 
 -- name: send_step
 SELECT result, ids FROM engine.send_step($1::uuid, $2::uuid, $3, $4::jsonb, $5::jsonb, $6)
