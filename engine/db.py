@@ -54,6 +54,16 @@ def translate(exc: asyncpg.PostgresError) -> Exception:
     return exc
 
 
+async def _keep_session(conn: asyncpg.Connection[Record]) -> None:
+    """Releases a pooled connection without asyncpg's reset query (``RESET ALL``, ``UNLISTEN *``,
+    ``CLOSE ALL``, advisory unlock): a round trip on every release, i.e. one more per query.
+
+    The engine's pooled connections keep no session state: LISTEN uses its own connection,
+    settings are never changed per session and advisory locks are transaction-scoped. asyncpg
+    still rolls back a transaction left open before calling this.
+    """
+
+
 class Database:
     """A connection pool plus the named queries.
 
@@ -72,7 +82,10 @@ class Database:
         """Opens the pool (idempotent)."""
         if self._pool is None:
             self._pool = await asyncpg.create_pool(
-                self.url, min_size=self._min_size, max_size=self._max_size
+                self.url,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                reset=_keep_session,
             )
 
     async def close(self) -> None:
