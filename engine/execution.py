@@ -187,6 +187,7 @@ class Execution:
         self.next_due: datetime | None = None  # set when the run is released with a due time
         self._halted = False
         self._settled = asyncio.Event()
+        self._unsaved: list[str] = []  # completed steps' records not yet committed (see defer)
         self._counters: dict[str, int] = {}
         self._next_position = 0
         self._by_position = {s.position: s.key for s in run.steps.values()}
@@ -237,9 +238,11 @@ class Execution:
         raise failure
 
     async def gate(self) -> None:
-        """Called before a new step starts: no step starts once a cancel or a stop is pending."""
+        """Called before a new step starts: the steps completed so far are committed first, and
+        no step starts once a cancel or a stop is pending."""
         if self.fatal is not None:
             raise self.fatal
+        await self.flush()
         if self.cancel_requested or self.stopping:
             self._halted = True
             await self.block()
@@ -279,6 +282,35 @@ class Execution:
         if self.in_flight == 0 and not self._settled.is_set():
             self._halted = True
             self.maybe_settle()
+
+    def defer(self, record: StepRecord, output_json: str) -> None:
+        """Keeps a completed step's record to commit before anything else happens in the run:
+        before the next step starts (:meth:`gate`), or with the run's end or suspension, in the
+        same round trip. Only replayable code runs in between."""
+        self._remember(record)
+        self._unsaved.append(record.to_json(output_json))
+
+    async def flush(self) -> None:
+        """Commits the deferred step records (one round trip for all of them)."""
+        if not self._unsaved:
+            return
+        records, self._unsaved = self._unsaved, []
+        result = await self.db.fetchval(
+            "checkpoint_steps",
+            self.run.run_id,
+            self.owner,
+            self.run.lease_token,
+            "[" + ",".join(records) + "]",
+        )
+        if result in ("lost", "duplicate"):
+            self.lost = True
+            raise LeaseLost(f"run {self.run.run_id}: {result} while recording completed steps")
+        if result == "cancel":
+            self.note_cancel()
+
+    def _take_unsaved(self) -> list[str]:
+        records, self._unsaved = self._unsaved, []
+        return records
 
     async def checkpoint(self, record: StepRecord, output_json: str | None = None) -> None:
         """Commits a step record under the lease before the function goes on."""
@@ -566,6 +598,7 @@ class Execution:
             output,
             error,
             self.run_logger.count,
+            "[" + ",".join(self._take_unsaved()) + "]",
         )
         if result == "lost":
             raise LeaseLost(f"run {self.run.run_id}: lost before it could end {status.value}")
@@ -573,7 +606,8 @@ class Execution:
         telemetry.mark(span, status.value)
 
     async def _suspend(self, suspension: Suspension, span: trace.Span) -> None:
-        steps = "[" + ",".join(s.to_json() for s in suspension.steps) + "]"
+        records = [s.to_json() for s in suspension.steps] + self._take_unsaved()
+        steps = "[" + ",".join(records) + "]"
         result = await self.db.fetchval(
             "suspend_run",
             self.run.run_id,

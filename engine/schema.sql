@@ -108,7 +108,14 @@ BEGIN
     END IF;
 END $$;
 
-INSERT INTO engine.meta (key, value) VALUES ('schema_version', '6')
+DO $$
+BEGIN
+    IF (SELECT value::int FROM engine.meta WHERE key = 'schema_version') < 7 THEN
+        DROP FUNCTION IF EXISTS engine.finish_run(uuid, uuid, bigint, text, jsonb, jsonb, int);
+    END IF;
+END $$;
+
+INSERT INTO engine.meta (key, value) VALUES ('schema_version', '7')
 ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 -- Bumped by every change of engine.functions: routers reload the registry when it moves, so no
 -- event is routed with a stale view of the functions it triggers.
@@ -1299,6 +1306,25 @@ BEGIN
     RETURN coalesce(v_ok, false);
 END $$;
 
+-- Records several steps at once (those that completed since the last checkpoint), as below.
+CREATE OR REPLACE FUNCTION engine.checkpoint_steps(
+    p_run uuid, p_owner uuid, p_token bigint, p_steps jsonb)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    v_cancel boolean := engine.hold_lease(p_run, p_owner, p_token);
+    v_step   jsonb;
+BEGIN
+    IF v_cancel IS NULL THEN
+        RETURN 'lost';
+    END IF;
+    FOR v_step IN SELECT value FROM jsonb_array_elements(p_steps) LOOP
+        IF NOT engine.record_step(p_run, v_step) THEN
+            RETURN 'duplicate';
+        END IF;
+    END LOOP;
+    RETURN CASE WHEN v_cancel THEN 'cancel' ELSE 'ok' END;
+END $$;
+
 -- p_step: {key, position, kind, status, attempts, output, error, wake_at}
 CREATE OR REPLACE FUNCTION engine.checkpoint_step(p_run uuid, p_owner uuid, p_token bigint, p_step jsonb)
 RETURNS text LANGUAGE plpgsql AS $$
@@ -1362,14 +1388,27 @@ LANGUAGE sql STABLE AS $$
     END
 $$;
 
--- Ends a run: p_status is COMPLETED, FAILED or CANCELLED.
+-- Ends a run: p_status is COMPLETED, FAILED or CANCELLED. p_steps are the records of the steps
+-- that completed since the last checkpoint (the last step of a function usually): committing
+-- them with the run's end saves a round trip, and nothing ran after them but replayable code.
 CREATE OR REPLACE FUNCTION engine.finish_run(
     p_run uuid, p_owner uuid, p_token bigint, p_status text, p_output jsonb, p_error jsonb,
-    p_log_lines int)
+    p_log_lines int, p_steps jsonb DEFAULT '[]')
 RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
-    v_now timestamptz := engine.now();
+    v_now  timestamptz := engine.now();
+    v_step jsonb;
 BEGIN
+    IF jsonb_array_length(p_steps) > 0 THEN
+        IF engine.hold_lease(p_run, p_owner, p_token) IS NULL THEN
+            RETURN 'lost';
+        END IF;
+        FOR v_step IN SELECT value FROM jsonb_array_elements(p_steps) LOOP
+            IF NOT engine.record_step(p_run, v_step) THEN
+                RETURN 'lost';  -- recorded by another execution: this one is stale
+            END IF;
+        END LOOP;
+    END IF;
     UPDATE engine.runs r
     SET status = p_status, output = p_output, ended_at = v_now,
         error = coalesce(p_error, CASE WHEN p_status = 'CANCELLED' THEN engine.timeout_error(r, v_now) END),

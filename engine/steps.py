@@ -114,9 +114,8 @@ class Steps:
                     raise
                 telemetry.mark(span, "error")
                 return await self._failed(plan, attempt, allowed, error)
-            await ex.checkpoint(
-                StepRecord(plan.key, plan.position, "run", "COMPLETED", attempt + 1), output
-            )
+            # Committed before the next step starts, or with the run's end (see Execution.defer).
+            ex.defer(StepRecord(plan.key, plan.position, "run", "COMPLETED", attempt + 1), output)
             telemetry.mark(span, "completed")
         return _Outcome(value=loads(output))
 

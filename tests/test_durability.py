@@ -8,6 +8,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 from helpers import APPS, eventually, move_clock, only_run_id, start_worker_process
 
 from engine import Context, Event, RunStatus, TriggerEvent
@@ -191,7 +192,15 @@ async def test_a_worker_that_lost_its_lease_records_nothing(make_engine: Any, sq
     )
     assert (
         await db.fetchval(
-            "finish_run", row["id"], first_owner, row["lease_token"], "COMPLETED", None, None, 0
+            "finish_run",
+            row["id"],
+            first_owner,
+            row["lease_token"],
+            "COMPLETED",
+            None,
+            None,
+            0,
+            f"[{step}]",  # a stale holder's deferred step is refused with its finish
         )
         == "lost"
     )
@@ -313,3 +322,38 @@ async def test_sigterm_lets_the_step_finish_and_hands_the_run_back(
     async with app.worker():
         run = await app.wait_for_run(run_id)
     assert run.output == ["finished during the grace period", "ran on the next worker"]
+
+
+async def test_a_step_is_committed_before_the_next_one_starts(
+    make_engine: Any, database_url: str
+) -> None:
+    """Completed steps are committed lazily, but always before the next step's code runs (and
+    the last one with the run's end): what the next step sees in the database is durable."""
+    app = make_engine()
+    seen: list[str | None] = []
+
+    async def look_back(run_id: str) -> str:
+        conn = await asyncpg.connect(database_url)
+        try:
+            seen.append(
+                await conn.fetchval(
+                    "SELECT status FROM engine.steps WHERE run_id = $1::uuid AND step_key = 'a'",
+                    run_id,
+                )
+            )
+        finally:
+            await conn.close()
+        return "b"
+
+    @app.create_function("ordered", trigger=TriggerEvent("t/ordered"))
+    async def ordered(ctx: Context) -> Any:
+        first = await ctx.step.run("a", lambda: "a")
+        second = await ctx.step.run("b", look_back, ctx.run_id)
+        return [first, second]
+
+    async with app.worker():
+        [event_id] = await app.send(Event(name="t/ordered"))
+        run = await app.wait_for_run(await only_run_id(app, event_id))
+    assert seen == ["COMPLETED"]
+    assert run.output == ["a", "b"]
+    assert [(s.step_id, s.status) for s in run.steps] == [("a", "COMPLETED"), ("b", "COMPLETED")]

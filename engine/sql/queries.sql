@@ -63,7 +63,10 @@ SELECT engine.checkpoint_step($1::uuid, $2::uuid, $3, $4::jsonb)
 SELECT engine.suspend_run($1::uuid, $2::uuid, $3, $4, $5, $6, $7, $8, $9::jsonb, $10::text[])
 
 -- name: finish_run
-SELECT engine.finish_run($1::uuid, $2::uuid, $3, $4, $5::jsonb, $6::jsonb, $7)
+SELECT engine.finish_run($1::uuid, $2::uuid, $3, $4, $5::jsonb, $6::jsonb, $7, $8::jsonb)
+
+-- name: checkpoint_steps
+SELECT engine.checkpoint_steps($1::uuid, $2::uuid, $3, $4::jsonb)
 
 -- name: heartbeat
 SELECT id, cancel_requested FROM engine.heartbeat($1::uuid, $2::interval, $3::uuid[])
