@@ -9,7 +9,7 @@ bench/results/core.json:
   one worker), p50/p90/p99;
 - step overhead: one run of N trivial steps, time per step;
 - throughput: N events each triggering a 3-step function, runs/s until all complete (one worker
-  process, concurrency 50).
+  process, concurrency 50), with sync step callables (run in a thread) and with async ones.
 """
 
 from __future__ import annotations
@@ -90,14 +90,20 @@ async def step_overhead(url: str, steps: int) -> dict[str, float]:
     return {"ms_per_step": elapsed * 1000 / steps}
 
 
-async def throughput(url: str, runs: int) -> dict[str, float]:
+async def _nothing() -> None:
+    return None
+
+
+async def throughput(url: str, runs: int, *, sync_steps: bool = True) -> dict[str, float]:
+    """Sync step callables run in a thread (as a blocking call must); async ones in the loop."""
     app_id = f"bench-throughput-{next(_repeat)}"  # each repeat counts only its own runs
     app = Engine(app_id, url, pool_size=20)
+    step = (lambda: None) if sync_steps else _nothing
 
     @app.create_function("three-steps", trigger=TriggerEvent("bench/throughput"))
     async def three_steps(ctx: Context) -> None:
         for name in ("a", "b", "c"):
-            await ctx.step.run(name, lambda: None)
+            await ctx.step.run(name, step)
 
     conn = await asyncpg.connect(url)
     async with app.worker(concurrency=50):
@@ -152,6 +158,7 @@ async def main() -> None:
         ("latency", lambda: latency(url, args.events)),
         ("step_overhead", lambda: step_overhead(url, args.steps)),
         ("throughput", lambda: throughput(url, args.runs)),
+        ("throughput_async_steps", lambda: throughput(url, args.runs, sync_steps=False)),
     ):
         figures[name] = summarize([await job() for _ in range(args.repeat)])
         print(name, json.dumps(figures[name]))
