@@ -25,6 +25,7 @@ import structlog
 from opentelemetry import trace
 
 from . import telemetry
+from .batching import Batches
 from .context import Context, RunLogger, current_step, structlog_logger
 from .db import Database
 from .errors import (
@@ -168,12 +169,14 @@ class Execution:
         run: ClaimedRun,
         *,
         db: Database,
+        batches: Batches,
         owner: UUID,
         limits: Limits,
         backoff: Backoff,
     ) -> None:
         self.run = run
         self.db = db
+        self.batches = batches
         self.owner = owner
         self.limits = limits
         self.backoff = backoff
@@ -237,12 +240,15 @@ class Execution:
             self.fatal = failure
         raise failure
 
-    async def gate(self) -> None:
+    async def gate(self, *, flush: bool = True) -> None:
         """Called before a new step starts: the steps completed so far are committed first, and
-        no step starts once a cancel or a stop is pending."""
+        no step starts once a cancel or a stop is pending. A step with no side effect of its own
+        (a sleep) passes ``flush=False``: the pending records are committed with the suspension,
+        in the same round trip."""
         if self.fatal is not None:
             raise self.fatal
-        await self.flush()
+        if flush:
+            await self.flush()
         if self.cancel_requested or self.stopping:
             self._halted = True
             await self.block()
@@ -294,19 +300,28 @@ class Execution:
         """Commits the deferred step records (one round trip for all of them)."""
         if not self._unsaved:
             return
-        records, self._unsaved = self._unsaved, []
-        result = await self.db.fetchval(
-            "checkpoint_steps",
-            self.run.run_id,
-            self.owner,
-            self.run.lease_token,
-            "[" + ",".join(records) + "]",
-        )
+        result = await self.batches.checkpoint.call(self._write(steps=self._take_unsaved()))
         if result in ("lost", "duplicate"):
             self.lost = True
             raise LeaseLost(f"run {self.run.run_id}: {result} while recording completed steps")
         if result == "cancel":
             self.note_cancel()
+
+    def _write(
+        self, *, steps: list[str], output: str = "null", error: str = "null", **fields: Any
+    ) -> str:
+        """One item of a batched write for this run (JSON text: step records, outputs and
+        errors are pre-encoded JSON and spliced in as they are)."""
+        head = dumps(
+            {
+                "run": str(self.run.run_id),
+                "owner": str(self.owner),
+                "token": self.run.lease_token,
+                **fields,
+            }
+        )
+        raw = f'"steps":[{",".join(steps)}],"output":{output},"error":{error}'
+        return f"{head[:-1]},{raw}}}"
 
     def _take_unsaved(self) -> list[str]:
         records, self._unsaved = self._unsaved, []
@@ -589,38 +604,30 @@ class Execution:
         output: str | None = None,
         error: str | None = None,
     ) -> None:
-        result = await self.db.fetchval(
-            "finish_run",
-            self.run.run_id,
-            self.owner,
-            self.run.lease_token,
-            status.value,
-            output,
-            error,
-            self.run_logger.count,
-            "[" + ",".join(self._take_unsaved()) + "]",
+        item = self._write(
+            steps=self._take_unsaved(),
+            status=status.value,
+            log_lines=self.run_logger.count,
+            output=output or "null",
+            error=error or "null",
         )
+        result = await self.batches.finish.call(item)
         if result == "lost":
             raise LeaseLost(f"run {self.run.run_id}: lost before it could end {status.value}")
         self.log.info("run.finished", status=status.value)
         telemetry.mark(span, status.value)
 
     async def _suspend(self, suspension: Suspension, span: trace.Span) -> None:
-        records = [s.to_json() for s in suspension.steps] + self._take_unsaved()
-        steps = "[" + ",".join(records) + "]"
-        result = await self.db.fetchval(
-            "suspend_run",
-            self.run.run_id,
-            self.owner,
-            self.run.lease_token,
-            suspension.status.value,
-            suspension.due,
-            suspension.reason,
-            self.run.attempt,
-            self.run_logger.count,
-            steps,
-            suspension.awaited,
+        item = self._write(
+            steps=[s.to_json() for s in suspension.steps] + self._take_unsaved(),
+            status=suspension.status.value,
+            due=suspension.due.isoformat(),
+            reason=suspension.reason,
+            attempt=self.run.attempt,
+            log_lines=self.run_logger.count,
+            awaited=suspension.awaited,
         )
+        result = await self.batches.suspend.call(item)
         if result == "lost":
             raise LeaseLost(f"run {self.run.run_id}: lost before it could be suspended")
         outcome = RunStatus.CANCELLED if result == "cancel" else suspension.status

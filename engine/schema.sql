@@ -1325,6 +1325,16 @@ BEGIN
     RETURN CASE WHEN v_cancel THEN 'cancel' ELSE 'ok' END;
 END $$;
 
+-- Batched forms: a worker groups the checkpoints, ends and suspensions of its concurrent runs
+-- into one transaction (one commit for many runs). Each item gets its own result, in order.
+CREATE OR REPLACE FUNCTION engine.checkpoint_many(p_items jsonb)
+RETURNS TABLE (ord bigint, result text) LANGUAGE sql AS $$
+    SELECT e.ord, engine.checkpoint_steps((e.x ->> 'run')::uuid, (e.x ->> 'owner')::uuid,
+                                          (e.x ->> 'token')::bigint, e.x -> 'steps')
+    FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(x, ord)
+    ORDER BY e.ord
+$$;
+
 -- p_step: {key, position, kind, status, attempts, output, error, wake_at}
 CREATE OR REPLACE FUNCTION engine.checkpoint_step(p_run uuid, p_owner uuid, p_token bigint, p_step jsonb)
 RETURNS text LANGUAGE plpgsql AS $$
@@ -1358,6 +1368,8 @@ BEGIN
         RETURN 'lost';
     END IF;
     FOR v_step IN SELECT value FROM jsonb_array_elements(p_steps) LOOP
+        -- A cancelled run records the steps that completed, not the sleep it was about to start.
+        CONTINUE WHEN v_cancel AND v_step ->> 'status' = 'SLEEPING';
         PERFORM engine.record_step(p_run, v_step);
     END LOOP;
     IF EXISTS (SELECT 1 FROM engine.steps s
@@ -1419,6 +1431,28 @@ BEGIN
     WHERE r.id = p_run AND r.lease_owner = p_owner AND r.lease_token = p_token AND r.status = 'RUNNING';
     RETURN CASE WHEN FOUND THEN 'ok' ELSE 'lost' END;
 END $$;
+
+CREATE OR REPLACE FUNCTION engine.finish_many(p_items jsonb)
+RETURNS TABLE (ord bigint, result text) LANGUAGE sql AS $$
+    SELECT e.ord, engine.finish_run((e.x ->> 'run')::uuid, (e.x ->> 'owner')::uuid,
+                                    (e.x ->> 'token')::bigint, e.x ->> 'status',
+                                    nullif(e.x -> 'output', 'null'), nullif(e.x -> 'error', 'null'),
+                                    (e.x ->> 'log_lines')::int, e.x -> 'steps')
+    FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(x, ord)
+    ORDER BY e.ord
+$$;
+
+CREATE OR REPLACE FUNCTION engine.suspend_many(p_items jsonb)
+RETURNS TABLE (ord bigint, result text) LANGUAGE sql AS $$
+    SELECT e.ord, engine.suspend_run((e.x ->> 'run')::uuid, (e.x ->> 'owner')::uuid,
+                                     (e.x ->> 'token')::bigint, e.x ->> 'status',
+                                     (e.x ->> 'due')::timestamptz, e.x ->> 'reason',
+                                     (e.x ->> 'attempt')::int, (e.x ->> 'log_lines')::int,
+                                     e.x -> 'steps',
+                                     ARRAY(SELECT jsonb_array_elements_text(e.x -> 'awaited')))
+    FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(x, ord)
+    ORDER BY e.ord
+$$;
 
 -- Extends the leases of the runs a worker still executes; reports the ones it lost and any
 -- cancel requests (so a run with a long step learns of a cancel without a checkpoint).

@@ -176,13 +176,13 @@ class Steps:
         if record is not None and record.status == "COMPLETED":
             return
         if record is None:
-            await ex.gate()
+            await ex.gate(flush=False)  # earlier steps are committed with the suspension
             now = ex.db_now()
             wake_at = wake(now)
             record = StepRecord(plan.key, plan.position, "sleep", "SLEEPING", wake_at=wake_at)
-            if wake_at <= now:
+            if wake_at <= now:  # a sleep into the past is over at once
                 record.status = "COMPLETED"
-                await ex.checkpoint(record)
+                ex.defer(record, "null")
                 return
             pending = [record]
         else:  # recorded earlier, not yet due: wait again without recording it twice

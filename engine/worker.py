@@ -19,6 +19,7 @@ from uuid import UUID, uuid4
 
 import structlog
 
+from .batching import Batches
 from .context import Context
 from .durations import Duration, parse_duration
 from .events import event_from_row
@@ -71,6 +72,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._timer_at = float("inf")  # monotonic time of the earliest known due work
         self._router: Router | None = None
+        self._batches: Batches | None = None
         self._fn_ids = list(engine.functions)
         self._crons = {
             (f.fn_id, t.cron): t.schedule for f in engine.functions.values() for t in f.crons
@@ -82,6 +84,7 @@ class Worker:
         """Runs until :meth:`stop` is called; then stops gracefully."""
         db = await self.engine.database(replace_registry=True)
         self._router = Router(db, self.engine.app_id, self.engine.functions)
+        self._batches = Batches(db)
         log.info(
             "worker.started",
             owner=str(self.owner),
@@ -220,9 +223,11 @@ class Worker:
 
     # -- executions ------------------------------------------------------------------------------
     def _start(self, run: ClaimedRun) -> None:
+        assert self._batches is not None
         ex = Execution(
             run,
             db=self.engine.open_database,
+            batches=self._batches,
             owner=self.owner,
             limits=self.engine.limits,
             backoff=self.engine.backoff,

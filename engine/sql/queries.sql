@@ -65,6 +65,15 @@ SELECT engine.suspend_run($1::uuid, $2::uuid, $3, $4, $5, $6, $7, $8, $9::jsonb,
 -- name: finish_run
 SELECT engine.finish_run($1::uuid, $2::uuid, $3, $4, $5::jsonb, $6::jsonb, $7, $8::jsonb)
 
+-- name: checkpoint_many
+SELECT ord, result FROM engine.checkpoint_many($1::jsonb)
+
+-- name: finish_many
+SELECT ord, result FROM engine.finish_many($1::jsonb)
+
+-- name: suspend_many
+SELECT ord, result FROM engine.suspend_many($1::jsonb)
+
 -- name: checkpoint_steps
 SELECT engine.checkpoint_steps($1::uuid, $2::uuid, $3, $4::jsonb)
 
