@@ -2,10 +2,10 @@
 
 A worker executes many runs at once; each step checkpoint, run end and suspension is a small
 transaction whose cost is mostly its commit (a WAL flush with synchronous_commit on). A
-:class:`Batcher` sends the first call at once and, while that round trip is in flight, queues
-the calls of other runs; the next round trip carries all of them (``engine.checkpoint_many``
-and friends), each with its own result. An idle worker pays no added latency; a busy one pays
-one commit per batch instead of one per run.
+:class:`Batcher` sends a call at once when nothing is in flight and, while a round trip is in
+flight, queues the calls of other runs; the next round trip carries all of them
+(``engine.checkpoint_many`` and friends), each with its own result. An idle worker pays no
+added latency; a busy one pays one commit per batch instead of one per run.
 
 Durability is unchanged: a caller's ``await`` returns only once its own write is committed.
 """
@@ -26,36 +26,57 @@ class Batcher:
         self._db = db
         self._query = query
         self._queue: list[tuple[str, asyncio.Future[str]]] = []
-        self._draining: asyncio.Task[None] | None = None
+        self._busy = False  # a round trip of this batcher is in flight
+        self._draining: set[asyncio.Task[None]] = set()
 
     async def call(self, item: str) -> str:
-        """Queues one item (a JSON object, as text: step outputs arrive pre-encoded) and waits
-        for its own result (e.g. ``'ok'`` or ``'lost'``)."""
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
-        if self._draining is None or self._draining.done():
-            self._draining = asyncio.create_task(self._drain())
-        return await future
+        """Sends one item (a JSON object, as text: step outputs arrive pre-encoded) and returns
+        its own result (e.g. ``'ok'`` or ``'lost'``). When no round trip is in flight it is sent
+        at once, from the caller's task; otherwise it waits for the next batch."""
+        if self._busy:
+            future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            self._queue.append((item, future))
+            return await future
+        self._busy = True
+        try:
+            [result] = await self._send([item])
+        finally:
+            self._busy = False
+            if self._queue:
+                self._start_draining()
+        return result
+
+    def _start_draining(self) -> None:
+        self._busy = True
+        task = asyncio.create_task(self._drain())
+        self._draining.add(task)  # keep a reference until it ends
+        task.add_done_callback(self._draining.discard)
 
     async def _drain(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-            try:
-                results = await self._send([item for item, _ in batch])
-            except Exception as exc:
-                if len(batch) == 1:
-                    _settle(batch[0][1], exc)
-                    continue
-                # One bad item must not fail the others: send them one by one.
-                for item, future in batch:
-                    try:
-                        [result] = await self._send([item])
-                        _settle(future, result)
-                    except Exception as single:
-                        _settle(future, single)
-                continue
-            for (_, future), result in zip(batch, results, strict=True):
-                _settle(future, result)
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                await self._send_batch(batch)
+        finally:
+            self._busy = False
+
+    async def _send_batch(self, batch: list[tuple[str, asyncio.Future[str]]]) -> None:
+        try:
+            results = await self._send([item for item, _ in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                _settle(batch[0][1], exc)
+                return
+            # One bad item must not fail the others: send them one by one.
+            for item, future in batch:
+                try:
+                    [result] = await self._send([item])
+                    _settle(future, result)
+                except Exception as single:
+                    _settle(future, single)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            _settle(future, result)
 
     async def _send(self, items: list[str]) -> list[str]:
         rows = await self._db.fetch(self._query, "[" + ",".join(items) + "]")
