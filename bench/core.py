@@ -9,7 +9,8 @@ bench/results/core.json:
   one worker), p50/p90/p99;
 - step overhead: one run of N trivial steps, time per step;
 - throughput: N events each triggering a 3-step function, runs/s until all complete (one worker
-  process, concurrency 50), with sync step callables (run in a thread) and with async ones.
+  process, concurrency 50), with sync step callables (run in a thread) and with async ones;
+  then the same with 1 and with 2 separate `engine worker` processes (concurrency 50 each).
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from importlib import metadata
@@ -120,6 +124,45 @@ async def throughput(url: str, runs: int, *, sync_steps: bool = True) -> dict[st
     return {"runs_per_s": runs / elapsed, "steps_per_s": 3 * runs / elapsed}
 
 
+def start_workers(url: str, processes: int) -> list[subprocess.Popen[bytes]]:
+    """`engine worker bench/throughput_app.py` processes, concurrency 50 each."""
+    env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(Path(__file__).parent)}
+    command = [sys.executable, "-m", "engine", "--log-level", "warning", "worker"]
+    return [
+        subprocess.Popen([*command, "throughput_app:app", "--concurrency", "50"], env=env)
+        for _ in range(processes)
+    ]
+
+
+async def throughput_processes(url: str, runs: int, processes: int) -> dict[str, float]:
+    """The 3-step workload run by separate `engine worker` processes (sync step callables)."""
+    conn = await asyncpg.connect(url)
+    await conn.execute("DELETE FROM engine.runs WHERE app_id = 'bench-processes'")
+    workers = start_workers(url, processes)
+    try:
+        await asyncio.sleep(3.0)  # the processes start and register
+        sender = Engine("bench-processes", url)
+        start_at = time.perf_counter()
+        for offset in range(0, runs, 1000):
+            batch = min(1000, runs - offset)
+            await sender.send([Event(name="bench/processes") for _ in range(batch)])
+        done_query = (
+            "SELECT count(*) FROM engine.runs WHERE app_id = 'bench-processes'"
+            " AND status = 'COMPLETED'"
+        )
+        while await conn.fetchval(done_query) < runs:  # noqa: ASYNC110 - polls the database
+            await asyncio.sleep(0.05)
+        elapsed = time.perf_counter() - start_at
+        await sender.close()
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(timeout=30)
+        await conn.close()
+    return {"runs_per_s": runs / elapsed, "steps_per_s": 3 * runs / elapsed}
+
+
 async def settings(url: str) -> dict[str, str]:
     conn = await asyncpg.connect(url)
     try:
@@ -159,6 +202,8 @@ async def main() -> None:
         ("step_overhead", lambda: step_overhead(url, args.steps)),
         ("throughput", lambda: throughput(url, args.runs)),
         ("throughput_async_steps", lambda: throughput(url, args.runs, sync_steps=False)),
+        ("throughput_1_process", lambda: throughput_processes(url, args.runs, 1)),
+        ("throughput_2_processes", lambda: throughput_processes(url, args.runs, 2)),
     ):
         figures[name] = summarize([await job() for _ in range(args.repeat)])
         print(name, json.dumps(figures[name]))
