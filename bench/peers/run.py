@@ -1,0 +1,150 @@
+"""The peers and the engine on the same server, in the same run: figures and our ratios.
+
+    pip install -e '.[bench]'
+    python bench/peers/run.py [--repeat 3]
+
+Each peer runs in its own database of one embedded PostgreSQL (durable settings), `--repeat`
+times; each figure is the median (with min and max). Our figures come from bench/core.py's
+scenarios on the same server, between the peers' runs. Writes bench/results/peers.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import asyncpg
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent))
+
+import core  # noqa: E402 - bench/core.py, next to this folder
+
+from engine.db import Database  # noqa: E402
+from engine.embedded import start  # noqa: E402
+from engine.logs import configure_logging  # noqa: E402
+
+PEERS = {
+    "dbos": ["dbos_bench.py"],
+    "procrastinate": ["procrastinate_bench.py"],
+    "pgqueuer": ["pgqueuer_bench.py"],
+    "pgbench": ["pgbench_step.py", "--seconds", "10"],
+}
+
+
+async def database(url: str, name: str) -> str:
+    admin = await asyncpg.connect(url)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    return url.replace("/postgres?", f"/{name}?")
+
+
+def run_peer(script: list[str], url: str) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, str(HERE / script[0]), url, *script[1:]],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=True,
+    ).stdout
+    result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def summarize(samples: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {
+        key: {
+            "median": statistics.median(s[key] for s in samples),
+            "min": min(s[key] for s in samples),
+            "max": max(s[key] for s in samples),
+        }
+        for key in samples[0]
+    }
+
+
+async def ours(url: str) -> dict[str, float]:
+    engine_url = await database(url, "bench_engine")
+    await Database(engine_url).apply_schema()
+    latency = await core.latency(engine_url, 300)
+    steps = await core.step_overhead(engine_url, 1000)
+    sync = await core.throughput(engine_url, 4000)
+    asynchronous = await core.throughput(engine_url, 4000, sync_steps=False)
+    return {
+        "latency_p50_ms": latency["p50_ms"],
+        "latency_p99_ms": latency["p99_ms"],
+        "ms_per_step": steps["ms_per_step"],
+        "three_step_runs_per_s": sync["runs_per_s"],
+        "three_step_runs_per_s_async_steps": asynchronous["runs_per_s"],
+    }
+
+
+# (our figure, the peer's figure, how the ratio reads: "higher" means ours / theirs)
+COMPARISONS = [
+    ("latency_p50_ms", "dbos", "direct_latency_p50_ms", "lower"),
+    ("latency_p50_ms", "dbos", "queued_latency_p50_ms", "lower"),
+    ("three_step_runs_per_s", "dbos", "three_step_workflows_per_s", "higher"),
+    ("ms_per_step", "dbos", "ms_per_step", "lower"),
+    ("latency_p50_ms", "procrastinate", "latency_p50_ms", "lower"),
+    ("three_step_runs_per_s", "procrastinate", "jobs_per_s", "higher"),
+    ("latency_p50_ms", "pgqueuer", "latency_p50_ms", "lower"),
+    ("three_step_runs_per_s", "pgqueuer", "jobs_per_s", "higher"),
+]
+
+
+def ratio(mine: float, theirs: float, better: str) -> float:
+    return mine / theirs if better == "higher" else theirs / mine
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    configure_logging("warning")
+    url, _server = start(Path(tempfile.mkdtemp(prefix="engine-peers-")) / "pg")
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in [*PEERS, "engine"]}
+    for _ in range(args.repeat):
+        for name, script in PEERS.items():
+            peer_url = await database(url, f"bench_{name}")
+            samples[name].append(await asyncio.to_thread(run_peer, script, peer_url))
+            print(name, json.dumps(samples[name][-1]), flush=True)
+        samples["engine"].append(await ours(url))
+        print("engine", json.dumps(samples["engine"][-1]), flush=True)
+    figures = {name: summarize(runs) for name, runs in samples.items()}
+    print("\nfigure (medians)                                  ours      peer      ratio")
+    for mine, peer, theirs, better in COMPARISONS:
+        a, b = figures["engine"][mine]["median"], figures[peer][theirs]["median"]
+        label = f"{peer} {theirs}"
+        print(f"{label:<48} {a:>8.2f}  {b:>8.2f}  {ratio(a, b, better):>6.1f}x")
+    pgbench = figures["pgbench"]
+    print(
+        "pgbench step-shaped transactions/s: "
+        + ", ".join(
+            f"{key.split('_')[0]} clients {value['median']:.0f}" for key, value in pgbench.items()
+        )
+    )
+    packages = {p: metadata.version(p) for p in ("engine", "dbos", "procrastinate", "pgqueuer")}
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "postgres": await core.settings(url),
+        "packages": packages,
+        "repeat": args.repeat,
+        "figures": figures,
+    }
+    out = HERE.parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "peers.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
