@@ -57,11 +57,64 @@ class Router:
         self._others: list[RegisteredFunction] = []
         self._version: int | None = None  # engine.meta's registry_version of self._others
         self._compiled: dict[str, tuple[TriggerEvent, ...]] = {}
+        self._simple = "[]"  # plain triggers, for engine.route_simple (see _split_registry)
+        self._complex: list[str] = []
 
     async def route(
         self, owner: UUID, lease: timedelta, capacity: int
     ) -> tuple[int, list[RoutedRun]]:
-        """Routes one batch of due events; returns how many were routed and the runs leased here."""
+        """Routes due events; returns how many were routed and the runs leased here.
+
+        Events that need no Python (see ``engine.route_simple``) are routed in one statement;
+        the others, and all of them when the registry moved, take the full path.
+        """
+        routed, mine, deferred = (
+            (0, [], True)
+            if self._version is None
+            else (await self._route_simple(owner, lease, capacity))
+        )
+        if deferred:
+            more, also_mine = await self._route_full(owner, lease, max(capacity - len(mine), 0))
+            return routed + more, mine + also_mine
+        return routed, mine
+
+    async def _route_simple(
+        self, owner: UUID, lease: timedelta, capacity: int
+    ) -> tuple[int, list[RoutedRun], bool]:
+        rows = await self._db.fetch(
+            "route_simple",
+            EVENT_BATCH,
+            self._simple,
+            self._complex,
+            self._version,
+            self._app_id,
+            owner,
+            lease,
+            capacity,
+        )
+        summary, created = rows[0], rows[1:]
+        mine = [RoutedRun(row, loads(row["event"]), row["traceparent"]) for row in created]
+        return summary["routed"], mine, summary["deferred"]
+
+    def _split_registry(self) -> None:
+        """Sorts the registry's event triggers: plain ones (no expression, on a function with no
+        flow control) can be routed in SQL; any other trigger makes its event name complex."""
+        simple, complex_names = [], set()
+        for fn in (*self._own, *self._others):
+            for trigger in fn.triggers:
+                if trigger.expression is None and not fn.flow:
+                    simple.append(
+                        {"app_id": fn.app_id, "function_id": fn.fn_id, "event": trigger.event}
+                    )
+                else:
+                    complex_names.add(trigger.event)
+        self._simple = dumps(simple)
+        self._complex = sorted(complex_names)
+
+    async def _route_full(
+        self, owner: UUID, lease: timedelta, capacity: int
+    ) -> tuple[int, list[RoutedRun]]:
+        """Routes one batch of due events in a transaction: claim, CEL in Python, create."""
         async with self._db.transaction() as conn:
             events = await self._db.fetch("claim_events", EVENT_BATCH, conn=conn)
             if not events:
@@ -70,6 +123,7 @@ class Router:
                 # Another app registered or changed functions: route with the current registry.
                 await self._load_registry(conn)
                 self._version = events[0]["registry_version"]
+                self._split_registry()
             plan, by_seq = self._plan(events, capacity)
             created = await self._db.fetch(
                 "create_runs", [e["seq"] for e in events], dumps(plan), owner, lease, conn=conn

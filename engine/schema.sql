@@ -635,6 +635,76 @@ BEGIN
     ORDER BY e.seq;
 END $$;
 
+-- Routing in one statement, for events that need no Python: their name is not in p_complex
+-- (no trigger on it has a CEL expression or belongs to a function with flow control) and no run
+-- waits for it (no matcher). p_simple lists the plain triggers [{app_id, function_id, event}] of
+-- the router's registry, whose version must be p_version (else nothing is routed and `deferred`
+-- says so). Other due events are left for the full path (claim_events, create_runs). The first
+-- row is a summary (id NULL: how many events were routed, whether some were deferred); the
+-- others are the runs created leased to p_owner, with their event.
+CREATE OR REPLACE FUNCTION engine.route_simple(
+    p_limit int, p_simple jsonb, p_complex text[], p_version bigint, p_app text, p_owner uuid,
+    p_lease interval, p_capacity int)
+RETURNS TABLE (routed int, deferred boolean, id uuid, function_id text, event_seq bigint,
+               lease_token bigint, created_at timestamptz, event jsonb, traceparent text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_claimed bigint[];
+    v_fast    bigint[];
+    v_plan    jsonb;
+BEGIN
+    IF (SELECT m.value::bigint FROM engine.meta m WHERE m.key = 'registry_version')
+       IS DISTINCT FROM p_version THEN
+        RETURN QUERY SELECT 0, true, NULL::uuid, NULL::text, NULL::bigint, NULL::bigint,
+                            NULL::timestamptz, NULL::jsonb, NULL::text;
+        RETURN;
+    END IF;
+    SELECT array_agg(d.seq) INTO v_claimed FROM (
+        SELECT q.seq FROM engine.event_queue q
+        WHERE q.due_at <= engine.now()
+        ORDER BY q.due_at, q.seq
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED) d;
+    IF v_claimed IS NULL THEN
+        RETURN QUERY SELECT 0, false, NULL::uuid, NULL::text, NULL::bigint, NULL::bigint,
+                            NULL::timestamptz, NULL::jsonb, NULL::text;
+        RETURN;
+    END IF;
+    -- As in claim_events: no matcher of these names is half-registered while they are routed.
+    PERFORM pg_advisory_xact_lock_shared(engine.event_lock(n.name))
+    FROM (SELECT DISTINCT e.name FROM engine.events e WHERE e.seq = ANY (v_claimed) ORDER BY 1) n;
+    SELECT array_agg(e.seq) INTO v_fast FROM engine.events e
+    WHERE e.seq = ANY (v_claimed) AND e.name <> ALL (p_complex)
+      AND NOT EXISTS (SELECT 1 FROM engine.matchers m WHERE m.event_name = e.name);
+    IF v_fast IS NULL THEN
+        RETURN QUERY SELECT 0, true, NULL::uuid, NULL::text, NULL::bigint, NULL::bigint,
+                            NULL::timestamptz, NULL::jsonb, NULL::text;
+        RETURN;
+    END IF;
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'app_id', p.app_id, 'function_id', p.function_id, 'event_seq', p.seq,
+               'claim', p.app_id = p_app AND p.mine <= p_capacity)), '[]')
+    INTO v_plan
+    FROM (SELECT t.app_id, t.function_id, e.seq,
+                 count(*) FILTER (WHERE t.app_id = p_app) OVER (
+                     ORDER BY e.seq, t.app_id, t.function_id
+                     ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS mine
+          FROM engine.events e
+          JOIN jsonb_to_recordset(p_simple) AS t(app_id text, function_id text, event text)
+            ON t.event = e.name
+          WHERE e.seq = ANY (v_fast)) p;
+    RETURN QUERY SELECT cardinality(v_fast), cardinality(v_fast) < cardinality(v_claimed),
+                        NULL::uuid, NULL::text, NULL::bigint, NULL::bigint, NULL::timestamptz,
+                        NULL::jsonb, NULL::text;
+    RETURN QUERY
+    SELECT NULL::int, NULL::boolean, c.id, c.function_id, c.event_seq, c.lease_token, c.created_at,
+           engine.run_event(c.event_seq), e.traceparent
+    FROM engine.create_runs(v_fast, v_plan, p_owner, p_lease) c
+    JOIN engine.events e ON e.seq = c.event_seq
+    WHERE c.lease_token > 0;
+END $$;
+
 -- The live matchers that the claimed events p_seqs may resolve, filtered by name, match= and
 -- age in SQL; the router evaluates the CEL expressions (`if_exp`) of what is left.
 CREATE OR REPLACE FUNCTION engine.matcher_candidates(p_seqs bigint[])

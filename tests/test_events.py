@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -225,3 +227,41 @@ async def test_a_function_registered_by_another_app_gets_the_next_event(make_eng
         [event_id] = await router_app.send(Event(name="t/late"))
         [run] = await router_app.runs_for_event(event_id, at_least=1, timeout=3)
     assert (run.app_id, run.function_id, run.status) == ("late-app", "late", RunStatus.QUEUED)
+
+
+async def test_plain_events_are_routed_in_one_statement(make_engine: Any, sql: Any) -> None:
+    """engine.route_simple routes events whose functions need no Python and leaves the others
+    (a CEL expression, a stale registry) to the full path."""
+    app = make_engine()
+
+    @app.create_function("plain", trigger=TriggerEvent("t/plain"))
+    async def plain(ctx: Context) -> None:
+        return None
+
+    @app.create_function("fancy", trigger=TriggerEvent("t/fancy", "event.data.x > 1"))
+    async def fancy(ctx: Context) -> None:
+        return None
+
+    db = await app.database()
+    await app.send([Event(name="t/plain"), Event(name="t/fancy", data={"x": 2})])
+    version = await sql.fetchval(
+        "SELECT value::bigint FROM engine.meta WHERE key = 'registry_version'"
+    )
+    simple = '[{"app_id": "test", "function_id": "plain", "event": "t/plain"}]'
+    owner, lease = uuid.uuid4(), timedelta(seconds=30)
+    stale = await db.fetch(
+        "route_simple", 200, simple, ["t/fancy"], version - 1, "test", owner, lease, 10
+    )
+    assert [(r["routed"], r["deferred"]) for r in stale] == [(0, True)]
+    rows = await db.fetch(
+        "route_simple", 200, simple, ["t/fancy"], version, "test", owner, lease, 10
+    )
+    assert (rows[0]["routed"], rows[0]["deferred"]) == (1, True)  # t/fancy was left
+    assert [(r["function_id"], json.loads(r["event"])["name"]) for r in rows[1:]] == [
+        ("plain", "t/plain")
+    ]
+    assert rows[1]["lease_token"] == 1  # created leased to the router: it runs at once
+    left = await sql.fetch(
+        "SELECT e.name FROM engine.event_queue q JOIN engine.events e ON e.seq = q.seq"
+    )
+    assert [r["name"] for r in left] == ["t/fancy"]

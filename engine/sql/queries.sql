@@ -17,6 +17,10 @@ SELECT id FROM engine.send_events($1::jsonb, $2, $3) AS id
 SELECT seq, id, name, data, ts, v, traceparent, awaited, registry_version
 FROM engine.claim_events($1)
 
+-- name: route_simple
+SELECT routed, deferred, id, function_id, event_seq, lease_token, created_at, event, traceparent
+FROM engine.route_simple($1, $2::jsonb, $3::text[], $4, $5, $6::uuid, $7::interval, $8)
+
 -- name: matcher_candidates
 SELECT event_seq, run_id, key, kind, expression, trigger FROM engine.matcher_candidates($1::bigint[])
 
