@@ -175,6 +175,22 @@ async def settings(url: str) -> dict[str, str]:
     return {r["name"]: r["setting"] for r in rows}
 
 
+async def environment(url: str) -> dict[str, Any]:
+    """What every result records: date, Python, PostgreSQL version and settings, packages."""
+    packages = {}
+    for name in ("asyncpg", "cel-python", "engine", "dbos", "procrastinate", "pgqueuer"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "python": platform.python_version(),
+        "postgres": await settings(url),
+        "packages": packages,
+    }
+
+
 def summarize(samples: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     return {
         key: {
@@ -207,14 +223,7 @@ async def main() -> None:
     ):
         figures[name] = summarize([await job() for _ in range(args.repeat)])
         print(name, json.dumps(figures[name]))
-    result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "python": platform.python_version(),
-        "postgres": await settings(url),
-        "packages": {p: metadata.version(p) for p in ("asyncpg", "cel-python", "engine")},
-        "args": vars(args),
-        "figures": figures,
-    }
+    result = {**await environment(url), "args": vars(args), "figures": figures}
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "core.json").write_text(json.dumps(result, indent=2))

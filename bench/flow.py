@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -22,6 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import core
 
 from engine.db import Database, schema_sql
 from engine.embedded import start
@@ -151,7 +156,7 @@ async def main() -> None:
     await admin.close()
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    result = {"date": time.strftime("%Y-%m-%d"), "args": vars(args), "figures": figures}
+    result = {**await core.environment(url), "args": vars(args), "figures": figures}
     (out / "flow.json").write_text(json.dumps(result, indent=2))
 
 

@@ -106,7 +106,7 @@ async def main() -> None:
         print(f"{key:<16} empty {b:9.2f}   1M finished {a:9.2f}   ratio {a / b:.2f}")
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    result = {"date": time.strftime("%Y-%m-%d"), "args": vars(args), "figures": figures}
+    result = {**await core.environment(url), "args": vars(args), "figures": figures}
     (out / "scale.json").write_text(json.dumps(result, indent=2))
 
 

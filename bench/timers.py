@@ -18,13 +18,17 @@ import itertools
 import json
 import resource
 import statistics
+import sys
 import tempfile
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import core
 
 from engine import Context, Engine, Event, TriggerEvent
 from engine.db import Database
@@ -129,7 +133,7 @@ async def main() -> None:
     print("memory", json.dumps(figures["memory"]))
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    result = {"date": time.strftime("%Y-%m-%d"), "args": vars(args), "figures": figures}
+    result = {**await core.environment(url), "args": vars(args), "figures": figures}
     (out / "timers.json").write_text(json.dumps(result, indent=2))
 
 

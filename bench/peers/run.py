@@ -17,8 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from importlib import metadata
 from pathlib import Path
 
 import asyncpg
@@ -133,14 +131,7 @@ async def main() -> None:
             f"{key.split('_')[0]} clients {value['median']:.0f}" for key, value in pgbench.items()
         )
     )
-    packages = {p: metadata.version(p) for p in ("engine", "dbos", "procrastinate", "pgqueuer")}
-    result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "postgres": await core.settings(url),
-        "packages": packages,
-        "repeat": args.repeat,
-        "figures": figures,
-    }
+    result = {**await core.environment(url), "repeat": args.repeat, "figures": figures}
     out = HERE.parent / "results"
     out.mkdir(exist_ok=True)
     (out / "peers.json").write_text(json.dumps(result, indent=2))
