@@ -482,10 +482,13 @@ BEGIN
     END LOOP;
 END $$;
 
+-- The one entry point a sending role needs (ops/roles.sql grants it alone): it runs with its
+-- owner's rights, so a sender needs no privilege on the tables, and it cannot send `engine/`
+-- system events. search_path is pinned, as for any SECURITY DEFINER function.
 CREATE OR REPLACE FUNCTION engine.send_event(
     name text, data jsonb, id text DEFAULT NULL, ts timestamptz DEFAULT NULL,
     traceparent text DEFAULT NULL)
-RETURNS text LANGUAGE sql AS $$
+RETURNS text LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT engine.send_events(
         jsonb_build_array(jsonb_strip_nulls(jsonb_build_object('name', name, 'data', data, 'id', id, 'ts', ts))),
         traceparent)
@@ -873,12 +876,16 @@ BEGIN
         SELECT x.app_id, x.function_id,
                CASE WHEN x.skip IS NOT NULL THEN 'SKIPPED' WHEN x.claim THEN 'RUNNING' ELSE 'QUEUED' END,
                x.event_seq, 'event:' || x.event_seq,
-               -- priority N: due N seconds earlier, so the claim (by due_at) takes it ahead of
-               -- runs queued up to N seconds before it; a negative N delays it. A debounced run
-               -- waits its period; a batch its timeout, unless it is full already.
-               v_now + make_interval(secs => coalesce(x.debounce_period, 0) - coalesce(x.priority, 0)
-                   + CASE WHEN jsonb_array_length(coalesce(x.batch_seqs, '[]')) < x.batch_max
-                          THEN coalesce(x.batch_timeout, 0) ELSE 0 END),
+               -- A run's place in line is its event's arrival (not when a router, racing
+               -- others, created it). Priority N: due N seconds earlier, so the claim (by
+               -- due_at) takes it ahead of runs queued up to N seconds before it; a negative N
+               -- delays it. A debounced run waits its period; a batch its timeout, unless full.
+               CASE WHEN x.debounce_period IS NOT NULL
+                         OR jsonb_array_length(coalesce(x.batch_seqs, '[]')) < x.batch_max
+                    THEN v_now + make_interval(secs => coalesce(x.debounce_period, 0)
+                                                       + coalesce(x.batch_timeout, 0))
+                    ELSE least(e.received_at, v_now) END
+               - make_interval(secs => coalesce(x.priority, 0)),
                CASE WHEN x.claim THEN p_owner END,
                CASE WHEN x.claim THEN 1 ELSE 0 END,
                CASE WHEN x.claim THEN v_now + p_lease END,
@@ -890,7 +897,7 @@ BEGIN
                x.singleton_key, nullif(x.throttle, 'null'), x.debounce_key,
                v_now + make_interval(secs => x.debounce_timeout),
                x.batch_key, jsonb_array_length(x.batch_seqs), x.batch_max,
-               v_now - make_interval(secs => coalesce(x.priority, 0)),
+               least(e.received_at, v_now) - make_interval(secs => coalesce(x.priority, 0)),
                coalesce(x.skip, CASE WHEN x.debounce_key IS NOT NULL THEN 'debounced: waiting for a quiet period'
                                      WHEN x.batch_key IS NOT NULL THEN 'collecting a batch of events' END),
                v_now,

@@ -1,0 +1,48 @@
+-- Least-privilege roles for engine. Apply after schema.sql, as the owner of schema `engine`
+-- (psql -f ops/roles.sql), and again after each schema upgrade; then grant the roles to login
+-- roles: GRANT engine_sender TO my_web_app; GRANT engine_worker TO my_worker; ...
+--
+--   engine_sender  may send events through engine.send_event(), and do nothing else: it sees
+--                  no table, cannot send `engine/` system events, cannot touch runs.
+--   engine_worker  what `engine worker` (and an Engine sending, managing runs) needs: read and
+--                  write the engine tables, call the engine functions. It is no superuser and
+--                  owns nothing, so it cannot change the schema.
+--   engine_reader  read-only access for dashboards: every table and view of the schema, and the
+--                  read-only functions the views use.
+
+SET client_min_messages = warning;
+BEGIN;
+
+DO $$
+DECLARE
+    v_role text;
+BEGIN
+    FOREACH v_role IN ARRAY ARRAY['engine_sender', 'engine_worker', 'engine_reader'] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = v_role) THEN
+            EXECUTE format('CREATE ROLE %I NOLOGIN', v_role);
+        END IF;
+    END LOOP;
+END $$;
+
+-- Nothing for PUBLIC: every right below is granted on purpose.
+REVOKE ALL ON SCHEMA engine FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA engine FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA engine FROM PUBLIC;
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA engine FROM PUBLIC;
+
+GRANT USAGE ON SCHEMA engine TO engine_sender, engine_worker, engine_reader;
+
+-- Sender: one function (SECURITY DEFINER, see schema.sql).
+GRANT EXECUTE ON FUNCTION engine.send_event(text, jsonb, text, timestamptz, text) TO engine_sender;
+
+-- Worker: the tables and every function.
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA engine TO engine_worker;
+GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA engine TO engine_worker;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA engine TO engine_worker;
+
+-- Reader: tables and views, and the pure functions the views and dashboards call.
+GRANT SELECT ON ALL TABLES IN SCHEMA engine TO engine_reader;
+GRANT EXECUTE ON FUNCTION engine.now(), engine.schema_version(), engine.run_event(bigint),
+    engine.run_steps(uuid), engine.batch_of(uuid) TO engine_reader;
+
+COMMIT;
