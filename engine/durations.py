@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import timedelta
 
@@ -31,17 +32,25 @@ def parse_duration(value: Duration, *, what: str = "duration") -> timedelta:
     """
     if isinstance(value, bool):
         raise ValueError(f"{what}: expected a duration, got {value!r}")
-    if isinstance(value, timedelta):
-        result = value
-    elif isinstance(value, int | float):
-        result = timedelta(seconds=value)
-    elif isinstance(value, str):
-        result = _parse_text(value.strip().lower(), what)
-    else:
-        raise ValueError(f"{what}: expected a duration, got {type(value).__name__}")
+    try:
+        result = _to_timedelta(value, what)
+    except OverflowError:
+        raise ValueError(f"{what}: {value!r} is too long (the limit is 999,999,999 days)") from None
     if result < timedelta(0):
         raise ValueError(f"{what}: {value!r} is negative")
     return result
+
+
+def _to_timedelta(value: Duration, what: str) -> timedelta:
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError(f"{what}: {value!r} is not a number of seconds")
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        return _parse_text(value.strip().lower(), what)
+    raise ValueError(f"{what}: expected a duration, got {type(value).__name__}")
 
 
 def _parse_text(text: str, what: str) -> timedelta:
