@@ -1,0 +1,43 @@
+"""The chaos workload: steps with side effects, a sleep and random failures (retried).
+
+Each step writes its side effect twice: to `chaos_log` (plainly: at least once) and to
+`chaos_once` keyed by run and step, the step's idempotency key (exactly once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from typing import Any
+
+import asyncpg
+
+from engine import Backoff, Context, Engine, TriggerEvent
+
+app = Engine("chaos", backoff=Backoff(initial="20ms", maximum="200ms", jitter=0.0))
+
+
+async def effect(run_id: str, step: str) -> str:
+    conn = await asyncpg.connect(os.environ["DATABASE_URL"])
+    try:
+        await conn.execute("INSERT INTO chaos_log (run_id, step) VALUES ($1, $2)", run_id, step)
+        await conn.execute(
+            "INSERT INTO chaos_once (key) VALUES ($1) ON CONFLICT DO NOTHING", f"{run_id}:{step}"
+        )
+    finally:
+        await conn.close()
+    # Widen the window between the side effect and its checkpoint, where a kill hurts most.
+    await asyncio.sleep(random.uniform(0, 0.02))
+    if random.random() < 0.1:
+        raise RuntimeError("a transient failure")
+    return step
+
+
+@app.create_function("chaos", trigger=TriggerEvent("chaos/go"), retries=20)
+async def chaos(ctx: Context) -> Any:
+    for index in range(3):
+        await ctx.step.run(f"effect-{index}", effect, ctx.run_id, f"effect-{index}")
+        if index == 1:
+            await ctx.step.sleep("nap", "100ms")
+    return "done"
