@@ -1,0 +1,48 @@
+"""Chaos 4: a worker paused (SIGSTOP) past its lease, then resumed: another worker takes its
+runs over, and the paused one's late writes are refused; every run ends exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from typing import Any
+
+from helpers import start_worker_process
+
+from chaos.workload import LONG, check, prepare, runs_to_send, unfinished
+from engine import Engine, Event
+
+OPTIONS = ("--lease", "1s", "--concurrency", "20")
+
+
+async def test_a_paused_worker_cannot_overwrite_the_runs_taken_over(
+    database_url: str, sql: Any
+) -> None:
+    runs = runs_to_send(200, 2000)
+    await prepare(sql)
+    workers = [start_worker_process("chaos_app:app", database_url, *OPTIONS) for _ in range(2)]
+    sender = Engine("chaos", database_url)
+    pauses, began = 0, time.monotonic()
+    try:
+        await asyncio.sleep(1.0)  # both workers are up before the work arrives
+        for offset in range(0, runs, 500):
+            await sender.send([Event(name="chaos/go") for _ in range(min(500, runs - offset))])
+        while await unfinished(sql) and time.monotonic() - began < (600 if LONG else 150):
+            await asyncio.sleep(0.3)
+            victim = workers[pauses % 2]
+            victim.send_signal(signal.SIGSTOP)
+            await asyncio.sleep(2.5)  # past the 1 s lease: the other worker takes over
+            victim.send_signal(signal.SIGCONT)
+            pauses += 1
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGCONT)
+            worker.terminate()
+        for worker in workers:
+            worker.wait(timeout=30)
+        await sender.close()
+    label = (
+        f"chaos pause: {runs} runs, {pauses} SIGSTOPs of 2.5 s in {time.monotonic() - began:.0f} s"
+    )
+    await check(sql, runs, label)
