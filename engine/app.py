@@ -41,6 +41,8 @@ class Engine:
         max_output_bytes: JSON bytes a step or a run may return (default 4 MiB).
         backoff: the wait between failed attempts (durable).
         pool_size: connections this process opens at most.
+        command_timeout: seconds after which a query is abandoned (a half-open connection would
+            otherwise hang it forever); the work it belonged to is retried.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class Engine:
         max_output_bytes: int = 4 * 1024 * 1024,
         backoff: Backoff | None = None,
         pool_size: int = 10,
+        command_timeout: float = 60.0,
     ) -> None:
         self.app_id = app_id
         self.database_url = database_url or os.environ.get("DATABASE_URL")
@@ -59,6 +62,7 @@ class Engine:
         self.limits = Limits(max_steps=max_steps, max_output_bytes=max_output_bytes)
         self.backoff = backoff or Backoff()
         self._pool_size = pool_size
+        self._command_timeout = command_timeout
         self._db: Database | None = None
         self._open_lock = asyncio.Lock()
         self._registered = False
@@ -154,7 +158,11 @@ class Engine:
             if self._db is None:
                 if not self.database_url:
                     raise EngineError("no database: pass database_url= or set $DATABASE_URL")
-                db = Database(self.database_url, max_size=self._pool_size)
+                db = Database(
+                    self.database_url,
+                    max_size=self._pool_size,
+                    command_timeout=self._command_timeout,
+                )
                 await db.open()
                 self._db = db
                 await db.fetchval("schema_version")  # a clear error if the schema is missing

@@ -73,9 +73,14 @@ class Database:
         max_size: connections at most.
     """
 
-    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10) -> None:
+    def __init__(
+        self, url: str, *, min_size: int = 1, max_size: int = 10, command_timeout: float = 60.0
+    ) -> None:
         self.url = url
         self._min_size, self._max_size = min_size, max_size
+        # A query on a half-open connection (a partition, a dead NAT entry) would wait forever:
+        # past this, it fails, the connection is dropped, and the caller's retry gets a new one.
+        self._command_timeout = command_timeout
         self._pool: asyncpg.Pool | None = None
 
     async def open(self) -> None:
@@ -85,6 +90,7 @@ class Database:
                 self.url,
                 min_size=self._min_size,
                 max_size=self._max_size,
+                command_timeout=self._command_timeout,
                 reset=_keep_session,
             )
 

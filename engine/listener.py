@@ -43,7 +43,12 @@ class Listener:
                 await self._listen_once()
                 backoff = 0.1
             except (TimeoutError, OSError, Exception) as exc:
-                log.warning("listener.disconnected", error=str(exc), retry_in=backoff)
+                log.warning(
+                    "listener.disconnected",
+                    error=str(exc) or repr(exc),
+                    error_type=type(exc).__name__,
+                    retry_in=backoff,
+                )
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 

@@ -122,7 +122,9 @@ class Worker:
             try:
                 progressed = await self._tick()
             except Exception as exc:
-                log.warning("worker.tick_failed", error=str(exc), error_type=type(exc).__name__)
+                log.warning(
+                    "worker.tick_failed", error=str(exc) or repr(exc), error_type=type(exc).__name__
+                )
                 progressed = False
             if not progressed:
                 await self._sleep_until_woken()
@@ -259,7 +261,7 @@ class Worker:
             try:
                 await self._renew_leases()
             except Exception as exc:
-                log.warning("worker.heartbeat_failed", error=str(exc))
+                log.warning("worker.heartbeat_failed", error=str(exc) or repr(exc))
 
     async def _renew_leases(self) -> None:
         db = await self.engine.database()
