@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidEventError
-from .serialization import NotSerializable, dumps
+from .serialization import NotSerializable, dumps, stored_size
 
 RESERVED_PREFIX = "engine/"
 MAX_NAME_LENGTH = 512
@@ -59,12 +59,25 @@ def validate_outgoing(events: Event | list[Event], *, system: bool = False) -> l
     Raises:
         InvalidEventError: with the reason, before anything is stored.
     """
-    batch = [events] if isinstance(events, Event) else list(events)
+    # One event may also come as a plain dict (a request body): it is validated the same way.
+    batch = [events] if isinstance(events, Event | dict) else list(events)
     if len(batch) > MAX_EVENTS_PER_SEND:
         raise InvalidEventError(
             f"cannot send {len(batch)} events at once; the limit is {MAX_EVENTS_PER_SEND}"
         )
     return [_checked(event, system) for event in batch]
+
+
+def _check_text_fields(event: Event) -> None:
+    """PostgreSQL text holds neither U+0000 nor lone surrogates: refuse them, naming the field."""
+    for field in ("name", "id", "v"):
+        value = getattr(event, field) or ""
+        if "\x00" in value:
+            raise InvalidEventError(f"event {field} {value!r} contains a NUL character")
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise InvalidEventError(f"event {field} {value!r} is not valid Unicode") from None
 
 
 def _checked(event: Any, system: bool) -> dict[str, Any]:
@@ -73,20 +86,18 @@ def _checked(event: Any, system: bool) -> dict[str, Any]:
             event = Event.model_validate(event)
         except ValidationError as exc:
             raise InvalidEventError(f"invalid event: {exc}") from exc
+    _check_text_fields(event)
     if not system and event.name.startswith(RESERVED_PREFIX):
         raise InvalidEventError(
             f"event name {event.name!r} uses the reserved prefix {RESERVED_PREFIX!r}"
         )
     try:
-        data_json = dumps(event.data)
+        size = stored_size(dumps(event.data))
     except NotSerializable as exc:
-        raise InvalidEventError(f"event {event.name!r}: data is not JSON: {exc}") from exc
-    if "\\u0000" in data_json:
-        raise InvalidEventError(f"event {event.name!r}: data contains a NUL character")
-    if len(data_json.encode()) > MAX_DATA_BYTES:
+        raise InvalidEventError(f"event {event.name!r}: data cannot be stored: {exc}") from exc
+    if size > MAX_DATA_BYTES:
         raise InvalidEventError(
-            f"event {event.name!r}: data is {len(data_json.encode())} bytes; "
-            f"the limit is {MAX_DATA_BYTES}"
+            f"event {event.name!r}: data is {size} bytes; the limit is {MAX_DATA_BYTES}"
         )
     payload: dict[str, Any] = {"name": event.name, "data": event.data}
     if event.id is not None:

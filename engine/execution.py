@@ -46,7 +46,7 @@ from .function import Function
 from .matching import accepts
 from .retries import Backoff
 from .runs import RunStatus
-from .serialization import NotSerializable, dumps, loads
+from .serialization import NotSerializable, dumps, loads, stored_size
 
 
 @dataclass(frozen=True)
@@ -459,11 +459,11 @@ class Execution:
         """JSON for a step's or the run's output, within ``max_output_bytes``."""
         try:
             text = dumps(value)
+            size = stored_size(text)
         except NotSerializable as exc:
             raise SerializationError(
                 f"{what} returned a value that cannot be stored: {exc}"
             ) from exc
-        size = len(text.encode())
         if size > self.limits.max_output_bytes:
             self.fail(
                 OutputLimitError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,7 @@ try:  # optional speed-up, never needed for correctness
 except ImportError:  # pragma: no cover - depends on the environment
 
     def _dumps(value: Any) -> str:
-        return json.dumps(value, allow_nan=False, separators=(",", ":"))
+        return json.dumps(value, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
 
     loads = json.loads
 
@@ -57,6 +58,28 @@ def _key(key: Any) -> str:
     raise NotSerializable(f"a dict key of type {type(key).__name__} cannot be stored as JSON")
 
 
+# U+0000 escaped in JSON text (after an even number of backslashes: not a literal "\u0000"):
+# valid JSON, but PostgreSQL's jsonb and text cannot store it.
+_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def stored_size(json_text: str) -> int:
+    """The UTF-8 size of JSON text PostgreSQL will accept.
+
+    Raises:
+        NotSerializable: the text holds what PostgreSQL cannot store: a NUL character, or a
+            lone surrogate (half of a UTF-16 pair, which has no UTF-8 form).
+    """
+    if _NUL.search(json_text):
+        raise NotSerializable("it contains a NUL character (U+0000), which PostgreSQL cannot store")
+    try:
+        return len(json_text.encode())
+    except UnicodeEncodeError:
+        raise NotSerializable(
+            "it contains a lone surrogate (half of a UTF-16 pair), which is not valid Unicode"
+        ) from None
+
+
 def dumps(value: Any) -> str:
     """Encodes a value as JSON text; raises :class:`NotSerializable` with a readable reason."""
     plain = to_jsonable(value)
@@ -64,7 +87,7 @@ def dumps(value: Any) -> str:
         return _dumps(plain)
     except (TypeError, ValueError) as exc:  # e.g. integers beyond 64 bits for orjson
         try:
-            return json.dumps(plain, allow_nan=False, separators=(",", ":"))
+            return json.dumps(plain, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
         except (TypeError, ValueError):
             raise NotSerializable(str(exc)) from exc
 

@@ -24,11 +24,13 @@ from engine import (
     Event,
     InvalidEventError,
     RunNotFoundError,
+    StepError,
     TriggerEvent,
 )
 from engine.cron import CronSchedule
 from engine.durations import parse_duration
 from engine.expressions import Expression
+from engine.serialization import NotSerializable, dumps, loads
 
 HOSTILE = st.sampled_from(
     [
@@ -48,7 +50,12 @@ HOSTILE = st.sampled_from(
 )
 NAMES = st.one_of(HOSTILE, st.text(max_size=40))
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20) | HOSTILE,
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63)
+    | st.floats()
+    | st.text(max_size=20)
+    | HOSTILE,
     lambda inner: (
         st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
     ),
@@ -56,6 +63,17 @@ JSON = st.recursive(
 )
 DATA = st.one_of(JSON, st.dictionaries(st.text(max_size=8), JSON, max_size=5))
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def as_numbers(value: Any) -> Any:
+    """A JSON value with every number as a float, so 1e16 and 10000000000000000 compare equal."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, list):
+        return [as_numbers(v) for v in value]
+    return {k: as_numbers(v) for k, v in value.items()}
 
 
 def in_own_loop(coroutine_function: Any) -> Any:
@@ -99,7 +117,8 @@ async def test_events_from_python_are_stored_exactly_or_refused_clearly(
                 assert after[: len(before)] == before  # nothing earlier changed
                 [(stored_id, stored_name, stored_data)] = after[len(before) :]
                 assert (stored_id, stored_name) == (event_id, name)
-                assert json.loads(stored_data) == json.loads(json.dumps(data or {}))
+                # Equal as JSON values (PostgreSQL may print 1e16 as 10000000000000000).
+                assert as_numbers(json.loads(stored_data)) == as_numbers(data or {})
             finally:
                 await app.close()
 
@@ -215,3 +234,59 @@ async def test_hostile_strings_through_every_entry_point(make_engine: Any, sql: 
         "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'engine'"
     )
     assert tables >= 10 and await sql.fetchval("SELECT count(*) FROM engine.runs") == 6
+
+
+OUTPUTS = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()  # NaN and infinities included: they have no JSON form
+    | st.text(max_size=20)
+    | HOSTILE
+    | st.builds(object)
+    | st.sets(st.integers(), max_size=3)
+    | st.binary(max_size=8)
+    | st.tuples(st.integers(), st.text(max_size=4)),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=15,
+)
+
+
+@FUZZ
+@given(value=OUTPUTS)
+def test_step_outputs_round_trip_or_fail_the_step_readably(value: Any) -> None:
+    """What a step may return: stored as JSON that PostgreSQL accepts and that decodes to the
+    value's JSON round trip, or refused with a message naming what has no JSON form."""
+    try:
+        text = dumps(value)
+    except NotSerializable as error:
+        assert str(error)
+        return
+    decoded = loads(text)
+    assert json.loads(json.dumps(decoded)) == decoded  # plain JSON all the way down
+
+
+async def test_a_step_returning_a_nul_character_fails_that_step_readably(
+    make_engine: Any,
+) -> None:
+    """JSON can carry U+0000 but PostgreSQL's jsonb cannot: the step fails with the reason (it
+    would otherwise fail its checkpoint on every replay), and the run's other steps stay."""
+    app = make_engine()
+
+    @app.create_function("nul", trigger=TriggerEvent("nul/go"), retries=0)
+    async def nul(ctx: Context) -> Any:
+        kept = await ctx.step.run("fine", lambda: "ok")
+        try:
+            await ctx.step.run("nul", lambda: {"text": "a\x00b"})
+        except StepError as error:
+            return [kept, error.error_type, error.error_message]
+        return "stored"
+
+    async with app.worker():
+        [event_id] = await app.send(Event(name="nul/go"))
+        run = await app.wait_for_run((await app.runs_for_event(event_id, at_least=1))[0].run_id)
+    assert run.output[:2] == ["ok", "SerializationError"]
+    assert "NUL" in run.output[2]
+    assert [(s.step_id, s.status) for s in run.steps] == [("fine", "COMPLETED"), ("nul", "FAILED")]
