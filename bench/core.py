@@ -175,6 +175,17 @@ async def settings(url: str) -> dict[str, str]:
     return {r["name"]: r["setting"] for r in rows}
 
 
+async def fresh_database(url: str, name: str) -> str:
+    """A new, empty database `name` on the server of `url` (dropped first if it exists)."""
+    admin = await asyncpg.connect(url)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    return url.replace("/postgres?", f"/{name}?")
+
+
 async def environment(url: str) -> dict[str, Any]:
     """What every result records: date, Python, PostgreSQL version and settings, packages."""
     packages = {}

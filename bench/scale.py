@@ -47,13 +47,7 @@ ANALYZE;
 
 
 async def make_database(url: str, name: str) -> str:
-    admin = await asyncpg.connect(url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    target = url.replace("/postgres?", f"/{name}?")
+    target = await core.fresh_database(url, name)
     await Database(target).apply_schema()
     return target
 

@@ -13,13 +13,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-
-import asyncpg
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
@@ -38,16 +35,6 @@ PEERS = {
 }
 
 
-async def database(url: str, name: str) -> str:
-    admin = await asyncpg.connect(url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    return url.replace("/postgres?", f"/{name}?")
-
-
 def run_peer(script: list[str], url: str) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, str(HERE / script[0]), url, *script[1:]],
@@ -60,19 +47,8 @@ def run_peer(script: list[str], url: str) -> dict[str, float]:
     return result
 
 
-def summarize(samples: list[dict[str, float]]) -> dict[str, dict[str, float]]:
-    return {
-        key: {
-            "median": statistics.median(s[key] for s in samples),
-            "min": min(s[key] for s in samples),
-            "max": max(s[key] for s in samples),
-        }
-        for key in samples[0]
-    }
-
-
 async def ours(url: str) -> dict[str, float]:
-    engine_url = await database(url, "bench_engine")
+    engine_url = await core.fresh_database(url, "bench_engine")
     await Database(engine_url).apply_schema()
     latency = await core.latency(engine_url, 300)
     steps = await core.step_overhead(engine_url, 1000)
@@ -113,12 +89,12 @@ async def main() -> None:
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in [*PEERS, "engine"]}
     for _ in range(args.repeat):
         for name, script in PEERS.items():
-            peer_url = await database(url, f"bench_{name}")
+            peer_url = await core.fresh_database(url, f"bench_{name}")
             samples[name].append(await asyncio.to_thread(run_peer, script, peer_url))
             print(name, json.dumps(samples[name][-1]), flush=True)
         samples["engine"].append(await ours(url))
         print("engine", json.dumps(samples["engine"][-1]), flush=True)
-    figures = {name: summarize(runs) for name, runs in samples.items()}
+    figures = {name: core.summarize(runs) for name, runs in samples.items()}
     print("\nfigure (medians)                                  ours      peer      ratio")
     for mine, peer, theirs, better in COMPARISONS:
         a, b = figures["engine"][mine]["median"], figures[peer][theirs]["median"]

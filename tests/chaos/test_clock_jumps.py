@@ -16,7 +16,7 @@ from typing import Any
 
 from helpers import start_worker_process
 
-from chaos.workload import LONG, check, prepare, runs_to_send, unfinished
+from chaos.workload import LONG, check, prepare, runs_to_send, stop, unfinished
 from engine import Engine, Event
 
 OPTIONS = ("--lease", "2s", "--concurrency", "20")
@@ -37,10 +37,7 @@ async def test_clock_jumps_do_not_break_runs(database_url: str, sql: Any) -> Non
             await sql.execute("UPDATE engine.clock SET offset_by = offset_by + $1", step)
             jumps += 1
     finally:
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            worker.wait(timeout=30)
+        stop(workers)
         await sender.close()
     elapsed = time.monotonic() - began
     await check(sql, runs, f"chaos clock: {runs} runs, {jumps} clock jumps in {elapsed:.0f} s")

@@ -14,7 +14,7 @@ from typing import Any
 
 from helpers import start_worker_process
 
-from chaos.workload import LONG, check, prepare, runs_to_send, unfinished
+from chaos.workload import LONG, check, prepare, runs_to_send, stop, unfinished
 from engine import Engine, Event
 
 WORKERS = 3
@@ -40,10 +40,7 @@ async def test_no_run_is_lost_when_workers_are_killed(database_url: str, sql: An
             kills += 1
             workers[victim] = start_worker_process("chaos_app:app", database_url, *OPTIONS)
     finally:
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            worker.wait(timeout=30)
+        stop(workers)
         await sender.close()
     label = f"chaos kill: {runs} runs, {kills} SIGKILLs in {time.monotonic() - began:.0f} s"
     await check(sql, runs, label)

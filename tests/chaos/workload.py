@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from typing import Any
 
 LONG = os.environ.get("CHAOS_LONG") == "1"
@@ -11,6 +12,14 @@ LONG = os.environ.get("CHAOS_LONG") == "1"
 def runs_to_send(short: int, long: int) -> int:
     """How many runs a scenario sends: CHAOS_RUNS, else the long or the short default."""
     return int(os.environ.get("CHAOS_RUNS", str(long if LONG else short)))
+
+
+def stop(workers: list[subprocess.Popen[bytes]]) -> None:
+    """Stops worker processes (SIGTERM: they hand their runs back) and waits for them."""
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.wait(timeout=30)
 
 
 async def prepare(sql: Any) -> None:
