@@ -97,7 +97,8 @@ async def main() -> None:
     figures: dict[str, Any] = {name: core.summarize(s) for name, s in samples.items()}
     for key in ("latency_p50_ms", "latency_p99_ms", "runs_per_s"):
         a, b = figures["full"][key]["median"], figures["empty"][key]["median"]
-        print(f"{key:<16} empty {b:9.2f}   1M finished {a:9.2f}   ratio {a / b:.2f}")
+        label = f"{args.finished:,} finished"
+        print(f"{key:<16} empty {b:9.2f}   {label} {a:9.2f}   ratio {a / b:.2f}")
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     result = {**await core.environment(url), "args": vars(args), "figures": figures}
