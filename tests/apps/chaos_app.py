@@ -1,4 +1,4 @@
-"""The chaos workload: steps with side effects, a sleep and random failures (retried).
+"""The chaos workload: steps with side effects, a wait, a sleep and random failures (retried).
 
 Each step writes its side effect twice: to `chaos_log` (plainly: at least once) and to
 `chaos_once` keyed by run and step, the step's idempotency key (exactly once).
@@ -38,6 +38,10 @@ async def effect(run_id: str, step: str) -> str:
 async def chaos(ctx: Context) -> Any:
     for index in range(3):
         await ctx.step.run(f"effect-{index}", effect, ctx.run_id, f"effect-{index}")
+        if index == 0:  # a wait that times out (nobody sends the event): None
+            assert (
+                await ctx.step.wait_for_event("signal", event="chaos/never", timeout="50ms") is None
+            )
         if index == 1:
             await ctx.step.sleep("nap", "100ms")
     return "done"

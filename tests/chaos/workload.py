@@ -55,7 +55,7 @@ async def check(sql: Any, runs: int, label: str) -> None:
         f" ({effects - distinct} repeated: at least once), {once} keyed (exactly once)"
     )
     assert statuses == {"COMPLETED": runs}, statuses  # no run lost, none failed
-    assert all(row["n"] == 4 for row in steps)  # 3 effects + the nap, each recorded once
+    assert all(row["n"] == 5 for row in steps)  # 3 effects, the wait, the nap: each once
     assert distinct == 3 * runs  # every side effect happened at least once
     assert once == 3 * runs  # and exactly once where the step's idempotency key was used
     wrong = await sql.fetchval("SELECT count(*) FROM engine.runs WHERE output::text <> '\"done\"'")
