@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
@@ -301,11 +301,7 @@ class Execution:
         if not self._unsaved:
             return
         result = await self.batches.checkpoint.call(self._write(steps=self._take_unsaved()))
-        if result in ("lost", "duplicate"):
-            self.lost = True
-            raise LeaseLost(f"run {self.run.run_id}: {result} while recording completed steps")
-        if result == "cancel":
-            self.note_cancel()
+        self._accept(result, "while recording completed steps")
 
     def _write(
         self, *, steps: list[str], output: str = "null", error: str = "null", **fields: Any
@@ -323,6 +319,24 @@ class Execution:
         raw = f'"steps":[{",".join(steps)}],"output":{output},"error":{error}'
         return f"{head[:-1]},{raw}}}"
 
+    def _accept(self, result: str, doing: str) -> None:
+        """Acts on the verdict of a write under the lease: ``lost`` or ``duplicate`` (another
+        execution holds the run) stops this one; ``cancel`` marks the cancel request."""
+        if result in ("lost", "duplicate"):
+            self.lost = True
+            raise LeaseLost(f"run {self.run.run_id}: {result} {doing}")
+        if result == "cancel":
+            self.note_cancel()
+
+    @contextmanager
+    def _fenced(self) -> Iterator[None]:
+        """Turns the database's refusal of a write under a stale lease into :class:`LeaseLost`."""
+        try:
+            yield
+        except StaleLeaseError as exc:
+            self.lost = True
+            raise LeaseLost(str(exc)) from None
+
     def _take_unsaved(self) -> list[str]:
         records, self._unsaved = self._unsaved, []
         return records
@@ -336,11 +350,7 @@ class Execution:
             self.run.lease_token,
             record.to_json(output_json),
         )
-        if result in ("lost", "duplicate"):
-            self.lost = True
-            raise LeaseLost(f"run {self.run.run_id}: {result} while recording step {record.key!r}")
-        if result == "cancel":
-            self.note_cancel()
+        self._accept(result, f"while recording step {record.key!r}")
         self._remember(record)
 
     async def register_matchers(
@@ -355,16 +365,13 @@ class Execution:
             "[" + ",".join(s.to_json() for s in steps) + "]",
             dumps(matchers),
         )
-        try:
+        with self._fenced():
             if not any(m["expression"] for m in matchers):
                 rows = await self.db.fetch("register_matchers", *args)
                 return {row["key"]: loads(row["event"]) for row in rows if row["resolved"]}
             async with self.db.transaction() as conn:
                 rows = await self.db.fetch("register_matchers", *args, conn=conn)
                 return await self._resolve_candidates(matchers, rows, conn)
-        except StaleLeaseError as exc:
-            self.lost = True
-            raise LeaseLost(str(exc)) from None
 
     async def _resolve_candidates(
         self, matchers: list[dict[str, Any]], rows: list[Any], conn: Any
@@ -399,7 +406,7 @@ class Execution:
         Returns the step as recorded: FAILED if the child's flow control skipped it.
         """
         event = {"name": "engine/function.invoked", "data": data}
-        try:
+        with self._fenced():
             row = await self.db.fetchrow(
                 "invoke",
                 self.run.run_id,
@@ -414,9 +421,6 @@ class Execution:
                 telemetry.current_traceparent(),
                 dumps(target.direct_admission(event)),
             )
-        except StaleLeaseError as exc:
-            self.lost = True
-            raise LeaseLost(str(exc)) from None
         assert row is not None
         if row["skipped"] is not None:
             message = f"function {target.fn_id} skipped the invoked run: {row['skipped']}"
@@ -427,7 +431,7 @@ class Execution:
 
     async def send_events(self, record: StepRecord, events: list[dict[str, Any]]) -> list[str]:
         """Sends events and records the step with their ids, in one transaction."""
-        try:
+        with self._fenced():
             row = await self.db.fetchrow(
                 "send_step",
                 self.run.run_id,
@@ -437,15 +441,8 @@ class Execution:
                 dumps(events),
                 telemetry.current_traceparent(),
             )
-        except StaleLeaseError as exc:
-            self.lost = True
-            raise LeaseLost(str(exc)) from None
         assert row is not None
-        if row["result"] == "lost":
-            self.lost = True
-            raise LeaseLost(f"run {self.run.run_id}: lost while sending events in {record.key!r}")
-        if row["result"] == "cancel":
-            self.note_cancel()
+        self._accept(row["result"], f"while sending events in {record.key!r}")
         ids: list[str] = loads(row["ids"])
         record.output = ids
         self._remember(record)

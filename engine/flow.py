@@ -257,6 +257,8 @@ def admission(
 ) -> dict[str, Any]:
     """The fields a run's flow control adds to its creation (see ``engine.admit``), from the
     registry form of its function's options and its triggering event."""
+    if not flow:  # most functions: nothing to compute for each routed event
+        return {"concurrency": None}
     base = f"{app_id}/{fn_id}"
     fields: dict[str, Any] = {
         "concurrency": concurrency_slots(flow.get("concurrency") or [], app_id, fn_id, event)

@@ -1353,11 +1353,18 @@ $$;
 -- Writes under a lease. Each returns 'ok', 'cancel' (ok, and a cancel was requested), 'lost'
 -- (the lease is no longer ours: nothing was written) or 'duplicate' (the step is already final).
 -- ---------------------------------------------------------------------------------------------
+-- Whether a finish deadline has passed. The CASE keeps engine.now() (a read of engine.clock) off
+-- the checkpoint path for the runs that have no finish timeout: almost all of them.
+CREATE OR REPLACE FUNCTION engine.past_deadline(p_deadline timestamptz) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN p_deadline IS NULL THEN false ELSE p_deadline <= engine.now() END
+$$;
+
 -- Locks the run row FOR KEY SHARE: a concurrent claim (FOR UPDATE SKIP LOCKED) skips the run
 -- rather than slipping a new lease in between this check and the insert.
 CREATE OR REPLACE FUNCTION engine.hold_lease(p_run uuid, p_owner uuid, p_token bigint)
 RETURNS boolean LANGUAGE sql AS $$
-    SELECT r.cancel_requested OR coalesce(r.finish_deadline <= engine.now(), false)
+    SELECT r.cancel_requested OR engine.past_deadline(r.finish_deadline)
     FROM engine.runs r
     WHERE r.id = p_run AND r.lease_owner = p_owner AND r.lease_token = p_token AND r.status = 'RUNNING'
     FOR KEY SHARE
@@ -1538,7 +1545,7 @@ RETURNS TABLE (id uuid, cancel_requested boolean)
 LANGUAGE sql AS $$
     UPDATE engine.runs r SET lease_expires_at = engine.now() + p_lease
     WHERE r.id = ANY (p_runs) AND r.lease_owner = p_owner AND r.status = 'RUNNING'
-    RETURNING r.id, r.cancel_requested OR coalesce(r.finish_deadline <= engine.now(), false)
+    RETURNING r.id, r.cancel_requested OR engine.past_deadline(r.finish_deadline)
 $$;
 
 -- ---------------------------------------------------------------------------------------------
