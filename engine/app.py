@@ -331,10 +331,19 @@ class Engine:
         lease: Duration = "30s",
         poll_interval: Duration = "1s",
         grace: Duration = "10s",
+        listen_check: Duration = "10s",
     ) -> AsyncIterator[Worker]:
-        """Runs a worker in the background while the block runs; stops it gracefully after."""
+        """Runs a worker in the background while the block runs; stops it gracefully after.
+
+        The options are :class:`~engine.Worker`'s.
+        """
         worker = Worker(
-            self, concurrency=concurrency, lease=lease, poll_interval=poll_interval, grace=grace
+            self,
+            concurrency=concurrency,
+            lease=lease,
+            poll_interval=poll_interval,
+            grace=grace,
+            listen_check=listen_check,
         )
         task = asyncio.create_task(worker.run(), name=f"worker {self.app_id}")
         try:

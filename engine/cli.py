@@ -70,6 +70,7 @@ def _worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lease", default="30s")
     parser.add_argument("--poll-interval", default="1s")
     parser.add_argument("--grace", default="10s")
+    parser.add_argument("--listen-check", default="10s")
 
 
 def load_target(target: str) -> tuple[ModuleType, Engine]:
@@ -110,6 +111,7 @@ async def _run_worker(app: Engine, args: argparse.Namespace, demo: Any = None) -
             lease=args.lease,
             poll_interval=args.poll_interval,
             grace=args.grace,
+            listen_check=args.listen_check,
         ) as worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, worker.stop)

@@ -31,6 +31,7 @@ from .steps import Steps
 
 if TYPE_CHECKING:
     from .app import Engine
+    from .db import Database
 
 log = structlog.get_logger("engine")
 
@@ -45,6 +46,9 @@ class Worker:
             taken over this long after its last heartbeat.
         poll_interval: the longest the worker sleeps without looking for work.
         grace: on stop, how long executing steps get to finish before their runs are released.
+        listen_check: how often the LISTEN connection is probed with a timed query. A connection
+            that died silently (a partition, a dead NAT entry) is replaced within this interval
+            plus the probe's timeout (at most 5 s); the poll finds the work meanwhile.
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class Worker:
         lease: Duration = "30s",
         poll_interval: Duration = "1s",
         grace: Duration = "10s",
+        listen_check: Duration = "10s",
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -64,6 +69,9 @@ class Worker:
         self.lease = parse_duration(lease, what="lease")
         self.poll_interval = parse_duration(poll_interval, what="poll_interval").total_seconds()
         self.grace = parse_duration(grace, what="grace").total_seconds()
+        self.listen_check = parse_duration(listen_check, what="listen_check").total_seconds()
+        if self.listen_check <= 0:
+            raise ValueError("listen_check must be positive")
         if self.lease < timedelta(milliseconds=300):
             raise ValueError("lease must be at least 300ms")
         self.executions: dict[UUID, Execution] = {}
@@ -94,7 +102,7 @@ class Worker:
         )
         async with asyncio.TaskGroup() as group:
             side = [
-                group.create_task(Listener(db, self.wake).run(), name="listener"),
+                group.create_task(self._listener(db).run(), name="listener"),
                 group.create_task(self._heartbeat(), name="heartbeat"),
             ]
             await self._loop()
@@ -102,6 +110,12 @@ class Worker:
             for task in side:
                 task.cancel()
         log.info("worker.stopped", owner=str(self.owner))
+
+    def _listener(self, db: Database) -> Listener:
+        probe_timeout = min(self.listen_check, 5.0)
+        return Listener(
+            db, self.wake, health_interval=self.listen_check, health_timeout=probe_timeout
+        )
 
     def stop(self) -> None:
         """Asks the worker to stop: no new claims; executing steps finish within ``grace``."""

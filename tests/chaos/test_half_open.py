@@ -90,11 +90,11 @@ async def test_half_open_connections_cost_latency_never_runs(
         return started[n] - sent
 
     try:
-        async with app.worker(poll_interval="5s"):
+        async with app.worker(poll_interval="5s", listen_check="2s"):
             assert await send(0) < 2.5  # NOTIFY through the proxy
             proxy.partition()
             await send(1)  # not lost: found by the poll once a query times out
-            await asyncio.sleep(16)  # the listener's health query (10 s, 5 s timeout) fires
+            await asyncio.sleep(5)  # the listener's probe (every 2 s, 2 s timeout) gives up
             assert await send(2) < 2.5  # listening again on a new connection
     finally:
         await app.close()
