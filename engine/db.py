@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from functools import cache
 from importlib import resources
 from typing import Any, TypeAlias
@@ -39,6 +39,26 @@ def queries() -> dict[str, str]:
 def schema_sql() -> str:
     """The text of ``schema.sql`` as shipped in the package."""
     return resources.files("engine").joinpath("schema.sql").read_text()
+
+
+# Errors that say the connection or the server went away (a restart, a partition, a query that
+# timed out), not that the statement was wrong: its outcome is unknown (it may have committed),
+# and the same statement may succeed on a new connection.
+_CONNECTION_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin or crash shutdown, starting up
+    asyncpg.InternalClientError,  # a connection left mid-error by a dying server
+)
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True if ``exc`` says the connection failed rather than the statement (see above)."""
+    # A bare InterfaceError is asyncpg's "connection is closed" or "another operation is in
+    # progress" on a connection a dying server left behind; its subclasses (DataError, ...)
+    # are the caller's mistakes.
+    return isinstance(exc, _CONNECTION_ERRORS) or type(exc) is asyncpg.InterfaceError
 
 
 def translate(exc: asyncpg.PostgresError) -> Exception:
@@ -129,7 +149,15 @@ class Database:
             if conn is not None:
                 return await action(conn)
             async with self.pool.acquire() as pooled:
-                return await action(pooled)
+                try:
+                    return await action(pooled)
+                except Exception as exc:
+                    if is_connection_error(exc):
+                        # Never hand out a connection in an unknown state again (one the
+                        # server closed is already back in the pool, detached: nothing to do).
+                        with suppress(asyncpg.InterfaceError):
+                            pooled.terminate()
+                    raise
         except asyncpg.PostgresError as exc:
             raise translate(exc) from exc
 

@@ -27,7 +27,7 @@ from opentelemetry import trace
 from . import telemetry
 from .batching import Batches
 from .context import Context, RunLogger, current_step, structlog_logger
-from .db import Database
+from .db import Database, is_connection_error
 from .errors import (
     DeterminismError,
     EngineError,
@@ -152,6 +152,16 @@ class LeaseLost(BaseException):
     """The run's lease is gone (another worker has it): stop, and write nothing more."""
 
 
+HAND_BACK_PATIENCE = 300.0  # seconds a worker keeps trying to hand back a cut-off run
+HANDED_BACK = "handed back after a write was cut off"
+
+
+class WriteCutOff(BaseException):
+    """A write of the run died with its connection (a restart, a partition): its outcome is
+    unknown, so the execution stops there and hands the run back as soon as the database
+    answers. Not an ``Exception``: the function's code must not catch it as its own failure."""
+
+
 @dataclass
 class StepPlan:
     """Where a step request falls in the run: its key, position and earlier record."""
@@ -184,6 +194,7 @@ class Execution:
         self.cancel_requested = run.cancel_requested
         self.stopping = False
         self.lost = False
+        self.cut_off: str | None = None  # why a write died: stop, then hand the run back
         self.fatal: RunFailure | None = None
         self.in_flight = 0
         self.suspensions: list[Suspension] = []
@@ -265,7 +276,8 @@ class Execution:
 
     def maybe_settle(self) -> None:
         """Settles the run when it must wait and no step is executing any more."""
-        if self.in_flight == 0 and (self.suspensions or self._halted or self.lost):
+        stopped = self._halted or self.lost or self.cut_off is not None
+        if self.in_flight == 0 and (self.suspensions or stopped):
             self._settled.set()
 
     @asynccontextmanager
@@ -300,7 +312,8 @@ class Execution:
         """Commits the deferred step records (one round trip for all of them)."""
         if not self._unsaved:
             return
-        result = await self.batches.checkpoint.call(self._write(steps=self._take_unsaved()))
+        with self._fenced():
+            result = await self.batches.checkpoint.call(self._write(steps=self._take_unsaved()))
         self._accept(result, "while recording completed steps")
 
     def _write(
@@ -330,12 +343,20 @@ class Execution:
 
     @contextmanager
     def _fenced(self) -> Iterator[None]:
-        """Turns the database's refusal of a write under a stale lease into :class:`LeaseLost`."""
+        """Wraps every database call of the execution: the refusal of a write under a stale
+        lease becomes :class:`LeaseLost`, a call that died with its connection
+        :class:`WriteCutOff`; both stop the execution."""
         try:
             yield
         except StaleLeaseError as exc:
             self.lost = True
             raise LeaseLost(str(exc)) from None
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            self.cut_off = f"{type(exc).__name__}: {exc}"
+            self.maybe_settle()
+            raise WriteCutOff(self.cut_off) from exc
 
     def _take_unsaved(self) -> list[str]:
         records, self._unsaved = self._unsaved, []
@@ -343,13 +364,14 @@ class Execution:
 
     async def checkpoint(self, record: StepRecord, output_json: str | None = None) -> None:
         """Commits a step record under the lease before the function goes on."""
-        result = await self.db.fetchval(
-            "checkpoint_step",
-            self.run.run_id,
-            self.owner,
-            self.run.lease_token,
-            record.to_json(output_json),
-        )
+        with self._fenced():
+            result = await self.db.fetchval(
+                "checkpoint_step",
+                self.run.run_id,
+                self.owner,
+                self.run.lease_token,
+                record.to_json(output_json),
+            )
         self._accept(result, f"while recording step {record.key!r}")
         self._remember(record)
 
@@ -484,6 +506,32 @@ class Execution:
             except LeaseLost as lost:
                 self.log.warning("run.lease_lost", reason=str(lost))
                 telemetry.mark(span, "lease_lost")
+            except WriteCutOff as cut:
+                self.log.warning("run.write_cut_off", error=str(cut))
+                telemetry.mark(span, "write_cut_off")
+                await self._hand_back(span)
+
+    async def _hand_back(self, span: trace.Span) -> None:
+        """Releases the run (QUEUED, due now) once the database answers again, so that it goes
+        on at once, here or in another worker, instead of when its lease expires. The release
+        is fenced like any write: if the cut-off write had in fact ended or suspended the run,
+        or another worker took it over, it changes nothing (and the lease decides after all if
+        the database stays away longer than the worker's patience)."""
+        wait, deadline = 0.05, time.monotonic() + HAND_BACK_PATIENCE
+        self.cut_off = None
+        while not self.stopping:
+            due = self.db_now()
+            try:
+                await self._suspend(Suspension(due, RunStatus.QUEUED, HANDED_BACK, []), span)
+                return
+            except LeaseLost:
+                self.log.info("run.hand_back_refused", reason="the run ended or moved meanwhile")
+                return
+            except WriteCutOff:
+                if time.monotonic() > deadline:
+                    return
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 1.0)
 
     async def _drive(self, make_context: Callable[[Execution], Context], span: trace.Span) -> None:
         if self._first_start() and self.run.function.cancel:
@@ -535,9 +583,16 @@ class Execution:
         self._halted = True
         self._settled.set()
 
-    async def _after_settling(self, span: trace.Span) -> None:
+    def _raise_if_stopped(self) -> None:
+        """After the function's task: a lost lease or a cut-off write decides, whatever the
+        function's code made of it."""
         if self.lost:
             raise LeaseLost(f"run {self.run.run_id}")
+        if self.cut_off is not None:
+            raise WriteCutOff(self.cut_off)
+
+    async def _after_settling(self, span: trace.Span) -> None:
+        self._raise_if_stopped()
         if self.fatal is not None:
             await self._fail(self.fatal, span)
         elif self.cancel_requested:
@@ -552,8 +607,7 @@ class Execution:
             await self._suspend(_merge(self.suspensions), span)
 
     async def _after_return(self, task: asyncio.Task[Any], span: trace.Span) -> None:
-        if self.lost:
-            raise LeaseLost(f"run {self.run.run_id}")
+        self._raise_if_stopped()
         if self.fatal is not None:
             await self._fail(self.fatal, span)
             return
@@ -608,7 +662,8 @@ class Execution:
             output=output or "null",
             error=error or "null",
         )
-        result = await self.batches.finish.call(item)
+        with self._fenced():
+            result = await self.batches.finish.call(item)
         if result == "lost":
             raise LeaseLost(f"run {self.run.run_id}: lost before it could end {status.value}")
         self.log.info("run.finished", status=status.value)
@@ -624,7 +679,8 @@ class Execution:
             log_lines=self.run_logger.count,
             awaited=suspension.awaited,
         )
-        result = await self.batches.suspend.call(item)
+        with self._fenced():
+            result = await self.batches.suspend.call(item)
         if result == "lost":
             raise LeaseLost(f"run {self.run.run_id}: lost before it could be suspended")
         outcome = RunStatus.CANCELLED if result == "cancel" else suspension.status

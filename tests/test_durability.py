@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import pytest
 from helpers import APPS, eventually, move_clock, only_run_id, start_worker_process
 
 from engine import Context, Event, RunStatus, TriggerEvent
@@ -357,3 +358,49 @@ async def test_a_step_is_committed_before_the_next_one_starts(
     assert seen == ["COMPLETED"]
     assert run.output == ["a", "b"]
     assert [(s.step_id, s.status) for s in run.steps] == [("a", "COMPLETED"), ("b", "COMPLETED")]
+
+
+# The backend writing the record of step `key` kills its own connection, once: the worker's
+# write fails on the connection (its outcome unknown to the worker), as in a server restart.
+KILL_ONCE = """
+CREATE SEQUENCE kill_once;
+CREATE FUNCTION kill_writer() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.step_key = TG_ARGV[0] AND nextval('kill_once') = 1 THEN
+        PERFORM pg_terminate_backend(pg_backend_pid());
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER kill_writer BEFORE INSERT ON engine.steps
+    FOR EACH ROW EXECUTE FUNCTION kill_writer('{key}');
+"""
+
+
+@pytest.mark.parametrize(
+    "key", ["first", "nap", "third"], ids=["checkpoint", "suspension", "run end"]
+)
+async def test_a_write_cut_off_by_the_database_neither_fails_nor_stalls_the_run(
+    make_engine: Any, sql: Any, key: str
+) -> None:
+    """A write that dies with its connection is not the function's failure (no retry is used:
+    the function has none) and the run does not wait for its lease to expire (durable time
+    stands still, so it never does): the worker hands the run back and it goes on."""
+    await sql.execute(KILL_ONCE.format(key=key))
+    app = make_engine()
+    calls: list[str] = []
+
+    @app.create_function("cut", trigger=TriggerEvent("t/cut"), retries=0)
+    async def cut(ctx: Context) -> Any:
+        for name in ("first", "second"):  # the second one's start commits the first's record
+            await ctx.step.run(name, lambda name=name: calls.append(name))
+        await ctx.step.sleep("nap", "10ms")
+        await ctx.step.run("third", lambda: calls.append("third"))
+        return "done"
+
+    async with app.worker(lease="1h"):
+        [event_id] = await app.send(Event(name="t/cut"))
+        run = await app.wait_for_run(await only_run_id(app, event_id), timeout=30)
+    assert await sql.fetchval("SELECT last_value FROM kill_once") == 2  # cut off, then written
+    assert run.status is RunStatus.COMPLETED, run.error
+    assert [s.step_id for s in run.steps] == ["first", "second", "nap", "third"]
+    assert set(calls) == {"first", "second", "third"}  # a step whose record was cut off reruns
