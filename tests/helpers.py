@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -77,18 +78,45 @@ def run_engine_dev(example: str, data_dir: Path) -> subprocess.CompletedProcess[
 
 
 def start_worker_process(
-    target: str, database_url: str, *options: str, env: dict[str, str] | None = None
+    target: str,
+    database_url: str,
+    *options: str,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Starts `engine worker TARGET` (an app under tests/apps) as a separate process."""
+    """Starts `engine worker TARGET` (an app under tests/apps) as a separate process; its log
+    (JSON lines) goes to ``log`` if given."""
     environment = {
         **os.environ,
         "DATABASE_URL": database_url,
         "PYTHONPATH": str(APPS),
         **(env or {}),
     }
-    return subprocess.Popen(
-        [sys.executable, "-m", "engine", "worker", target, "--poll-interval", "100ms", *options],
-        env=environment,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    stderr = log.open("ab") if log is not None else None
+    try:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "engine",
+                "worker",
+                target,
+                "--poll-interval",
+                "100ms",
+                *options,
+            ],
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr or subprocess.DEVNULL,
+        )
+    finally:
+        if stderr is not None:
+            stderr.close()  # the child has its own copy
+
+
+def log_events(log: Path, event: str) -> list[dict[str, Any]]:
+    """The lines of a worker's JSON log whose event is ``event``."""
+    if not log.exists():
+        return []
+    lines = (line for line in log.read_text().splitlines() if line.startswith("{"))
+    return [entry for entry in map(json.loads, lines) if entry.get("event") == event]

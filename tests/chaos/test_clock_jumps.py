@@ -12,21 +12,21 @@ import asyncio
 import random
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
-from helpers import start_worker_process
-
-from chaos.workload import LONG, check, prepare, runs_to_send, stop, unfinished
+from chaos.workload import LONG, Recovery, Workers, check, prepare, runs_to_send, unfinished
 from engine import Engine, Event
 
 OPTIONS = ("--lease", "2s", "--concurrency", "20")
 
 
-async def test_clock_jumps_do_not_break_runs(database_url: str, sql: Any) -> None:
+async def test_clock_jumps_do_not_break_runs(database_url: str, sql: Any, tmp_path: Path) -> None:
     runs = runs_to_send(200, 2000)
     await prepare(sql)
-    workers = [start_worker_process("chaos_app:app", database_url, *OPTIONS) for _ in range(3)]
+    workers = Workers(database_url, tmp_path, 3, *OPTIONS)
     sender = Engine("chaos", database_url)
+    recovery = Recovery(database_url)
     jumps, began = 0, time.monotonic()
     try:
         await asyncio.sleep(1.0)
@@ -35,9 +35,13 @@ async def test_clock_jumps_do_not_break_runs(database_url: str, sql: Any) -> Non
             await asyncio.sleep(random.uniform(0.2, 0.6))
             step = timedelta(hours=1) if jumps % 3 != 2 else timedelta(seconds=-10)
             await sql.execute("UPDATE engine.clock SET offset_by = offset_by + $1", step)
+            await recovery.fault(sql)
             jumps += 1
+        await recovery.wait()
     finally:
-        stop(workers)
+        workers.stop()
         await sender.close()
     elapsed = time.monotonic() - began
-    await check(sql, runs, f"chaos clock: {runs} runs, {jumps} clock jumps in {elapsed:.0f} s")
+    refused = len(workers.events("run.lease_lost"))
+    label = f"chaos clock: {runs} runs, {jumps} clock jumps in {elapsed:.0f} s, {refused} refused"
+    await check(sql, runs, f"{label}; {recovery.summary()}")

@@ -10,24 +10,24 @@ import asyncio
 import random
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
-from helpers import start_worker_process
-
-from chaos.workload import LONG, check, prepare, runs_to_send, stop, unfinished
+from chaos.workload import LONG, Recovery, Workers, check, prepare, runs_to_send, unfinished
 from engine import Engine, Event
 
 WORKERS = 3
 OPTIONS = ("--lease", "2s", "--concurrency", "20")
 
 
-async def test_no_run_is_lost_when_workers_are_killed(database_url: str, sql: Any) -> None:
+async def test_no_run_is_lost_when_workers_are_killed(
+    database_url: str, sql: Any, tmp_path: Path
+) -> None:
     runs = runs_to_send(200, 3000)
     await prepare(sql)
-    workers = [
-        start_worker_process("chaos_app:app", database_url, *OPTIONS) for _ in range(WORKERS)
-    ]
+    workers = Workers(database_url, tmp_path, WORKERS, *OPTIONS)
     sender = Engine("chaos", database_url)
+    recovery = Recovery(database_url)
     kills, began = 0, time.monotonic()
     try:
         for offset in range(0, runs, 500):
@@ -35,12 +35,16 @@ async def test_no_run_is_lost_when_workers_are_killed(database_url: str, sql: An
         while await unfinished(sql) and time.monotonic() - began < (900 if LONG else 150):
             await asyncio.sleep(random.uniform(0.2, 0.8))
             victim = random.randrange(WORKERS)
-            workers[victim].send_signal(signal.SIGKILL)
-            workers[victim].wait()
+            owner = workers.owner(victim)
+            workers.processes[victim].send_signal(signal.SIGKILL)
+            workers.processes[victim].wait()
+            if owner is not None:  # a process killed before it started holds nothing
+                await recovery.fault(sql, owner=owner)
             kills += 1
-            workers[victim] = start_worker_process("chaos_app:app", database_url, *OPTIONS)
+            workers.restart(victim)
+        await recovery.wait()
     finally:
-        stop(workers)
+        workers.stop()
         await sender.close()
     label = f"chaos kill: {runs} runs, {kills} SIGKILLs in {time.monotonic() - began:.0f} s"
-    await check(sql, runs, label)
+    await check(sql, runs, f"{label}; {recovery.summary()}")

