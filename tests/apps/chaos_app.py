@@ -9,11 +9,22 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import signal
+import time
 from typing import Any
 
 import asyncpg
 
 from engine import Backoff, Context, Engine, TriggerEvent
+
+
+def _stall(_signum: int, _frame: Any) -> None:
+    """A stop-the-world pause, like a long garbage collection: the handler runs on the main
+    thread, so the event loop (steps, heartbeats, writes) stands still while it sleeps."""
+    time.sleep(float(os.environ.get("CHAOS_STALL_SECONDS", "0.5")))
+
+
+signal.signal(signal.SIGUSR1, _stall)
 
 app = Engine("chaos", backoff=Backoff(initial="20ms", maximum="200ms", jitter=0.0))
 

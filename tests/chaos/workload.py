@@ -26,8 +26,15 @@ class Workers:
     """Worker processes of the chaos app, each logging to a file of its own, from which the
     test learns its owner id (the `lease_owner` of the runs it holds) and what it reported."""
 
-    def __init__(self, url: str, directory: Path, count: int, *options: str) -> None:
-        self.url, self.directory, self.options = url, directory, options
+    def __init__(
+        self,
+        url: str,
+        directory: Path,
+        count: int,
+        *options: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.url, self.directory, self.options, self.env = url, directory, options, env
         self.started = 0
         self.processes: list[subprocess.Popen[bytes]] = []
         self.logs: list[Path] = []
@@ -39,7 +46,10 @@ class Workers:
     def _start(self) -> tuple[subprocess.Popen[bytes], Path]:
         self.started += 1
         log = self.directory / f"worker-{self.started}.log"
-        return start_worker_process("chaos_app:app", self.url, *self.options, log=log), log
+        process = start_worker_process(
+            "chaos_app:app", self.url, *self.options, env=self.env, log=log
+        )
+        return process, log
 
     def restart(self, index: int) -> None:
         """Starts a new process in place of `index` (after it was killed)."""
