@@ -46,7 +46,7 @@ from .function import Function
 from .matching import accepts
 from .retries import Backoff
 from .runs import RunStatus
-from .serialization import NotSerializable, dumps, loads, stored_size
+from .serialization import NotSerializable, dumps, loads, stored_size, text_problem
 
 
 @dataclass(frozen=True)
@@ -219,6 +219,9 @@ class Execution:
         """Assigns the next position to a step request and checks it against the history."""
         if not isinstance(step_id, str) or not step_id:
             self.fail(RunFailure(f"step ids must be non-empty strings, got {step_id!r}"))
+        problem = text_problem(step_id)
+        if problem is not None:  # it would fail every write of the run, forever
+            self.fail(RunFailure(f"step id {step_id!r} cannot be stored: {problem}"))
         outer = current_step.get()
         if outer is not None:
             self.fail(NestedStepError(f"step {step_id!r} was called inside step {outer!r}"))

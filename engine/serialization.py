@@ -63,6 +63,17 @@ def _key(key: Any) -> str:
 _NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
+def text_problem(text: str) -> str | None:
+    """Why PostgreSQL cannot store ``text`` (a NUL, a lone surrogate), or None if it can."""
+    if "\x00" in text:
+        return "it contains a NUL character (U+0000), which PostgreSQL cannot store"
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return "it contains a lone surrogate (half of a UTF-16 pair), which is not valid Unicode"
+    return None
+
+
 def stored_size(json_text: str) -> int:
     """The UTF-8 size of JSON text PostgreSQL will accept.
 

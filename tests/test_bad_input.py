@@ -8,6 +8,7 @@ surrogates, SQL fragments, huge and deeply nested payloads, reserved names).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from datetime import timedelta
 from typing import Any
@@ -24,13 +25,14 @@ from engine import (
     Event,
     InvalidEventError,
     RunNotFoundError,
+    RunStatus,
     StepError,
     TriggerEvent,
 )
 from engine.cron import CronSchedule
 from engine.durations import parse_duration
 from engine.expressions import Expression
-from engine.serialization import NotSerializable, dumps, loads
+from engine.serialization import NotSerializable, dumps, loads, stored_size, text_problem
 
 HOSTILE = st.sampled_from(
     [
@@ -63,6 +65,12 @@ JSON = st.recursive(
 )
 DATA = st.one_of(JSON, st.dictionaries(st.text(max_size=8), JSON, max_size=5))
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# A worker per example: fewer of them. The fixture's database is shared by every example.
+FUZZ_RUNS = settings(
+    FUZZ,
+    max_examples=30,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 
 def as_numbers(value: Any) -> Any:
@@ -290,3 +298,75 @@ async def test_a_step_returning_a_nul_character_fails_that_step_readably(
     assert run.output[:2] == ["ok", "SerializationError"]
     assert "NUL" in run.output[2]
     assert [(s.step_id, s.status) for s in run.steps] == [("fine", "COMPLETED"), ("nul", "FAILED")]
+
+
+_apps = itertools.count()
+OUTPUT_LIMIT = 64 * 1024
+
+
+class Oversized:
+    """Stands for a step output just over the limit (Hypothesis need not print 64 KiB)."""
+
+    def __repr__(self) -> str:
+        return "<64 KiB of text>"
+
+
+def produce(value: Any) -> Any:
+    return "x" * OUTPUT_LIMIT if isinstance(value, Oversized) else value
+
+
+@FUZZ_RUNS
+@given(
+    value=st.one_of(OUTPUTS, st.just(Oversized()), st.just(float("nan"))),
+    step_id=st.one_of(HOSTILE, st.text(max_size=30)),
+)
+def test_step_ids_and_outputs_through_real_runs(
+    database_url: str, value: Any, step_id: str
+) -> None:
+    """What a step returns, under what id, through a worker: the value comes back as its JSON
+    round trip; or that step fails with a readable SerializationError (the function can catch
+    it); or the run fails with the reason (an oversized output, an id PostgreSQL cannot
+    store). The step recorded before it is kept in every case."""
+    n = next(_apps)  # the examples share a database: an app and an event name each
+    app = Engine(f"fuzz-{n}", database_url, max_output_bytes=OUTPUT_LIMIT)
+
+    @app.create_function("out", trigger=TriggerEvent(f"fuzz/out-{n}"), retries=0)
+    async def out(ctx: Context) -> Any:
+        await ctx.step.run("before", lambda: "kept")
+        try:
+            return {"value": await ctx.step.run(step_id, lambda: produce(value))}
+        except StepError as error:
+            return {"error": [error.error_type, error.error_message]}
+
+    async def run_once() -> Any:
+        try:
+            async with app.worker():
+                [event_id] = await app.send(Event(name=f"fuzz/out-{n}"))
+                [run] = await app.runs_for_event(event_id, at_least=1)
+                return await app.wait_for_run(run.run_id)
+        finally:
+            await app.close()
+
+    run = in_own_loop(run_once)
+    assert run.steps[0].step_id == "before" and run.steps[0].output == "kept"
+    try:
+        stored = dumps(produce(value))
+        stored_size(stored)
+    except NotSerializable:
+        stored = None
+    if not step_id or text_problem(step_id):
+        assert run.status is RunStatus.FAILED and "step id" in run.error["message"]
+    elif stored is None:
+        assert run.status is RunStatus.COMPLETED
+        [error_type, message] = run.output["error"]
+        assert error_type == "SerializationError" and "cannot be stored" in message
+        assert run.steps[1].status == "FAILED"
+    elif len(stored.encode()) > OUTPUT_LIMIT:
+        assert run.status is RunStatus.FAILED, run
+        assert (
+            run.error["type"] == "OutputLimitError" and "max_output_bytes" in run.error["message"]
+        )
+    else:
+        assert run.status is RunStatus.COMPLETED, run.error
+        assert run.output == {"value": loads(stored)}
+        assert run.steps[1].output == loads(stored)
