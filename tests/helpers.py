@@ -120,3 +120,13 @@ def log_events(log: Path, event: str) -> list[dict[str, Any]]:
         return []
     lines = (line for line in log.read_text().splitlines() if line.startswith("{"))
     return [entry for entry in map(json.loads, lines) if entry.get("event") == event]
+
+
+def max_overlap(intervals: list[tuple[Any, Any]]) -> int:
+    """The most intervals open at the same instant (an end at t closes before a start at t)."""
+    points = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    open_now = peak = 0
+    for _, delta in points:
+        open_now += delta
+        peak = max(peak, open_now)
+    return peak

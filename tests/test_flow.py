@@ -9,7 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from helpers import eventually, start_worker_process
+from helpers import eventually, max_overlap, start_worker_process
 
 from engine import (
     Batch,
@@ -40,16 +40,6 @@ async def flow_workers(database_url: str, sql: Any) -> AsyncIterator[None]:
             worker.terminate()
         for worker in workers:
             worker.wait(timeout=30)
-
-
-def max_overlap(intervals: list[tuple[Any, Any]]) -> int:
-    """The most intervals open at the same instant (an end at t closes before a start at t)."""
-    points = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
-    open_now = peak = 0
-    for _, delta in points:
-        open_now += delta
-        peak = max(peak, open_now)
-    return peak
 
 
 async def test_concurrency_limits_hold_across_three_worker_processes(

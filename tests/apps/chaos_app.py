@@ -1,4 +1,5 @@
-"""The chaos workload: steps with side effects, a wait, a sleep and random failures (retried).
+"""The chaos workloads: steps with side effects, a wait, a sleep and random failures (retried);
+and steps under a concurrency limit, each logging the interval it ran in.
 
 Each step writes its side effect twice: to `chaos_log` (plainly: at least once) and to
 `chaos_once` keyed by run and step, the step's idempotency key (exactly once).
@@ -15,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from engine import Backoff, Context, Engine, TriggerEvent
+from engine import Backoff, Concurrency, Context, Engine, TriggerEvent
 
 
 def _stall(_signum: int, _frame: Any) -> None:
@@ -55,4 +56,37 @@ async def chaos(ctx: Context) -> Any:
             )
         if index == 1:
             await ctx.step.sleep("nap", "100ms")
+    return "done"
+
+
+LIMIT = 4  # runs of `limited` executing at once, across every worker
+
+
+async def work(run_id: str, step: str) -> str:
+    """A step that logs when it ran (wall clock: every worker runs on this machine)."""
+    started = time.time()
+    await asyncio.sleep(random.uniform(0.005, 0.03))
+    conn = await asyncpg.connect(os.environ["DATABASE_URL"])
+    try:
+        await conn.execute(
+            "INSERT INTO chaos_spans (run_id, step, started, ended) VALUES ($1, $2, $3, $4)",
+            run_id,
+            step,
+            started,
+            time.time(),
+        )
+    finally:
+        await conn.close()
+    return step
+
+
+@app.create_function(
+    "limited",
+    trigger=TriggerEvent("chaos/limited"),
+    retries=20,
+    concurrency=Concurrency(limit=LIMIT),
+)
+async def limited(ctx: Context) -> Any:
+    for index in range(2):
+        await ctx.step.run(f"work-{index}", work, ctx.run_id, f"work-{index}")
     return "done"

@@ -81,6 +81,9 @@ async def prepare(sql: Any) -> None:
     """The tables the workload's steps write their side effects to."""
     await sql.execute("CREATE TABLE chaos_log (run_id text, step text)")
     await sql.execute("CREATE TABLE chaos_once (key text PRIMARY KEY)")
+    await sql.execute(
+        "CREATE TABLE chaos_spans (run_id text, step text, started float8, ended float8)"
+    )
 
 
 async def unfinished(sql: Any) -> bool:
