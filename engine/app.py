@@ -43,6 +43,9 @@ class Engine:
         pool_size: connections this process opens at most.
         command_timeout: seconds after which a query is abandoned (a half-open connection would
             otherwise hang it forever); the work it belonged to is retried.
+        trace_payloads: put the triggering event's data, step outputs and the run's output
+            (JSON, cut at 4 KiB) on spans. Off by default: they may hold secrets, and spans
+            often travel to a third party.
     """
 
     def __init__(
@@ -55,11 +58,13 @@ class Engine:
         backoff: Backoff | None = None,
         pool_size: int = 10,
         command_timeout: float = 60.0,
+        trace_payloads: bool = False,
     ) -> None:
         self.app_id = app_id
         self.database_url = database_url or os.environ.get("DATABASE_URL")
         self.functions: dict[str, Function] = {}
         self.limits = Limits(max_steps=max_steps, max_output_bytes=max_output_bytes)
+        self.trace_payloads = trace_payloads
         self.backoff = backoff or Backoff()
         self._pool_size = pool_size
         self._command_timeout = command_timeout

@@ -183,8 +183,10 @@ class Execution:
         owner: UUID,
         limits: Limits,
         backoff: Backoff,
+        trace_payloads: bool = False,
     ) -> None:
         self.run = run
+        self.trace_payloads = trace_payloads  # event data and outputs on spans (opt-in)
         self.db = db
         self.batches = batches
         self.owner = owner
@@ -632,6 +634,7 @@ class Execution:
         except (RunFailure, SerializationError) as failure:
             await self._fail(failure, span)
             return
+        telemetry.payload(span, "engine.output", output, self.trace_payloads)
         await self._finish(RunStatus.COMPLETED, span, output=output)
 
     async def _retry_function(self, error: BaseException, span: trace.Span) -> None:

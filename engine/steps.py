@@ -116,6 +116,7 @@ class Steps:
                 return await self._failed(plan, attempt, allowed, error)
             # Committed before the next step starts, or with the run's end (see Execution.defer).
             ex.defer(StepRecord(plan.key, plan.position, "run", "COMPLETED", attempt + 1), output)
+            telemetry.payload(span, "engine.step.output", output, ex.trace_payloads)
             telemetry.mark(span, "completed")
         return _Outcome(value=loads(output))
 

@@ -17,10 +17,13 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from .serialization import dumps
+
 if TYPE_CHECKING:
     from .execution import Execution
 
 tracer = trace.get_tracer("engine")
+PAYLOAD_LIMIT = 4096  # characters of JSON kept on a span attribute
 _propagator = TraceContextTextMapPropagator()
 
 
@@ -43,6 +46,8 @@ def run_span(ex: Execution) -> Iterator[trace.Span]:
         "engine.function_id": ex.fn_id,
         "engine.attempt": ex.run.attempt,
     }
+    if ex.trace_payloads:
+        attributes["engine.event"] = _cut(dumps(ex.run.events[0].model_dump(mode="json")))
     with (
         tracer.start_as_current_span(
             f"run {ex.fn_id}",
@@ -82,6 +87,18 @@ def _bound_trace_ids(span: trace.Span) -> Iterator[None]:
         trace_id=format(ids.trace_id, "032x"), span_id=format(ids.span_id, "016x")
     ):
         yield
+
+
+def payload(span: trace.Span, name: str, json_text: str, opted_in: bool) -> None:
+    """Puts a step's or a run's output on its span, if the app opted in (see the module)."""
+    if opted_in:
+        span.set_attribute(name, _cut(json_text))
+
+
+def _cut(json_text: str) -> str:
+    if len(json_text) <= PAYLOAD_LIMIT:
+        return json_text
+    return f"{json_text[:PAYLOAD_LIMIT]}... ({len(json_text)} characters)"
 
 
 def mark(span: trace.Span, outcome: str) -> None:

@@ -247,6 +247,7 @@ class Worker:
             owner=self.owner,
             limits=self.engine.limits,
             backoff=self.engine.backoff,
+            trace_payloads=self.engine.trace_payloads,
         )
         self.executions[run.run_id] = ex
         task = asyncio.create_task(self._execute(ex), name=f"run {run.run_id}")

@@ -47,6 +47,28 @@ async def test_run_and_step_spans_are_children_of_the_senders_trace(
     assert "hunter2" not in everything and "s3cr3t" not in everything
 
 
+async def test_payloads_go_on_spans_only_when_the_app_opts_in(make_engine: Any, spans: Any) -> None:
+    app = make_engine(trace_payloads=True)
+
+    @app.create_function("open", trigger=TriggerEvent("t/open"))
+    async def open_book(ctx: Context) -> Any:
+        await ctx.step.run("small", lambda: {"secret": "s3cr3t"})
+        await ctx.step.run("big", lambda: "x" * 10_000)
+        return "done"
+
+    async with app.worker():
+        [event_id] = await app.send(Event(name="t/open", data={"password": "hunter2"}))
+        await app.wait_for_run(await only_run_id(app, event_id))
+
+    finished = {s.name: s for s in spans.get_finished_spans()}
+    run_span, small, big = finished["run open"], finished["step small"], finished["step big"]
+    assert '"password":"hunter2"' in run_span.attributes["engine.event"]
+    assert run_span.attributes["engine.output"] == '"done"'
+    assert small.attributes["engine.step.output"] == '{"secret":"s3cr3t"}'
+    cut = big.attributes["engine.step.output"]
+    assert len(cut) < 4200 and cut.endswith("(10002 characters)")
+
+
 async def test_ctx_logger_does_not_repeat_lines_on_replay(make_engine: Any) -> None:
     app = make_engine()
 
