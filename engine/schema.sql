@@ -115,7 +115,7 @@ BEGIN
     END IF;
 END $$;
 
-INSERT INTO engine.meta (key, value) VALUES ('schema_version', '7')
+INSERT INTO engine.meta (key, value) VALUES ('schema_version', '8')
 ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 -- Bumped by every change of engine.functions: routers reload the registry when it moves, so no
 -- event is routed with a stale view of the functions it triggers.
@@ -1147,7 +1147,9 @@ BEGIN
             LIMIT p_limit
             FOR UPDATE SKIP LOCKED
         )
-        SELECT * FROM due UNION ALL SELECT * FROM expired
+        -- Runs taken over from a dead worker first: they are under way (and hold their
+        -- permits); behind a backlog they would wait for all of it to drain.
+        SELECT * FROM expired UNION ALL SELECT * FROM due
     LOOP
         EXIT WHEN cardinality(v_ids) >= p_limit;
         -- Throttled functions: a first start waits for its turn (the row is locked until commit).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -153,6 +154,38 @@ async def test_killed_worker_run_is_finished_by_another(
     assert run.status is RunStatus.COMPLETED
     counts = dict(await sql.fetch("SELECT step, count(*) FROM effects GROUP BY step"))
     assert counts == {"one": 1, "two": 2, "three": 1}  # `two` was interrupted once, by the kill
+
+
+async def test_a_dead_workers_runs_are_taken_over_before_the_backlog(sql: Any) -> None:
+    """Runs already under way whose worker died come before queued runs: otherwise they wait
+    for the whole backlog to drain (minutes), holding their concurrency permits meanwhile."""
+    await sql.execute("INSERT INTO engine.functions (app_id, function_id) VALUES ('t', 'f')")
+
+    async def queue_runs(count: int) -> list[Any]:
+        ids = []
+        for _ in range(count):
+            event_id = await sql.fetchval("SELECT engine.send_event('t/go', '{}')")
+            ids.append(
+                await sql.fetchval(
+                    "SELECT (engine.insert_run('t', 'f', e.seq, NULL, NULL, NULL, NULL,"
+                    " engine.now())).id FROM engine.events e WHERE e.id = $1",
+                    event_id,
+                )
+            )
+        return ids
+
+    def claim(owner: int, limit: int) -> Any:
+        return sql.fetch(
+            "SELECT id FROM engine.claim_runs('t', '{f}', $1, '1 second', $2)",
+            uuid.UUID(int=owner),
+            limit,
+        )
+
+    [started] = await queue_runs(1)
+    assert [row["id"] for row in await claim(1, 1)] == [started]  # then its worker dies
+    await queue_runs(5)  # a backlog, due before the lease expires
+    await move_clock(sql, timedelta(seconds=2))
+    assert [row["id"] for row in await claim(2, 1)] == [started]
 
 
 async def test_a_worker_that_lost_its_lease_records_nothing(make_engine: Any, sql: Any) -> None:
