@@ -6,6 +6,7 @@ SQLSTATE codes become the engine's errors here, in one place.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
@@ -115,10 +116,17 @@ class Database:
             )
 
     async def close(self) -> None:
-        """Closes the pool and every connection in it."""
+        """Closes the pool and every connection in it. Connections that cannot be closed
+        politely (the server is gone, or silent) are dropped: closing never fails."""
         pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.close()
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), self._command_timeout)
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            pool.terminate()
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -153,10 +161,7 @@ class Database:
                     return await action(pooled)
                 except Exception as exc:
                     if is_connection_error(exc):
-                        # Never hand out a connection in an unknown state again (one the
-                        # server closed is already back in the pool, detached: nothing to do).
-                        with suppress(asyncpg.InterfaceError):
-                            pooled.terminate()
+                        await self._connection_failed(pooled)
                     raise
         except asyncpg.PostgresError as exc:
             raise translate(exc) from exc
@@ -164,8 +169,22 @@ class Database:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
         """A pooled connection inside a transaction that commits when the block ends."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            yield conn
+        async with self.pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    yield conn
+            except Exception as exc:
+                if is_connection_error(exc):
+                    await self._connection_failed(conn)
+                raise
+
+    async def _connection_failed(self, conn: Connection) -> None:
+        """A connection failed (see :func:`is_connection_error`): it is never handed out again,
+        nor are its siblings. After a restart or a partition they are all dead, and each would
+        otherwise cost a query its timeout before the pool noticed."""
+        with suppress(asyncpg.InterfaceError):  # one the server closed is already detached
+            conn.terminate()
+        await self.pool.expire_connections()
 
     async def dedicated(self) -> asyncpg.Connection[Record]:
         """A connection outside the pool (for LISTEN: a pool would UNLISTEN it on release)."""

@@ -34,15 +34,18 @@ class Listener:
         self._wake = wake
         self._health_interval = health_interval
         self._health_timeout = health_timeout
+        self._connected = False  # listening since the last failure
 
     async def run(self) -> None:
         """Listens until cancelled."""
         backoff = 0.1
         while True:
+            self._connected = False
             try:
                 await self._listen_once()
-                backoff = 0.1
-            except (TimeoutError, OSError, Exception) as exc:
+            except Exception as exc:
+                if self._connected:  # it listened since the last failure: this one is new
+                    backoff = 0.1
                 log.warning(
                     "listener.disconnected",
                     error=str(exc) or repr(exc),
@@ -58,6 +61,7 @@ class Listener:
         conn.add_termination_listener(lambda _conn: lost.set())
         try:
             await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+            self._connected = True
             log.debug("listener.connected")
             self._wake()  # catch up on whatever happened while not listening
             while not lost.is_set():

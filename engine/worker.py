@@ -132,14 +132,24 @@ class Worker:
 
     # -- the loop --------------------------------------------------------------------------------
     async def _loop(self) -> None:
+        failures = 0
         while not self._stopping.is_set():
             try:
                 progressed = await self._tick()
+                failures = 0
             except Exception as exc:
+                # The database is restarting or unreachable: look again soon (0.1 s, doubling
+                # up to the poll interval) rather than a whole poll interval after it is back.
+                failures += 1
+                retry_in = min(0.05 * 2**failures, self.poll_interval)
                 log.warning(
-                    "worker.tick_failed", error=str(exc) or repr(exc), error_type=type(exc).__name__
+                    "worker.tick_failed",
+                    error=str(exc) or repr(exc),
+                    error_type=type(exc).__name__,
+                    retry_in=retry_in,
                 )
-                progressed = False
+                await self._sleep_until_woken(retry_in)
+                continue
             if not progressed:
                 await self._sleep_until_woken()
 
@@ -229,8 +239,9 @@ class Worker:
     def _note_due(self, seconds_from_now: float) -> None:
         self._timer_at = min(self._timer_at, time.monotonic() + max(seconds_from_now, 0.0))
 
-    async def _sleep_until_woken(self) -> None:
-        timeout = min(self.poll_interval, max(self._timer_at - time.monotonic(), 0.0))
+    async def _sleep_until_woken(self, longest: float | None = None) -> None:
+        longest = self.poll_interval if longest is None else longest
+        timeout = min(longest, max(self._timer_at - time.monotonic(), 0.0))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
         self._wake.clear()

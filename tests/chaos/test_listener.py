@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from helpers import eventually
+from structlog.testing import capture_logs
 
 from engine import Context, Event, TriggerEvent
 
@@ -40,6 +41,20 @@ async def test_wake_ups_resume_after_the_listen_connection_is_killed(
         return started[n] - sent
 
     reconnects, latencies = [], []
+    with capture_logs() as logs:
+        await _kill_listener_three_times(app, sql, roundtrip, reconnects, latencies)
+    # Each disconnect is a fresh failure: retried at once, not after the previous ones' backoff.
+    retries = [line["retry_in"] for line in logs if line["event"] == "listener.disconnected"]
+    assert retries == [0.1, 0.1, 0.1], retries
+    print(
+        f"\nchaos listener: 3 kills; listening again after {_seconds(reconnects)};"
+        f" the next event started after {_seconds(latencies)}"
+    )
+
+
+async def _kill_listener_three_times(
+    app: Any, sql: Any, roundtrip: Any, reconnects: list[float], latencies: list[float]
+) -> None:
     async with app.worker(poll_interval="5s"):
         await eventually(lambda: listeners(sql))
         assert await roundtrip(0) < 2.5  # woken by NOTIFY, not by the 5 s poll
@@ -51,10 +66,6 @@ async def test_wake_ups_resume_after_the_listen_connection_is_killed(
             reconnects.append(time.monotonic() - killed)
             latencies.append(await roundtrip(n))
             assert latencies[-1] < 2.5  # LISTENing again by itself
-    print(
-        f"\nchaos listener: 3 kills; listening again after {_seconds(reconnects)};"
-        f" the next event started after {_seconds(latencies)}"
-    )
 
 
 def _seconds(values: list[float]) -> str:
