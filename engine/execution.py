@@ -524,7 +524,7 @@ class Execution:
         the database stays away longer than the worker's patience)."""
         wait, deadline = 0.05, time.monotonic() + HAND_BACK_PATIENCE
         self.cut_off = None
-        while not self.stopping:
+        while True:
             due = self.db_now()
             try:
                 await self._suspend(Suspension(due, RunStatus.QUEUED, HANDED_BACK, []), span)
@@ -533,8 +533,8 @@ class Execution:
                 self.log.info("run.hand_back_refused", reason="the run ended or moved meanwhile")
                 return
             except WriteCutOff:
-                if time.monotonic() > deadline:
-                    return
+                if self.stopping or time.monotonic() > deadline:
+                    return  # the lease will expire, and another worker will take the run over
             await asyncio.sleep(wait)
             wait = min(wait * 2, 1.0)
 
