@@ -161,6 +161,19 @@ async def test_sql_send_rejects_bad_events(sql: Any, call: str, reason: str) -> 
     assert caught.value.sqlstate == "EN001"
 
 
+async def test_a_send_over_the_batch_limit_is_refused_whole(make_engine: Any, sql: Any) -> None:
+    """5,000 events per send, in Python and in SQL (events may arrive by SQL too)."""
+    app = make_engine()
+    with pytest.raises(InvalidEventError, match="the limit is 5000"):
+        await app.send([Event(name="many") for _ in range(5001)])
+    batch = json.dumps([{"name": "many"}] * 5001)
+    with pytest.raises(asyncpg.PostgresError, match="the limit is 5000") as caught:
+        await sql.fetch("SELECT engine.send_events($1::jsonb)", batch)
+    assert caught.value.sqlstate == "EN001"
+    assert await sql.fetchval("SELECT count(*) FROM engine.events") == 0
+    assert len(await app.send([Event(name="many") for _ in range(5000)])) == 5000
+
+
 async def test_invalid_expression_fails_registration_pointing_at_it(make_engine: Any) -> None:
     app = make_engine()
     with pytest.raises(ExpressionError) as caught:
