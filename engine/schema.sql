@@ -1540,6 +1540,22 @@ RETURNS TABLE (ord bigint, result text) LANGUAGE sql AS $$
     ORDER BY e.ord
 $$;
 
+-- Runs leased to p_owner that it does not execute (p_held): a claim or a routing that committed
+-- while its reply was lost with the connection, or an execution that died of an unexpected
+-- error. Queued again at once instead of when their lease expires. A worker calls this between
+-- its ticks, when no claim of its own is in flight, so every such run is one it lost track of.
+CREATE OR REPLACE FUNCTION engine.release_orphans(p_app text, p_owner uuid, p_held uuid[])
+RETURNS int LANGUAGE sql AS $$
+    WITH released AS (
+        UPDATE engine.runs r
+        SET status = 'QUEUED', due_at = engine.now(), lease_owner = NULL, lease_expires_at = NULL,
+            waiting_reason = 'handed back: its worker lost track of it', updated_at = engine.now()
+        WHERE r.app_id = p_app AND r.status = 'RUNNING' AND r.lease_owner = p_owner
+          AND r.id <> ALL (p_held)
+        RETURNING r.id)
+    SELECT count(*)::int FROM released
+$$;
+
 -- Extends the leases of the runs a worker still executes; reports the ones it lost and any
 -- cancel requests (so a run with a long step learns of a cancel without a checkpoint).
 CREATE OR REPLACE FUNCTION engine.heartbeat(p_owner uuid, p_lease interval, p_runs uuid[])

@@ -86,6 +86,8 @@ class Worker:
             (f.fn_id, t.cron): t.schedule for f in engine.functions.values() for t in f.crons
         }
         self._cron_check_at = 0.0  # monotonic time at which a cron schedule may be due
+        # A tick or an execution failed: some run may be leased to us that we do not execute.
+        self._may_have_orphans = False
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -140,6 +142,8 @@ class Worker:
             except Exception as exc:
                 # The database is restarting or unreachable: look again soon (0.1 s, doubling
                 # up to the poll interval) rather than a whole poll interval after it is back.
+                # A claim or a routing may have committed without our hearing of it.
+                self._may_have_orphans = True
                 failures += 1
                 retry_in = min(0.05 * 2**failures, self.poll_interval)
                 log.warning(
@@ -159,6 +163,8 @@ class Worker:
         Events are routed even when every slot is busy, so that their runs exist (visible,
         claimable by other workers, subject to their timeouts) as soon as possible.
         """
+        if self._may_have_orphans:
+            await self._release_orphans()
         fired = await self._fire_crons() if self._crons else 0
         free = max(self.concurrency - len(self.executions), 0)
         assert self._router is not None
@@ -170,6 +176,17 @@ class Worker:
         if routed == 0 and claimed < free:
             await self._arm_timer()
         return routed > 0 or claimed > 0 or fired > 0
+
+    async def _release_orphans(self) -> None:
+        """Queues again the runs leased to this worker that it does not execute (see
+        ``engine.release_orphans``): between ticks, every such run is one it lost track of."""
+        db = await self.engine.database()
+        released = await db.fetchval(
+            "release_orphans", self.engine.app_id, self.owner, list(self.executions)
+        )
+        self._may_have_orphans = False
+        if released:
+            log.warning("worker.orphans_released", runs=released)
 
     async def _fire_crons(self) -> int:
         """Starts the runs of this app's due cron ticks: one per schedule, for its latest
@@ -269,8 +286,9 @@ class Worker:
         try:
             await ex.execute(_make_context)
         except Exception:
-            # The database refused or vanished mid-run: the lease will expire and another
-            # execution will pick the run up. Never let one run take the worker down.
+            # Never let one run take the worker down. The run may still be leased to us: the
+            # next tick queues it again (else its lease would expire first).
+            self._may_have_orphans = True
             log.exception("run.execution_error", run_id=str(ex.run.run_id))
         finally:
             self.executions.pop(ex.run.run_id, None)

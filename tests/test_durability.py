@@ -14,6 +14,7 @@ import pytest
 from helpers import APPS, eventually, move_clock, only_run_id, start_worker_process
 
 from engine import Context, Event, RunStatus, TriggerEvent
+from engine.worker import Worker
 
 
 async def test_sleep_spans_a_worker_restart(make_engine: Any, sql: Any) -> None:
@@ -437,3 +438,57 @@ async def test_a_write_cut_off_by_the_database_neither_fails_nor_stalls_the_run(
     assert run.status is RunStatus.COMPLETED, run.error
     assert [s.step_id for s in run.steps] == ["first", "second", "nap", "third"]
     assert set(calls) == {"first", "second", "third"}  # a step whose record was cut off reruns
+
+
+# The first routing transaction dies with its connection (its backend kills itself).
+CUT_ROUTING_ONCE = """
+CREATE SEQUENCE cut_once;
+CREATE FUNCTION cut_routing() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF nextval('cut_once') = 1 THEN
+        PERFORM pg_terminate_backend(pg_backend_pid());
+    END IF;
+    RETURN OLD;
+END $$;
+CREATE TRIGGER cut_routing BEFORE DELETE ON engine.event_queue
+    FOR EACH ROW EXECUTE FUNCTION cut_routing();
+"""
+
+
+async def test_runs_leased_to_a_worker_that_lost_track_of_them_go_on(
+    make_engine: Any, sql: Any
+) -> None:
+    """A claim (or a routing) can commit while its reply is lost with the connection: its runs
+    are then leased to a worker that does not execute them. After a failed tick, the worker
+    queues such runs again at once instead of leaving them to their lease (an hour here, and
+    durable time stands still, so it never expires)."""
+    app = make_engine()
+
+    @app.create_function("lost", trigger=TriggerEvent("t/lost"))
+    async def lost(ctx: Context) -> Any:
+        return await ctx.step.run("only", lambda: "found")
+
+    await app.database()  # registers the function
+    worker = Worker(app, lease="1h")
+    event_id = await sql.fetchval("SELECT engine.send_event('t/orphan', '{}')")
+    orphan = await sql.fetchval(
+        "SELECT (engine.insert_run('test', 'lost', e.seq, NULL, NULL, NULL, NULL,"
+        " engine.now())).id FROM engine.events e WHERE e.id = $1",
+        event_id,
+    )
+    claimed = await sql.fetch(  # committed, but the worker never heard of it
+        "SELECT id FROM engine.claim_runs('test', '{lost}', $1, '1 hour', 10)", worker.owner
+    )
+    assert [row["id"] for row in claimed] == [orphan]
+    await sql.execute(CUT_ROUTING_ONCE)
+    [event_id] = await app.send(Event(name="t/lost"))  # its routing is cut off: a failed tick
+    task = asyncio.create_task(worker.run())
+    try:
+        run = await app.wait_for_run(orphan, timeout=30)
+        routed = await app.wait_for_run(await only_run_id(app, event_id), timeout=30)
+    finally:
+        worker.stop()
+        await task
+    assert await sql.fetchval("SELECT last_value FROM cut_once") >= 1  # the cut happened
+    assert run.status is RunStatus.COMPLETED and run.output == "found"
+    assert routed.status is RunStatus.COMPLETED

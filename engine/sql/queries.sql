@@ -81,6 +81,9 @@ SELECT ord, result FROM engine.suspend_many($1::jsonb)
 -- name: checkpoint_steps
 SELECT engine.checkpoint_steps($1::uuid, $2::uuid, $3, $4::jsonb)
 
+-- name: release_orphans
+SELECT engine.release_orphans($1, $2::uuid, $3::uuid[])
+
 -- name: heartbeat
 SELECT id, cancel_requested FROM engine.heartbeat($1::uuid, $2::interval, $3::uuid[])
 
