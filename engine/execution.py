@@ -8,6 +8,12 @@ Parallel steps (``asyncio.gather``) run together. When a step needs the run to w
 a :class:`Suspension` and blocks; once no step is executing any more, the run *settles*: the
 function's task is cancelled (a ``BaseException`` that ``except Exception`` does not swallow) and
 one call releases the run with the earliest due time.
+
+Every write is fenced by the lease. A write the database refuses because the lease moved stops
+the execution (:class:`LeaseLost`): another worker has the run. A write that dies with its
+connection stops it too (:class:`WriteCutOff`): its outcome is unknown, so the run is handed back
+as soon as the database answers, and replay sorts out what was committed. Neither is ever taken
+for the function's own failure.
 """
 
 from __future__ import annotations
