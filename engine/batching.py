@@ -8,6 +8,10 @@ flight, queues the calls of other runs; the next round trip carries all of them
 added latency; a busy one pays one commit per batch instead of one per run.
 
 Durability is unchanged: a caller's ``await`` returns only once its own write is committed.
+
+A batch is written in the order of its items' keys (their run ids), the order in which the
+heartbeat locks runs too: a worker's concurrent transactions lock run rows in one order, so they
+do not deadlock each other.
 """
 
 from __future__ import annotations
@@ -25,17 +29,18 @@ class Batcher:
     def __init__(self, db: Database, query: str) -> None:
         self._db = db
         self._query = query
-        self._queue: list[tuple[str, asyncio.Future[str]]] = []
+        self._queue: list[tuple[str, str, asyncio.Future[str]]] = []  # (key, item, future)
         self._busy = False  # a round trip of this batcher is in flight
         self._draining: set[asyncio.Task[None]] = set()
 
-    async def call(self, item: str) -> str:
+    async def call(self, item: str, key: str) -> str:
         """Sends one item (a JSON object, as text: step outputs arrive pre-encoded) and returns
         its own result (e.g. ``'ok'`` or ``'lost'``). When no round trip is in flight it is sent
-        at once, from the caller's task; otherwise it waits for the next batch."""
+        at once, from the caller's task; otherwise it waits for the next batch, where it takes
+        its place by ``key`` (the run id)."""
         if self._busy:
             future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-            self._queue.append((item, future))
+            self._queue.append((key, item, future))
             return await future
         self._busy = True
         try:
@@ -60,22 +65,23 @@ class Batcher:
         finally:
             self._busy = False
 
-    async def _send_batch(self, batch: list[tuple[str, asyncio.Future[str]]]) -> None:
+    async def _send_batch(self, batch: list[tuple[str, str, asyncio.Future[str]]]) -> None:
+        batch.sort(key=lambda entry: entry[0])
         try:
-            results = await self._send([item for item, _ in batch])
+            results = await self._send([item for _, item, _ in batch])
         except Exception as exc:
             if len(batch) == 1:
-                _settle(batch[0][1], exc)
+                _settle(batch[0][2], exc)
                 return
             # One bad item must not fail the others: send them one by one.
-            for item, future in batch:
+            for _, item, future in batch:
                 try:
                     [result] = await self._send([item])
                     _settle(future, result)
                 except Exception as single:
                     _settle(future, single)
             return
-        for (_, future), result in zip(batch, results, strict=True):
+        for (_, _, future), result in zip(batch, results, strict=True):
             _settle(future, result)
 
     async def _send(self, items: list[str]) -> list[str]:

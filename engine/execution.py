@@ -324,7 +324,8 @@ class Execution:
         if not self._unsaved:
             return
         with self._fenced():
-            result = await self.batches.checkpoint.call(self._write(steps=self._take_unsaved()))
+            item = self._write(steps=self._take_unsaved())
+            result = await self.batches.checkpoint.call(item, str(self.run.run_id))
         self._accept(result, "while recording completed steps")
 
     def _write(
@@ -675,7 +676,7 @@ class Execution:
             error=error or "null",
         )
         with self._fenced():
-            result = await self.batches.finish.call(item)
+            result = await self.batches.finish.call(item, str(self.run.run_id))
         if result == "lost":
             raise LeaseLost(f"run {self.run.run_id}: lost before it could end {status.value}")
         self.log.info("run.finished", status=status.value)
@@ -692,7 +693,7 @@ class Execution:
             awaited=suspension.awaited,
         )
         with self._fenced():
-            result = await self.batches.suspend.call(item)
+            result = await self.batches.suspend.call(item, str(self.run.run_id))
         if result == "lost":
             raise LeaseLost(f"run {self.run.run_id}: lost before it could be suspended")
         outcome = RunStatus.CANCELLED if result == "cancel" else suspension.status

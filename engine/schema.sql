@@ -1562,7 +1562,9 @@ CREATE OR REPLACE FUNCTION engine.heartbeat(p_owner uuid, p_lease interval, p_ru
 RETURNS TABLE (id uuid, cancel_requested boolean)
 LANGUAGE sql AS $$
     UPDATE engine.runs r SET lease_expires_at = engine.now() + p_lease
-    WHERE r.id = ANY (p_runs) AND r.lease_owner = p_owner AND r.status = 'RUNNING'
+    WHERE r.id IN (SELECT h.id FROM engine.runs h WHERE h.id = ANY (p_runs)
+                   ORDER BY h.id FOR NO KEY UPDATE)  -- in id order, as batches are (batching.py)
+      AND r.lease_owner = p_owner AND r.status = 'RUNNING'
     RETURNING r.id, r.cancel_requested OR engine.past_deadline(r.finish_deadline)
 $$;
 
