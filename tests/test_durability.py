@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 import uuid
@@ -492,3 +493,37 @@ async def test_runs_leased_to_a_worker_that_lost_track_of_them_go_on(
     assert await sql.fetchval("SELECT last_value FROM cut_once") >= 1  # the cut happened
     assert run.status is RunStatus.COMPLETED and run.output == "found"
     assert routed.status is RunStatus.COMPLETED
+
+
+ROUTE_SIMPLE = (
+    "SELECT id FROM engine.route_simple(10, $1::jsonb, '{}', (SELECT value::bigint"
+    " FROM engine.meta WHERE key = 'registry_version'), 'test', $2, '1 hour', 10)"
+    " WHERE id IS NOT NULL"
+)
+
+
+async def test_a_routing_lost_in_a_crash_recreates_the_same_run(make_engine: Any, sql: Any) -> None:
+    """Routing commits without waiting for its WAL flush (the first step starts ~0.4 ms
+    sooner); a crash may take it. The event is durable and is routed again, to a run with the
+    same id, so a step that had already run keeps its idempotency key (`run id:step id`)."""
+    app = make_engine()
+
+    @app.create_function("again", trigger=TriggerEvent("t/again"))
+    async def again(ctx: Context) -> None:
+        return None
+
+    await app.database()  # registers the function
+    plan = json.dumps([{"app_id": "test", "function_id": "again", "event": "t/again"}])
+    owner = uuid.uuid4()
+    await app.send(Event(name="t/again"))
+    await sql.execute("SET synchronous_commit = on")  # as in production (the tests run without)
+    transaction = sql.transaction()
+    await transaction.start()
+    [first] = await sql.fetch(ROUTE_SIMPLE, plan, owner)
+    assert await sql.fetchval("SHOW synchronous_commit") == "off"  # for this transaction only
+    await transaction.rollback()  # what a crash before the WAL flush would leave
+    assert await sql.fetchval("SELECT count(*) FROM engine.runs") == 0
+    assert await sql.fetchval("SELECT count(*) FROM engine.event_queue") == 1  # still there
+    [again_routed] = await sql.fetch(ROUTE_SIMPLE, plan, owner)
+    assert again_routed["id"] == first["id"]
+    assert await sql.fetchval("SHOW synchronous_commit") == "on"
