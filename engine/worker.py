@@ -144,7 +144,7 @@ class Worker:
                 # up to the poll interval) rather than a whole poll interval after it is back.
                 # A claim or a routing may have committed without our hearing of it.
                 self._may_have_orphans = True
-                failures += 1
+                failures = min(failures + 1, 16)  # 2**16 * 0.05 s is past any poll interval
                 retry_in = min(0.05 * 2**failures, self.poll_interval)
                 log.warning(
                     "worker.tick_failed",
