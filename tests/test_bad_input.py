@@ -267,8 +267,9 @@ OUTPUTS = st.recursive(
 def test_step_outputs_round_trip_or_fail_the_step_readably(value: Any) -> None:
     """What a step may return: stored as JSON that PostgreSQL accepts and that decodes to the
     value's JSON round trip, or refused with a message naming what has no JSON form."""
-    try:
+    try:  # as the engine encodes a step's output (Execution.encode_output)
         text = dumps(value)
+        stored_size(text)
     except NotSerializable as error:
         assert str(error)
         return
