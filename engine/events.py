@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidEventError
-from .serialization import NotSerializable, dumps, stored_size
+from .serialization import NotSerializable, dumps, stored_size, text_problem
 
 RESERVED_PREFIX = "engine/"
 MAX_NAME_LENGTH = 512
@@ -72,12 +72,9 @@ def _check_text_fields(event: Event) -> None:
     """PostgreSQL text holds neither U+0000 nor lone surrogates: refuse them, naming the field."""
     for field in ("name", "id", "v"):
         value = getattr(event, field) or ""
-        if "\x00" in value:
-            raise InvalidEventError(f"event {field} {value!r} contains a NUL character")
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            raise InvalidEventError(f"event {field} {value!r} is not valid Unicode") from None
+        problem = text_problem(value)
+        if problem is not None:
+            raise InvalidEventError(f"event {field} {value!r} cannot be stored: {problem}")
 
 
 def _checked(event: Any, system: bool) -> dict[str, Any]:

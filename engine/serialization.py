@@ -61,16 +61,18 @@ def _key(key: Any) -> str:
 # U+0000 escaped in JSON text (after an even number of backslashes: not a literal "\u0000"):
 # valid JSON, but PostgreSQL's jsonb and text cannot store it.
 _NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+_HAS_NUL = "it contains a NUL character (U+0000), which PostgreSQL cannot store"
+_HAS_SURROGATE = "it contains a lone surrogate (half of a UTF-16 pair), which is not valid Unicode"
 
 
 def text_problem(text: str) -> str | None:
     """Why PostgreSQL cannot store ``text`` (a NUL, a lone surrogate), or None if it can."""
     if "\x00" in text:
-        return "it contains a NUL character (U+0000), which PostgreSQL cannot store"
+        return _HAS_NUL
     try:
         text.encode()
     except UnicodeEncodeError:
-        return "it contains a lone surrogate (half of a UTF-16 pair), which is not valid Unicode"
+        return _HAS_SURROGATE
     return None
 
 
@@ -82,13 +84,11 @@ def stored_size(json_text: str) -> int:
             lone surrogate (half of a UTF-16 pair, which has no UTF-8 form).
     """
     if _NUL.search(json_text):
-        raise NotSerializable("it contains a NUL character (U+0000), which PostgreSQL cannot store")
+        raise NotSerializable(_HAS_NUL)
     try:
         return len(json_text.encode())
     except UnicodeEncodeError:
-        raise NotSerializable(
-            "it contains a lone surrogate (half of a UTF-16 pair), which is not valid Unicode"
-        ) from None
+        raise NotSerializable(_HAS_SURROGATE) from None
 
 
 def dumps(value: Any) -> str:
