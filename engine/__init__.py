@@ -5,6 +5,7 @@ sleeps and waits pause durably; cron, invoke and cancellation are declared on th
 See README.md for a tour.
 """
 
+from ._version import __version__ as __version__
 from .app import Engine
 from .cancellation import Cancel, Timeouts
 from .context import Context

@@ -1,0 +1,228 @@
+"""Spans reach a real OpenTelemetry collector, over OTLP/HTTP and OTLP/gRPC.
+
+The collector is rotel (a Rust OTLP collector shipped in a wheel): it receives on loopback and
+prints every span it receives ("debug log", detailed) on its standard output, which the tests
+parse. The in-process receiver of test_observability.py covers what needs no collector.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import eventually, start_worker_process
+
+from engine import Event
+
+
+@dataclass
+class CollectedSpan:
+    """One span as the collector printed it."""
+
+    name: str
+    trace_id: str
+    span_id: str
+    parent_id: str
+    attributes: dict[str, str]
+
+
+_FIELD = re.compile(r"^\s+(Trace ID|Parent ID|ID|Name)\s+:\s?(.*)$")
+_ATTRIBUTE = re.compile(r"^\s+-> ([\w.]+): \w+\((.*)\)$")
+
+
+def parse_spans(text: str) -> list[CollectedSpan]:
+    """The spans in the collector's detailed debug output."""
+    spans: list[CollectedSpan] = []
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("Span #"):
+            fields = {}
+            spans.append(CollectedSpan("", "", "", "", {}))
+            continue
+        if not spans:
+            continue
+        field = _FIELD.match(line)
+        attribute = _ATTRIBUTE.match(line)
+        span = spans[-1]
+        if field:
+            fields[field.group(1)] = field.group(2).strip()
+            span.name = fields.get("Name", "")
+            span.trace_id = fields.get("Trace ID", "")
+            span.span_id = fields.get("ID", "")
+            span.parent_id = fields.get("Parent ID", "")
+        elif attribute and span.span_id:
+            span.attributes[attribute.group(1)] = attribute.group(2)
+    return spans
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Collector:
+    """A running collector: where it listens, and what it printed."""
+
+    grpc: str
+    http: str
+    output: Path
+
+    def spans(self) -> list[CollectedSpan]:
+        return parse_spans(self.output.read_text(errors="replace"))
+
+
+@pytest.fixture
+def collector(tmp_path: Path) -> Iterator[Collector]:
+    """A real OTLP collector on loopback (gRPC and HTTP), exporting nowhere but its output."""
+    binary = resources.files("rotel").joinpath("rotel-agent")
+    grpc, http = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
+    output = tmp_path / "collector.txt"
+    with output.open("wb") as sink:
+        process = subprocess.Popen(
+            [
+                str(binary),
+                "start",
+                "--exporter",
+                "blackhole",
+                "--debug-log",
+                "traces",
+                "--debug-log-verbosity",
+                "detailed",
+                "--otlp-grpc-endpoint",
+                grpc,
+                "--otlp-http-endpoint",
+                http,
+                "--pid-file",
+                str(tmp_path / "rotel.pid"),
+                "--log-file",
+                str(tmp_path / "rotel.log"),
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_listening(http)
+        yield Collector(grpc=grpc, http=http, output=output)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _wait_listening(address: str, timeout: float = 10.0) -> None:
+    host, port = address.split(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+async def _run_traced_function(database_url: str, make_engine: Any, env: dict[str, str]) -> str:
+    """Runs tests/apps/traced_app.py's function under `engine worker` with ``env``; returns the
+    run id once the worker has exited (and flushed its spans)."""
+    worker = start_worker_process(
+        "traced_app:app", database_url, env={"OTEL_BSP_SCHEDULE_DELAY": "50", **env}
+    )
+    try:
+        app = make_engine("traced-app")
+        [event_id] = await app.send(Event(name="traced/go"))
+
+        async def routed() -> Any:
+            return await app.runs_for_event(event_id)
+
+        [run] = await eventually(routed, timeout=30)
+        await app.wait_for_run(run.run_id, timeout=30)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    return str(run.run_id)
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+async def test_a_run_is_one_trace_in_a_real_collector(
+    collector: Collector, database_url: str, make_engine: Any, protocol: str
+) -> None:
+    """Over either OTLP protocol, the collector receives the run's span and its step's span as
+    one trace, the step a child of the run, with the engine's attributes."""
+    endpoint = collector.grpc if protocol == "grpc" else collector.http
+    run_id = await _run_traced_function(
+        database_url,
+        make_engine,
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{endpoint}",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+            "OTEL_SERVICE_NAME": "traced-service",
+        },
+    )
+
+    def received() -> dict[str, CollectedSpan]:
+        return {s.name: s for s in collector.spans() if s.attributes.get("engine.run_id")}
+
+    async def both_received() -> bool:
+        return {"run traced", "step only"} <= set(received())
+
+    await eventually(both_received, timeout=10)
+    spans = received()
+    run, step = spans["run traced"], spans["step only"]
+    assert run.attributes["engine.run_id"] == step.attributes["engine.run_id"] == run_id
+    assert step.trace_id == run.trace_id
+    assert step.parent_id == run.span_id
+    assert run.attributes["engine.event.name"] == "traced/go"
+    assert "service.name: Str(traced-service)" in collector.output.read_text()
+
+
+async def test_otel_sdk_disabled_exports_nothing(
+    collector: Collector, database_url: str, make_engine: Any
+) -> None:
+    """OTEL_SDK_DISABLED=true turns the export off even with an endpoint set."""
+    await _run_traced_function(
+        database_url,
+        make_engine,
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{collector.http}",
+            "OTEL_SDK_DISABLED": "true",
+        },
+    )
+    assert collector.spans() == []
+
+
+async def test_an_unreachable_collector_does_not_hold_up_the_exit(
+    database_url: str, make_engine: Any
+) -> None:
+    """A worker whose collector does not answer still exits promptly on SIGTERM: the flush at
+    shutdown is bounded (the exporter's own retries last 10 s and more)."""
+    closed = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    worker = start_worker_process(
+        "traced_app:app",
+        database_url,
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{closed}", "OTEL_BSP_SCHEDULE_DELAY": "60000"},
+    )
+    try:
+        app = make_engine("traced-app")
+        [event_id] = await app.send(Event(name="traced/go"))
+
+        async def routed() -> Any:
+            return await app.runs_for_event(event_id)
+
+        [run] = await eventually(routed, timeout=30)
+        await app.wait_for_run(run.run_id, timeout=30)
+    finally:
+        worker.terminate()
+        # The bound is the engine's shutdown timeout (2 s) plus the worker's own stop; the
+        # SDK's unbounded exit hook took 10 s and more here.
+        code = worker.wait(timeout=6)
+    assert code == 0
