@@ -115,7 +115,7 @@ BEGIN
     END IF;
 END $$;
 
-INSERT INTO engine.meta (key, value) VALUES ('schema_version', '8')
+INSERT INTO engine.meta (key, value) VALUES ('schema_version', '9')
 ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 -- Bumped by every change of engine.functions: routers reload the registry when it moves, so no
 -- event is routed with a stale view of the functions it triggers.
@@ -356,6 +356,66 @@ CREATE TABLE IF NOT EXISTS engine.cron_schedules (
     PRIMARY KEY (app_id, function_id, cron),
     FOREIGN KEY (app_id, function_id) REFERENCES engine.functions ON DELETE CASCADE
 );
+
+-- ---------------------------------------------------------------------------------------------
+-- Gauges: the unfinished runs by app, function, status and flow-control reason, for the metrics
+-- workers export. One snapshot row shared by every worker: a snapshot older than the caller's
+-- interval is taken again by the one caller that locks the row, while the others get the last
+-- one at once. So the scan (of the partial indexes of unfinished runs: finished runs cost
+-- nothing) happens once per interval per database, however many workers export.
+-- ---------------------------------------------------------------------------------------------
+CREATE TABLE IF NOT EXISTS engine.gauges (
+    id       int PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    taken_at timestamptz NOT NULL,
+    gauges   jsonb NOT NULL
+);
+
+-- Why a run that has not started waits on flow control (NULL: it does not).
+CREATE OR REPLACE FUNCTION engine.flow_reason(r engine.runs, p_now timestamptz) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN r.blocked_on IS NOT NULL THEN 'concurrency'
+        WHEN r.status <> 'QUEUED' OR r.started_at IS NOT NULL THEN NULL
+        WHEN r.debounce_until IS NOT NULL THEN 'debounce'
+        WHEN r.batch_key IS NOT NULL THEN 'batch'
+        WHEN r.throttle IS NOT NULL AND r.due_at > p_now THEN 'throttle'
+    END
+$$;
+
+CREATE OR REPLACE FUNCTION engine.take_gauges(p_now timestamptz) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(jsonb_agg(to_jsonb(g)), '[]'::jsonb) FROM (
+        SELECT r.app_id, r.function_id, r.status, engine.flow_reason(r, p_now) AS flow,
+               count(*) AS runs,
+               count(*) FILTER (WHERE r.status <> 'RUNNING' AND r.due_at <= p_now) AS due,
+               extract(epoch FROM p_now - min(r.due_at)
+                   FILTER (WHERE r.status <> 'RUNNING' AND r.due_at <= p_now)) AS oldest_due_age
+        FROM engine.runs r
+        WHERE r.status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING') OR r.status = 'RUNNING'
+        GROUP BY 1, 2, 3, 4
+    ) g
+$$;
+
+CREATE OR REPLACE FUNCTION engine.gauges(p_max_age interval) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_last engine.gauges;
+    v_gauges jsonb;
+BEGIN
+    SELECT * INTO v_last FROM engine.gauges WHERE id = 1;
+    IF FOUND AND v_last.taken_at > clock_timestamp() - p_max_age THEN
+        RETURN v_last.gauges;
+    END IF;
+    INSERT INTO engine.gauges (id, taken_at, gauges) VALUES (1, '-infinity', '[]')
+    ON CONFLICT (id) DO NOTHING;
+    PERFORM 1 FROM engine.gauges WHERE id = 1 FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN  -- another worker is taking it right now
+        RETURN coalesce(v_last.gauges, '[]'::jsonb);
+    END IF;
+    v_gauges := engine.take_gauges(engine.now());
+    UPDATE engine.gauges SET taken_at = clock_timestamp(), gauges = v_gauges WHERE id = 1;
+    RETURN v_gauges;
+END $$;
 
 -- A run's event and steps as JSON (claims, get_run and matchers read them).
 CREATE OR REPLACE FUNCTION engine.run_event(p_seq bigint) RETURNS jsonb

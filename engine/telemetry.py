@@ -22,6 +22,8 @@ from ._version import __version__
 from .serialization import dumps
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics.export import MetricExporter
+    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace.export import SpanExporter
 
     from .execution import Execution
@@ -125,33 +127,58 @@ class TelemetryConfigError(ValueError):
 
 
 def configure_from_environment() -> bool:
-    """Exports spans over OTLP when an endpoint is configured, as the standard ``OTEL_*``
-    variables say; returns whether it did. Called by ``engine worker`` and ``engine dev``.
+    """Exports spans and metrics over OTLP when an endpoint is configured, as the standard
+    ``OTEL_*`` variables say; returns whether anything is exported. Called by ``engine worker``
+    and ``engine dev``.
 
-    Honoured: ``OTEL_SDK_DISABLED``; ``OTEL_EXPORTER_OTLP_ENDPOINT`` or
-    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``; ``OTEL_EXPORTER_OTLP_PROTOCOL`` or
-    ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` (``http/protobuf``, the default, or ``grpc``); the
-    headers, timeout, compression and certificate variables (read by the exporters themselves);
+    Honoured: ``OTEL_SDK_DISABLED``; ``OTEL_EXPORTER_OTLP_ENDPOINT`` or the per-signal
+    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` / ``..._METRICS_ENDPOINT``;
+    ``OTEL_EXPORTER_OTLP_PROTOCOL`` or its per-signal forms (``http/protobuf``, the default, or
+    ``grpc``); ``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER`` set to ``none`` turn a signal
+    off; the headers, timeout, compression and certificate variables (read by the exporters);
     ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES`` (the service name defaults to
-    ``engine-worker``); the ``OTEL_BSP_*`` batching variables.
+    ``engine-worker``); ``OTEL_BSP_*`` and ``OTEL_METRIC_EXPORT_INTERVAL``.
 
     Raises:
         TelemetryConfigError: an unknown protocol.
     """
     if _flag("OTEL_SDK_DISABLED"):
         return False
-    if not (_env("OTEL_EXPORTER_OTLP_ENDPOINT") or _env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+    traces = _configure_traces() if _signal_on("TRACES") else False
+    metrics_on = _configure_metrics() if _signal_on("METRICS") else False
+    return traces or metrics_on
+
+
+def _signal_on(signal: str) -> bool:
+    """An endpoint is configured for the signal, and its exporter is not ``none``."""
+    if _env(f"OTEL_{signal}_EXPORTER").lower() == "none":
         return False
-    from opentelemetry.sdk.resources import Resource
+    return bool(
+        _env("OTEL_EXPORTER_OTLP_ENDPOINT") or _env(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+    )
+
+
+def _configure_traces() -> bool:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    exporter = _span_exporter(_protocol())
+    exporter = _span_exporter(_protocol("TRACES"))
     # Our own bounded shutdown replaces the SDK's exit hook, which waits for the exporter's
-    # retries (10 s and more) when the collector cannot be reached.
-    provider = TracerProvider(resource=Resource.create(_default_resource()), shutdown_on_exit=False)
+    # retries (8-10 s) when the collector cannot be reached.
+    provider = TracerProvider(resource=_resource(), shutdown_on_exit=False)
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
+    return True
+
+
+def _configure_metrics() -> bool:
+    from opentelemetry import metrics
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    reader = PeriodicExportingMetricReader(_metric_exporter(_protocol("METRICS")))
+    provider = MeterProvider(resource=_resource(), metric_readers=[reader], shutdown_on_exit=False)
+    metrics.set_meter_provider(provider)
     return True
 
 
@@ -163,8 +190,8 @@ def _flag(name: str) -> bool:
     return _env(name).lower() == "true"
 
 
-def _protocol() -> str:
-    protocol = _env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or _env("OTEL_EXPORTER_OTLP_PROTOCOL")
+def _protocol(signal: str) -> str:
+    protocol = _env(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL") or _env("OTEL_EXPORTER_OTLP_PROTOCOL")
     protocol = protocol or "http/protobuf"
     if protocol not in PROTOCOLS:
         raise TelemetryConfigError(
@@ -190,21 +217,46 @@ def _span_exporter(protocol: str) -> SpanExporter:
     return HttpExporter()
 
 
-def _default_resource() -> dict[str, str]:
-    """``service.name`` unless the environment names the service (the SDK merges it then)."""
+def _metric_exporter(protocol: str) -> MetricExporter:
+    """The OTLP metric exporter for ``protocol`` (it reads the ``..._METRICS_*`` variables)."""
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+            OTLPMetricExporter as GrpcExporter,
+        )
+
+        return GrpcExporter()
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+        OTLPMetricExporter as HttpExporter,
+    )
+
+    return HttpExporter()
+
+
+def _resource() -> Resource:
+    """The SDK's resource (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``), with
+    ``service.name`` defaulting to ``engine-worker``."""
+    from opentelemetry.sdk.resources import Resource
+
     named = _env("OTEL_SERVICE_NAME") or "service.name=" in _env("OTEL_RESOURCE_ATTRIBUTES")
-    return {} if named else {"service.name": "engine-worker"}
+    return Resource.create({} if named else {"service.name": "engine-worker"})
 
 
 def shutdown(timeout: float = SHUTDOWN_TIMEOUT) -> None:
-    """Flushes and stops the tracer provider set by :func:`configure_from_environment`, giving
-    up after ``timeout`` seconds so that an unreachable collector never holds up an exit."""
-    provider = trace.get_tracer_provider()
-    stop = getattr(provider, "shutdown", None)
-    if not callable(stop):
+    """Flushes and stops the providers set by :func:`configure_from_environment`, giving up
+    after ``timeout`` seconds so that an unreachable collector never holds up an exit."""
+    from opentelemetry import metrics
+
+    stops = [
+        stop
+        for provider in (trace.get_tracer_provider(), metrics.get_meter_provider())
+        if callable(stop := getattr(provider, "shutdown", None))
+    ]
+    if not stops:
         return
-    # The exporter retries with backoff inside shutdown; a daemon thread bounds the wait, and
-    # whatever it has not sent by then is dropped with it.
-    flusher = threading.Thread(target=stop, name="engine-otel-shutdown", daemon=True)
+    # The exporters retry with backoff inside shutdown; a daemon thread bounds the wait, and
+    # whatever they have not sent by then is dropped with it.
+    flusher = threading.Thread(
+        target=lambda: [stop() for stop in stops], name="engine-otel-shutdown", daemon=True
+    )
     flusher.start()
     flusher.join(timeout)

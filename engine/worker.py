@@ -19,6 +19,7 @@ from uuid import UUID, uuid4
 
 import structlog
 
+from . import metrics
 from .batching import Batches
 from .context import Context
 from .durations import Duration, parse_duration
@@ -26,7 +27,7 @@ from .events import event_from_row
 from .execution import ClaimedRun, Execution
 from .listener import Listener
 from .router import RoutedRun, Router
-from .serialization import dumps
+from .serialization import dumps, loads
 from .steps import Steps
 
 if TYPE_CHECKING:
@@ -107,6 +108,8 @@ class Worker:
                 group.create_task(self._listener(db).run(), name="listener"),
                 group.create_task(self._heartbeat(), name="heartbeat"),
             ]
+            if metrics.enabled():
+                side.append(group.create_task(self._sample_gauges(), name="gauges"))
             await self._loop()
             await self._drain()
             for task in side:
@@ -320,6 +323,26 @@ class Worker:
                 ex.lost = True
             elif renewed[run_id]:
                 ex.note_cancel()
+
+    async def _sample_gauges(self) -> None:
+        """Keeps this app's database gauges fresh for the metrics exporter: one snapshot per
+        export interval, shared by every worker of the database (see ``engine.gauges``)."""
+        interval = metrics.export_interval()
+        try:
+            while True:
+                try:
+                    db = await self.engine.database()
+                    # A little younger than the interval: the snapshot another worker took
+                    # just before counts, so one scan serves them all.
+                    max_age = timedelta(seconds=interval * 0.9)
+                    metrics.keep_snapshot(
+                        self.engine.app_id, loads(await db.fetchval("gauges", max_age))
+                    )
+                except Exception as exc:
+                    log.warning("worker.gauges_failed", error=str(exc) or repr(exc))
+                await asyncio.sleep(interval)
+        finally:
+            metrics.forget(self.engine.app_id)
 
     async def _drain(self) -> None:
         """Lets executing steps finish within the grace period, then releases what is left."""

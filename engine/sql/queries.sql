@@ -121,3 +121,6 @@ SELECT engine.now()
 
 -- name: advance_clock
 SELECT engine.advance_clock($1::interval, $2::timestamptz)
+
+-- name: gauges
+SELECT engine.gauges($1::interval)

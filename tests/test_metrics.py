@@ -1,0 +1,91 @@
+"""OpenTelemetry metrics: the database gauges, taken once per interval for every worker."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from helpers import eventually
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from engine import Concurrency, Context, Event, TriggerEvent
+
+
+def gauge_points(reader: InMemoryMetricReader, name: str) -> dict[tuple[Any, ...], float]:
+    """The latest points of metric ``name``, by their sorted attributes."""
+    data = reader.get_metrics_data()
+    points: dict[tuple[Any, ...], float] = {}
+    for resource in data.resource_metrics if data else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name != name:
+                    continue
+                for point in metric.data.data_points:
+                    points[tuple(sorted(point.attributes.items()))] = point.value
+    return points
+
+
+async def test_gauges_show_paused_and_flow_waiting_runs(
+    make_engine: Any, metric_reader: InMemoryMetricReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker exports, for its app, the sleeping runs and the runs held back by a
+    concurrency limit, as the database holds them."""
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "100")
+    app = make_engine("gauged")
+
+    @app.create_function("napper", trigger=TriggerEvent("g/nap"))
+    async def napper(ctx: Context) -> None:
+        await ctx.step.sleep("nap", "1h")
+
+    gate = asyncio.Event()
+
+    @app.create_function("solo", trigger=TriggerEvent("g/solo"), concurrency=Concurrency(limit=1))
+    async def solo(ctx: Context) -> None:
+        await ctx.step.run("hold", gate.wait)  # holds the only permit while the gate is shut
+
+    async with app.worker():
+        await app.send([Event(name="g/nap") for _ in range(3)])
+        await app.send([Event(name="g/solo") for _ in range(3)])
+
+        async def three_sleeping() -> bool:
+            points = gauge_points(metric_reader, "engine.run.paused")
+            key = (
+                ("engine.app_id", "gauged"),
+                ("engine.function_id", "napper"),
+                ("engine.run.status", "SLEEPING"),
+            )
+            return points.get(key) == 3
+
+        async def two_held_back() -> bool:
+            points = gauge_points(metric_reader, "engine.run.flow_waiting")
+            key = (
+                ("engine.app_id", "gauged"),
+                ("engine.flow.reason", "concurrency"),
+                ("engine.function_id", "solo"),
+            )
+            return points.get(key) == 2
+
+        await eventually(three_sleeping, timeout=20)
+        await eventually(two_held_back, timeout=20)
+        gate.set()
+
+
+async def test_one_snapshot_serves_every_caller_within_the_interval(sql: Any) -> None:
+    """engine.gauges scans the runs once per interval: within it, callers get the snapshot
+    already taken, even when runs changed meanwhile."""
+    first = await sql.fetchval("SELECT engine.gauges(interval '1 hour')")
+    await sql.execute(
+        """
+        INSERT INTO engine.events (id, name, data, ts, received_at)
+        VALUES ('e1', 'x/y', '{}', now(), now());
+        INSERT INTO engine.runs (app_id, function_id, status, event_seq, due_at, created_at,
+                                 updated_at)
+        SELECT 'a', 'f', 'QUEUED', seq, now() - interval '5 seconds', now(), now()
+        FROM engine.events WHERE id = 'e1';
+        """
+    )
+    assert await sql.fetchval("SELECT engine.gauges(interval '1 hour')") == first == "[]"
+    fresh = await sql.fetchval("SELECT engine.gauges($1::interval)", timedelta(0))
+    assert '"due": 1' in fresh and '"status": "QUEUED"' in fresh
