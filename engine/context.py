@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from .events import Event
+from .replay import current_place
 
 if TYPE_CHECKING:
     from .steps import Steps
@@ -18,22 +21,36 @@ current_attempt: ContextVar[int | None] = ContextVar("engine_current_attempt", d
 
 
 class RunLogger:
-    """``ctx.logger``: a structlog logger that stays quiet while a run replays.
+    """``ctx.logger``: a structlog logger that does not repeat lines when a run replays.
 
-    Code outside steps runs again each time a run resumes. The run records how many lines its
-    executions logged; a later execution skips that many lines, so each line appears once (a
-    worker that crashes before recording its count may repeat lines: at least once, then).
+    Lines inside a step are emitted by each attempt that runs (a replayed step does not run).
+    Lines outside steps are emitted once over the run's executions: a line logged before a step
+    that was already recorded when the execution began is a replay and stays quiet (the code
+    before that step ran to its end earlier); of the other lines (after the last recorded step
+    of a branch), the run records how many its executions logged, and a later execution skips
+    that many. A worker that crashes before recording its count may repeat some: at least once.
     """
 
-    def __init__(self, bound: Any, already_logged: int) -> None:
+    def __init__(self, bound: Any, already_logged: int, replayed: Callable[[str], bool]) -> None:
         self._log = bound
         self._already = already_logged
-        self.count = 0
+        self._replayed = replayed
+        self._frontier: Counter[str] = Counter()  # lines after the last recorded step, by place
 
     def _emit(self, level: str, event: str, **fields: Any) -> None:
-        self.count += 1
-        if self.count > self._already or current_step.get() is not None:
-            getattr(self._log, level)(event, **fields)
+        if current_step.get() is None:
+            place = current_place()
+            if self._replayed(place):
+                return
+            self._frontier[place] += 1
+            if self._frontier.total() <= self._already:
+                return
+        getattr(self._log, level)(event, **fields)
+
+    def logged(self, continued: set[str]) -> int:
+        """The count to record: lines outside steps at places where no step is recorded yet
+        (``continued``: where one is), which the next execution will not see as replays."""
+        return sum(n for place, n in self._frontier.items() if place not in continued)
 
     def debug(self, event: str, **fields: Any) -> None:
         """Logs at debug level."""

@@ -17,11 +17,21 @@ The hierarchy, with the stable code each error carries::
     └── RunFailure                             run_failed  the run cannot go on, retries or not
         ├── StepLimitError                     step_limit
         ├── OutputLimitError                   output_limit
-        ├── DeterminismError                   determinism
-        └── NestedStepError                    nested_step
+        └── DeterminismError                   determinism
 
-Control-flow signals used inside a run (suspend, cancel) derive from ``BaseException`` so that a
-user's ``except Exception:`` cannot swallow them; they live in :mod:`engine.execution`.
+Control-flow signals derive from ``BaseException``, so that a user's ``except Exception:`` cannot
+swallow them::
+
+    BaseException
+    ├── NestedStepError                        nested_step  a step called inside a step: the run
+    │                                                       fails at once, whatever is caught
+    ├── asyncio.CancelledError                 a suspension (sleep, wait, retry backoff) or a
+    │                                          cancel settles the run by cancelling its task
+    ├── execution.LeaseLost                    another worker has the run: stop, write nothing
+    └── execution.WriteCutOff                  a write died with its connection: hand the run back
+
+A run failure or a nested step is also remembered by the execution when raised, so the run fails
+even if the function's code catches it anyway (``except BaseException``).
 """
 
 from __future__ import annotations
@@ -147,8 +157,12 @@ class DeterminismError(RunFailure):
     code = "determinism"
 
 
-class NestedStepError(RunFailure):
-    """A step was called inside another step."""
+class NestedStepError(BaseException):
+    """A step was called inside another step: the run fails at once.
+
+    A control-flow signal, not an ``Exception``: the outer step's ``except Exception`` cannot
+    swallow it and record the outer step as completed.
+    """
 
     code = "nested_step"
 

@@ -40,6 +40,7 @@ from .errors import (
     NestedStepError,
     NonRetriableError,
     OutputLimitError,
+    RetryAfterError,
     RunFailure,
     SerializationError,
     StaleLeaseError,
@@ -50,6 +51,7 @@ from .errors import (
 from .events import Event, event_from_row
 from .function import Function
 from .matching import accepts
+from .replay import History, Recorded, start_branch
 from .retries import Backoff
 from .runs import RunStatus
 from .serialization import NotSerializable, dumps, loads, stored_size, text_problem
@@ -75,6 +77,8 @@ class StepRecord:
     output: Any = None
     error: dict[str, Any] | None = None
     wake_at: datetime | None = None
+    step_id: str | None = None  # the id the code gave (None: recorded before schema 9)
+    follows: str | None = None  # its place in its branch (see engine.replay)
 
     def to_json(self, output_json: str | None = None) -> str:
         """The JSON argument of ``engine.checkpoint_step``; ``output_json`` is pre-encoded."""
@@ -88,6 +92,8 @@ class StepRecord:
                 "attempts": self.attempts,
                 "error": self.error,
                 "wake_at": wake,
+                "id": self.step_id,
+                "follows": self.follows,
             }
         )
         return f'{head[:-1]},"output":{output_json or "null"}}}'
@@ -140,7 +146,13 @@ def _step_from_json(item: dict[str, Any]) -> StepRecord:
         output=item["output"],
         error=item["error"],
         wake_at=None if wake is None else datetime.fromisoformat(wake),
+        step_id=item.get("id"),
+        follows=item.get("follows"),
     )
+
+
+def _recorded(step: StepRecord) -> Recorded:
+    return Recorded(step.key, step.kind, step.position, step.step_id, step.follows)
 
 
 @dataclass
@@ -175,6 +187,20 @@ class StepPlan:
     key: str
     position: int
     record: StepRecord | None
+    step_id: str = ""
+    follows: str | None = None
+
+    def new(self, kind: str, status: str, **fields: Any) -> StepRecord:
+        """A record of this step (to commit)."""
+        return StepRecord(
+            self.key,
+            self.position,
+            kind,
+            status,
+            step_id=self.step_id,
+            follows=self.follows,
+            **fields,
+        )
 
 
 class Execution:
@@ -203,19 +229,17 @@ class Execution:
         self.stopping = False
         self.lost = False
         self.cut_off: str | None = None  # why a write died: stop, then hand the run back
-        self.fatal: RunFailure | None = None
+        self.fatal: RunFailure | NestedStepError | None = None
         self.in_flight = 0
         self.suspensions: list[Suspension] = []
         self.next_due: datetime | None = None  # set when the run is released with a due time
         self._halted = False
         self._settled = asyncio.Event()
         self._unsaved: list[str] = []  # completed steps' records not yet committed (see defer)
-        self._counters: dict[str, int] = {}
-        self._next_position = 0
-        self._by_position = {s.position: s.key for s in run.steps.values()}
+        self.history = History({key: _recorded(s) for key, s in run.steps.items()})
         self._clock_origin = time.monotonic()
         self.log = structlog_logger().bind(run_id=str(run.run_id), function_id=self.fn_id)
-        self.run_logger = RunLogger(self.log, run.log_lines)
+        self.run_logger = RunLogger(self.log, run.log_lines, self.history.replayed_line)
 
     # -- time ------------------------------------------------------------------------------------
     def db_now(self) -> datetime:
@@ -223,8 +247,9 @@ class Execution:
         return self.run.claimed_at + timedelta(seconds=time.monotonic() - self._clock_origin)
 
     # -- step bookkeeping (called by engine.steps) -----------------------------------------------
-    def plan(self, step_id: str) -> StepPlan:
-        """Assigns the next position to a step request and checks it against the history."""
+    def plan(self, step_id: str, kind: str) -> StepPlan:
+        """Matches a step request to the run's history by its id and its place in its branch
+        (see :mod:`engine.replay`), never by the order the event loop schedules branches in."""
         if not isinstance(step_id, str) or not step_id:
             self.fail(RunFailure(f"step ids must be non-empty strings, got {step_id!r}"))
         problem = text_problem(step_id)
@@ -233,30 +258,20 @@ class Execution:
         outer = current_step.get()
         if outer is not None:
             self.fail(NestedStepError(f"step {step_id!r} was called inside step {outer!r}"))
-        count = self._counters.get(step_id, 0)
-        self._counters[step_id] = count + 1
-        key = step_id if count == 0 else f"{step_id}:{count}"
-        position = self._next_position
-        self._next_position += 1
-        if position >= self.limits.max_steps:
+        try:
+            match = self.history.ask(step_id, kind)
+        except DeterminismError as exc:
+            self.fail(exc)
+        if not match.recorded and self.history.count() > self.limits.max_steps:
             self.fail(
                 StepLimitError(
                     f"the run asked for more than {self.limits.max_steps} steps (limit max_steps)"
                 )
             )
-        recorded = self._by_position.get(position)
-        record = self.run.steps.get(key)
-        if (recorded is not None and recorded != key) or (record and record.position != position):
-            self.fail(
-                DeterminismError(
-                    f"at position {position} the run recorded step {recorded or '(none)'!r}, "
-                    f"but the code now asks for step {key!r}: the function changed while "
-                    "the run was in flight"
-                )
-            )
-        return StepPlan(key=key, position=position, record=record)
+        record = self.run.steps.get(match.key) if match.recorded else None
+        return StepPlan(match.key, match.position, record, step_id, match.place)
 
-    def fail(self, failure: RunFailure) -> NoReturn:
+    def fail(self, failure: RunFailure | NestedStepError) -> NoReturn:
         """Marks the run as failed for good (first failure wins) and raises it."""
         if self.fatal is None:
             self.fatal = failure
@@ -402,10 +417,14 @@ class Execution:
         with self._fenced():
             if not any(m["expression"] for m in matchers):
                 rows = await self.db.fetch("register_matchers", *args)
-                return {row["key"]: loads(row["event"]) for row in rows if row["resolved"]}
-            async with self.db.transaction() as conn:
-                rows = await self.db.fetch("register_matchers", *args, conn=conn)
-                return await self._resolve_candidates(matchers, rows, conn)
+                found = {row["key"]: loads(row["event"]) for row in rows if row["resolved"]}
+            else:
+                async with self.db.transaction() as conn:
+                    rows = await self.db.fetch("register_matchers", *args, conn=conn)
+                    found = await self._resolve_candidates(matchers, rows, conn)
+        for step in steps:
+            self._remember(step)
+        return found
 
     async def _resolve_candidates(
         self, matchers: list[dict[str, Any]], rows: list[Any], conn: Any
@@ -482,9 +501,13 @@ class Execution:
         self._remember(record)
         return ids
 
+    def remember(self, record: StepRecord) -> None:
+        """Notes a step recorded by this execution (or committed with its suspension)."""
+        self._remember(record)
+
     def _remember(self, record: StepRecord) -> None:
         self.run.steps[record.key] = record
-        self._by_position[record.position] = record.key
+        self.history.remember(_recorded(record))
 
     def encode_output(self, value: Any, what: str) -> str:
         """JSON for a step's or the run's output, within ``max_output_bytes``."""
@@ -587,6 +610,7 @@ class Execution:
             self.note_cancel()
 
     async def _call(self, make_context: Callable[[Execution], Context]) -> Any:
+        start_branch()
         return await self.run.function.handler(make_context(self))
 
     async def force_stop(self) -> None:
@@ -619,11 +643,11 @@ class Execution:
             await self._suspend(_merge(self.suspensions), span)
 
     async def _after_return(self, task: asyncio.Task[Any], span: trace.Span) -> None:
+        error = task.exception()  # retrieved whatever happens next: never left unretrieved
         self._raise_if_stopped()
         if self.fatal is not None:
             await self._fail(self.fatal, span)
             return
-        error = task.exception()
         if error is None:
             await self._complete(task.result(), span)
         elif isinstance(
@@ -637,6 +661,11 @@ class Execution:
 
     async def _complete(self, value: Any, span: trace.Span) -> None:
         try:
+            self.history.check_complete()
+        except DeterminismError as diverged:
+            await self._fail(diverged, span)
+            return
+        try:
             output = self.encode_output(value, f"function {self.fn_id!r}")
         except (RunFailure, SerializationError) as failure:
             await self._fail(failure, span)
@@ -645,16 +674,24 @@ class Execution:
         await self._finish(RunStatus.COMPLETED, span, output=output)
 
     async def _retry_function(self, error: BaseException, span: trace.Span) -> None:
-        delay = self.backoff.delay(self.run.attempt)
+        now = self.db_now()
+        due = (
+            error.due(now)
+            if isinstance(error, RetryAfterError)
+            else now + self.backoff.delay(self.run.attempt)
+        )
         self.log.warning(
             "run.attempt_failed",
             attempt=self.run.attempt,
             error=str(error),
-            retry_in=delay.total_seconds(),
+            retry_in=max((due - now).total_seconds(), 0.0),
         )
         self.run.attempt += 1
-        reason = f"retrying the function after {type(error).__name__}: {error}"
-        await self._suspend(Suspension(self.db_now() + delay, RunStatus.RETRYING, reason), span)
+        reason = (
+            f"retrying the function (attempt {self.run.attempt}) after "
+            f"{type(error).__name__}: {error}"
+        )
+        await self._suspend(Suspension(due, RunStatus.RETRYING, reason), span)
 
     async def _fail(self, error: BaseException, span: trace.Span) -> None:
         self.log.error("run.failed", error=str(error), error_type=type(error).__name__)
@@ -671,7 +708,7 @@ class Execution:
         item = self._write(
             steps=self._take_unsaved(),
             status=status.value,
-            log_lines=self.run_logger.count,
+            log_lines=self.run_logger.logged(self.history.continued_places()),
             output=output or "null",
             error=error or "null",
         )
@@ -689,7 +726,7 @@ class Execution:
             due=suspension.due.isoformat(),
             reason=suspension.reason,
             attempt=self.run.attempt,
-            log_lines=self.run_logger.count,
+            log_lines=self.run_logger.logged(self.history.continued_places()),
             awaited=suspension.awaited,
         )
         with self._fenced():

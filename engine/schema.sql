@@ -115,6 +115,14 @@ BEGIN
     END IF;
 END $$;
 
+-- v9 (replay by step id and place): a step's id as the code gave it and its place in its
+-- branch, so that replay matches steps whatever the order concurrent branches run in.
+DO $$ BEGIN IF (SELECT value::int FROM engine.meta WHERE key = 'schema_version') < 9 THEN
+    ALTER TABLE engine.steps
+        ADD COLUMN IF NOT EXISTS step_id text,
+        ADD COLUMN IF NOT EXISTS follows text;
+END IF; END $$;
+
 INSERT INTO engine.meta (key, value) VALUES ('schema_version', '9')
 ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 -- Bumped by every change of engine.functions: routers reload the registry when it moves, so no
@@ -313,6 +321,9 @@ CREATE TABLE IF NOT EXISTS engine.steps (
     event_seq  bigint,                       -- the event a wait consumed
     created_at timestamptz NOT NULL,
     ended_at   timestamptz,
+    step_id    text,    -- the id the code gave (step_key adds a counter to a repeated one)
+    follows    text,    -- its place in its branch: '>k' after step k, '+k' a branch's first
+                        -- (NULL: recorded before schema version 9); see engine/replay.py
     PRIMARY KEY (run_id, step_key)
 );
 
@@ -428,7 +439,8 @@ CREATE OR REPLACE FUNCTION engine.run_steps(p_run uuid) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
     SELECT coalesce(jsonb_agg(jsonb_build_object(
                'key', s.step_key, 'position', s.position, 'kind', s.kind, 'status', s.status,
-               'attempts', s.attempts, 'output', s.output, 'error', s.error, 'wake_at', s.wake_at)
+               'attempts', s.attempts, 'output', s.output, 'error', s.error, 'wake_at', s.wake_at,
+               'id', s.step_id, 'follows', s.follows)
                ORDER BY s.position), '[]'::jsonb)
     FROM engine.steps s WHERE s.run_id = p_run
 $$;
@@ -1453,11 +1465,12 @@ DECLARE
     v_ok  boolean;
 BEGIN
     INSERT INTO engine.steps AS s (run_id, step_key, position, kind, status, attempts, output,
-                                   error, wake_at, created_at, ended_at)
+                                   error, wake_at, created_at, ended_at, step_id, follows)
     VALUES (p_run, p_step ->> 'key', (p_step ->> 'position')::int, p_step ->> 'kind',
             p_step ->> 'status', (p_step ->> 'attempts')::int, p_step -> 'output', p_step -> 'error',
             (p_step ->> 'wake_at')::timestamptz, v_now,
-            CASE WHEN p_step ->> 'status' IN ('COMPLETED', 'FAILED') THEN v_now END)
+            CASE WHEN p_step ->> 'status' IN ('COMPLETED', 'FAILED') THEN v_now END,
+            p_step ->> 'id', p_step ->> 'follows')
     ON CONFLICT (run_id, step_key) DO UPDATE
         SET status = excluded.status, attempts = excluded.attempts, output = excluded.output,
             error = excluded.error, wake_at = excluded.wake_at, ended_at = excluded.ended_at
@@ -1855,9 +1868,9 @@ BEGIN
             v_now, v_now)
     RETURNING id INTO v_new;
     INSERT INTO engine.steps (run_id, step_key, position, kind, status, attempts, output, error,
-                              wake_at, event_seq, created_at, ended_at)
+                              wake_at, event_seq, created_at, ended_at, step_id, follows)
     SELECT v_new, s.step_key, s.position, s.kind, s.status, s.attempts, s.output, s.error,
-           s.wake_at, s.event_seq, s.created_at, s.ended_at
+           s.wake_at, s.event_seq, s.created_at, s.ended_at, s.step_id, s.follows
     FROM engine.steps s
     WHERE s.run_id = p_run AND s.position < v_position AND s.status IN ('COMPLETED', 'FAILED');
     RETURN v_new;

@@ -65,7 +65,7 @@ class Steps:
             StepError: the step failed for good.
         """
         ex = self._ex
-        plan = ex.plan(step_id)
+        plan = ex.plan(step_id, "run")
         allowed = ex.run.function.retries
         if retries is not None:
             try:
@@ -108,6 +108,8 @@ class Steps:
         with telemetry.step_span(ex, plan.key, attempt) as span:
             try:
                 value = await _call_in_step(plan.key, attempt, fn, args, kwargs)
+                if ex.fatal is not None:  # a nested step the step's code caught: not completed
+                    raise ex.fatal
                 output = ex.encode_output(value, f"step {plan.key!r}")
             except Exception as error:
                 if ex.fatal is not None:  # a limit or a nested step: the run fails as a whole
@@ -115,7 +117,7 @@ class Steps:
                 telemetry.mark(span, "error")
                 return await self._failed(plan, attempt, allowed, error)
             # Committed before the next step starts, or with the run's end (see Execution.defer).
-            ex.defer(StepRecord(plan.key, plan.position, "run", "COMPLETED", attempt + 1), output)
+            ex.defer(plan.new("run", "COMPLETED", attempts=attempt + 1), output)
             telemetry.payload(span, "engine.step.output", output, ex.trace_payloads)
             telemetry.mark(span, "completed")
         return _Outcome(value=loads(output))
@@ -125,12 +127,10 @@ class Steps:
     ) -> _Outcome:
         ex = self._ex
         final = isinstance(error, NonRetriableError | SerializationError) or attempt >= allowed
-        record = StepRecord(
-            plan.key,
-            plan.position,
+        record = plan.new(
             "run",
             "FAILED" if final else "RETRYING",
-            attempt + 1,
+            attempts=attempt + 1,
             error=error_payload(error),
         )
         await ex.checkpoint(record)
@@ -151,7 +151,7 @@ class Steps:
             else now + ex.backoff.delay(attempt)
         )
         reason = (
-            f"retrying step {plan.key!r} (attempt {attempt + 2}) after "
+            f"retrying step {plan.key!r} (attempt {attempt + 1}) after "
             f"{type(error).__name__}: {error}"
         )
         return _Outcome(wait=Suspension(due, RunStatus.RETRYING, reason))
@@ -162,17 +162,23 @@ class Steps:
         The sleeping run holds no worker and no connection, and resumes on time even if every
         worker restarted meanwhile.
         """
-        delay = parse_duration(duration, what=f"sleep {step_id!r}")
+        try:
+            delay = parse_duration(duration, what=f"sleep {step_id!r}")
+        except (EngineError, ValueError, TypeError) as exc:  # a programming error: no retry
+            self._ex.fail(RunFailure(str(exc)))
         await self._sleep(step_id, lambda now: now + delay)
 
     async def sleep_until(self, step_id: str, when: datetime) -> None:
         """Pauses the run durably until ``when`` (aware); a time in the past returns at once."""
-        wake_at = utc(when)
+        try:
+            wake_at = utc(when)
+        except (EngineError, AttributeError, TypeError) as exc:  # a programming error: no retry
+            self._ex.fail(RunFailure(f"sleep_until {step_id!r}: {exc}"))
         await self._sleep(step_id, lambda now: wake_at)
 
     async def _sleep(self, step_id: str, wake: Callable[[datetime], datetime]) -> None:
         ex = self._ex
-        plan = ex.plan(step_id)
+        plan = ex.plan(step_id, "sleep")
         record = plan.record
         if record is not None and record.status == "COMPLETED":
             return
@@ -180,11 +186,12 @@ class Steps:
             await ex.gate(flush=False)  # earlier steps are committed with the suspension
             now = ex.db_now()
             wake_at = wake(now)
-            record = StepRecord(plan.key, plan.position, "sleep", "SLEEPING", wake_at=wake_at)
+            record = plan.new("sleep", "SLEEPING", wake_at=wake_at)
             if wake_at <= now:  # a sleep into the past is over at once
                 record.status = "COMPLETED"
                 ex.defer(record, "null")
                 return
+            ex.remember(record)  # committed with the suspension
             pending = [record]
         else:  # recorded earlier, not yet due: wait again without recording it twice
             pending = []
@@ -211,7 +218,7 @@ class Steps:
         worker.
         """
         ex = self._ex
-        plan = ex.plan(step_id)
+        plan = ex.plan(step_id, "wait")
         record = plan.record
         if record is None:
             what = f"wait_for_event {step_id!r}"
@@ -221,9 +228,7 @@ class Steps:
             except (EngineError, ValueError) as exc:
                 ex.fail(RunFailure(str(exc)))
             await ex.gate()
-            record = StepRecord(
-                plan.key, plan.position, "wait", "WAITING", wake_at=ex.db_now() + delay
-            )
+            record = plan.new("wait", "WAITING", wake_at=ex.db_now() + delay)
             row = matcher.row(
                 key=plan.key,
                 kind="wait",
@@ -258,14 +263,17 @@ class Steps:
                 passed first (type ``InvokeTimeoutError``).
         """
         ex = self._ex
-        plan = ex.plan(step_id)
+        plan = ex.plan(step_id, "invoke")
         record = plan.record
         if record is None:
             what = f"invoke {step_id!r}"
-            delay = None if timeout is None else parse_duration(timeout, what=what)
+            try:
+                delay = None if timeout is None else parse_duration(timeout, what=what)
+            except (EngineError, ValueError, TypeError) as exc:  # a programming error: no retry
+                ex.fail(RunFailure(str(exc)))
             await ex.gate()
             expires = None if delay is None else ex.db_now() + delay
-            record = StepRecord(plan.key, plan.position, "invoke", "WAITING", wake_at=expires)
+            record = plan.new("invoke", "WAITING", wake_at=expires)
             message = f"invoking function {function.fn_id!r} timed out after {timeout}"
             on_timeout = {
                 "status": "FAILED",
@@ -294,7 +302,7 @@ class Steps:
         sends twice. Invalid events fail the step (``StepError``) without sending anything.
         """
         ex = self._ex
-        plan = ex.plan(step_id)
+        plan = ex.plan(step_id, "send")
         record = plan.record
         if record is not None and record.status == "COMPLETED":
             return list(record.output)
@@ -305,14 +313,10 @@ class Steps:
             try:
                 payload = validate_outgoing(events)
             except InvalidEventError as exc:
-                failed = StepRecord(
-                    plan.key, plan.position, "send", "FAILED", error=error_payload(exc)
-                )
+                failed = plan.new("send", "FAILED", error=error_payload(exc))
                 await ex.checkpoint(failed)
                 raise _step_error(plan.key, failed.error) from exc
-            return await ex.send_events(
-                StepRecord(plan.key, plan.position, "send", "COMPLETED"), payload
-            )
+            return await ex.send_events(plan.new("send", "COMPLETED"), payload)
 
     async def _await(self, key: str, record: StepRecord, what: str) -> None:
         """Releases the run until a WAITING step is resolved (or its timeout passes)."""

@@ -219,8 +219,7 @@ async def test_changed_code_raises_determinism_error_naming_both_steps(make_engi
         if len(executions) == 1:
             await asyncio.gather(ctx.step.run("a", lambda: 1), ctx.step.run("b", lambda: 2))
         else:
-            await ctx.step.run("a", lambda: 1)
-            await ctx.step.run("c", lambda: 3)
+            await asyncio.gather(ctx.step.run("a", lambda: 1), ctx.step.run("c", lambda: 3))
         await ctx.step.sleep("s", "10ms")
 
     async with app.worker():
@@ -274,3 +273,188 @@ async def test_odd_step_ids(make_engine: Any, step_id: str) -> None:
         run = await app.wait_for_run(await only_run_id(app, event_id))
     assert run.status is RunStatus.COMPLETED and run.output == 2
     assert [s.step_id for s in run.steps] == [step_id, "s", f"{step_id}:1"]
+
+
+async def _run_once(app: Any, name: str) -> Any:
+    async with app.worker():
+        [event_id] = await app.send(Event(name=name))
+        return await app.wait_for_run(await only_run_id(app, event_id))
+
+
+async def test_parallel_groups_of_sequential_steps_replay_after_a_sleep(make_engine: Any) -> None:
+    """gather() of sequential groups, then a sleep: the replay matches every step by id, in
+    whatever order the loop now runs the groups, and each step runs once (#12)."""
+    app = make_engine()
+    calls: Counter[str] = Counter()
+
+    def step(name: str) -> Any:
+        async def body() -> str:
+            calls[name] += 1
+            await asyncio.sleep(0.001 * (len(name) % 3))  # the groups interleave
+            return name
+
+        return body
+
+    @app.create_function("fan", trigger=TriggerEvent("t/fan"))
+    async def fan(ctx: Context) -> Any:
+        async def group_1() -> list[str]:
+            return [await ctx.step.run("1a", step("1a")), await ctx.step.run("1b", step("1b"))]
+
+        async def group_2() -> list[str]:
+            return [await ctx.step.run(s, step(s)) for s in ("2a", "2b", "2c")]
+
+        done = await asyncio.gather(group_1(), group_2(), ctx.step.run("3", step("3")))
+        await ctx.step.sleep("pause", "20ms")
+        return [done, await ctx.step.run("after", step("after"))]
+
+    run = await _run_once(app, "t/fan")
+    assert run.status is RunStatus.COMPLETED, run.error
+    assert run.output == [[["1a", "1b"], ["2a", "2b", "2c"], "3"], "after"]
+    assert set(calls.values()) == {1} and len(calls) == 7
+
+
+async def test_a_step_failing_after_parallel_groups_is_retried(make_engine: Any) -> None:
+    """A retry replays the groups before the failed step: no false DeterminismError (#12)."""
+    app = make_engine()
+    calls: Counter[str] = Counter()
+
+    def flaky() -> str:
+        calls["flaky"] += 1
+        if calls["flaky"] == 1:
+            raise RuntimeError("once")
+        return "ok"
+
+    @app.create_function("fan-retry", trigger=TriggerEvent("t/fan-retry"))
+    async def fan_retry(ctx: Context) -> Any:
+        async def group(prefix: str) -> list[Any]:
+            return [await ctx.step.run(f"{prefix}{i}", lambda i=i: i) for i in range(3)]
+
+        await asyncio.gather(group("x"), group("y"))
+        return await ctx.step.run("flaky", flaky)
+
+    run = await _run_once(app, "t/fan-retry")
+    assert run.status is RunStatus.COMPLETED, run.error
+    assert run.output == "ok" and calls["flaky"] == 2
+
+
+async def test_a_renamed_step_is_refused_before_it_runs(make_engine: Any) -> None:
+    """A branch that asks, after a recorded step, for another step than the one recorded there
+    fails with both ids, before the new step's body runs."""
+    app = make_engine()
+    executions: list[int] = []
+    renamed: list[int] = []
+
+    @app.create_function("renaming", trigger=TriggerEvent("t/rename"))
+    async def renaming(ctx: Context) -> Any:
+        executions.append(1)
+        await ctx.step.run("a", lambda: 1)
+        if len(executions) == 1:
+            await ctx.step.run("charge", lambda: 2)
+        else:
+            await ctx.step.run("charge-card", lambda: renamed.append(1))
+        await ctx.step.sleep("s", "10ms")
+
+    run = await _run_once(app, "t/rename")
+    assert run.status is RunStatus.FAILED and run.error["type"] == "DeterminismError"
+    assert "'charge'" in run.error["message"] and "'charge-card'" in run.error["message"]
+    assert renamed == []
+
+
+async def test_a_recorded_step_no_longer_asked_for_fails_the_run(make_engine: Any) -> None:
+    """Removing a recorded step is caught where the branch asks for the next one."""
+    app = make_engine()
+    executions: list[int] = []
+
+    @app.create_function("removing", trigger=TriggerEvent("t/remove"))
+    async def removing(ctx: Context) -> Any:
+        executions.append(1)
+        await ctx.step.run("a", lambda: 1)
+        if len(executions) == 1:
+            await ctx.step.run("b", lambda: 2)
+        await ctx.step.sleep("s", "10ms")
+        return "done"
+
+    run = await _run_once(app, "t/remove")
+    assert run.status is RunStatus.FAILED and run.error["type"] == "DeterminismError"
+    assert "'b'" in run.error["message"] and "'s'" in run.error["message"]
+
+
+async def test_a_step_kind_changed_under_one_id_fails_the_run(make_engine: Any) -> None:
+    app = make_engine()
+    executions: list[int] = []
+
+    @app.create_function("kinds", trigger=TriggerEvent("t/kinds"))
+    async def kinds(ctx: Context) -> Any:
+        executions.append(1)
+        if len(executions) == 1:
+            await ctx.step.run("x", lambda: 1)
+        else:
+            await ctx.step.sleep("x", "1ms")
+        await ctx.step.sleep("s", "10ms")
+
+    run = await _run_once(app, "t/kinds")
+    assert run.status is RunStatus.FAILED and run.error["type"] == "DeterminismError"
+    assert "'x'" in run.error["message"] and "sleep" in run.error["message"]
+
+
+async def test_explicit_ids_that_look_like_counters_do_not_collide(make_engine: Any) -> None:
+    """`fetch:1` given by the code, then `fetch` twice: each keeps its own record (#11)."""
+    app = make_engine()
+    calls: Counter[str] = Counter()
+
+    def effect(name: str) -> str:
+        calls[name] += 1
+        return name
+
+    @app.create_function("lookalike", trigger=TriggerEvent("t/lookalike"))
+    async def lookalike(ctx: Context) -> Any:
+        first = await ctx.step.run("fetch:1", effect, "explicit")
+        second = await ctx.step.run("fetch", effect, "one")
+        await ctx.step.sleep("s", "10ms")
+        third = await ctx.step.run("fetch", effect, "two")
+        await ctx.step.sleep("t", "10ms")
+        return [first, second, third]
+
+    run = await _run_once(app, "t/lookalike")
+    assert run.status is RunStatus.COMPLETED, run.error
+    assert run.output == ["explicit", "one", "two"]
+    assert calls == {"explicit": 1, "one": 1, "two": 1}
+    assert [s.step_id for s in run.steps] == ["fetch:1", "fetch", "s", "fetch:2", "t"]
+
+
+async def test_one_id_in_parallel_branches_keeps_each_branch_its_record(
+    make_engine: Any,
+) -> None:
+    """Counters of an id asked in two branches follow each branch, not the loop's order."""
+    app = make_engine()
+    calls: Counter[str] = Counter()
+
+    def effect(name: str) -> str:
+        calls[name] += 1
+        return name
+
+    @app.create_function("shared-id", trigger=TriggerEvent("t/shared"))
+    async def shared_id(ctx: Context) -> Any:
+        fast_fetched = asyncio.Event()
+
+        async def prepare() -> str:
+            await fast_fetched.wait()  # the first time, `fast` asks for its fetch first
+            return effect("prepare")
+
+        async def slow() -> str:
+            await ctx.step.run("prepare", prepare)  # replayed at once: `slow` asks first then
+            return str(await ctx.step.run("fetch", effect, "slow"))
+
+        async def fast() -> str:
+            fetched = await ctx.step.run("fetch", effect, "fast")
+            fast_fetched.set()
+            return str(fetched)
+
+        both = await asyncio.gather(slow(), fast())
+        await ctx.step.sleep("s", "10ms")
+        return both
+
+    run = await _run_once(app, "t/shared")
+    assert run.status is RunStatus.COMPLETED, run.error
+    assert run.output == ["slow", "fast"]
+    assert calls == {"prepare": 1, "slow": 1, "fast": 1}

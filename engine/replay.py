@@ -1,0 +1,219 @@
+"""Replay: which recorded step a step request is, and when replayed code has diverged.
+
+A step request is matched to the run's history by its id and its *place*, never by the order in
+which the event loop happens to schedule concurrent tasks. The place of a request says what came
+just before it in the same branch of the function (an asyncio task: the function's own, or one
+that ``asyncio.gather``/``create_task`` started):
+
+- ``">k"``: the branch asked for step ``k`` just before (``">"``: this is the function's first);
+- ``"+k"``: the first step of a branch started after its parent asked for step ``k`` (``"+"``:
+  started before the parent asked for any).
+
+Given the same step results, deterministic code asks for the same steps at the same places in
+every execution, however its branches interleave; so ``(id, place)`` names a step across
+executions. Several requests with the same id and place (``gather`` over a loop of the same id)
+are told apart by the order in which they are asked, which for branches that gather started
+together is the order of their creation. Keys (``fetch``, ``fetch:1``...) only need to be unique:
+a new step takes its id as its key, or the first ``id:n`` not taken, and a key is never parsed.
+
+Divergence is reported (:class:`DeterminismError`) only when it is provable:
+
+- a branch asks, right after step ``k``, for a step that has no record, while the run recorded a
+  different step right after ``k`` in that branch: the branch's code is sequential, so in an
+  unchanged function it would ask for the recorded one (checked before the new step runs);
+- a step is asked for at a recorded place with another kind (``run`` where a ``sleep`` was);
+- the function returned while a recorded step was never asked for.
+
+Steps recorded before places were stored (schema version 9) are matched as they were recorded:
+by the per-id counter in the order of the requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Iterable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import DeterminismError
+
+# The last step asked for in this branch of the run, with the task that asked for it.
+_last_step: ContextVar[tuple[str, asyncio.Task[Any] | None] | None] = ContextVar(
+    "engine_last_step", default=None
+)
+
+
+def start_branch() -> None:
+    """Marks the current task as the function's own branch, before it asks for any step."""
+    _last_step.set(("", asyncio.current_task()))
+
+
+def current_place() -> str:
+    """The place of a step asked for now, in the current branch (see the module docstring)."""
+    last = _last_step.get()
+    if last is None:
+        return "+"
+    key, task = last
+    return (">" if task is asyncio.current_task() else "+") + key
+
+
+def describe(place: str) -> str:
+    """A place in words, for error messages."""
+    after = place[1:]
+    if place.startswith(">"):
+        return f"after step {after!r}" if after else "as the function's first step"
+    return (
+        f"as the first step of a branch started after step {after!r}"
+        if after
+        else ("as the first step of a branch started before any step")
+    )
+
+
+@dataclass
+class Recorded:
+    """What the history needs to know of a recorded step."""
+
+    key: str
+    kind: str
+    position: int
+    step_id: str | None  # None: recorded before places were stored
+    place: str | None
+
+
+@dataclass
+class Match:
+    """Where a step request falls: its key and position, and its record if it has one."""
+
+    key: str
+    position: int
+    place: str
+    recorded: bool
+
+
+@dataclass
+class History:
+    """The run's recorded steps, and which of them this execution has asked for."""
+
+    recorded: dict[str, Recorded]
+    asked: set[str] = field(default_factory=set)
+    new_keys: list[str] = field(default_factory=list)  # asked for with no record, in order
+    _by_place: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    _after: dict[str, str] = field(default_factory=dict)  # ">k" place -> recorded key there
+    _requests: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    _next_position: int = 0
+    _replayed_places: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        by_place: dict[tuple[str, str], list[Recorded]] = defaultdict(list)
+        for step in self.recorded.values():
+            if step.step_id is not None and step.place is not None:
+                by_place[(step.step_id, step.place)].append(step)
+                if step.place.startswith(">"):
+                    self._after[step.place] = step.key
+        self._by_place = {
+            place: [s.key for s in sorted(steps, key=lambda s: s.position)]
+            for place, steps in by_place.items()
+        }
+        positions = [s.position for s in self.recorded.values()]
+        self._next_position = max(positions, default=-1) + 1
+        self._replayed_places = frozenset(self._places())
+
+    def ask(self, step_id: str, kind: str) -> Match:
+        """Matches a request to its record, or gives it a new key; raises DeterminismError
+        when the request proves that the function changed."""
+        place = current_place()
+        count = self._requests[step_id]
+        self._requests[step_id] = count + 1
+        key = self._match(step_id, place, count)
+        if key is None:
+            self._check_new(step_id, place)
+            key = self._new_key(step_id)
+            self.new_keys.append(key)
+            match = Match(key, self._next_position, place, recorded=False)
+            self._next_position += 1
+        else:
+            step = self.recorded[key]
+            if step.kind != kind:
+                raise DeterminismError(
+                    f"step {key!r} was recorded as a {step.kind} step, but the code now asks for "
+                    f"a {kind} step with that id: the function changed while the run was in "
+                    "flight"
+                )
+            match = Match(key, step.position, place, recorded=True)
+        self.asked.add(key)
+        _last_step.set((key, asyncio.current_task()))
+        return match
+
+    def _match(self, step_id: str, place: str, count: int) -> str | None:
+        for key in self._by_place.get((step_id, place), ()):
+            if key not in self.asked:
+                return key
+        legacy = step_id if count == 0 else f"{step_id}:{count}"
+        step = self.recorded.get(legacy)
+        if step is not None and step.place is None and legacy not in self.asked:
+            return legacy
+        return None
+
+    def _check_new(self, step_id: str, place: str) -> None:
+        recorded = self._after.get(place)
+        if recorded is not None and recorded not in self.asked:
+            raise DeterminismError(
+                f"{describe(place)} the run recorded step {recorded!r}, but the code now asks "
+                f"for step {step_id!r}{self._elsewhere(step_id)}: the function changed while "
+                "the run was in flight"
+            )
+
+    def _elsewhere(self, step_id: str) -> str:
+        """Where a step of this id is recorded instead, if it is."""
+        for step in self.recorded.values():
+            if step.step_id == step_id and step.key not in self.asked and step.place:
+                return f" (recorded {describe(step.place)})"
+        return ""
+
+    def _new_key(self, step_id: str) -> str:
+        key, n = step_id, 0
+        while key in self.recorded or key in self.asked:
+            n += 1
+            key = f"{step_id}:{n}"
+        return key
+
+    def check_complete(self) -> None:
+        """Called when the function returned: every recorded step must have been asked for,
+        since the function will ask for nothing more."""
+        missing = [s for s in self.recorded.values() if s.key not in self.asked]
+        if not missing:
+            return
+        names = _names(s.key for s in sorted(missing, key=lambda s: s.position))
+        instead = f" (it asked for new steps {_names(self.new_keys)})" if self.new_keys else ""
+        raise DeterminismError(
+            f"the function returned without asking for recorded steps {names}{instead}: the "
+            "function changed while the run was in flight"
+        )
+
+    def remember(self, step: Recorded) -> None:
+        """Adds a step recorded during this execution (it was asked for)."""
+        self.recorded[step.key] = step
+
+    def count(self) -> int:
+        """How many distinct steps the run has recorded or asked for."""
+        return len(self.recorded.keys() | self.asked)
+
+    def replayed_line(self, place: str) -> bool:
+        """True if code at ``place`` ran to its end in an earlier execution: a step was recorded
+        at ``place`` before this execution began, so the code before it had run."""
+        return place in self._replayed_places
+
+    def continued_places(self) -> set[str]:
+        """The places where a step is recorded now (this execution's records included)."""
+        return self._places()
+
+    def _places(self) -> set[str]:
+        return {s.place for s in self.recorded.values() if s.place is not None}
+
+
+def _names(keys: Iterable[str], most: int = 5) -> str:
+    listed = list(keys)
+    more = f" and {len(listed) - most} more" if len(listed) > most else ""
+    return ", ".join(repr(key) for key in listed[:most]) + more
