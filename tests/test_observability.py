@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import threading
 from pathlib import Path
@@ -89,6 +90,76 @@ async def test_ctx_logger_does_not_repeat_lines_on_replay(make_engine: Any) -> N
     assert lines == ["chatty.begin", "chatty.middle", "chatty.end"]
     started = [e for e in logs if e["event"] == "run.started"]
     assert len(started) == 3 and all(e["run_id"] == run_id for e in started)
+
+
+async def _logged_lines(app: Any, name: str, prefix: str) -> list[str]:
+    with capture_logs() as logs:
+        async with app.worker():
+            [event_id] = await app.send(Event(name=name))
+            run = await app.wait_for_run(await only_run_id(app, event_id))
+    assert run.status.value == "COMPLETED", run.error
+    return [entry["event"] for entry in logs if entry["event"].startswith(prefix)]
+
+
+async def test_ctx_logger_line_after_a_replayed_step_that_logged_is_emitted(
+    make_engine: Any,
+) -> None:
+    """A line logged inside a step does not hide a later line outside steps (#12)."""
+    app = make_engine()
+
+    @app.create_function("inside-out", trigger=TriggerEvent("t/inside-out"))
+    async def inside_out(ctx: Context) -> Any:
+        await ctx.step.run("work", lambda: ctx.logger.info("io.inside"))
+        await ctx.step.sleep("pause", "10ms")
+        ctx.logger.info("io.after")
+
+    assert await _logged_lines(app, "t/inside-out", "io.") == ["io.inside", "io.after"]
+
+
+async def test_ctx_logger_inside_a_step_logs_each_attempt_outside_once(make_engine: Any) -> None:
+    """Each attempt of a step logs its lines; lines outside steps appear once over the run."""
+    app = make_engine()
+    attempts: list[int] = []
+
+    def flaky() -> str:
+        ctx_logger.info("retry.try")
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise RuntimeError("again")
+        return "ok"
+
+    @app.create_function("retrying", trigger=TriggerEvent("t/retrying"))
+    async def retrying(ctx: Context) -> Any:
+        nonlocal ctx_logger
+        ctx_logger = ctx.logger
+        ctx.logger.info("retry.before")
+        await ctx.step.run("flaky", flaky)
+        ctx.logger.info("retry.after")
+
+    ctx_logger: Any = None
+    lines = await _logged_lines(app, "t/retrying", "retry.")
+    assert lines == ["retry.before", "retry.try", "retry.try", "retry.try", "retry.after"]
+
+
+async def test_ctx_logger_lines_of_parallel_branches_appear_once(make_engine: Any) -> None:
+    """Branches that gather runs log their lines once, whatever order the replay runs them in."""
+    app = make_engine()
+
+    @app.create_function("branches", trigger=TriggerEvent("t/branches"))
+    async def branches(ctx: Context) -> Any:
+        async def branch(name: str) -> None:
+            ctx.logger.info(f"b.{name}.start")
+            await ctx.step.run(f"{name}-1", lambda: None)
+            ctx.logger.info(f"b.{name}.middle")
+            await ctx.step.run(f"{name}-2", lambda: None)
+
+        await asyncio.gather(branch("x"), branch("y"))
+        await ctx.step.sleep("pause", "10ms")
+        ctx.logger.info("b.end")
+        await ctx.step.sleep("pause-again", "10ms")
+
+    lines = await _logged_lines(app, "t/branches", "b.")
+    assert sorted(lines) == sorted(["b.x.start", "b.x.middle", "b.y.start", "b.y.middle", "b.end"])
 
 
 class _Collector(http.server.BaseHTTPRequestHandler):

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 import pytest
-from helpers import only_run_id
+from helpers import eventually, move_clock, only_run_id
+from structlog.testing import capture_logs
 
 from engine import (
     Context,
@@ -226,3 +228,86 @@ async def test_a_step_may_override_the_function_retries(make_engine: Any) -> Non
         run = await app.wait_for_run(await only_run_id(app, event_id))
     assert run.output == ["once failed", "thrice failed"]
     assert attempts == {"once": 1, "thrice": 3}
+
+
+async def test_retry_after_error_outside_steps_sets_the_function_retry(
+    make_engine: Any, sql: Any
+) -> None:
+    """RetryAfterError raised outside any step decides when the function retries (#12)."""
+    app = make_engine()
+    attempts: list[int] = []
+
+    @app.create_function("later", trigger=TriggerEvent("t/later"), retries=2)
+    async def later(ctx: Context) -> Any:
+        attempts.append(ctx.attempt)
+        if len(attempts) == 1:
+            raise RetryAfterError("quota exhausted", timedelta(hours=1))
+        return "done"
+
+    async with app.worker():
+        [event_id] = await app.send(Event(name="t/later"))
+        run_id = await only_run_id(app, event_id)
+
+        async def retrying() -> Any:
+            return await sql.fetchval(
+                "SELECT due_at - engine.now() FROM engine.runs WHERE id = $1 AND status = "
+                "'RETRYING'",
+                UUID(run_id),
+            )
+
+        wait = await eventually(retrying)
+        assert wait > timedelta(minutes=55)
+        await move_clock(sql, timedelta(hours=1))
+        run = await app.wait_for_run(run_id)
+    assert run.status is RunStatus.COMPLETED and attempts == [0, 1]
+
+
+async def test_an_invalid_sleep_duration_fails_the_run_at_once(make_engine: Any) -> None:
+    """A step argument the step method refuses is a programming error: no retries (#13)."""
+    app = make_engine()
+    attempts: list[int] = []
+
+    @app.create_function("bad-nap", trigger=TriggerEvent("t/bad-nap"), retries=4)
+    async def bad_nap(ctx: Context) -> Any:
+        attempts.append(1)
+        await ctx.step.sleep("nap", "2 secs")
+
+    run = await run_once(app, "t/bad-nap")
+    assert run.status is RunStatus.FAILED and attempts == [1]
+    assert "2 secs" in run.error["message"] and "'nap'" in run.error["message"]
+
+
+async def test_a_naive_sleep_until_fails_the_run_at_once(make_engine: Any) -> None:
+    app = make_engine()
+
+    @app.create_function("naive", trigger=TriggerEvent("t/naive"), retries=4)
+    async def naive(ctx: Context) -> Any:
+        await ctx.step.sleep_until("wake", datetime(2030, 1, 1))
+
+    run = await run_once(app, "t/naive")
+    assert run.status is RunStatus.FAILED and run.attempt == 0
+    assert "timezone-aware" in run.error["message"]
+
+
+async def test_retry_numbering_is_zero_based_everywhere(make_engine: Any) -> None:
+    """step.failed, the waiting reason and ctx.attempt all count attempts from 0 (#13)."""
+    app = make_engine()
+    seen: list[int] = []
+
+    @app.create_function("numbered", trigger=TriggerEvent("t/numbered"))
+    async def numbered(ctx: Context) -> Any:
+        def charge() -> str:
+            seen.append(ctx.attempt)
+            if ctx.attempt == 0:
+                raise RuntimeError("declined")
+            return "ok"
+
+        return await ctx.step.run("charge", charge)
+
+    with capture_logs() as logs:
+        run = await run_once(app, "t/numbered")
+    assert run.status is RunStatus.COMPLETED and seen == [0, 1]
+    [failed] = [e for e in logs if e["event"] == "step.failed"]
+    [suspended] = [e for e in logs if e["event"] == "run.suspended"]
+    assert failed["attempt"] == 0
+    assert "retrying step 'charge' (attempt 1)" in suspended["reason"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections import Counter
 from typing import Any
 
@@ -458,3 +459,61 @@ async def test_one_id_in_parallel_branches_keeps_each_branch_its_record(
     assert run.status is RunStatus.COMPLETED, run.error
     assert run.output == ["slow", "fast"]
     assert calls == {"prepare": 1, "slow": 1, "fast": 1}
+
+
+async def test_a_nested_step_fails_the_run_even_if_the_outer_step_catches_everything(
+    make_engine: Any,
+) -> None:
+    """`except Exception` inside the outer step cannot swallow NestedStepError (#12)."""
+    app = make_engine()
+
+    @app.create_function("swallow", trigger=TriggerEvent("t/swallow"), retries=3)
+    async def swallow(ctx: Context) -> Any:
+        async def outer() -> str:
+            try:
+                await ctx.step.run("inner", lambda: 1)
+            except Exception:
+                return "swallowed"
+            return "not reached"
+
+        return await ctx.step.run("outer", outer)
+
+    run = await _run_once(app, "t/swallow")
+    assert run.status is RunStatus.FAILED and run.error["type"] == "NestedStepError"
+    assert run.attempt == 0
+    assert [s.status for s in run.steps if s.step_id == "outer"] != ["COMPLETED"]
+
+
+@pytest.mark.parametrize("case", ["bad-expression", "determinism"])
+async def test_no_engine_task_is_left_with_an_unretrieved_exception(
+    make_engine: Any, case: str
+) -> None:
+    """A run failing inside gather() leaves no "Task exception was never retrieved" (#13)."""
+    app = make_engine()
+    executions: list[int] = []
+    unretrieved: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: unretrieved.append(context))
+
+    @app.create_function("gathered", trigger=TriggerEvent("t/gathered"))
+    async def gathered(ctx: Context) -> Any:
+        executions.append(1)
+        if case == "bad-expression":
+            await asyncio.gather(
+                ctx.step.wait_for_event("w", event="t/x", if_exp="event.data.x ==="),
+                ctx.step.run("slow", asyncio.sleep, 0.05),
+            )
+        elif len(executions) == 1:
+            await ctx.step.run("a", lambda: 1)
+            await ctx.step.sleep("s", "5ms")
+        else:
+            await asyncio.gather(ctx.step.run("b", lambda: 1), ctx.step.run("c", lambda: 1))
+
+    try:
+        run = await _run_once(app, "t/gathered")
+        gc.collect()  # an unretrieved task reports when it is collected
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert run.status is RunStatus.FAILED
+    assert unretrieved == []
