@@ -284,8 +284,13 @@ class Execution:
         in the same round trip."""
         if self.fatal is not None:
             raise self.fatal
-        if flush:
-            await self.flush()
+        if flush and not self._settled.is_set():
+            # Counted as executing: a stop or a suspension settling the run meanwhile must not
+            # cancel this write half way (the records it carries would be lost with it).
+            async with self.executing():
+                await self.flush()
+        if self._settled.is_set():  # being released: the pending records go with that write
+            await self.block()
         if self.cancel_requested or self.stopping:
             self._halted = True
             await self.block()

@@ -517,3 +517,29 @@ async def test_no_engine_task_is_left_with_an_unretrieved_exception(
         loop.set_exception_handler(None)
     assert run.status is RunStatus.FAILED
     assert unretrieved == []
+
+
+async def test_a_step_that_ends_while_its_run_settles_is_recorded_once(make_engine: Any) -> None:
+    """A branch that goes on after a step completed, while another branch's sleep releases the
+    run, starts no write that the release could cut: the step is recorded and runs once."""
+    app = make_engine()
+    calls: Counter[str] = Counter()
+
+    async def slow(tag: str) -> str:
+        calls[tag] += 1
+        await asyncio.sleep(0.02)  # completes after the sleep has asked to release the run
+        return tag
+
+    @app.create_function("settling", trigger=TriggerEvent("t/settling"))
+    async def settling(ctx: Context) -> Any:
+        async def steps() -> list[str]:
+            return [await ctx.step.run("work", slow, f"{ctx.event.data['n']}-{i}") for i in (0, 1)]
+
+        both = await asyncio.gather(ctx.step.sleep("nap", "1ms"), steps())
+        return both[1]
+
+    async with app.worker():
+        ids = await app.send([Event(name="t/settling", data={"n": n}) for n in range(8)])
+        runs = [await app.wait_for_run(await only_run_id(app, i)) for i in ids]
+    assert [r.output for r in runs] == [[f"{n}-0", f"{n}-1"] for n in range(8)]
+    assert set(calls.values()) == {1} and len(calls) == 16
