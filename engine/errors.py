@@ -152,7 +152,9 @@ class OutputLimitError(RunFailure):
 
 
 class DeterminismError(RunFailure):
-    """Replayed code asked, at a recorded position, for a different step than the one recorded."""
+    """Replay proved that the function changed while the run was in flight (a branch asked,
+    after a recorded step, for another step than the one recorded there; or the function
+    returned without asking for a recorded step). See docs/concepts.md."""
 
     code = "determinism"
 

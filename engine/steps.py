@@ -1,7 +1,8 @@
 """``ctx.step``: memoized, retried, durable steps.
 
-A step id used twice in one run gets a counter (``fetch``, ``fetch:1``...). A completed step is
-never executed again: its recorded output is returned on replay.
+A step id used twice in one run gets a counter in its key (``fetch``, ``fetch:1``...). A completed
+step is never executed again: its recorded output is returned on replay, matched by its id and its
+place in its branch (see :mod:`engine.replay`).
 """
 
 from __future__ import annotations
