@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -237,6 +238,7 @@ class Execution:
         self._settled = asyncio.Event()
         self._unsaved: list[str] = []  # completed steps' records not yet committed (see defer)
         self.history = History({key: _recorded(s) for key, s in run.steps.items()})
+        self._branches: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()  # asked for steps
         self._clock_origin = time.monotonic()
         self.log = structlog_logger().bind(run_id=str(run.run_id), function_id=self.fn_id)
         self.run_logger = RunLogger(self.log, run.log_lines, self.history.replayed_line)
@@ -258,6 +260,9 @@ class Execution:
         outer = current_step.get()
         if outer is not None:
             self.fail(NestedStepError(f"step {step_id!r} was called inside step {outer!r}"))
+        task = asyncio.current_task()
+        if task is not None:
+            self._branches.add(task)
         try:
             match = self.history.ask(step_id, kind)
         except DeterminismError as exc:
@@ -586,12 +591,26 @@ class Execution:
             await asyncio.wait({task, settled}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             settled.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await self._after_settling(span)
-        else:
-            await self._after_return(task, span)
+        try:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await self._after_settling(span)
+            else:
+                await self._after_return(task, span)
+        finally:
+            await self._end_branches()
+
+    async def _end_branches(self) -> None:
+        """Cancels the branches the function left running (tasks it started and did not await)
+        and collects their outcome, so that none outlives the execution or leaves an exception
+        unretrieved."""
+        left = [branch for branch in self._branches if not branch.done()]
+        for branch in left:
+            branch.cancel()
+        if left:
+            await asyncio.gather(*left, return_exceptions=True)
+        self._branches.clear()
 
     def _first_start(self) -> bool:
         return not self.run.steps and self.run.attempt == 0 and not self.cancel_requested

@@ -11,7 +11,7 @@ import pytest
 from helpers import only_run_id
 from pydantic import BaseModel
 
-from engine import Context, Event, RunStatus, TriggerEvent
+from engine import Context, Event, NonRetriableError, RunStatus, TriggerEvent
 
 
 class User(BaseModel):
@@ -484,7 +484,7 @@ async def test_a_nested_step_fails_the_run_even_if_the_outer_step_catches_everyt
     assert [s.status for s in run.steps if s.step_id == "outer"] != ["COMPLETED"]
 
 
-@pytest.mark.parametrize("case", ["bad-expression", "determinism"])
+@pytest.mark.parametrize("case", ["bad-expression", "determinism", "left-running"])
 async def test_no_engine_task_is_left_with_an_unretrieved_exception(
     make_engine: Any, case: str
 ) -> None:
@@ -495,19 +495,33 @@ async def test_no_engine_task_is_left_with_an_unretrieved_exception(
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _loop, context: unretrieved.append(context))
 
+    contexts: list[Context] = []
+
     @app.create_function("gathered", trigger=TriggerEvent("t/gathered"))
     async def gathered(ctx: Context) -> Any:
         executions.append(1)
+        contexts.append(ctx)
         if case == "bad-expression":
             await asyncio.gather(
                 ctx.step.wait_for_event("w", event="t/x", if_exp="event.data.x ==="),
                 ctx.step.run("slow", asyncio.sleep, 0.05),
             )
+        elif case == "left-running":  # a branch the function starts and never awaits
+            left.append(asyncio.create_task(branch()))
+            await ctx.step.run("main", asyncio.sleep, 0.01)
+            raise NonRetriableError("the function ends while its branch still runs")
         elif len(executions) == 1:
             await ctx.step.run("a", lambda: 1)
             await ctx.step.sleep("s", "5ms")
         else:
             await asyncio.gather(ctx.step.run("b", lambda: 1), ctx.step.run("c", lambda: 1))
+
+    left: list[asyncio.Task[Any]] = []
+
+    async def branch() -> None:
+        ctx = contexts[-1]
+        await ctx.step.run("slow", asyncio.sleep, 30)  # outlives the run unless cancelled
+        await ctx.step.run("after", lambda: 1)  # its write would come after the run ended
 
     try:
         run = await _run_once(app, "t/gathered")
@@ -517,6 +531,7 @@ async def test_no_engine_task_is_left_with_an_unretrieved_exception(
         loop.set_exception_handler(None)
     assert run.status is RunStatus.FAILED
     assert unretrieved == []
+    assert all(task.done() for task in left)
 
 
 async def test_a_step_that_ends_while_its_run_settles_is_recorded_once(make_engine: Any) -> None:
