@@ -41,7 +41,7 @@ async def test_migrate_is_idempotent_and_schema_file_is_the_packaged_one(server_
             )
         conn = await asyncpg.connect(url)
         try:
-            assert await conn.fetchval("SELECT engine.schema_version()") == 8
+            assert await conn.fetchval("SELECT engine.schema_version()") == 9
         finally:
             await conn.close()
     finally:
