@@ -56,11 +56,13 @@ class CronSchedule:
                 "Europe/Paris)"
             ) from None
         fields = text.split()
-        if len(fields) != 5 or not croniter.is_valid(text):
+        if len(fields) != 5:
             raise ConfigurationError(
                 f"{what} {spec!r}: expected five fields (minute hour day-of-month month "
-                f"day-of-week), optionally after TZ=Area/City; {text!r} is not valid"
+                f"day-of-week), optionally after TZ=Area/City; {text!r} has {len(fields)}"
             )
+        if not croniter.is_valid(text):
+            raise ConfigurationError(f"{what} {spec!r}: {_invalid_field(fields)}")
         schedule = cls(spec, text, zone, "*" not in fields[0] and "*" not in fields[1])
         try:
             schedule.next_after(datetime.now(UTC))
@@ -106,6 +108,25 @@ class CronSchedule:
 
     def __str__(self) -> str:
         return self.spec
+
+
+# Each field's name and range, for the message that says which one is wrong.
+_FIELDS = (
+    ("minute", "0-59"),
+    ("hour", "0-23"),
+    ("day-of-month", "1-31"),
+    ("month", "1-12 or jan-dec"),
+    ("day-of-week", "0-7 or sun-sat"),
+)
+
+
+def _invalid_field(fields: list[str]) -> str:
+    """Names the first field that is invalid on its own (the others as ``*``)."""
+    for index, (name, allowed) in enumerate(_FIELDS):
+        alone = " ".join(fields[index] if i == index else "*" for i in range(5))
+        if not croniter.is_valid(alone):
+            return f"the {name} field {fields[index]!r} is not valid (allowed: {allowed})"
+    return f"{' '.join(fields)!r} is not a valid schedule"
 
 
 def _wall(instant: datetime, zone: ZoneInfo) -> datetime:

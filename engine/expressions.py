@@ -7,7 +7,9 @@ Behaviour matches what users of Inngest's expressions expect, where cel-python d
   still tells whether a field is there);
 * the candidate event of a wait or a cancel is called ``async``.
 
-An expression that fails while evaluating (a type error, a field of ``null``) does not match.
+Function names and argument counts are checked at compilation (``nope(1)`` or ``size(a, b)``
+fail registration rather than never matching). An expression that fails while evaluating (a
+type error, a field of ``null``) does not match.
 """
 
 from __future__ import annotations
@@ -85,6 +87,64 @@ class _Runner(celpy.InterpretedRunner):
 
 _ENV = celpy.Environment(runner_class=_Runner)
 
+# The calls CEL (as cel-python evaluates it) knows, and how many arguments each takes: anything
+# else would compile and then fail at every evaluation, so it is refused at registration.
+_CONVERSIONS = ("int", "uint", "double", "string", "bytes", "bool", "duration", "timestamp")
+_GLOBAL_CALLS: dict[str, tuple[int, ...]] = {
+    **dict.fromkeys(_CONVERSIONS, (1,)),
+    "has": (1,),
+    "dyn": (1,),
+    "size": (1,),
+    "type": (1,),
+    "matches": (2,),
+    "contains": (2,),
+    "startsWith": (2,),
+    "endsWith": (2,),
+}
+_TIME_PARTS = (
+    "getDate",
+    "getDayOfMonth",
+    "getDayOfWeek",
+    "getDayOfYear",
+    "getFullYear",
+    "getMonth",
+    "getHours",
+    "getMinutes",
+    "getSeconds",
+    "getMilliseconds",
+)
+_METHOD_CALLS: dict[str, tuple[int, ...]] = {
+    **dict.fromkeys(_TIME_PARTS, (0, 1)),
+    "size": (0,),
+    "contains": (1,),
+    "startsWith": (1,),
+    "endsWith": (1,),
+    "matches": (1,),
+    "all": (2,),
+    "exists": (2,),
+    "exists_one": (2,),
+    "filter": (2,),
+    "map": (2, 3),
+}
+
+
+def _check_calls(ast: lark.Tree[Any]) -> None:
+    """Raises ValueError naming the first call to an unknown function or with a wrong count."""
+    for node in ast.iter_subtrees_topdown():
+        if node.data == "ident_arg":
+            name, arguments, known = node.children[0], node.children[1:], _GLOBAL_CALLS
+        elif node.data == "member_dot_arg":
+            name, arguments, known = node.children[1], node.children[2:], _METHOD_CALLS
+        else:
+            continue
+        count = len(arguments[0].children) if arguments and arguments[0] is not None else 0
+        call = f"{name}()" if node.data == "ident_arg" else f".{name}()"
+        if str(name) not in known:
+            raise ValueError(f"unknown function {call}; known: {', '.join(sorted(known))}")
+        if count not in known[str(name)]:
+            expected = " or ".join(map(str, known[str(name)]))
+            raise ValueError(f"{call} takes {expected} argument(s), got {count}")
+
 
 class Expression:
     """A compiled CEL expression.
@@ -102,9 +162,12 @@ class Expression:
             raise ExpressionError(f"{what}: expected a CEL expression, got {source!r}")
         self.source = source
         try:
-            self._program = _ENV.program(_ENV.compile(source), functions=_FUNCTIONS)
+            ast = _ENV.compile(source)
+            _check_calls(ast)
+            self._program = _ENV.program(ast, functions=_FUNCTIONS)
         except Exception as exc:
-            raise ExpressionError(f"{what}: invalid expression {source!r}:\n{exc}") from exc
+            detail = str(exc).rstrip()
+            raise ExpressionError(f"{what}: invalid expression {source!r}:\n{detail}") from None
 
     def evaluate(self, variables: Mapping[str, Any]) -> Any:
         """Evaluates to a plain Python value; raises :class:`ExpressionError` when it fails."""

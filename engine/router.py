@@ -102,7 +102,7 @@ class Router:
         simple, complex_names = [], set()
         for fn in (*self._own, *self._others):
             for trigger in fn.triggers:
-                if trigger.expression is None and not fn.flow:
+                if trigger.if_exp is None and not fn.flow:
                     simple.append(
                         {"app_id": fn.app_id, "function_id": fn.fn_id, "event": trigger.event}
                     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,16 +15,19 @@ MAX_TRIGGERS = 10
 
 @dataclass(frozen=True)
 class TriggerEvent:
-    """Starts a run for each event named ``event`` for which ``expression`` (CEL) is true.
+    """Starts a run for each event named ``event`` for which ``if_exp`` (CEL) is true.
 
     Args:
         event: the event name, for example ``"order/created"``.
-        expression: optional CEL over ``event``, e.g. ``"event.data.total > 100"``; compiled
-            at registration, so an invalid one fails ``create_function``.
+        if_exp: optional CEL over ``event``, e.g. ``"event.data.total > 100"`` (the name waits
+            and cancels use too, like the reference's ``if``); compiled at registration, so an
+            invalid one fails ``create_function``.
+        expression: deprecated alias of ``if_exp`` (warns ``DeprecationWarning``).
     """
 
     event: str
-    expression: str | None = None
+    if_exp: str | None = None
+    expression: str | None = field(default=None, repr=False, compare=False)
     compiled: Expression | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -31,9 +35,26 @@ class TriggerEvent:
             raise ConfigurationError(
                 f"TriggerEvent: event must be a non-empty name, got {self.event!r}"
             )
+        self._take_deprecated_alias()
+        if self.if_exp is not None:
+            what = f"trigger {self.event!r} if_exp"
+            object.__setattr__(self, "compiled", Expression(self.if_exp, what=what))
+
+    def _take_deprecated_alias(self) -> None:
+        """``expression=`` still works, with a warning; ``.expression`` reads ``if_exp``."""
         if self.expression is not None:
-            what = f"trigger {self.event!r} expression"
-            object.__setattr__(self, "compiled", Expression(self.expression, what=what))
+            warnings.warn(
+                "TriggerEvent(expression=...) is deprecated: use if_exp=... (the name waits "
+                "and cancels use)",
+                DeprecationWarning,
+                stacklevel=4,  # _take_deprecated_alias, __post_init__, __init__, the caller
+            )
+            if self.if_exp is not None and self.if_exp != self.expression:
+                raise ConfigurationError(
+                    f"TriggerEvent {self.event!r}: pass if_exp= or expression=, not both"
+                )
+            object.__setattr__(self, "if_exp", self.expression)
+        object.__setattr__(self, "expression", self.if_exp)
 
     def matches(self, event: dict[str, Any]) -> bool:
         """True when ``event`` (its JSON form) starts a run through this trigger."""
@@ -43,7 +64,7 @@ class TriggerEvent:
 
     def to_json(self) -> dict[str, Any]:
         """The registry form, from which any worker can evaluate this trigger."""
-        return {"event": self.event, "expression": self.expression}
+        return {"event": self.event, "expression": self.if_exp}
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ async def send_welcome(user: dict[str, Any]) -> str:
 
 @app.create_function(
     fn_id="welcome-user",
-    trigger=TriggerEvent(event="user/signed-up", expression="event.data.plan != 'test'"),
+    trigger=TriggerEvent(event="user/signed-up", if_exp="event.data.plan != 'test'"),
     retries=3,
 )
 async def welcome_user(ctx: Context) -> dict[str, Any]:

@@ -67,7 +67,9 @@ def test_utc_by_default_and_latest_missed_tick() -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("61 * * * *", "is not valid"),
+        ("61 * * * *", r"the minute field '61' is not valid \(allowed: 0-59\)"),
+        ("0 24 * * *", r"the hour field '24' is not valid \(allowed: 0-23\)"),
+        ("0 9 * * mon-fri,9", "the day-of-week field 'mon-fri,9' is not valid"),
         ("0 9 * *", "five fields"),
         ("* * * * * *", "five fields"),
         ("TZ=Mars/Olympus 0 9 * * *", "unknown time zone 'Mars/Olympus'"),

@@ -182,8 +182,41 @@ async def test_invalid_expression_fails_registration_pointing_at_it(make_engine:
         async def bad(ctx: Context) -> None: ...
 
     message = str(caught.value)
-    assert "trigger 'a/b' expression" in message and "^" in message
+    assert "trigger 'a/b' if_exp" in message and "^" in message
     assert "bad" not in app.functions
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("nope(1)", "unknown function nope()"),
+        ("event.name.nope()", "unknown function .nope()"),
+        ("size(event.data, 1) > 0", r"size\(\) takes 1 argument\(s\), got 2"),
+        ("event.name.startsWith()", r"\.startsWith\(\) takes 1 argument\(s\), got 0"),
+    ],
+)
+async def test_unknown_function_or_wrong_arity_fails_registration(
+    make_engine: Any, source: str, message: str
+) -> None:
+    """A call CEL does not know would compile and then never match: refused up front."""
+    app = make_engine()
+    with pytest.raises(ExpressionError, match=message):
+        app.create_function("bad", trigger=TriggerEvent("a/b", if_exp=source))(_nothing)
+    for fine in ("size(event.data) > 0", "event.data.l.map(x, x + 1) == [2]", "dyn(1) == 1"):
+        TriggerEvent("a/b", if_exp=fine)
+
+
+async def _nothing(ctx: Context) -> None: ...
+
+
+def test_expression_is_a_deprecated_alias_of_if_exp() -> None:
+    with pytest.warns(DeprecationWarning, match="use if_exp"):
+        trigger = TriggerEvent("a/b", expression="event.data.n > 1")
+    assert trigger == TriggerEvent("a/b", if_exp="event.data.n > 1")
+    assert trigger.if_exp == trigger.expression == "event.data.n > 1"
+    assert trigger.matches({"name": "a/b", "data": {"n": 2}})
+    with pytest.raises(ConfigurationError, match="not both"), pytest.warns(DeprecationWarning):
+        TriggerEvent("a/b", if_exp="true", expression="false")
 
 
 async def test_trigger_declarations_are_checked(make_engine: Any) -> None:
