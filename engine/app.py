@@ -221,12 +221,22 @@ class Engine:
         return run_info_from_row(row)
 
     async def list_runs(
-        self, fn_id: str | None = None, status: RunStatus | str | None = None, limit: int = 50
+        self,
+        fn_id: str | None = None,
+        status: RunStatus | str | None = None,
+        limit: int = 50,
+        *,
+        all_apps: bool = False,
     ) -> list[RunInfo]:
-        """This app's runs, newest first, optionally of one function and/or one status."""
+        """Runs newest first, optionally of one function and/or one status.
+
+        Only the runs of this Engine's ``app_id`` unless ``all_apps=True`` (then every app's on
+        the database; ``fn_id`` then matches that function id in any app).
+        """
         db = await self.database()
         status_value = None if status is None else RunStatus(status).value
-        rows = await db.fetch("list_runs", self.app_id, fn_id, status_value, limit)
+        app_id = None if all_apps else self.app_id
+        rows = await db.fetch("list_runs", app_id, fn_id, status_value, limit)
         return [run_info_from_row(row) for row in rows]
 
     async def runs_for_event(

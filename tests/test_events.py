@@ -311,3 +311,19 @@ async def test_plain_events_are_routed_in_one_statement(make_engine: Any, sql: A
         "SELECT e.name FROM engine.event_queue q JOIN engine.events e ON e.seq = q.seq"
     )
     assert [r["name"] for r in left] == ["t/fancy"]
+
+
+async def test_list_runs_is_per_app_unless_all_apps(make_engine: Any) -> None:
+    shop, billing = make_engine("shop"), make_engine("billing")
+    for app in (shop, billing):
+
+        @app.create_function("f", trigger=TriggerEvent("both/go"))
+        async def f(ctx: Context) -> str:
+            return "done"
+
+    async with shop.worker(), billing.worker():
+        [event_id] = await shop.send(Event(name="both/go"))
+        await shop.runs_for_event(event_id, at_least=2)
+    assert {r.app_id for r in await shop.list_runs()} == {"shop"}
+    assert {r.app_id for r in await billing.list_runs("f")} == {"billing"}
+    assert {r.app_id for r in await shop.list_runs("f", all_apps=True)} == {"shop", "billing"}

@@ -107,7 +107,8 @@ SELECT status FROM engine.runs WHERE id = $1::uuid
 
 -- name: list_runs
 SELECT * FROM engine.run_details
-WHERE app_id = $1 AND ($2::text IS NULL OR function_id = $2) AND ($3::text IS NULL OR status = $3)
+WHERE ($1::text IS NULL OR app_id = $1) AND ($2::text IS NULL OR function_id = $2)
+  AND ($3::text IS NULL OR status = $3)
 ORDER BY created_at DESC, id
 LIMIT $4
 
