@@ -7,9 +7,8 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from .events import Event
+from .logs import engine_logger
 from .replay import current_place
 
 if TYPE_CHECKING:
@@ -113,4 +112,4 @@ class Context:
 
 def structlog_logger() -> Any:
     """The engine's logger (stable event names; context bound with ``bound_contextvars``)."""
-    return structlog.get_logger("engine")
+    return engine_logger()

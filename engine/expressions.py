@@ -130,7 +130,7 @@ _METHOD_CALLS: dict[str, tuple[int, ...]] = {
 
 def _check_calls(ast: lark.Tree[Any]) -> None:
     """Raises ValueError naming the first call to an unknown function or with a wrong count."""
-    for node in ast.iter_subtrees_topdown():
+    for node in ast.iter_subtrees():
         if node.data == "ident_arg":
             name, arguments, known = node.children[0], node.children[1:], _GLOBAL_CALLS
         elif node.data == "member_dot_arg":

@@ -12,11 +12,10 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-import structlog
-
 from .db import NOTIFY_CHANNEL, Database
+from .logs import engine_logger
 
-log = structlog.get_logger("engine")
+log = engine_logger()
 
 
 class Listener:

@@ -1,21 +1,70 @@
-"""structlog setup for the command line: JSON lines when not on a terminal.
+"""Logging: the library leaves its configuration to the application; the CLI configures it.
 
 Every line has a stable event name (``run.started``, ``step.failed``...) and, where they apply,
 ``run_id``, ``function_id``, ``step_id``, ``attempt``, ``trace_id`` and ``span_id``, bound from
-context by the engine. A library user keeps their own structlog configuration; this module only
-runs for ``engine worker`` and ``engine dev``.
+context by the engine.
+
+* An application that configured structlog gets the engine's lines through its configuration.
+* Otherwise the engine logs through the stdlib logger ``"engine"`` (``key=value`` text), which
+  has a ``NullHandler``: quiet until the application configures :mod:`logging` (for example
+  ``logging.basicConfig(level=logging.INFO)``). A library never prints on its own.
+* ``engine worker`` and ``engine dev`` call :func:`configure_logging`: structlog lines on
+  stderr (JSON when stderr is not a terminal), so that stdout stays the demo's.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import structlog
 
+LEVELS = ("debug", "info", "warning", "error", "critical")
+
+_stdlib = logging.getLogger("engine")
+_stdlib.addHandler(logging.NullHandler())
+_STDLIB_LOGGER = structlog.wrap_logger(
+    _stdlib,
+    processors=[
+        structlog.stdlib.filter_by_level,
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.format_exc_info,
+        structlog.processors.KeyValueRenderer(key_order=["event"], drop_missing=True),
+    ],
+    wrapper_class=structlog.stdlib.BoundLogger,
+)
+
+
+class EngineLogger:
+    """The engine's logger: structlog's when the application configured structlog, else the
+    stdlib logger ``"engine"``. Decided at each line, so configuring later takes effect."""
+
+    def __init__(self, **context: Any) -> None:
+        self._context = context
+
+    def bind(self, **context: Any) -> EngineLogger:
+        """A logger whose lines carry ``context`` too."""
+        return EngineLogger(**self._context, **context)
+
+    def __getattr__(self, level: str) -> Any:
+        target = structlog.get_logger("engine") if structlog.is_configured() else _STDLIB_LOGGER
+        return getattr(target.bind(**self._context), level)
+
+
+def engine_logger() -> EngineLogger:
+    """The engine's logger (see the module docstring for where its lines go)."""
+    return EngineLogger()
+
 
 def configure_logging(level: str = "info") -> None:
-    """Configures structlog (and stdlib logging) for the engine's processes."""
+    """Configures structlog for the engine's processes: lines on stderr at ``level`` and above.
+
+    Raises:
+        ValueError: ``level`` is not one of :data:`LEVELS`.
+    """
+    if level.lower() not in LEVELS:
+        raise ValueError(f"unknown log level {level!r}; use one of {', '.join(LEVELS)}")
     renderer: structlog.typing.Processor = (
         structlog.dev.ConsoleRenderer()
         if sys.stderr.isatty()

@@ -17,8 +17,6 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 from uuid import UUID, uuid4
 
-import structlog
-
 from . import metrics
 from .batching import Batches
 from .context import Context
@@ -26,6 +24,7 @@ from .durations import Duration, parse_duration
 from .events import event_from_row
 from .execution import ClaimedRun, Execution
 from .listener import Listener
+from .logs import engine_logger
 from .router import RoutedRun, Router
 from .serialization import dumps, loads
 from .steps import Steps
@@ -34,7 +33,7 @@ if TYPE_CHECKING:
     from .app import Engine
     from .db import Database
 
-log = structlog.get_logger("engine")
+log = engine_logger()
 
 
 class Worker:

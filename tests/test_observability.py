@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
-from helpers import eventually, only_run_id, start_worker_process
+from helpers import APPS, eventually, only_run_id, start_worker_process
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from structlog.testing import capture_logs
@@ -214,3 +216,19 @@ async def test_worker_exports_spans_to_an_otlp_endpoint(
         for span in ss.spans
     }
     assert {"run traced", "step only"} <= names
+
+
+def test_library_prints_nothing_unless_the_application_configures_logging(
+    database_url: str,
+) -> None:
+    """Embedded in an application, the engine leaves logging to it: silent by default, and
+    through the stdlib logger ``engine`` once the application configures logging."""
+    script = [sys.executable, str(APPS / "embedded_app.py"), database_url]
+    quiet = subprocess.run([*script, "quiet"], capture_output=True, text=True, timeout=60)
+    assert quiet.returncode == 0, quiet.stderr
+    assert (quiet.stdout, quiet.stderr) == ("", "")
+    configured = subprocess.run([*script, "stdlib"], capture_output=True, text=True, timeout=60)
+    assert configured.returncode == 0, configured.stderr
+    assert configured.stdout == ""
+    assert "INFO:engine:event='hello.logged'" in configured.stderr
+    assert "run_id=" in configured.stderr
