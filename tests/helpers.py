@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -48,12 +50,30 @@ async def only_run_id(engine: Engine, event_id: str, timeout: float = 10.0) -> s
     return str(found[0].run_id)
 
 
+_scratch: list[Path] = []
+
+
+def scratch_root() -> Path:
+    """This test session's folder for data directories (servers, engine dev states): the
+    session-finish check in conftest.py fails the run if anything is left in it, or if a
+    process still runs from it."""
+    if not _scratch:
+        _scratch.append(Path(tempfile.mkdtemp(prefix="engine-tests-")))
+    return _scratch[0]
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new folder in :func:`scratch_root`; the test that asks for it removes it."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=scratch_root()))
+
+
 APPS = Path(__file__).parent / "apps"
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
-def run_engine_dev(example: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
-    """Runs `engine dev examples/EXAMPLE` as a newcomer would: embedded PostgreSQL, no URL."""
+def run_engine_dev(example: str, folder: Path) -> subprocess.CompletedProcess[str]:
+    """Runs `engine dev examples/EXAMPLE` in ``folder`` as a newcomer would: embedded
+    PostgreSQL in ./.engine, no URL."""
     return subprocess.run(
         [
             sys.executable,
@@ -63,17 +83,15 @@ def run_engine_dev(example: str, data_dir: Path) -> subprocess.CompletedProcess[
             "warning",
             "dev",
             str(EXAMPLES / example),
-            "--data-dir",
-            str(data_dir / "pg"),
             "--poll-interval",
             "200ms",
         ],
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=data_dir,
+        cwd=folder,
         check=False,
-        env={k: v for k, v in os.environ.items() if k != "DATABASE_URL"},
+        env=dev_environment(),
     )
 
 
@@ -130,3 +148,47 @@ def max_overlap(intervals: list[tuple[Any, Any]]) -> int:
         open_now += delta
         peak = max(peak, open_now)
     return peak
+
+
+def engine_command(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Runs the real `engine` command (no $DATABASE_URL unless ``env`` gives one)."""
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        check=False,
+        env={**dev_environment(), **(env or {})},
+    )
+
+
+def start_engine_dev(
+    target: Path, cwd: Path, *options: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """Starts `engine dev TARGET` in ``cwd`` as a separate process (stdout, stderr piped)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "engine", "dev", str(target), "--poll-interval", "200ms", *options],
+        cwd=cwd,
+        env={**dev_environment(), "PYTHONUNBUFFERED": "1", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def dev_environment() -> dict[str, str]:
+    """The environment of a newcomer's shell: no $DATABASE_URL."""
+    return {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "ENGINE_LOG_LEVEL")}
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
+    """Polls ``check`` (synchronous) until it returns something truthy; fails after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what or check}")
+        time.sleep(0.02)
+    return result

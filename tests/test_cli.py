@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-from helpers import eventually, run_engine_dev
+import psutil
+from helpers import APPS, engine_command, eventually, run_engine_dev, start_engine_dev, wait_until
 
 import engine
 
 ROOT = Path(__file__).parent.parent
 
 
-def test_quickstart_runs_under_engine_dev(tmp_path: Path) -> None:
+def test_quickstart_runs_under_engine_dev(dev_dir: Path) -> None:
     """The README's first command: an embedded PostgreSQL, the demo event, the run's result."""
-    result = run_engine_dev("quickstart.py", tmp_path)
+    result = run_engine_dev("quickstart.py", dev_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "COMPLETED" in result.stdout
     assert "step fetch-user" in result.stdout and "step send-welcome" in result.stdout
@@ -129,3 +131,122 @@ def test_public_api_is_pinned() -> None:
         "TriggerEvent",
         "Worker",
     ]
+
+
+DEV_APP = APPS / "dev_app.py"
+BAD_EXPRESSION = """\
+from engine import Engine, TriggerEvent
+app = Engine("bad")
+@app.create_function("f", trigger=TriggerEvent("a/b", if_exp="event.data.total >"))
+async def f(ctx): ...
+"""
+
+
+def test_bad_input_is_one_clear_line_and_exit_status_2(tmp_path: Path) -> None:
+    """No traceback for bad input: one message, exit 2; --debug shows the traceback. A missing
+    file is said before engine dev creates anything."""
+    (tmp_path / "bad.py").write_text(BAD_EXPRESSION)
+    cases = [
+        (("dev", "nosuch.py"), "nosuch.py: no such file"),
+        (("worker", "nosuch_module"), "no module named 'nosuch_module'"),
+        (("worker", "bad.py"), "trigger 'a/b' if_exp: invalid expression 'event.data.total >'"),
+        (("--log-level", "verbose", "send", "a"), "invalid choice: 'verbose'"),
+        (("send", "a", "--data", "[1]"), "--data must be a JSON object, got list"),
+        (("send", "a", "--data", "{"), "--data is not JSON"),
+        (("send", "a", "--ts", "2030-01-01T00:00:00"), "has no time zone"),
+        (("send", "a"), "no database: pass --database-url"),
+        (("worker", "bad.py", "--lease", "3q"), "'3q' is not a duration"),
+    ]
+    for args, message in cases:
+        result = engine_command(*args, cwd=tmp_path)
+        assert (result.returncode, result.stdout) == (2, ""), (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr and "lark" not in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.py"]  # no .engine, no .runtime
+    debug = engine_command("--debug", "worker", "bad.py", cwd=tmp_path)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+def test_unreachable_database_is_one_line_and_exit_status_1(tmp_path: Path) -> None:
+    url = f"postgresql://postgres@/postgres?host={tmp_path / 'nothing-here'}"
+    result = engine_command("send", "a/b", "--database-url", url, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(f"engine send: error: cannot reach the database at {url}")
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_send_finds_engine_dev_and_says_what_it_started(dev_dir: Path) -> None:
+    """`engine send` without a URL uses the engine dev running in the folder, and says what the
+    event did; Ctrl-C ends engine dev (130), which then forgets its URL."""
+    dev = start_engine_dev(DEV_APP, dev_dir)
+    try:
+        url_file = dev_dir / ".engine" / "url"
+        wait_until(url_file.exists, 60, "engine dev wrote its URL")
+        sent = engine_command("send", "dev/hello", "--id", "once", cwd=dev_dir)
+        assert sent.returncode == 0, sent.stderr
+        assert sent.stdout == "once\n"
+        assert "engine send: started 1 run(s): dev-hello " in sent.stderr
+        again = engine_command("send", "dev/hello", "--id", "once", cwd=dev_dir)
+        assert "deduplicated: an event with id 'once'" in again.stderr
+        nothing = engine_command("send", "dev/nobody", cwd=dev_dir)
+        assert "it started no run" in nothing.stderr
+        later = engine_command("send", "dev/hello", "--ts", "2099-01-01T00:00Z", cwd=dev_dir)
+        assert "its runs start at 2099-01-01T00:00:00+00:00" in later.stderr
+        dev.send_signal(signal.SIGINT)
+        _, stderr = dev.communicate(timeout=15)
+        assert dev.returncode == 130, stderr
+        assert not url_file.exists()
+    finally:
+        _kill(dev)
+    stopped = engine_command("send", "dev/hello", cwd=dev_dir)
+    assert stopped.returncode == 2 and "no database" in stopped.stderr
+
+
+def test_ctrl_c_ends_a_demo_at_once(dev_dir: Path) -> None:
+    """A demo waiting on something is cancelled by Ctrl-C: exit 130, not a 30 s timeout."""
+    dev = start_engine_dev(DEV_APP, dev_dir, env={"DEV_DEMO": "forever"})
+    try:
+        assert dev.stdout is not None
+        assert dev.stdout.readline() == "demo waiting\n"
+        dev.send_signal(signal.SIGINT)
+        _, stderr = dev.communicate(timeout=15)
+        assert dev.returncode == 130, stderr
+        assert "Traceback" not in stderr, stderr
+    finally:
+        _kill(dev)
+
+
+def test_ctrl_c_while_postgres_starts(dev_dir: Path) -> None:
+    """The first Ctrl-C counts even while the embedded server is being created: engine dev
+    stops the server, removes the half-made data folder, and exits 130; the next engine dev
+    in the folder works."""
+    dev = start_engine_dev(DEV_APP, dev_dir)
+    pgdata = dev_dir / ".engine" / "pg"
+    try:
+        wait_until(pgdata.exists, 60, "engine dev began creating its server")
+        dev.send_signal(signal.SIGINT)
+        _, stderr = dev.communicate(timeout=30)
+        assert dev.returncode == 130, stderr
+        assert "Traceback" not in stderr, stderr
+    finally:
+        _kill(dev)
+    assert not [p.pid for p in psutil.process_iter(["cmdline"]) if str(pgdata) in str(p.cmdline)]
+    again = engine_command("dev", str(DEV_APP), cwd=dev_dir, env={"DEV_DEMO": "clock"})
+    assert again.returncode == 0, again.stderr
+
+
+def test_a_demo_leaves_durable_time_as_it_found_it(dev_dir: Path) -> None:
+    """A demo that moves durable time six days forward leaves the database's clock where it
+    was: the next demo on the same folder starts at today."""
+    for _ in range(2):
+        result = engine_command(
+            "dev", str(DEV_APP), "--poll-interval", "200ms", cwd=dev_dir, env={"DEV_DEMO": "clock"}
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "offset 0h\n", result.stdout
+
+
+def _kill(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.communicate(timeout=30)

@@ -1,11 +1,18 @@
-"""Every example runs under `engine dev` (embedded PostgreSQL) and prints what it promises."""
+"""Every example runs under `engine dev` (embedded PostgreSQL) and prints what it promises.
+
+As a newcomer runs them: one after the other in the same folder (so in the same ./.engine),
+the README's quickstart first and again last. What one demo leaves in the database (durable
+time it moved, functions it registered) must not break the next.
+"""
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import run_engine_dev
+from helpers import run_engine_dev, scratch_dir
 
 EXPECTED = {
     "order_flow.py": [
@@ -32,10 +39,28 @@ EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("example", sorted(EXPECTED))
-def test_example_runs_under_engine_dev(example: str, tmp_path: Path) -> None:
-    result = run_engine_dev(example, tmp_path)
+QUICKSTART = ["COMPLETED", '"receipt": "welcome mail sent to ada@example.com"']
+
+
+@pytest.fixture(scope="module")
+def folder() -> Iterator[Path]:
+    """The folder every example of this module runs in, one after the other."""
+    path = scratch_dir("examples-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("example", "expected"),
+    [
+        ("quickstart.py", QUICKSTART),
+        *[(name, lines) for name, lines in sorted(EXPECTED.items())],
+        ("quickstart.py", QUICKSTART),
+    ],
+)
+def test_example_runs_under_engine_dev(example: str, expected: list[str], folder: Path) -> None:
+    result = run_engine_dev(example, folder)
     assert result.returncode == 0, result.stderr[-3000:]
-    for line in EXPECTED[example]:
+    for line in expected:
         assert line in result.stdout, result.stdout
     assert "lease_lost" not in result.stdout + result.stderr

@@ -112,6 +112,14 @@ WHERE ($1::text IS NULL OR app_id = $1) AND ($2::text IS NULL OR function_id = $
 ORDER BY created_at DESC, id
 LIMIT $4
 
+-- name: event_id_known
+SELECT EXISTS (SELECT 1 FROM engine.event_ids WHERE id = $1 AND expires_at > engine.now())
+
+-- name: event_pending
+SELECT EXISTS (
+    SELECT 1 FROM engine.event_queue q JOIN engine.events e ON e.seq = q.seq WHERE e.id = $1
+)
+
 -- name: runs_for_event
 SELECT d.* FROM engine.run_details d JOIN engine.events e ON e.seq = d.event_seq
 WHERE e.id = $1
@@ -125,3 +133,9 @@ SELECT engine.advance_clock($1::interval, $2::timestamptz)
 
 -- name: gauges
 SELECT engine.gauges($1::interval)
+
+-- name: clock_offset
+SELECT offset_by FROM engine.clock WHERE singleton
+
+-- name: restore_clock_offset
+UPDATE engine.clock SET offset_by = $1::interval WHERE singleton RETURNING offset_by
