@@ -194,9 +194,7 @@ def dev_dir() -> Iterator[Path]:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fails the run if a test left a process running or a data directory behind."""
     root = scratch_root()
-    leaks = [
-        f"process {p.pid} still runs: {' '.join(p.cmdline())}" for p in _leaked_processes(root)
-    ]
+    leaks = [f"process still running: {process}" for process in _leaked_processes(root)]
     leaks += [f"left behind: {path}" for path in sorted(root.iterdir())]
     shutil.rmtree(root, ignore_errors=True)
     if leaks:
