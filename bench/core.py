@@ -189,7 +189,7 @@ async def fresh_database(url: str, name: str) -> str:
 async def environment(url: str) -> dict[str, Any]:
     """What every result records: date, Python, PostgreSQL version and settings, packages."""
     packages = {}
-    for name in ("asyncpg", "cel-python", "engine", "dbos", "procrastinate", "pgqueuer"):
+    for name in ("asyncpg", "cel-python", "pg-durable-engine", "dbos", "procrastinate", "pgqueuer"):
         try:
             packages[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
