@@ -223,3 +223,13 @@ def _leaked_processes(root: Path) -> list[str]:
                 else:
                     process.kill()
     return alive
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A chaos scenario injects faults for up to PATIENCE seconds, then checks: its timeout is
+    past that (the default, 120 s, would cut a slow but healthy scenario short)."""
+    from chaos.workload import PATIENCE
+
+    for item in items:
+        if "chaos" in item.path.parts and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(PATIENCE + 150))
