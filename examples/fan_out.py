@@ -45,13 +45,15 @@ async def demo(app: Engine) -> None:
     """Called by `engine dev`: an import of 20 rows."""
     rows = [{"sku": f"SKU-{n:03}", "qty": n} for n in range(1, 21)]
     [event_id] = await app.send(Event(name="import/requested", data={"rows": rows}))
-    runs = await app.runs_for_event(event_id, at_least=1)
-    run = await app.wait_for_run(runs[0].run_id)
+    run = await app.wait_for_run(await _run_of(app, event_id))
     row_ids = run.output["row_event_ids"]
     print(f"import {run.status.value}: {len(row_ids)} row events, summary {run.output['summary']}")
-    done = [
-        await app.wait_for_run((await app.runs_for_event(row_id, at_least=1))[0].run_id)
-        for row_id in row_ids
-    ]
+    done = [await app.wait_for_run(await _run_of(app, row_id)) for row_id in row_ids]
     completed = sum(r.status.value == "COMPLETED" for r in done)
     print(f"{completed} row runs completed, e.g. {done[-1].output!r}")
+
+
+async def _run_of(app: Engine, event_id: str) -> str:
+    """The run an event started in this app (another app may listen to the same event)."""
+    runs = await app.runs_for_event(event_id, at_least=1)  # routing takes milliseconds
+    return next(run.run_id for run in runs if run.app_id == app.app_id)

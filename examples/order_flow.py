@@ -84,5 +84,5 @@ async def _waiting(app: Engine, run_id: str) -> None:
 
 
 async def _run_of(app: Engine, event_id: str) -> str:
-    [run] = await app.runs_for_event(event_id, at_least=1)  # routing takes milliseconds
-    return run.run_id
+    runs = await app.runs_for_event(event_id, at_least=1)  # routing takes milliseconds
+    return next(run.run_id for run in runs if run.app_id == app.app_id)  # not another app's

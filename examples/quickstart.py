@@ -46,7 +46,8 @@ async def demo(app: Engine) -> None:
         Event(name="user/signed-up", data={"user_id": "u-42", "plan": "pro"})
     )
     runs = await app.runs_for_event(event_id, at_least=1)  # routing takes milliseconds
-    run = await app.wait_for_run(runs[0].run_id, timeout=30)
+    mine = next(run for run in runs if run.app_id == app.app_id)  # another app may listen too
+    run = await app.wait_for_run(mine.run_id, timeout=30)
     print(f"run {run.run_id} {run.status.value}")
     for step in run.steps:
         print(f"  step {step.step_id:<22} {step.status:<10} {json.dumps(step.output)}")

@@ -44,7 +44,7 @@ async def demo(app: Engine) -> None:
         Event(name="user/signed-up", data={"user_id": "u-1", "email": "ada@example.com"})
     )
     runs = await app.runs_for_event(event_id, at_least=1)
-    run_id = runs[0].run_id
+    run_id = next(run.run_id for run in runs if run.app_id == app.app_id)  # not another app's
     await _settled(app, run_id)
     for day in range(1, 6):
         await advance_clock(app, "1d")
