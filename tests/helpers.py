@@ -133,10 +133,12 @@ def start_worker_process(
 
 
 def log_events(log: Path, event: str) -> list[dict[str, Any]]:
-    """The lines of a worker's JSON log whose event is ``event``."""
+    """The lines of a worker's JSON log whose event is ``event`` (complete lines only: the
+    worker may be writing the last one as it is read)."""
     if not log.exists():
         return []
-    lines = (line for line in log.read_text().splitlines() if line.startswith("{"))
+    complete = log.read_text().rpartition("\n")[0].split("\n")
+    lines = (line for line in complete if line.startswith("{"))
     return [entry for entry in map(json.loads, lines) if entry.get("event") == event]
 
 

@@ -38,10 +38,11 @@ async def test_no_run_is_lost_when_workers_are_killed(
             owner = workers.owner(victim)
             workers.processes[victim].send_signal(signal.SIGKILL)
             workers.processes[victim].wait()
-            if owner is not None:  # a process killed before it started holds nothing
+            if owner is not None:
                 await recovery.fault(sql, owner=owner)
             kills += 1
             workers.restart(victim)
+            await workers.started(victim)
         await recovery.wait()
     finally:
         workers.stop()
@@ -68,6 +69,7 @@ async def test_concurrency_permits_survive_killed_workers(
             workers.processes[victim].wait()
             kills += 1
             workers.restart(victim)
+            await workers.started(victim)
     finally:
         workers.stop()
     statuses = dict(await sql.fetch("SELECT status, count(*) FROM engine.runs GROUP BY 1"))

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from helpers import log_events, start_worker_process
+from helpers import eventually, log_events, start_worker_process
 
 from engine import Engine, Event
 from engine.events import MAX_EVENTS_PER_SEND
@@ -58,6 +58,17 @@ class Workers:
     def restart(self, index: int) -> None:
         """Starts a new process in place of `index` (after it was killed)."""
         self.processes[index], self.logs[index] = self._start()
+
+    async def started(self, index: int) -> None:
+        """Returns once worker `index` runs (has logged its owner id). A scenario that kills
+        workers waits for this between kills: on a loaded machine a process can take longer to
+        start than the pause between two kills, and a workload whose workers never start
+        makes no progress at all."""
+
+        async def running() -> bool:
+            return self.owner(index) is not None
+
+        await eventually(running, timeout=120)
 
     def owner(self, index: int) -> str | None:
         """The owner id of worker `index`, or None if it has not started yet."""
