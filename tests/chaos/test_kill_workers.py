@@ -42,7 +42,7 @@ async def test_no_run_is_lost_when_workers_are_killed(
                 await recovery.fault(sql, owner=owner)
             kills += 1
             workers.restart(victim)
-            await workers.started(victim)
+            await workers.running(victim)
         await recovery.wait()
     finally:
         workers.stop()
@@ -69,7 +69,7 @@ async def test_concurrency_permits_survive_killed_workers(
             workers.processes[victim].wait()
             kills += 1
             workers.restart(victim)
-            await workers.started(victim)
+            await workers.running(victim)
     finally:
         workers.stop()
     statuses = dict(await sql.fetch("SELECT status, count(*) FROM engine.runs GROUP BY 1"))

@@ -59,16 +59,16 @@ class Workers:
         """Starts a new process in place of `index` (after it was killed)."""
         self.processes[index], self.logs[index] = self._start()
 
-    async def started(self, index: int) -> None:
+    async def running(self, index: int) -> None:
         """Returns once worker `index` runs (has logged its owner id). A scenario that kills
         workers waits for this between kills: on a loaded machine a process can take longer to
         start than the pause between two kills, and a workload whose workers never start
         makes no progress at all."""
 
-        async def running() -> bool:
+        async def has_owner() -> bool:
             return self.owner(index) is not None
 
-        await eventually(running, timeout=120)
+        await eventually(has_owner, timeout=120)
 
     def owner(self, index: int) -> str | None:
         """The owner id of worker `index`, or None if it has not started yet."""
