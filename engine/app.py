@@ -157,8 +157,12 @@ class Engine:
         return build_function(f"{fn_id}-failure", handler, trigger, 0, app_id=self.app_id)
 
     # -- connecting ------------------------------------------------------------------------------
-    async def database(self, *, replace_registry: bool = False) -> Database:
-        """The open database, connecting and registering this app's functions on first use."""
+    async def database(self) -> Database:
+        """The open database, connecting and registering this app's functions on first use.
+
+        Registering adds or updates this app's functions and never removes one: functions that
+        no worker serves any more go inactive by themselves (see :class:`~engine.Worker`).
+        """
         async with self._open_lock:
             if self._db is None:
                 if not self.database_url:
@@ -171,12 +175,10 @@ class Engine:
                 await db.open()
                 self._db = db
                 await db.fetchval("schema_version")  # a clear error if the schema is missing
-            if replace_registry or not self._registered:
+            if not self._registered:
                 now: datetime = await self._db.fetchval("now")
                 entries = dumps([f.registry_entry(now) for f in self.functions.values()])
-                await self._db.fetchval(
-                    "register_functions", self.app_id, entries, replace_registry
-                )
+                await self._db.fetchval("register_functions", self.app_id, entries)
                 self._registered = True
             return self._db
 
@@ -347,6 +349,7 @@ class Engine:
         poll_interval: Duration = "1s",
         grace: Duration = "10s",
         listen_check: Duration = "10s",
+        inactive_after: Duration | None = None,
     ) -> AsyncIterator[Worker]:
         """Runs a worker in the background while the block runs; stops it gracefully after.
 
@@ -359,6 +362,7 @@ class Engine:
             poll_interval=poll_interval,
             grace=grace,
             listen_check=listen_check,
+            inactive_after=inactive_after,
         )
         task = asyncio.create_task(worker.run(), name=f"worker {self.app_id}")
         try:

@@ -33,6 +33,7 @@ class RegisteredFunction:
     fn_id: str
     triggers: tuple[TriggerEvent, ...]
     flow: dict[str, Any] = field(default_factory=dict)  # registry form of flow control
+    local: bool = False  # this worker has its code: its runs may be leased here at creation
 
 
 @dataclass
@@ -51,7 +52,7 @@ class Router:
         self._db = db
         self._app_id = app_id
         self._own = [
-            RegisteredFunction(app_id, f.fn_id, tuple(f.event_triggers), f.flow())
+            RegisteredFunction(app_id, f.fn_id, tuple(f.event_triggers), f.flow(), local=True)
             for f in functions.values()
         ]
         self._others: list[RegisteredFunction] = []
@@ -104,7 +105,12 @@ class Router:
             for trigger in fn.triggers:
                 if trigger.if_exp is None and not fn.flow:
                     simple.append(
-                        {"app_id": fn.app_id, "function_id": fn.fn_id, "event": trigger.event}
+                        {
+                            "app_id": fn.app_id,
+                            "function_id": fn.fn_id,
+                            "event": trigger.event,
+                            "local": fn.local,
+                        }
                     )
                 else:
                     complex_names.add(trigger.event)
@@ -158,7 +164,7 @@ class Router:
                 controls = admission(fn.flow, fn.app_id, fn.fn_id, event)
                 # Runs under concurrency limits are left to the claim, which takes permits.
                 claim = (
-                    fn.app_id == self._app_id
+                    fn.local
                     and capacity > 0
                     and not controls["concurrency"]
                     and not controls.get("priority")  # a delay, or an order among queued runs
@@ -209,11 +215,15 @@ class Router:
         ]
 
     async def _load_registry(self, conn: Connection) -> None:
+        """Loads the active functions this worker does not have: other apps', and those of its
+        own app that another version registered (a rolling deploy), whose runs are created
+        QUEUED for a worker that has them."""
         rows = await self._db.fetch("registry", conn=conn)
+        own = {fn.fn_id for fn in self._own}
         others = []
         for row in rows:
-            if row["app_id"] == self._app_id:
-                continue  # this worker's own code is the truth for its app
+            if row["app_id"] == self._app_id and row["function_id"] in own:
+                continue  # this worker's own code is the truth for its functions
             triggers = self._triggers(row["triggers"])
             if triggers:
                 config = json.loads(row["config"])

@@ -123,6 +123,23 @@ DO $$ BEGIN IF (SELECT value::int FROM engine.meta WHERE key = 'schema_version')
         ADD COLUMN IF NOT EXISTS follows text;
 END IF; END $$;
 
+-- v9 (deploys): the registry is what every live worker serves (a worker starting no longer
+-- deletes what workers of another version registered); functions no worker serves go inactive.
+DO $$ BEGIN IF (SELECT value::int FROM engine.meta WHERE key = 'schema_version') < 9 THEN
+    DROP FUNCTION IF EXISTS engine.register_functions(text, jsonb, boolean);
+    ALTER TABLE engine.functions
+        ADD COLUMN IF NOT EXISTS active boolean NOT NULL DEFAULT true,
+        ADD COLUMN IF NOT EXISTS live_until timestamptz NOT NULL DEFAULT now();
+    -- Workers of the previous version do not heartbeat: give them time to be replaced.
+    UPDATE engine.functions SET live_until = now() + interval '10 minutes';
+    -- Runs whose function a replacing registration deleted: their function is listed again,
+    -- inactive, so that the sweep enforces their timeouts and says why nobody runs them.
+    INSERT INTO engine.functions (app_id, function_id, active, live_until)
+    SELECT DISTINCT r.app_id, r.function_id, false, now() FROM engine.runs r
+    WHERE r.status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING')
+    ON CONFLICT DO NOTHING;
+END IF; END $$;
+
 INSERT INTO engine.meta (key, value) VALUES ('schema_version', '9')
 ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 -- Bumped by every change of engine.functions: routers reload the registry when it moves, so no
@@ -188,8 +205,27 @@ CREATE TABLE IF NOT EXISTS engine.functions (
     triggers    jsonb NOT NULL DEFAULT '[]',
     config      jsonb NOT NULL DEFAULT '{}',
     updated_at  timestamptz NOT NULL DEFAULT now(),
+    -- Routing starts runs of active functions only. A function is active while a live worker
+    -- serves it (engine.workers) or until live_until (real time, not durable time: moving the
+    -- durable clock in a test must not retire functions), which a registration pushes forward.
+    active      boolean NOT NULL DEFAULT true,
+    live_until  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (app_id, function_id)
 );
+
+-- The workers alive, with the functions each serves: a row per worker, refreshed by its
+-- heartbeat (engine.worker_beat, every few seconds, never per step) and deleted when it stops
+-- or, after it expires, by engine.sweep. Several versions of an app may run side by side (a
+-- rolling deploy): the union of their functions is routed.
+CREATE TABLE IF NOT EXISTS engine.workers (
+    owner      uuid PRIMARY KEY,
+    app_id     text NOT NULL,
+    functions  text[] NOT NULL,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    seen_at    timestamptz NOT NULL DEFAULT now(),
+    expires_at timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS workers_app_idx ON engine.workers (app_id);
 
 -- ---------------------------------------------------------------------------------------------
 -- Runs and steps
@@ -250,6 +286,11 @@ CREATE INDEX IF NOT EXISTS runs_due_idx
 CREATE INDEX IF NOT EXISTS runs_leased_idx
     ON engine.runs (app_id, lease_expires_at) WHERE status = 'RUNNING';
 CREATE INDEX IF NOT EXISTS runs_event_idx ON engine.runs (event_seq);
+-- The sweep finds runs past a timeout here (engine.sweep), whether or not a worker serves them.
+CREATE INDEX IF NOT EXISTS runs_deadline_idx
+    ON engine.runs (least(finish_deadline, start_deadline))
+    WHERE status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING')
+      AND (finish_deadline IS NOT NULL OR start_deadline IS NOT NULL);
 CREATE INDEX IF NOT EXISTS runs_blocked_idx
     ON engine.runs (blocked_on, coalesce(rank_at, created_at), event_seq)
     WHERE blocked_on IS NOT NULL;
@@ -569,31 +610,35 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- The function registry
 -- ---------------------------------------------------------------------------------------------
--- p_functions: [{function_id, triggers, config, crons: [{cron, next_at}]}]. With p_replace,
--- functions of the app that are not listed are removed (a worker starting with the current
--- code); without it, only upserted. A cron schedule keeps its next time while its cron is
--- unchanged, so a restart neither skips nor repeats a tick.
-CREATE OR REPLACE FUNCTION engine.register_functions(p_app text, p_functions jsonb, p_replace boolean)
+-- p_functions: [{function_id, triggers, config, crons: [{cron, next_at}]}], upserted and active
+-- for p_ttl at least (a worker's heartbeat keeps them active after that: engine.worker_beat).
+-- Registering never removes a function: during a rolling deploy, what a live worker of another
+-- version registered stays routed; a function that no worker serves any more goes inactive
+-- (engine.sweep). p_replace is kept for older callers and ignored. A cron schedule keeps its
+-- next time while its cron is unchanged, so a restart neither skips nor repeats a tick.
+CREATE OR REPLACE FUNCTION engine.register_functions(
+    p_app text, p_functions jsonb, p_replace boolean, p_ttl interval DEFAULT '2 minutes')
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     v_changed bigint;
-    v_removed bigint := 0;
 BEGIN
-    INSERT INTO engine.functions AS f (app_id, function_id, triggers, config, updated_at)
-    SELECT p_app, x.function_id, x.triggers, x.config, now()
+    INSERT INTO engine.functions AS f (app_id, function_id, triggers, config, updated_at, active,
+                                       live_until)
+    SELECT p_app, x.function_id, x.triggers, x.config, now(), true, now() + p_ttl
     FROM jsonb_to_recordset(p_functions) AS x(function_id text, triggers jsonb, config jsonb)
     ON CONFLICT (app_id, function_id) DO UPDATE
-        SET triggers = excluded.triggers, config = excluded.config, updated_at = now()
-        WHERE (f.triggers, f.config) IS DISTINCT FROM (excluded.triggers, excluded.config);
+        SET triggers = excluded.triggers, config = excluded.config, updated_at = now(),
+            active = true, live_until = greatest(f.live_until, excluded.live_until)
+        WHERE (f.triggers, f.config, f.active)
+              IS DISTINCT FROM (excluded.triggers, excluded.config, true);
     GET DIAGNOSTICS v_changed = ROW_COUNT;
-    IF p_replace THEN
-        DELETE FROM engine.functions f
-        WHERE f.app_id = p_app
-          AND f.function_id NOT IN (SELECT x ->> 'function_id' FROM jsonb_array_elements(p_functions) x);
-        GET DIAGNOSTICS v_removed = ROW_COUNT;
-    END IF;
-    IF v_changed + v_removed > 0 THEN
-        UPDATE engine.meta SET value = (value::bigint + 1)::text WHERE key = 'registry_version';
+    UPDATE engine.functions f SET live_until = now() + p_ttl
+    FROM jsonb_to_recordset(p_functions) AS x(function_id text)
+    WHERE f.app_id = p_app AND f.function_id = x.function_id AND f.live_until < now() + p_ttl;
+    IF v_changed > 0 THEN
+        PERFORM engine.registry_changed();
+        PERFORM engine.clear_unserved(p_app, ARRAY(
+            SELECT x ->> 'function_id' FROM jsonb_array_elements(p_functions) x));
     END IF;
     DELETE FROM engine.cron_schedules c
     USING jsonb_to_recordset(p_functions) AS x(function_id text, crons jsonb)
@@ -605,6 +650,155 @@ BEGIN
          jsonb_to_recordset(coalesce(x.crons, '[]')) AS c(cron text, next_at timestamptz)
     ON CONFLICT DO NOTHING;
 END $$;
+
+-- Routers reload the registry when its version moves.
+CREATE OR REPLACE FUNCTION engine.registry_changed() RETURNS void
+LANGUAGE sql AS $$
+    UPDATE engine.meta SET value = (value::bigint + 1)::text WHERE key = 'registry_version'
+$$;
+
+-- What a run of a function that no live worker serves says while it waits (see engine.sweep).
+CREATE OR REPLACE FUNCTION engine.unserved_reason() RETURNS text
+LANGUAGE sql IMMUTABLE AS $$ SELECT 'no live worker serves this function' $$;
+
+-- A worker of p_app serves p_functions again: their waiting runs lose the unserved reason.
+CREATE OR REPLACE FUNCTION engine.clear_unserved(p_app text, p_functions text[]) RETURNS void
+LANGUAGE sql AS $$
+    UPDATE engine.runs r SET waiting_reason = NULL
+    WHERE r.app_id = p_app AND r.function_id = ANY (p_functions)
+      AND r.status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING')
+      AND r.waiting_reason = engine.unserved_reason()
+$$;
+
+-- A worker's heartbeat (every p_ttl / 3 or so): it is alive until now() + p_ttl, and so are the
+-- functions it serves. A function that was inactive is active again (and routed again).
+CREATE OR REPLACE FUNCTION engine.worker_beat(
+    p_owner uuid, p_app text, p_functions text[], p_ttl interval)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_revived text[];
+BEGIN
+    INSERT INTO engine.workers AS w (owner, app_id, functions, expires_at)
+    VALUES (p_owner, p_app, p_functions, now() + p_ttl)
+    ON CONFLICT (owner) DO UPDATE
+        SET functions = excluded.functions, seen_at = now(), expires_at = excluded.expires_at;
+    SELECT array_agg(f.function_id) INTO v_revived FROM engine.functions f
+    WHERE f.app_id = p_app AND f.function_id = ANY (p_functions) AND NOT f.active;
+    UPDATE engine.functions f
+    SET live_until = greatest(f.live_until, now() + p_ttl), active = true
+    WHERE f.app_id = p_app AND f.function_id = ANY (p_functions)
+      AND (f.live_until < now() + p_ttl / 2 OR NOT f.active);
+    IF v_revived IS NOT NULL THEN
+        PERFORM engine.registry_changed();
+        PERFORM engine.clear_unserved(p_app, v_revived);
+    END IF;
+END $$;
+
+-- A worker stopping: the functions no other live worker serves go inactive at once (a demo that
+-- ends must not leave its functions to catch the next demo's events).
+CREATE OR REPLACE FUNCTION engine.worker_gone(p_owner uuid) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_gone engine.workers;
+BEGIN
+    DELETE FROM engine.workers w WHERE w.owner = p_owner RETURNING * INTO v_gone;
+    IF v_gone IS NULL THEN
+        RETURN;
+    END IF;
+    UPDATE engine.functions f SET live_until = now()
+    WHERE f.app_id = v_gone.app_id AND f.function_id = ANY (v_gone.functions)
+      AND f.live_until > now()
+      AND NOT EXISTS (SELECT 1 FROM engine.workers w
+                      WHERE w.app_id = f.app_id AND f.function_id = ANY (w.functions)
+                        AND w.expires_at > now());
+    PERFORM engine.retire_functions();
+END $$;
+
+-- Functions past live_until that no live worker serves go inactive: routing stops starting runs
+-- of them, and their waiting runs say why nobody runs them. Returns how many went inactive.
+CREATE OR REPLACE FUNCTION engine.retire_functions() RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_retired int;
+BEGIN
+    WITH retired AS (
+        UPDATE engine.functions f SET active = false
+        WHERE f.active AND f.live_until <= now()
+          AND NOT EXISTS (SELECT 1 FROM engine.workers w
+                          WHERE w.app_id = f.app_id AND f.function_id = ANY (w.functions)
+                            AND w.expires_at > now())
+        RETURNING f.app_id, f.function_id
+    ), marked AS (
+        UPDATE engine.runs r SET waiting_reason = engine.unserved_reason()
+        FROM retired f
+        WHERE r.app_id = f.app_id AND r.function_id = f.function_id
+          AND r.status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING')
+        RETURNING r.id
+    ) SELECT count(*) INTO v_retired FROM retired;
+    IF v_retired > 0 THEN
+        PERFORM engine.registry_changed();
+    END IF;
+    RETURN v_retired;
+END $$;
+
+-- The periodic sweep any worker runs (every few seconds, whatever its app): forgets expired
+-- workers, retires the functions nobody serves, and cancels up to p_limit runs past a timeout
+-- that no claim will look at (their function may have no worker at all: timeouts hold anyway).
+-- Returns how many runs it cancelled.
+CREATE OR REPLACE FUNCTION engine.sweep(p_limit int) RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_now  timestamptz := engine.now();
+    v_late uuid[];
+    v_kept uuid[];
+BEGIN
+    DELETE FROM engine.workers w WHERE w.expires_at <= now();
+    PERFORM engine.retire_functions();
+    SELECT array_agg(l.id) INTO v_late FROM (
+        SELECT r.id FROM engine.runs r
+        WHERE r.status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING')
+          AND least(r.finish_deadline, r.start_deadline) <= v_now
+          AND (r.status <> 'RUNNING' OR r.lease_expires_at < v_now)
+        ORDER BY least(r.finish_deadline, r.start_deadline)
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED) l;
+    IF v_late IS NULL THEN
+        RETURN 0;
+    END IF;
+    v_kept := engine.enforce_timeouts(v_late, v_now);
+    RETURN cardinality(v_late) - cardinality(v_kept);
+END $$;
+
+-- The functions of p_app that no live worker serves, with their runs waiting (for the warning
+-- each worker of the app logs).
+CREATE OR REPLACE FUNCTION engine.unserved_runs(p_app text)
+RETURNS TABLE (function_id text, runs bigint)
+LANGUAGE sql STABLE AS $$
+    SELECT r.function_id, count(*) FROM engine.runs r
+    JOIN engine.functions f ON f.app_id = r.app_id AND f.function_id = r.function_id
+    WHERE r.app_id = p_app AND NOT f.active
+      AND r.status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING')
+    GROUP BY r.function_id ORDER BY r.function_id
+$$;
+
+-- For `engine functions list`: every registered function, whether it is active, the workers
+-- serving it and its runs by status.
+CREATE OR REPLACE FUNCTION engine.function_list(p_app text)
+RETURNS TABLE (app_id text, function_id text, triggers jsonb, active boolean, workers bigint,
+               runs jsonb)
+LANGUAGE sql STABLE AS $$
+    SELECT f.app_id, f.function_id, f.triggers, f.active,
+           (SELECT count(*) FROM engine.workers w
+            WHERE w.app_id = f.app_id AND f.function_id = ANY (w.functions)
+              AND w.expires_at > now()),
+           (SELECT coalesce(jsonb_object_agg(c.status, c.n), '{}') FROM (
+                SELECT r.status, count(*) AS n FROM engine.runs r
+                WHERE r.app_id = f.app_id AND r.function_id = f.function_id
+                GROUP BY r.status) c)
+    FROM engine.functions f
+    WHERE p_app IS NULL OR f.app_id = p_app
+    ORDER BY f.app_id, f.function_id
+$$;
 
 -- Locks this app's cron schedules that are due (SKIP LOCKED: one worker fires each tick). The
 -- worker computes the tick to fire and the next one, then calls fire_cron in this transaction.
@@ -712,8 +906,9 @@ END $$;
 
 -- Routing in one statement, for events that need no Python: their name is not in p_complex
 -- (no trigger on it has a CEL expression or belongs to a function with flow control) and no run
--- waits for it (no matcher). p_simple lists the plain triggers [{app_id, function_id, event}] of
--- the router's registry, whose version must be p_version (else nothing is routed and `deferred`
+-- waits for it (no matcher). p_simple lists the plain triggers [{app_id, function_id, event,
+-- local}] of the router's registry (local: the router has the function's code, so its runs may
+-- be leased to p_owner), whose version must be p_version (else nothing is routed and `deferred`
 -- says so). Other due events are left for the full path (claim_events, create_runs). The first
 -- row is a summary (id NULL: how many events were routed, whether some were deferred); the
 -- others are the runs created leased to p_owner, with their event.
@@ -765,14 +960,15 @@ BEGIN
     END IF;
     SELECT coalesce(jsonb_agg(jsonb_build_object(
                'app_id', p.app_id, 'function_id', p.function_id, 'event_seq', p.seq,
-               'claim', p.app_id = p_app AND p.mine <= p_capacity)), '[]')
+               'claim', p.local AND p.mine <= p_capacity)), '[]')
     INTO v_plan
-    FROM (SELECT t.app_id, t.function_id, e.seq,
-                 count(*) FILTER (WHERE t.app_id = p_app) OVER (
+    FROM (SELECT t.app_id, t.function_id, e.seq, coalesce(t.local, t.app_id = p_app) AS local,
+                 count(*) FILTER (WHERE coalesce(t.local, t.app_id = p_app)) OVER (
                      ORDER BY e.seq, t.app_id, t.function_id
                      ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS mine
           FROM engine.events e
-          JOIN jsonb_to_recordset(p_simple) AS t(app_id text, function_id text, event text)
+          JOIN jsonb_to_recordset(p_simple)
+               AS t(app_id text, function_id text, event text, local boolean)
             ON t.event = e.name
           WHERE e.seq = ANY (v_fast)) p;
     RETURN QUERY SELECT cardinality(v_fast), cardinality(v_fast) < cardinality(v_claimed),

@@ -25,6 +25,7 @@ from .events import event_from_row
 from .execution import ClaimedRun, Execution
 from .listener import Listener
 from .logs import engine_logger
+from .presence import Presence
 from .router import RoutedRun, Router
 from .serialization import dumps, loads
 from .steps import Steps
@@ -49,6 +50,9 @@ class Worker:
         listen_check: how often the LISTEN connection is probed with a timed query. A connection
             that died silently (a partition, a dead NAT entry) is replaced within this interval
             plus the probe's timeout (at most 5 s); the poll finds the work meanwhile.
+        inactive_after: how long this worker's functions stay routed after its last heartbeat
+            (it beats three times per period); default three leases. A function that no live
+            worker serves for that long goes inactive: new events no longer start runs of it.
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class Worker:
         poll_interval: Duration = "1s",
         grace: Duration = "10s",
         listen_check: Duration = "10s",
+        inactive_after: Duration | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -75,6 +80,8 @@ class Worker:
         if self.lease < timedelta(milliseconds=300):
             raise ValueError("lease must be at least 300ms")
         self.executions: dict[UUID, Execution] = {}
+        ttl = self.lease * 3 if inactive_after is None else parse_duration(inactive_after)
+        self._presence = Presence(engine.app_id, self.owner, list(engine.functions), ttl)
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -92,7 +99,8 @@ class Worker:
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self) -> None:
         """Runs until :meth:`stop` is called; then stops gracefully."""
-        db = await self.engine.database(replace_registry=True)
+        db = await self.engine.database()
+        await self._presence.beat(db)  # before routing: other workers route to us at once
         self._router = Router(db, self.engine.app_id, self.engine.functions)
         self._batches = Batches(db)
         log.info(
@@ -106,6 +114,7 @@ class Worker:
             side = [
                 group.create_task(self._listener(db).run(), name="listener"),
                 group.create_task(self._heartbeat(), name="heartbeat"),
+                group.create_task(self._presence.run(db), name="presence"),
             ]
             if metrics.enabled():
                 side.append(group.create_task(self._sample_gauges(), name="gauges"))
@@ -113,6 +122,7 @@ class Worker:
             await self._drain()
             for task in side:
                 task.cancel()
+        await self._presence.leave(db)
         log.info("worker.stopped", owner=str(self.owner))
 
     def _listener(self, db: Database) -> Listener:
@@ -196,7 +206,7 @@ class Worker:
         if time.monotonic() < self._cron_check_at:
             return 0
         db = await self.engine.database()
-        until_next = await db.fetchval("next_cron", self.engine.app_id)
+        until_next = await db.fetchval("next_cron", self.engine.app_id, self._fn_ids)
         if until_next is None or until_next.total_seconds() > 0:
             # Looked at again at the next tick time, and at least every poll (durable time may
             # jump: a test moving the clock, or a corrected system clock).

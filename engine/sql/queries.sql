@@ -5,10 +5,25 @@
 SELECT engine.schema_version()
 
 -- name: register_functions
-SELECT engine.register_functions($1, $2::jsonb, $3)
+SELECT engine.register_functions($1, $2::jsonb, false)
 
 -- name: registry
-SELECT app_id, function_id, triggers, config FROM engine.functions
+SELECT app_id, function_id, triggers, config FROM engine.functions WHERE active
+
+-- name: worker_beat
+SELECT engine.worker_beat($1::uuid, $2, $3::text[], $4::interval)
+
+-- name: worker_gone
+SELECT engine.worker_gone($1::uuid)
+
+-- name: sweep
+SELECT engine.sweep($1)
+
+-- name: unserved_runs
+SELECT function_id, runs FROM engine.unserved_runs($1)
+
+-- name: function_list
+SELECT app_id, function_id, triggers, active, workers, runs FROM engine.function_list($1)
 
 -- name: send_events
 SELECT id FROM engine.send_events($1::jsonb, $2, $3) AS id
@@ -46,7 +61,8 @@ SELECT function_id, cron, next_at FROM engine.due_crons($1)
 SELECT engine.fire_cron($1, $2, $3, $4, $5, $6::jsonb)
 
 -- name: next_cron
-SELECT min(next_at) - engine.now() FROM engine.cron_schedules WHERE app_id = $1
+SELECT min(next_at) - engine.now() FROM engine.cron_schedules
+WHERE app_id = $1 AND function_id = ANY ($2::text[])
 
 -- name: create_runs
 SELECT id, function_id, event_seq, lease_token, created_at
