@@ -397,8 +397,9 @@ async def _demo(app: Engine, demo: Callable[[Engine], Awaitable[Any]]) -> None:
 
 def _migrate(args: argparse.Namespace) -> int:
     url = _database_url(args.database_url)
-    _run(_reaching(url, Database(url).apply_schema()))
-    print("engine migrate: schema applied", file=sys.stderr)
+    applied = _run(_reaching(url, Database(url).apply_schema()))
+    done = "schema applied" if applied else "schema unchanged, nothing to do"
+    print(f"engine migrate: {done}", file=sys.stderr)
     return 0
 
 

@@ -7,6 +7,7 @@ SQLSTATE codes become the engine's errors here, in one place.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
@@ -15,6 +16,7 @@ from importlib import resources
 from typing import Any, TypeAlias
 
 import asyncpg
+import structlog
 from asyncpg.pool import PoolConnectionProxy
 
 from .errors import SQLSTATE_ERRORS, EngineError, SchemaMissingError
@@ -23,6 +25,7 @@ Record = asyncpg.Record
 # A caller's own connection, or one borrowed from the pool.
 Connection: TypeAlias = "asyncpg.Connection[Record] | PoolConnectionProxy[Record]"
 NOTIFY_CHANNEL = "engine_wakeup"
+log = structlog.get_logger("engine")
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 # SQLSTATEs meaning the engine schema (or one of its functions) is not there.
@@ -190,10 +193,49 @@ class Database:
         """A connection outside the pool (for LISTEN: a pool would UNLISTEN it on release)."""
         return await asyncpg.connect(self.url)
 
-    async def apply_schema(self) -> None:
-        """Applies ``schema.sql`` (idempotent)."""
+    async def apply_schema(self, *, attempts: int = 600) -> bool:
+        """Applies ``schema.sql`` unless this very text was applied last; True if it ran.
+
+        Re-applying an unchanged schema takes no lock at all (the text's hash is kept in
+        ``engine.meta``). A change that needs a lock behind open application transactions waits
+        at most ``MIGRATE_LOCK_TIMEOUT`` for it (sends queue behind a waiting DDL lock, so never
+        longer), then rolls back and tries again with backoff, up to ``attempts`` times.
+        """
+        text = schema_sql()
+        digest = hashlib.sha256(text.encode()).hexdigest()
         conn = await asyncpg.connect(self.url)
         try:
-            await conn.execute(schema_sql())
+            if await _applied_hash(conn) == digest:
+                return False
+            await conn.execute(f"SET lock_timeout = '{MIGRATE_LOCK_TIMEOUT}'")
+            await _apply_with_retries(conn, text, attempts)
+            await conn.execute(queries()["set_schema_hash"], digest)
+            return True
         finally:
             await conn.close()
+
+
+MIGRATE_LOCK_TIMEOUT = "200ms"
+
+
+async def _applied_hash(conn: asyncpg.Connection[Record]) -> str | None:
+    try:
+        value: str | None = await conn.fetchval(queries()["schema_hash"])
+    except (asyncpg.InvalidSchemaNameError, asyncpg.UndefinedTableError):
+        return None  # a database without the schema
+    return value
+
+
+async def _apply_with_retries(conn: asyncpg.Connection[Record], text: str, attempts: int) -> None:
+    pause = 0.05
+    for attempt in range(1, attempts + 1):
+        try:
+            await conn.execute(text)
+            return
+        except asyncpg.LockNotAvailableError:
+            await conn.execute("ROLLBACK")
+            if attempt == attempts:
+                raise
+            log.warning("migrate.lock_busy", attempt=attempt, retry_in=pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 2.0)

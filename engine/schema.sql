@@ -34,6 +34,21 @@ CREATE TABLE IF NOT EXISTS engine.meta (
     key   text PRIMARY KEY,
     value text NOT NULL
 );
+-- `engine migrate` stores the hash of the text it applied here, and does nothing while it is the
+-- same; applying this file any other way (psql) makes the next `engine migrate` apply it again.
+DELETE FROM engine.meta WHERE key = 'schema_hash';
+
+-- Creates an index unless one of that name exists. CREATE INDEX IF NOT EXISTS locks the table
+-- against writes before it looks (and so waits behind any open transaction that wrote to it):
+-- re-applying an unchanged schema must not block sends. An index whose definition changes is
+-- dropped in its version's upgrade block and created again here.
+CREATE OR REPLACE FUNCTION engine.ensure_index(p_name text, p_definition text)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF to_regclass('engine.' || p_name) IS NULL THEN
+        EXECUTE p_definition;
+    END IF;
+END $$;
 
 -- Upgrades from earlier versions: constraints and partial indexes whose definitions changed are
 -- dropped here and created again below; new columns are added.
@@ -177,8 +192,10 @@ CREATE TABLE IF NOT EXISTS engine.events (
     received_at timestamptz NOT NULL,
     traceparent text
 );
-CREATE INDEX IF NOT EXISTS events_id_idx ON engine.events (id);
-CREATE INDEX IF NOT EXISTS events_name_idx ON engine.events (name, seq);
+SELECT engine.ensure_index('events_id_idx', $index$
+CREATE INDEX IF NOT EXISTS events_id_idx ON engine.events (id)$index$);
+SELECT engine.ensure_index('events_name_idx', $index$
+CREATE INDEX IF NOT EXISTS events_name_idx ON engine.events (name, seq)$index$);
 
 -- User-given event ids deduplicate for 24 hours: a second event with the same id inside the
 -- window is stored once. A row whose window passed is taken over by the next event.
@@ -193,7 +210,8 @@ CREATE TABLE IF NOT EXISTS engine.event_queue (
     seq    bigint PRIMARY KEY REFERENCES engine.events (seq) ON DELETE CASCADE,
     due_at timestamptz NOT NULL
 );
-CREATE INDEX IF NOT EXISTS event_queue_due_idx ON engine.event_queue (due_at, seq);
+SELECT engine.ensure_index('event_queue_due_idx', $index$
+CREATE INDEX IF NOT EXISTS event_queue_due_idx ON engine.event_queue (due_at, seq)$index$);
 
 -- ---------------------------------------------------------------------------------------------
 -- Functions: the registry workers and senders keep current, so that any worker can route any
@@ -225,7 +243,8 @@ CREATE TABLE IF NOT EXISTS engine.workers (
     seen_at    timestamptz NOT NULL DEFAULT now(),
     expires_at timestamptz NOT NULL
 );
-CREATE INDEX IF NOT EXISTS workers_app_idx ON engine.workers (app_id);
+SELECT engine.ensure_index('workers_app_idx', $index$
+CREATE INDEX IF NOT EXISTS workers_app_idx ON engine.workers (app_id)$index$);
 
 -- ---------------------------------------------------------------------------------------------
 -- Runs and steps
@@ -278,32 +297,41 @@ CREATE TABLE IF NOT EXISTS engine.runs (
     ended_at         timestamptz,
     updated_at       timestamptz NOT NULL
 ) WITH (fillfactor = 80);  -- runs are updated in place: leave room for HOT updates
+SELECT engine.ensure_index('runs_dedupe_idx', $index$
 CREATE UNIQUE INDEX IF NOT EXISTS runs_dedupe_idx
-    ON engine.runs (app_id, function_id, dedupe_key) WHERE dedupe_key IS NOT NULL;
+    ON engine.runs (app_id, function_id, dedupe_key) WHERE dedupe_key IS NOT NULL$index$);
 -- The claim reads only these two partial indexes: finished runs never slow it down.
+SELECT engine.ensure_index('runs_due_idx', $index$
 CREATE INDEX IF NOT EXISTS runs_due_idx
-    ON engine.runs (app_id, due_at) WHERE status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING');
+    ON engine.runs (app_id, due_at) WHERE status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING')$index$);
+SELECT engine.ensure_index('runs_leased_idx', $index$
 CREATE INDEX IF NOT EXISTS runs_leased_idx
-    ON engine.runs (app_id, lease_expires_at) WHERE status = 'RUNNING';
-CREATE INDEX IF NOT EXISTS runs_event_idx ON engine.runs (event_seq);
+    ON engine.runs (app_id, lease_expires_at) WHERE status = 'RUNNING'$index$);
+SELECT engine.ensure_index('runs_event_idx', $index$
+CREATE INDEX IF NOT EXISTS runs_event_idx ON engine.runs (event_seq)$index$);
 -- The sweep finds runs past a timeout here (engine.sweep), whether or not a worker serves them.
+SELECT engine.ensure_index('runs_deadline_idx', $index$
 CREATE INDEX IF NOT EXISTS runs_deadline_idx
     ON engine.runs (least(finish_deadline, start_deadline))
     WHERE status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING')
-      AND (finish_deadline IS NOT NULL OR start_deadline IS NOT NULL);
+      AND (finish_deadline IS NOT NULL OR start_deadline IS NOT NULL)$index$);
+SELECT engine.ensure_index('runs_blocked_idx', $index$
 CREATE INDEX IF NOT EXISTS runs_blocked_idx
     ON engine.runs (blocked_on, coalesce(rank_at, created_at), event_seq)
-    WHERE blocked_on IS NOT NULL;
+    WHERE blocked_on IS NOT NULL$index$);
 
+SELECT engine.ensure_index('runs_singleton_idx', $index$
 CREATE INDEX IF NOT EXISTS runs_singleton_idx ON engine.runs (singleton_key)
     WHERE singleton_key IS NOT NULL
-      AND status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING');
+      AND status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING')$index$);
 
+SELECT engine.ensure_index('runs_debounce_idx', $index$
 CREATE INDEX IF NOT EXISTS runs_debounce_idx ON engine.runs (debounce_key)
-    WHERE debounce_key IS NOT NULL AND status = 'QUEUED' AND started_at IS NULL;
+    WHERE debounce_key IS NOT NULL AND status = 'QUEUED' AND started_at IS NULL$index$);
 
+SELECT engine.ensure_index('runs_batch_idx', $index$
 CREATE INDEX IF NOT EXISTS runs_batch_idx ON engine.runs (batch_key)
-    WHERE batch_key IS NOT NULL AND status = 'QUEUED' AND started_at IS NULL;
+    WHERE batch_key IS NOT NULL AND status = 'QUEUED' AND started_at IS NULL$index$);
 
 -- The events of a batched run, in order (the first is also the run's event_seq).
 CREATE TABLE IF NOT EXISTS engine.batch_events (
@@ -326,7 +354,8 @@ CREATE TABLE IF NOT EXISTS engine.rate_log (
     key text NOT NULL,
     at  timestamptz NOT NULL
 );
-CREATE INDEX IF NOT EXISTS rate_log_key_idx ON engine.rate_log (key, at);
+SELECT engine.ensure_index('rate_log_key_idx', $index$
+CREATE INDEX IF NOT EXISTS rate_log_key_idx ON engine.rate_log (key, at)$index$);
 
 -- Throttles (GCRA): per key, the theoretical arrival time of the next start. A run may start when
 -- now >= tat - interval * burst; starting moves tat to max(tat, now) + interval.
@@ -343,7 +372,8 @@ CREATE TABLE IF NOT EXISTS engine.concurrency_slots (
     slot   text PRIMARY KEY,
     in_use int NOT NULL DEFAULT 0 CHECK (in_use >= 0)
 );
-CREATE INDEX IF NOT EXISTS runs_function_idx ON engine.runs (app_id, function_id, created_at DESC);
+SELECT engine.ensure_index('runs_function_idx', $index$
+CREATE INDEX IF NOT EXISTS runs_function_idx ON engine.runs (app_id, function_id, created_at DESC)$index$);
 
 -- kind: run, sleep, wait (wait_for_event), invoke, send (send_event).
 -- status: COMPLETED, FAILED (terminal), SLEEPING, RETRYING, WAITING (a wait or an invoke).
@@ -393,7 +423,8 @@ CREATE TABLE IF NOT EXISTS engine.matchers (
     created_at  timestamptz NOT NULL,
     PRIMARY KEY (run_id, key)
 );
-CREATE INDEX IF NOT EXISTS matchers_name_idx ON engine.matchers (event_name);
+SELECT engine.ensure_index('matchers_name_idx', $index$
+CREATE INDEX IF NOT EXISTS matchers_name_idx ON engine.matchers (event_name)$index$);
 
 -- ---------------------------------------------------------------------------------------------
 -- Cron schedules: one row per (function, cron), holding the next time it fires. Any worker of
@@ -486,6 +517,30 @@ LANGUAGE sql STABLE AS $$
     FROM engine.steps s WHERE s.run_id = p_run
 $$;
 
+-- Runs p_definition (DDL) unless the object is p_present already with this very definition
+-- (remembered in engine.meta under p_key). CREATE TRIGGER locks its table against writes, and
+-- CREATE OR REPLACE VIEW its view against reads; each waits for every open transaction that used
+-- the table, and everything after queues behind it: re-applying an unchanged schema must not
+-- take these locks (a send in a long application transaction would stall all sends and routing).
+CREATE OR REPLACE FUNCTION engine.ensure(p_key text, p_present boolean, p_definition text)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_present AND EXISTS (SELECT 1 FROM engine.meta m
+                             WHERE m.key = p_key AND m.value = md5(p_definition)) THEN
+        RETURN;
+    END IF;
+    EXECUTE p_definition;
+    INSERT INTO engine.meta (key, value) VALUES (p_key, md5(p_definition))
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+END $$;
+
+CREATE OR REPLACE FUNCTION engine.ensure_trigger(p_table regclass, p_name text, p_definition text)
+RETURNS void LANGUAGE sql AS $$
+    SELECT engine.ensure('trigger:' || p_name,
+        EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = p_table AND t.tgname = p_name),
+        p_definition)
+$$;
+
 -- ---------------------------------------------------------------------------------------------
 -- Wake-ups. NOTIFY is a hint that carries no data; workers poll as a safety net. It fires once
 -- per statement (never per row, never from a step checkpoint): every notifying commit takes one
@@ -498,9 +553,10 @@ BEGIN
     RETURN NULL;
 END $$;
 
+SELECT engine.ensure_trigger('engine.event_queue', 'event_queue_notify', $trigger$
 CREATE OR REPLACE TRIGGER event_queue_notify
     AFTER INSERT ON engine.event_queue
-    FOR EACH STATEMENT EXECUTE FUNCTION engine.notify_events();
+    FOR EACH STATEMENT EXECUTE FUNCTION engine.notify_events()$trigger$);
 
 -- Runs created already leased by the worker that routed them wake nobody.
 CREATE OR REPLACE FUNCTION engine.notify_runs() RETURNS trigger
@@ -512,10 +568,11 @@ BEGIN
     RETURN NULL;
 END $$;
 
+SELECT engine.ensure_trigger('engine.runs', 'runs_notify', $trigger$
 CREATE OR REPLACE TRIGGER runs_notify
     AFTER INSERT ON engine.runs
     REFERENCING NEW TABLE AS new_runs
-    FOR EACH STATEMENT EXECUTE FUNCTION engine.notify_runs();
+    FOR EACH STATEMENT EXECUTE FUNCTION engine.notify_runs()$trigger$);
 
 -- ---------------------------------------------------------------------------------------------
 -- Sending events. Any language can call engine.send_event() inside its own transaction: the
@@ -758,7 +815,13 @@ BEGIN
         SELECT r.id FROM engine.runs r
         WHERE r.status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING')
           AND least(r.finish_deadline, r.start_deadline) <= v_now
-          AND (r.status <> 'RUNNING' OR r.lease_expires_at < v_now)
+          -- A running run is its worker's to end (or a claim's, when its lease expires), unless
+          -- no live worker serves its function: then nobody else ever will.
+          AND (r.status <> 'RUNNING'
+               OR (r.lease_expires_at < v_now AND EXISTS (
+                       SELECT 1 FROM engine.functions f
+                       WHERE f.app_id = r.app_id AND f.function_id = r.function_id
+                         AND NOT f.active)))
         ORDER BY least(r.finish_deadline, r.start_deadline)
         LIMIT p_limit
         FOR UPDATE SKIP LOCKED) l;
@@ -1384,11 +1447,12 @@ END $$;
 -- Claiming runs
 -- ---------------------------------------------------------------------------------------------
 -- What a run did, for get_run and dashboards: the run, its event and its steps.
+SELECT engine.ensure('view:run_details', to_regclass('engine.run_details') IS NOT NULL, $view$
 CREATE OR REPLACE VIEW engine.run_details AS
 SELECT r.id, r.app_id, r.function_id, r.status, r.attempt, r.waiting_reason, r.due_at,
        r.output, r.error, r.created_at, r.started_at, r.ended_at, r.event_seq,
        engine.run_event(r.event_seq) AS event, engine.run_steps(r.id) AS steps
-FROM engine.runs r;
+FROM engine.runs r$view$);
 
 -- Leases up to p_limit runs of the given functions to p_owner: due queued, sleeping, retrying
 -- and waiting runs, and running runs whose lease expired (their worker died). Returns each run
@@ -1586,11 +1650,12 @@ BEGIN
     RETURN NULL;
 END $$;
 
+SELECT engine.ensure_trigger('engine.runs', 'runs_released', $trigger$
 CREATE OR REPLACE TRIGGER runs_released
     AFTER UPDATE OF status ON engine.runs
     FOR EACH ROW
     WHEN (OLD.status = 'RUNNING' AND NEW.status <> 'RUNNING' AND NEW.concurrency IS NOT NULL)
-    EXECUTE FUNCTION engine.release_permits();
+    EXECUTE FUNCTION engine.release_permits()$trigger$);
 
 -- Cancels the just-claimed runs that are past a timeout; returns the others.
 CREATE OR REPLACE FUNCTION engine.enforce_timeouts(p_ids uuid[], p_now timestamptz)
@@ -1985,12 +2050,13 @@ BEGIN
     RETURN NULL;
 END $$;
 
+SELECT engine.ensure_trigger('engine.runs', 'runs_ended', $trigger$
 CREATE OR REPLACE TRIGGER runs_ended
     AFTER UPDATE OF status ON engine.runs
     FOR EACH ROW
     WHEN (OLD.status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING')
           AND NEW.status IN ('COMPLETED', 'FAILED', 'CANCELLED', 'SKIPPED'))
-    EXECUTE FUNCTION engine.on_run_ended();
+    EXECUTE FUNCTION engine.on_run_ended()$trigger$);
 
 -- ---------------------------------------------------------------------------------------------
 -- Management

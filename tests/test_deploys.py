@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 from helpers import eventually, move_clock
 from structlog.testing import capture_logs
 
 from engine import Context, Engine, Event, RunStatus, Timeouts, TriggerCron, TriggerEvent
+from engine.db import Database
 
 
 def version(make_engine: Any, *fn_ids: str, cron: str | None = None) -> Engine:
@@ -186,3 +189,48 @@ async def _routed(sql: Any) -> bool:
 async def workers(sql: Any, count: int) -> bool:
     """Whether `count` workers have started (registered and beating)."""
     return bool(await sql.fetchval("SELECT count(*) FROM engine.workers") == count)
+
+
+async def test_migrate_on_an_unchanged_schema_never_blocks_sends(
+    make_engine: Any, database_url: str
+) -> None:
+    """`engine migrate` with an application transaction open that sent an event: it completes
+    without waiting for it, and a concurrent send is never queued behind it."""
+    app = make_engine("web")
+    holder = await asyncpg.connect(database_url)
+    try:
+        async with holder.transaction():
+            await app.send(Event(name="order/placed"), connection=holder)
+            for _ in range(2):  # the first applies (this database has no hash yet), then a no-op
+                migrate = asyncio.create_task(Database(database_url).apply_schema())
+                await asyncio.wait_for(app.send(Event(name="unrelated")), 10)
+                await asyncio.wait_for(migrate, 10)
+            assert await Database(database_url).apply_schema() is False
+    finally:
+        await holder.close()
+
+
+async def test_migrate_that_needs_a_lock_retries_instead_of_blocking_sends(
+    make_engine: Any, database_url: str, sql: Any
+) -> None:
+    """A schema change that must lock event_queue (here: its trigger changed) waits for its lock
+    a short time at most, backs off and tries again, while sends go on; it completes once the
+    application transaction ends."""
+    app = make_engine("web")
+    await sql.execute("DELETE FROM engine.meta WHERE key = 'trigger:event_queue_notify'")
+    holder = await asyncpg.connect(database_url)
+    try:
+        with capture_logs() as logs:
+            async with holder.transaction():
+                await app.send(Event(name="order/placed"), connection=holder)
+                migrate = asyncio.create_task(Database(database_url).apply_schema())
+
+                async def busy() -> bool:
+                    return any(e["event"] == "migrate.lock_busy" for e in logs)
+
+                await eventually(busy)
+                await asyncio.wait_for(app.send(Event(name="unrelated")), 10)
+            assert await asyncio.wait_for(migrate, 10) is True
+    finally:
+        await holder.close()
+    assert await sql.fetchval("SELECT count(*) FROM engine.meta WHERE key LIKE 'trigger:%'") == 4

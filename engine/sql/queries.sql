@@ -7,6 +7,13 @@ SELECT engine.schema_version()
 -- name: register_functions
 SELECT engine.register_functions($1, $2::jsonb, false)
 
+-- name: schema_hash
+SELECT value FROM engine.meta WHERE key = 'schema_hash'
+
+-- name: set_schema_hash
+INSERT INTO engine.meta (key, value) VALUES ('schema_hash', $1)
+ON CONFLICT (key) DO UPDATE SET value = excluded.value
+
 -- name: registry
 SELECT app_id, function_id, triggers, config FROM engine.functions WHERE active
 
