@@ -1,4 +1,4 @@
-"""The engine command: dev, worker, migrate and send.
+"""The engine command: dev, worker, migrate, functions list and send.
 
 Exit codes: 0 done; 1 a failure (the database cannot be reached, a demo failed); 2 bad input
 (an option, a file or module that cannot be loaded, an invalid expression or event); 130
@@ -145,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     _worker_parser(commands)
     migrate = _command(commands, "migrate", "apply the engine's schema (idempotent)", _migrate)
     _database_option(migrate)
+    _functions_parser(commands)
     _send_parser(commands)
     return parser
 
@@ -189,6 +190,21 @@ def _worker_parser(commands: Any) -> None:
     worker.add_argument("target", help="module:attribute naming an Engine (or a file path)")
     _database_option(worker, "the Engine's database_url, else $DATABASE_URL, else engine dev's")
     _worker_options(worker)
+
+
+def _functions_parser(commands: Any) -> None:
+    functions = commands.add_parser(
+        "functions", help="the function registry", formatter_class=_Formatter
+    )
+    listing = _command(
+        functions.add_subparsers(required=True, metavar="SUBCOMMAND"),
+        "list",
+        "registered functions: triggers, active or not (an inactive function is one no live"
+        " worker served for a while: new events do not start it), live workers, runs by status",
+        _functions_list,
+    )
+    listing.add_argument("--app", default=None, help="one app's functions (default: all)")
+    _database_option(listing)
 
 
 def _send_parser(commands: Any) -> None:
@@ -401,6 +417,36 @@ def _migrate(args: argparse.Namespace) -> int:
     done = "schema applied" if applied else "schema unchanged, nothing to do"
     print(f"engine migrate: {done}", file=sys.stderr)
     return 0
+
+
+def _functions_list(args: argparse.Namespace) -> int:
+    url = _database_url(args.database_url)
+    rows = _run(_reaching(url, _function_rows(url, args.app)))
+    print(f"{'APP/FUNCTION':<40} {'STATE':<8} {'WORKERS':>7}  TRIGGERS  RUNS")
+    for row in rows:
+        triggers = ", ".join(_trigger_text(t) for t in json.loads(row["triggers"]))
+        runs = json.loads(row["runs"])
+        counts = " ".join(f"{status}={runs[status]}" for status in sorted(runs)) or "-"
+        state = "active" if row["active"] else "inactive"
+        name = f"{row['app_id']}/{row['function_id']}"
+        print(f"{name:<40} {state:<8} {row['workers']:>7}  {triggers or '-'}  {counts}")
+    return 0
+
+
+async def _function_rows(url: str, app_id: str | None) -> list[Any]:
+    db = Database(url, max_size=1)
+    await db.open()
+    try:
+        return await db.fetch("function_list", app_id)
+    finally:
+        await db.close()
+
+
+def _trigger_text(trigger: dict[str, Any]) -> str:
+    if "cron" in trigger:
+        return f"cron {trigger['cron']}"
+    condition = trigger.get("expression")
+    return str(trigger.get("event")) + (f" if {condition}" if condition else "")
 
 
 def _send(args: argparse.Namespace) -> int:

@@ -250,3 +250,33 @@ def _kill(process: subprocess.Popen[str]) -> None:
     if process.poll() is None:
         process.kill()
         process.communicate(timeout=30)
+
+
+async def test_functions_list_shows_the_registry(database_url: str, make_engine: Any) -> None:
+    """`engine functions list`: each function with its triggers, whether it is active, its live
+    workers and its runs by status."""
+    app = make_engine("shop")
+
+    @app.create_function("notify", trigger=engine.TriggerEvent("order/placed"))
+    async def notify(ctx: engine.Context) -> None:
+        return None
+
+    def listing() -> str:
+        command = [sys.executable, "-m", "engine", "functions", "list"]
+        return subprocess.run(
+            [*command, "--database-url", database_url],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+
+    async with app.worker() as worker:
+        [event_id] = await app.send(engine.Event(name="order/placed"))
+        run = (await app.runs_for_event(event_id, at_least=1))[0]
+        await app.wait_for_run(run.run_id)
+        line = next(x for x in listing().splitlines() if x.startswith("shop/notify"))
+        assert line.split() == ["shop/notify", "active", "1", "order/placed", "COMPLETED=1"]
+        assert worker.owner
+    line = next(x for x in listing().splitlines() if x.startswith("shop/notify"))
+    assert line.split()[:3] == ["shop/notify", "inactive", "0"]

@@ -64,3 +64,14 @@ def test_example_runs_under_engine_dev(example: str, expected: list[str], folder
     for line in expected:
         assert line in result.stdout, result.stdout
     assert "lease_lost" not in result.stdout + result.stderr
+
+
+def test_examples_run_one_after_another_on_one_database(tmp_path: Path) -> None:
+    """Under `engine dev`, one example's functions do not catch the next one's events: after
+    signup_drip (a `signup-drip` on user/signed-up, sleeping for days) stopped, quickstart's
+    user/signed-up starts only its own function, and the other way round."""
+    for example in ("signup_drip.py", "quickstart.py", "signup_drip.py"):
+        result = run_engine_dev(example, tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        for line in EXPECTED.get(example, ["COMPLETED"]):
+            assert line in result.stdout, result.stdout
