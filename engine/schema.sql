@@ -26,7 +26,16 @@ SET client_min_messages = warning;
 BEGIN;
 
 -- Two processes applying the schema at once would race on CREATE ... IF NOT EXISTS.
-SELECT pg_advisory_xact_lock(hashtext('engine.schema'));
+-- (An advisory lock only while the schema does not exist yet: roles are granted later. After
+-- that, a table lock that no role but the owner and the worker can take.)
+DO $$
+BEGIN
+    IF to_regclass('engine.meta') IS NULL THEN
+        PERFORM pg_advisory_xact_lock(hashtext('engine.schema'));
+    ELSE
+        LOCK TABLE engine.meta IN SHARE ROW EXCLUSIVE MODE;
+    END IF;
+END $$;
 
 CREATE SCHEMA IF NOT EXISTS engine;
 
@@ -142,6 +151,7 @@ END IF; END $$;
 -- deletes what workers of another version registered); functions no worker serves go inactive.
 DO $$ BEGIN IF (SELECT value::int FROM engine.meta WHERE key = 'schema_version') < 9 THEN
     DROP FUNCTION IF EXISTS engine.register_functions(text, jsonb, boolean);
+    DROP FUNCTION IF EXISTS engine.event_lock(text);  -- routing locks rows now (event_names)
     ALTER TABLE engine.functions
         ADD COLUMN IF NOT EXISTS active boolean NOT NULL DEFAULT true,
         ADD COLUMN IF NOT EXISTS live_until timestamptz NOT NULL DEFAULT now();
@@ -404,11 +414,41 @@ CREATE TABLE IF NOT EXISTS engine.steps (
 -- `cancel` (cancel=[Cancel(...)]) cancels the run. A matcher is consumed by deleting it, so the
 -- event that resolves it does so exactly once, in the transaction that records the step.
 --
--- Races between an event being routed and a matcher being registered are closed by an advisory
--- lock per event name: routing holds it shared, registration holds it exclusively while it
--- inserts the matcher and looks back for events that arrived since the run's trigger. Every
--- event is then seen by at least one side; the delete decides which one resolves it.
+-- Races between an event being routed and a matcher being registered are closed by a lock per
+-- event name (a row of engine.event_names): routing holds it shared, registration holds it
+-- exclusively while it inserts the matcher and looks back for events that arrived since the
+-- run's trigger. Every event is then seen by at least one side; the delete decides which one
+-- resolves it. Row locks, never advisory locks: any role (engine_sender, engine_reader) may take
+-- any advisory lock, and these keys were computable; no role but the worker may lock these rows.
 -- ---------------------------------------------------------------------------------------------
+CREATE TABLE IF NOT EXISTS engine.event_names (
+    name text PRIMARY KEY
+);
+
+-- Locks the rows of p_names (created when missing), in name order: FOR SHARE, or FOR UPDATE
+-- with p_exclusive. A row deleted by engine.prune in between is created again.
+CREATE OR REPLACE FUNCTION engine.lock_event_names(p_names text[], p_exclusive boolean)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_names  text[] := ARRAY(SELECT DISTINCT x FROM unnest(p_names) x WHERE x IS NOT NULL
+                             ORDER BY 1);
+    v_locked int;
+BEGIN
+    LOOP
+        INSERT INTO engine.event_names (name) SELECT unnest(v_names) ON CONFLICT DO NOTHING;
+        IF p_exclusive THEN
+            SELECT count(*) INTO v_locked FROM (
+                SELECT 1 FROM engine.event_names n WHERE n.name = ANY (v_names)
+                ORDER BY n.name FOR UPDATE) l;
+        ELSE
+            SELECT count(*) INTO v_locked FROM (
+                SELECT 1 FROM engine.event_names n WHERE n.name = ANY (v_names)
+                ORDER BY n.name FOR SHARE) l;
+        END IF;
+        EXIT WHEN v_locked = cardinality(v_names);
+    END LOOP;
+END $$;
+
 CREATE TABLE IF NOT EXISTS engine.matchers (
     run_id      uuid NOT NULL REFERENCES engine.runs (id) ON DELETE CASCADE,
     key         text NOT NULL,          -- the step key of a wait or invoke; 'cancel:<n>'
@@ -933,10 +973,6 @@ END $$;
 -- ---------------------------------------------------------------------------------------------
 -- Routing events to runs (one transaction: claim_events, then create_runs)
 -- ---------------------------------------------------------------------------------------------
--- The advisory lock key of an event name (see Matchers).
-CREATE OR REPLACE FUNCTION engine.event_lock(p_name text) RETURNS bigint
-LANGUAGE sql IMMUTABLE AS $$ SELECT hashtextextended('engine.event:' || p_name, 0) $$;
-
 -- Locks up to p_limit due queue rows, and the names of their events in shared mode, so that no
 -- matcher of those names is half-registered while they are routed. `awaited` tells the router
 -- whether some run has a matcher for the event's name (then it asks for matcher_candidates).
@@ -957,8 +993,8 @@ BEGIN
     IF v_seqs IS NULL THEN
         RETURN;
     END IF;
-    PERFORM pg_advisory_xact_lock_shared(engine.event_lock(n.name))
-    FROM (SELECT DISTINCT e.name FROM engine.events e WHERE e.seq = ANY (v_seqs) ORDER BY 1) n;
+    PERFORM engine.lock_event_names(
+        ARRAY(SELECT e.name FROM engine.events e WHERE e.seq = ANY (v_seqs)), false);
     RETURN QUERY
     SELECT e.seq, e.id, e.name, e.data, e.ts, e.v, e.traceparent,
            EXISTS (SELECT 1 FROM engine.matchers m WHERE m.event_name = e.name),
@@ -1011,8 +1047,8 @@ BEGIN
         RETURN;
     END IF;
     -- As in claim_events: no matcher of these names is half-registered while they are routed.
-    PERFORM pg_advisory_xact_lock_shared(engine.event_lock(n.name))
-    FROM (SELECT DISTINCT e.name FROM engine.events e WHERE e.seq = ANY (v_claimed) ORDER BY 1) n;
+    PERFORM engine.lock_event_names(
+        ARRAY(SELECT e.name FROM engine.events e WHERE e.seq = ANY (v_claimed)), false);
     SELECT array_agg(e.seq) INTO v_fast FROM engine.events e
     WHERE e.seq = ANY (v_claimed) AND e.name <> ALL (p_complex)
       AND NOT EXISTS (SELECT 1 FROM engine.matchers m WHERE m.event_name = e.name);
@@ -1124,9 +1160,8 @@ DECLARE
     v_seq     bigint;
 BEGIN
     -- Name locks first, in a fixed order, before any row lock: routers hold them shared.
-    PERFORM pg_advisory_xact_lock(engine.event_lock(n.name))
-    FROM (SELECT DISTINCT x ->> 'event_name' AS name FROM jsonb_array_elements(p_matchers) x
-          ORDER BY 1) n;
+    PERFORM engine.lock_event_names(
+        ARRAY(SELECT x ->> 'event_name' FROM jsonb_array_elements(p_matchers) x), true);
     IF engine.hold_lease(p_run, p_owner, p_token) IS NULL THEN
         RAISE EXCEPTION 'run %: lease lost', p_run USING ERRCODE = 'EN002';
     END IF;
@@ -1267,8 +1302,24 @@ END $$;
 -- Admission control for runs being created (p_runs as in create_runs, with the keys the router
 -- computed: idempotency_key; rate_key with rate_limit and rate_period (seconds); singleton_key
 -- with singleton_mode). Returns p_runs with `skip` (the reason) set on the runs that must be
--- SKIPPED, and `claim` cleared on them. Keys are locked (advisory, sorted) first, so routers
--- admitting the same key serialize and every limit is exact.
+-- SKIPPED, and `claim` cleared on them. Keys are locked (engine.lock_flow_keys, sorted) first, so
+-- routers admitting the same key serialize and every limit is exact.
+-- Flow-control keys being admitted, one row each, locked by the router admitting runs for the key
+-- (never advisory locks, which any role may take: see engine.event_names). used_at lets
+-- engine.prune delete the rows of keys no longer in use.
+CREATE TABLE IF NOT EXISTS engine.flow_locks (
+    key     text PRIMARY KEY,
+    used_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Locks the rows of p_keys, in key order (inserting a row locks it as well as updating one).
+CREATE OR REPLACE FUNCTION engine.lock_flow_keys(p_keys text[]) RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO engine.flow_locks AS l (key)
+    SELECT DISTINCT x FROM unnest(p_keys) x WHERE x IS NOT NULL ORDER BY 1
+    ON CONFLICT (key) DO UPDATE SET used_at = now()
+$$;
+
 CREATE OR REPLACE FUNCTION engine.admit(p_runs jsonb, p_now timestamptz) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -1288,11 +1339,10 @@ BEGIN
                                     'batch_key']) THEN
         RETURN p_runs;  -- the common case: no admission control at all
     END IF;
-    PERFORM pg_advisory_xact_lock(hashtextextended('engine.flow:' || k.key, 0))
-    FROM (SELECT DISTINCT v.key FROM jsonb_array_elements(p_runs) x,
-          LATERAL (VALUES (x ->> 'rate_key'), (x ->> 'singleton_key'), (x ->> 'debounce_key'),
-                          (x ->> 'batch_key')) AS v(key)
-          WHERE v.key IS NOT NULL ORDER BY 1) k;
+    PERFORM engine.lock_flow_keys(ARRAY(
+        SELECT v.key FROM jsonb_array_elements(p_runs) x,
+        LATERAL (VALUES (x ->> 'rate_key'), (x ->> 'singleton_key'), (x ->> 'debounce_key'),
+                        (x ->> 'batch_key')) AS v(key)));
     FOR v_run IN SELECT value FROM jsonb_array_elements(p_runs) LOOP
         v_skip := NULL;
         v_key := v_run ->> 'idempotency_key';
@@ -2005,7 +2055,7 @@ BEGIN
     INSERT INTO engine.events (id, name, data, ts, received_at, traceparent)
     VALUES (p_id, p_name, p_data, v_now, v_now, p_traceparent)
     RETURNING seq INTO v_seq;
-    PERFORM pg_advisory_xact_lock_shared(engine.event_lock(p_name));
+    PERFORM engine.lock_event_names(ARRAY[p_name], false);
     IF EXISTS (SELECT 1 FROM engine.matchers m WHERE m.event_name = p_name)
        OR EXISTS (SELECT 1 FROM engine.functions f
                   WHERE f.triggers @> jsonb_build_array(jsonb_build_object('event', p_name))) THEN

@@ -84,6 +84,14 @@ class Worker:
         self._presence = Presence(engine.app_id, self.owner, list(engine.functions), ttl)
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        # Notifications only (see _notified): a flood of them, from any role that may NOTIFY,
+        # must not make the worker spin. Consecutive notification-driven ticks that found
+        # nothing space the next one out, doubling from 1 ms up to 100 ms; a tick that finds
+        # work resets it, so an event after a real idle period is routed at once.
+        self._notified_only = False
+        self._empty_wakes = 0
+        self._last_tick = 0.0
+        self.ticks = 0  # ticks run so far (observability, tests)
         self._stopping = asyncio.Event()
         self._timer_at = float("inf")  # monotonic time of the earliest known due work
         self._router: Router | None = None
@@ -128,7 +136,7 @@ class Worker:
     def _listener(self, db: Database) -> Listener:
         probe_timeout = min(self.listen_check, 5.0)
         return Listener(
-            db, self.wake, health_interval=self.listen_check, health_timeout=probe_timeout
+            db, self._notified, health_interval=self.listen_check, health_timeout=probe_timeout
         )
 
     def stop(self) -> None:
@@ -142,6 +150,13 @@ class Worker:
 
     def wake(self) -> None:
         """Makes the loop look for work now."""
+        self._notified_only = False
+        self._wake.set()
+
+    def _notified(self) -> None:
+        """A NOTIFY arrived: a hint that work may be due (see ``_pace_notified``)."""
+        if not self._wake.is_set():
+            self._notified_only = True
         self._wake.set()
 
     # -- the loop --------------------------------------------------------------------------------
@@ -166,8 +181,29 @@ class Worker:
                 )
                 await self._sleep_until_woken(retry_in)
                 continue
-            if not progressed:
+            if progressed:
+                self._empty_wakes = 0
+            else:
                 await self._sleep_until_woken()
+                await self._pace_notified()
+
+    async def _pace_notified(self) -> None:
+        """After a wake by notifications alone, following ticks that found nothing, waits out
+        a gap that doubles with each such tick (1 ms up to 100 ms), so however many
+        notifications arrive, an idle worker ticks a bounded number of times per second."""
+        if not self._notified_only:
+            self._empty_wakes = 0
+            return
+        gap = min(0.001 * 2**self._empty_wakes, 0.1)
+        self._empty_wakes = min(self._empty_wakes + 1, 16)
+        deadline = self._last_tick + gap
+        while self._notified_only and (remaining := deadline - time.monotonic()) > 0:
+            self._wake.clear()  # more notifications: the tick to come covers them
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                break
+        self._notified_only = False  # any other wake (a freed slot, stop) ends the wait
 
     async def _tick(self) -> bool:
         """Routes due events and claims due runs up to the free slots; True if it found work.
@@ -175,6 +211,8 @@ class Worker:
         Events are routed even when every slot is busy, so that their runs exist (visible,
         claimable by other workers, subject to their timeouts) as soon as possible.
         """
+        self.ticks += 1
+        self._last_tick = time.monotonic()
         if self._may_have_orphans:
             await self._release_orphans()
         fired = await self._fire_crons() if self._crons else 0

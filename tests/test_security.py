@@ -10,7 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from helpers import only_run_id
+from helpers import eventually, only_run_id
 
 from engine import Context, Engine, Event, TriggerEvent
 
@@ -108,4 +108,67 @@ async def test_a_worker_role_runs_functions_end_to_end(logins: dict[str, str]) -
         finally:
             await conn.close()
     finally:
+        await app.close()
+
+
+async def test_locks_a_sender_can_take_do_not_stall_routing(logins: dict[str, str]) -> None:
+    """A sender holding the advisory locks the engine once used (their keys computable from
+    schema.sql) for the names an app uses, and the schema's: routing, a wait and the run's end
+    go on (the engine locks rows no role but the worker may touch)."""
+    app = Engine("locked", logins["worker"])
+
+    @app.create_function("pay", trigger=TriggerEvent("locked/order"))
+    async def pay(ctx: Context) -> Any:
+        paid = await ctx.step.wait_for_event("paid", event="locked/paid", timeout="1m")
+        return paid is not None
+
+    names = ["locked/order", "locked/paid", "engine/function.finished", "engine/function.failed"]
+    sender = await asyncpg.connect(logins["sender"])
+    try:
+        for name in names:
+            key = "SELECT hashtextextended('engine.event:' || $1, 0)"
+            await sender.execute(
+                "SELECT pg_advisory_lock(($1)::bigint)", await sender.fetchval(key, name)
+            )
+        await sender.execute("SELECT pg_advisory_lock(hashtext('engine.schema'))")
+        async with app.worker():
+            [event_id] = await app.send(Event(name="locked/order"))
+            run_id = await only_run_id(app, event_id)
+
+            async def waiting() -> bool:
+                return (await app.get_run(run_id)).status.value == "WAITING"
+
+            await eventually(waiting)
+            await sender.fetchval("SELECT engine.send_event('locked/paid', '{}')")
+            run = await app.wait_for_run(run_id, timeout=20)
+        assert run.output is True
+    finally:
+        await sender.close()
+        await app.close()
+
+
+async def test_a_notify_flood_keeps_an_idle_workers_ticks_bounded(logins: dict[str, str]) -> None:
+    """Any role may NOTIFY engine_wakeup: 2,000 notifications to an idle worker cause a bounded
+    number of ticks (notification-driven ticks that find nothing are spaced out), and an event
+    sent afterwards still starts its run."""
+    app = Engine("flooded", logins["worker"])
+
+    @app.create_function("f", trigger=TriggerEvent("flooded/e"))
+    async def f(ctx: Context) -> str:
+        return "ok"
+
+    sender = await asyncpg.connect(logins["sender"])
+    try:
+        async with app.worker(poll_interval="10s") as worker:
+            [event_id] = await app.send(Event(name="flooded/e"))
+            await app.wait_for_run(await only_run_id(app, event_id))
+            before = worker.ticks
+            for _ in range(2000):
+                await sender.execute("NOTIFY engine_wakeup, 'flood'")
+            ticks = worker.ticks - before
+            [event_id] = await app.send(Event(name="flooded/e"))
+            assert (await app.wait_for_run(await only_run_id(app, event_id))).output == "ok"
+        assert ticks < 200, ticks
+    finally:
+        await sender.close()
         await app.close()
