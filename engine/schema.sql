@@ -152,6 +152,7 @@ END IF; END $$;
 DO $$ BEGIN IF (SELECT value::int FROM engine.meta WHERE key = 'schema_version') < 9 THEN
     DROP FUNCTION IF EXISTS engine.register_functions(text, jsonb, boolean);
     DROP FUNCTION IF EXISTS engine.event_lock(text);  -- routing locks rows now (event_names)
+    DROP FUNCTION IF EXISTS engine.prune(interval);  -- now in batches: prune(interval, int)
     ALTER TABLE engine.functions
         ADD COLUMN IF NOT EXISTS active boolean NOT NULL DEFAULT true,
         ADD COLUMN IF NOT EXISTS live_until timestamptz NOT NULL DEFAULT now();
@@ -2206,23 +2207,121 @@ BEGIN
     RETURN statement_timestamp() + v_new;
 END $$;
 
--- Deletes finished runs (with their steps) and routed events older than p_age. Events still
--- referenced by a kept run stay.
-CREATE OR REPLACE FUNCTION engine.prune(p_age interval) RETURNS bigint
+-- Retention. Deletes, at most p_batch rows of each kind per call (call it until it returns 0, or
+-- CALL engine.prune_all, which commits between batches): finished runs (with their steps) and
+-- routed events older than p_age, and the bookkeeping that no live work needs any more: expired
+-- event ids and idempotency keys, rate-limit entries older than every rate period (and p_age),
+-- throttles back at rest, idle concurrency slots, matchers of ended runs, expired workers,
+-- functions inactive for longer than p_age with no run left in flight (with their cron
+-- schedules), and lock rows nobody uses. Rows are taken with SKIP LOCKED: a prune never waits
+-- for a router or a claim, nor makes one wait for long. Returns how many rows it deleted.
+CREATE OR REPLACE FUNCTION engine.prune(p_age interval, p_batch int DEFAULT 5000) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_cutoff timestamptz := engine.now() - p_age;
-    v_runs   bigint;
+    v_now    timestamptz := engine.now();
+    v_cutoff timestamptz := v_now - p_age;
+    v_rate   interval := greatest(p_age, coalesce((
+        SELECT max(make_interval(secs => (f.config -> 'rate_limit' ->> 'period')::float8))
+        FROM engine.functions f WHERE f.config ? 'rate_limit'), '0'));
+    v_count  bigint;
+    v_total  bigint := 0;
 BEGIN
-    DELETE FROM engine.runs r
-    WHERE r.status IN ('COMPLETED', 'FAILED', 'CANCELLED', 'SKIPPED') AND r.ended_at < v_cutoff;
-    GET DIAGNOSTICS v_runs = ROW_COUNT;
-    DELETE FROM engine.events e
-    WHERE e.received_at < v_cutoff
-      AND NOT EXISTS (SELECT 1 FROM engine.runs r WHERE r.event_seq = e.seq)
-      AND NOT EXISTS (SELECT 1 FROM engine.event_queue q WHERE q.seq = e.seq);
-    DELETE FROM engine.event_ids i WHERE i.expires_at < v_cutoff;
-    RETURN v_runs;
+    DELETE FROM engine.runs r WHERE r.id IN (
+        SELECT x.id FROM engine.runs x
+        WHERE x.status IN ('COMPLETED', 'FAILED', 'CANCELLED', 'SKIPPED') AND x.ended_at < v_cutoff
+        LIMIT p_batch FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    v_total := v_total + v_count;
+    DELETE FROM engine.events e WHERE e.seq IN (
+        SELECT x.seq FROM engine.events x
+        WHERE x.received_at < v_cutoff
+          AND NOT EXISTS (SELECT 1 FROM engine.runs r WHERE r.event_seq = x.seq)
+          AND NOT EXISTS (SELECT 1 FROM engine.batch_events b WHERE b.seq = x.seq)
+          AND NOT EXISTS (SELECT 1 FROM engine.event_queue q WHERE q.seq = x.seq)
+        LIMIT p_batch FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    v_total := v_total + v_count;
+    DELETE FROM engine.event_ids i WHERE i.id IN (
+        SELECT x.id FROM engine.event_ids x WHERE x.expires_at < v_now
+        LIMIT p_batch FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    v_total := v_total + v_count;
+    DELETE FROM engine.idempotency_keys k WHERE k.key IN (
+        SELECT x.key FROM engine.idempotency_keys x WHERE x.expires_at < v_now
+        LIMIT p_batch FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    v_total := v_total + v_count;
+    DELETE FROM engine.rate_log l WHERE l.ctid IN (
+        SELECT x.ctid FROM engine.rate_log x WHERE x.at < v_now - v_rate
+        LIMIT p_batch FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    v_total := v_total + v_count;
+    -- A throttle whose theoretical arrival time passed is as if it had never been used.
+    DELETE FROM engine.throttles t WHERE t.key IN (
+        SELECT x.key FROM engine.throttles x WHERE x.tat < v_now
+        LIMIT p_batch FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    v_total := v_total + v_count;
+    -- A slot with no permit taken and no run parked on it is recreated when next needed.
+    DELETE FROM engine.concurrency_slots c WHERE c.slot IN (
+        SELECT x.slot FROM engine.concurrency_slots x
+        WHERE x.in_use = 0 AND NOT EXISTS (SELECT 1 FROM engine.runs b WHERE b.blocked_on = x.slot)
+        LIMIT p_batch FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    v_total := v_total + v_count;
+    v_total := v_total + engine.prune_registry(p_age, p_batch);
+    RETURN v_total;
+END $$;
+
+-- engine.prune's share for the registry and the lock tables.
+CREATE OR REPLACE FUNCTION engine.prune_registry(p_age interval, p_batch int) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_count bigint;
+    v_total bigint := 0;
+BEGIN
+    DELETE FROM engine.matchers m WHERE (m.run_id, m.key) IN (
+        SELECT x.run_id, x.key FROM engine.matchers x JOIN engine.runs r ON r.id = x.run_id
+        WHERE r.status IN ('COMPLETED', 'FAILED', 'CANCELLED', 'SKIPPED')
+        LIMIT p_batch FOR UPDATE OF x SKIP LOCKED);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    v_total := v_total + v_count;
+    DELETE FROM engine.workers w WHERE w.owner IN (
+        SELECT x.owner FROM engine.workers x WHERE x.expires_at < now()
+        LIMIT p_batch FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    v_total := v_total + v_count;
+    DELETE FROM engine.functions f WHERE (f.app_id, f.function_id) IN (
+        SELECT x.app_id, x.function_id FROM engine.functions x
+        WHERE NOT x.active AND x.live_until < now() - p_age
+          AND NOT EXISTS (SELECT 1 FROM engine.runs r
+                          WHERE r.app_id = x.app_id AND r.function_id = x.function_id
+                            AND r.status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING'))
+        LIMIT p_batch FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    v_total := v_total + v_count;
+    DELETE FROM engine.event_names n WHERE n.name IN (
+        SELECT x.name FROM engine.event_names x
+        WHERE NOT EXISTS (SELECT 1 FROM engine.events e WHERE e.name = x.name)
+          AND NOT EXISTS (SELECT 1 FROM engine.matchers m WHERE m.event_name = x.name)
+        LIMIT p_batch FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    v_total := v_total + v_count;
+    DELETE FROM engine.flow_locks l WHERE l.key IN (
+        SELECT x.key FROM engine.flow_locks x WHERE x.used_at < now() - least(p_age, '1 hour')
+        LIMIT p_batch FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_total + v_count;
+END $$;
+
+-- engine.prune until nothing is left to delete, committing after each batch (so no batch holds
+-- its row locks for long). CALL it outside a transaction block: CALL engine.prune_all('30 days').
+CREATE OR REPLACE PROCEDURE engine.prune_all(p_age interval, p_batch int DEFAULT 5000)
+LANGUAGE plpgsql AS $$
+BEGIN
+    WHILE engine.prune(p_age, p_batch) > 0 LOOP
+        COMMIT;
+    END LOOP;
 END $$;
 
 COMMIT;
