@@ -198,12 +198,14 @@ class Worker:
         self._empty_wakes = min(self._empty_wakes + 1, 16)
         deadline = self._last_tick + gap
         while self._notified_only and (remaining := deadline - time.monotonic()) > 0:
-            self._wake.clear()  # more notifications: the tick to come covers them
+            self._wake.clear()  # more notifications: the tick to come covers them too
             try:
                 await asyncio.wait_for(self._wake.wait(), remaining)
             except TimeoutError:
                 break
-        self._notified_only = False  # any other wake (a freed slot, stop) ends the wait
+        # Any other wake (a freed slot, stop) ended the wait; the tick to come covers them all.
+        self._wake.clear()
+        self._notified_only = False
 
     async def _tick(self) -> bool:
         """Routes due events and claims due runs up to the free slots; True if it found work.
