@@ -1109,6 +1109,10 @@ DECLARE
     v_event jsonb;
     v_error jsonb;
 BEGIN
+    -- The run's row first: a suspend_run of this run under way (which holds it) has then either
+    -- committed, and the update below wakes it, or not yet looked at its awaited steps, and sees
+    -- this one resolved. Without it, both could miss each other and the run wait forever.
+    PERFORM 1 FROM engine.runs r WHERE r.id = p_run FOR NO KEY UPDATE;
     DELETE FROM engine.matchers m WHERE m.run_id = p_run AND m.key = p_key
     RETURNING m.kind INTO v_kind;
     IF v_kind IS NULL THEN
@@ -1138,8 +1142,10 @@ END $$;
 -- p_matches: [{run_id, key, event_seq}]. Returns how many were resolved.
 CREATE OR REPLACE FUNCTION engine.resolve_matches(p_matches jsonb) RETURNS int
 LANGUAGE sql AS $$
+    -- In run id order, the order in which batched suspends and ends lock runs too.
     SELECT count(*) FILTER (WHERE engine.resolve_match(x.run_id, x.key, x.event_seq))::int
-    FROM jsonb_to_recordset(p_matches) AS x(run_id uuid, key text, event_seq bigint)
+    FROM (SELECT * FROM jsonb_to_recordset(p_matches) AS m(run_id uuid, key text, event_seq bigint)
+          ORDER BY m.run_id, m.key OFFSET 0) x
 $$;
 
 -- Registers matchers for a run this worker holds, with the WAITING steps they complete, and
@@ -1852,6 +1858,8 @@ BEGIN
     IF v_cancel IS NULL THEN
         RETURN 'lost';
     END IF;
+    -- Held before looking at the awaited steps: see engine.resolve_match.
+    PERFORM 1 FROM engine.runs r WHERE r.id = p_run FOR NO KEY UPDATE;
     FOR v_step IN SELECT value FROM jsonb_array_elements(p_steps) LOOP
         -- A cancelled run records the steps that completed, not the sleep it was about to start.
         CONTINUE WHEN v_cancel AND v_step ->> 'status' = 'SLEEPING';

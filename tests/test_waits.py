@@ -6,7 +6,9 @@ import asyncio
 from collections import Counter
 from datetime import timedelta
 from typing import Any
+from uuid import UUID
 
+import asyncpg
 import pytest
 from helpers import eventually, move_clock, only_run_id
 
@@ -274,3 +276,57 @@ async def test_cancel_timeout_disarms_the_cancel(make_engine: Any, sql: Any) -> 
         await move_clock(sql, timedelta(hours=2))
         run = await app.wait_for_run(run_id)
     assert run.status is RunStatus.COMPLETED and run.output == "finished"
+
+
+async def test_an_event_resolving_a_wait_while_the_run_suspends_wakes_it(
+    make_engine: Any, sql: Any, database_url: str
+) -> None:
+    """A wait resolved by routing at the moment its run suspends: the run resumes at once
+    (suspend_run and resolve_match serialize on the run's row), never waits for its timeout."""
+    app = make_engine()
+    release = asyncio.Event()
+
+    async def hold() -> str:
+        await release.wait()  # keeps the run RUNNING, its wait registered, until released
+        return "held"
+
+    @app.create_function("racing", trigger=TriggerEvent("t/racing"))
+    async def racing(ctx: Context) -> Any:
+        event, held = await asyncio.gather(
+            ctx.step.wait_for_event("a", event="t/answer", timeout="1h"), ctx.step.run("h", hold)
+        )
+        return [event is not None, held]
+
+    router = await asyncpg.connect(database_url)  # plays the router resolving the wait
+    try:
+        async with app.worker():
+            [event_id] = await app.send(Event(name="t/racing"))
+            run_id = UUID(await only_run_id(app, event_id))
+
+            async def registered() -> Any:
+                return await sql.fetchval(
+                    "SELECT 1 FROM engine.matchers WHERE run_id = $1 AND key = 'a'", run_id
+                )
+
+            await eventually(registered)
+            answer = await sql.fetchval("SELECT engine.send_event('t/unrelated', '{}')")
+            seq = await sql.fetchval("SELECT seq FROM engine.events WHERE id = $1", answer)
+            resolving = router.transaction()
+            await resolving.start()
+            assert await router.fetchval("SELECT engine.resolve_match($1, 'a', $2)", run_id, seq)
+            release.set()  # the run now suspends on its (uncommitted) resolved wait
+
+            async def suspend_blocked_or_done() -> Any:
+                return await sql.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND datname = current_database()) OR EXISTS (SELECT 1 FROM engine.runs"
+                    " WHERE id = $1 AND status <> 'RUNNING')",
+                    run_id,
+                )
+
+            await eventually(suspend_blocked_or_done)
+            await resolving.commit()
+            run = await app.wait_for_run(str(run_id), timeout=10)
+    finally:
+        await router.close()
+    assert run.status is RunStatus.COMPLETED and run.output == [True, "held"]
