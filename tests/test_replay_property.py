@@ -6,7 +6,8 @@ succeed, waits for events (sent by the test right after the trigger: a wait sees
 arrived after the run's trigger) and invokes of a child function, at random places. Each program
 runs in a real worker that is stopped and replaced part way through; it must complete with the
 output of a plain in-memory evaluation of the program, every step body running once per attempt
-(a failing step runs its failures plus one).
+(a failing step runs its failures plus one), and every ``ctx.logger`` line outside steps (one
+after each leaf) emitted once over the run's executions.
 
 A short profile runs with the suite; ``REPLAY_EXAMPLES=200 pytest tests/test_replay_property.py``
 runs a longer one.
@@ -28,6 +29,7 @@ from conftest import TEMPLATE, with_database
 from helpers import FAST, eventually
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from engine import Context, Engine, Event, RunStatus, TriggerEvent
 
@@ -118,7 +120,9 @@ class Interpreter:
             return [await self.run(child) for child in node[1]]
         if kind == "par":
             return list(await asyncio.gather(*(self.run(child) for child in node[1])))
-        return await getattr(self, kind)(*node[1:])
+        result = await getattr(self, kind)(*node[1:])
+        self.ctx.logger.info("prop.after", leaf=node[1])  # outside steps: once over the run
+        return result
 
     def body(self, tag: str, failures: int) -> str:
         self.calls[tag] += 1
@@ -183,7 +187,6 @@ def test_random_programs_replay_to_their_in_memory_result(
 async def _check(database_url: str, program: Node, restart_after: int) -> None:
     app = Engine(f"replay-{next(_apps)}", database_url, backoff=FAST)
     key = app.app_id
-    interpreters: list[Interpreter] = []
 
     @app.create_function("child", trigger=TriggerEvent(f"prop/{key}/never"))
     async def child(ctx: Context) -> Any:
@@ -193,32 +196,39 @@ async def _check(database_url: str, program: Node, restart_after: int) -> None:
 
     @app.create_function("program", trigger=TriggerEvent(f"prop/{key}/start"))
     async def run_program(ctx: Context) -> Any:
-        interpreter = Interpreter(ctx, child, calls, key)
-        interpreters.append(interpreter)
-        return await interpreter.run(program)
+        return await Interpreter(ctx, child, calls, key).run(program)
 
     try:
-        async with app.worker(poll_interval="50ms"):
-            [event_id] = await app.send(Event(name=f"prop/{key}/start", data={"key": key}))
-            run_id = await _run_of(app, event_id)
-            answers = [
-                Event(
-                    name=f"prop/{key}/{leaf[1]}", data={"key": key, "value": f"event for {leaf[1]}"}
-                )
-                for leaf in leaves(program)
-                if leaf[0] == "wait"
-            ]
-            if answers:
-                await app.send(answers)
-            await eventually(lambda: _progressed(app, run_id, restart_after), timeout=30)
-        async with app.worker(poll_interval="50ms"):  # a new worker takes over the run
-            run = await app.wait_for_run(run_id, timeout=60)
+        with capture_logs() as logs:
+            run_id = await _run_with_a_restart(app, program, restart_after)
+        run = await app.get_run(run_id)
     finally:
         await app.close()
     assert run.status is RunStatus.COMPLETED, (run.error, program)
     assert run.output == expected(program), program
     assert calls == expected_calls(program), program
-    assert len(interpreters) >= 1
+    logged = Counter(e["leaf"] for e in logs if e["event"] == "prop.after")
+    assert logged == Counter(leaf[1] for leaf in leaves(program)), program
+
+
+async def _run_with_a_restart(app: Engine, program: Node, restart_after: int) -> str:
+    """Runs the program in a worker that another replaces once ``restart_after`` steps are
+    recorded (or the run ended); returns the run's id once it ended."""
+    key = app.app_id
+    async with app.worker(poll_interval="50ms"):
+        [event_id] = await app.send(Event(name=f"prop/{key}/start", data={"key": key}))
+        run_id = await _run_of(app, event_id)
+        answers = [
+            Event(name=f"prop/{key}/{leaf[1]}", data={"key": key, "value": f"event for {leaf[1]}"})
+            for leaf in leaves(program)
+            if leaf[0] == "wait"
+        ]
+        if answers:
+            await app.send(answers)
+        await eventually(lambda: _progressed(app, run_id, restart_after), timeout=30)
+    async with app.worker(poll_interval="50ms"):  # a new worker takes the run over
+        await app.wait_for_run(run_id, timeout=60)
+    return run_id
 
 
 async def _run_of(app: Engine, event_id: str) -> str:
