@@ -102,8 +102,10 @@ class History:
     _by_place: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     _after: dict[str, str] = field(default_factory=dict)  # ">k" place -> recorded key there
     _requests: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    _suffixes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     _next_position: int = 0
     _replayed_places: frozenset[str] = frozenset()
+    _recorded_at_start: int = 0
 
     def __post_init__(self) -> None:
         by_place: dict[tuple[str, str], list[Recorded]] = defaultdict(list)
@@ -119,6 +121,7 @@ class History:
         positions = [s.position for s in self.recorded.values()]
         self._next_position = max(positions, default=-1) + 1
         self._replayed_places = frozenset(self._places())
+        self._recorded_at_start = len(self.recorded)
 
     def ask(self, step_id: str, kind: str) -> Match:
         """Matches a request to its record, or gives it a new key; raises DeterminismError
@@ -173,10 +176,12 @@ class History:
         return ""
 
     def _new_key(self, step_id: str) -> str:
-        key, n = step_id, 0
+        n = self._suffixes[step_id]  # counters below n are taken already
+        key = step_id if n == 0 else f"{step_id}:{n}"
         while key in self.recorded or key in self.asked:
             n += 1
             key = f"{step_id}:{n}"
+        self._suffixes[step_id] = n
         return key
 
     def check_complete(self) -> None:
@@ -198,7 +203,7 @@ class History:
 
     def count(self) -> int:
         """How many distinct steps the run has recorded or asked for."""
-        return len(self.recorded.keys() | self.asked)
+        return self._recorded_at_start + len(self.new_keys)
 
     def replayed_line(self, place: str) -> bool:
         """True if code at ``place`` ran to its end in an earlier execution: a step was recorded
