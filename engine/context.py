@@ -25,31 +25,42 @@ class RunLogger:
     Lines inside a step are emitted by each attempt that runs (a replayed step does not run).
     Lines outside steps are emitted once over the run's executions: a line logged before a step
     that was already recorded when the execution began is a replay and stays quiet (the code
-    before that step ran to its end earlier); of the other lines (after the last recorded step
-    of a branch), the run records how many its executions logged, and a later execution skips
-    that many. A worker that crashes before recording its count may repeat some: at least once.
+    before that step ran to its end earlier). Lines after the run's most recent recorded step
+    (its *tail*, see :meth:`engine.replay.History.tail_place`) are counted: the run records how
+    many were logged there, and the next execution skips that many. Lines after the last step of
+    other parallel branches are emitted again by the next execution (at least once, never lost);
+    so are lines a worker logged before it died without recording its count.
     """
 
-    def __init__(self, bound: Any, already_logged: int, replayed: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        bound: Any,
+        already_logged: int,
+        replayed: Callable[[str], bool],
+        counted_place: str,
+    ) -> None:
         self._log = bound
         self._already = already_logged
         self._replayed = replayed
-        self._frontier: Counter[str] = Counter()  # lines after the last recorded step, by place
+        self._counted_place = counted_place
+        self._lines: Counter[str] = Counter()  # lines outside steps not replayed, by place
 
     def _emit(self, level: str, event: str, **fields: Any) -> None:
         if current_step.get() is None:
             place = current_place()
             if self._replayed(place):
                 return
-            self._frontier[place] += 1
-            if self._frontier.total() <= self._already:
+            self._lines[place] += 1
+            if place == self._counted_place and self._lines[place] <= self._already:
                 return
         getattr(self._log, level)(event, **fields)
 
-    def logged(self, continued: set[str]) -> int:
-        """The count to record: lines outside steps at places where no step is recorded yet
-        (``continued``: where one is), which the next execution will not see as replays."""
-        return sum(n for place, n in self._frontier.items() if place not in continued)
+    def logged(self, tail_place: str) -> int:
+        """The count to record: lines logged at the run's tail place now."""
+        count = self._lines[tail_place]
+        if tail_place == self._counted_place:  # an execution cut short keeps the earlier count
+            count = max(count, self._already)
+        return count
 
     def debug(self, event: str, **fields: Any) -> None:
         """Logs at debug level."""

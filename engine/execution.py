@@ -241,7 +241,9 @@ class Execution:
         self._branches: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()  # asked for steps
         self._clock_origin = time.monotonic()
         self.log = structlog_logger().bind(run_id=str(run.run_id), function_id=self.fn_id)
-        self.run_logger = RunLogger(self.log, run.log_lines, self.history.replayed_line)
+        self.run_logger = RunLogger(
+            self.log, run.log_lines, self.history.replayed_line, self.history.tail_place()
+        )
 
     # -- time ------------------------------------------------------------------------------------
     def db_now(self) -> datetime:
@@ -732,7 +734,7 @@ class Execution:
         item = self._write(
             steps=self._take_unsaved(),
             status=status.value,
-            log_lines=self.run_logger.logged(self.history.continued_places()),
+            log_lines=self.run_logger.logged(self.history.tail_place()),
             output=output or "null",
             error=error or "null",
         )
@@ -750,7 +752,7 @@ class Execution:
             due=suspension.due.isoformat(),
             reason=suspension.reason,
             attempt=self.run.attempt,
-            log_lines=self.run_logger.logged(self.history.continued_places()),
+            log_lines=self.run_logger.logged(self.history.tail_place()),
             awaited=suspension.awaited,
         )
         with self._fenced():

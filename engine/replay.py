@@ -205,14 +205,22 @@ class History:
         """How many distinct steps the run has recorded or asked for."""
         return self._recorded_at_start + len(self.new_keys)
 
+    def tail_place(self) -> str:
+        """The place after the most recent recorded step that no recorded step follows yet (the
+        function's start if nothing is recorded): where the run counts the lines it logged
+        after its last step, for the next execution to skip them (see RunLogger)."""
+        followed = self._places()
+        tails = [
+            s for s in self.recorded.values() if s.place is not None and f">{s.key}" not in followed
+        ]
+        if not tails:
+            return ">"
+        return ">" + max(tails, key=lambda s: s.position).key
+
     def replayed_line(self, place: str) -> bool:
         """True if code at ``place`` ran to its end in an earlier execution: a step was recorded
         at ``place`` before this execution began, so the code before it had run."""
         return place in self._replayed_places
-
-    def continued_places(self) -> set[str]:
-        """The places where a step is recorded now (this execution's records included)."""
-        return self._places()
 
     def _places(self) -> set[str]:
         return {s.place for s in self.recorded.values() if s.place is not None}

@@ -161,6 +161,30 @@ async def test_ctx_logger_lines_of_parallel_branches_appear_once(make_engine: An
     assert sorted(lines) == sorted(["b.x.start", "b.x.middle", "b.y.start", "b.y.middle", "b.end"])
 
 
+async def test_ctx_logger_lines_after_parallel_branch_ends_are_never_lost(
+    make_engine: Any,
+) -> None:
+    """Branches that end with a line after their last step, one of them a sleep: every line is
+    emitted (at least once; the run's tail exactly once), whatever order the replay runs them."""
+    app = make_engine()
+
+    @app.create_function("tails", trigger=TriggerEvent("t/tails"))
+    async def tails(ctx: Context) -> Any:
+        async def then_log(step: Any, name: str) -> None:
+            await step
+            ctx.logger.info(f"tail.{name}")
+
+        await asyncio.gather(
+            then_log(ctx.step.run("first", lambda: 1), "first"),
+            then_log(ctx.step.sleep("nap", "5ms"), "nap"),
+            then_log(ctx.step.run("last", lambda: 2), "last"),
+        )
+
+    lines = await _logged_lines(app, "t/tails", "tail.")
+    assert set(lines) == {"tail.first", "tail.nap", "tail.last"}
+    assert lines.count("tail.nap") == 1
+
+
 class _Collector(http.server.BaseHTTPRequestHandler):
     received: list[ExportTraceServiceRequest] = []
 

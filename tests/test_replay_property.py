@@ -7,7 +7,8 @@ arrived after the run's trigger) and invokes of a child function, at random plac
 runs in a real worker that is stopped and replaced part way through; it must complete with the
 output of a plain in-memory evaluation of the program, every step body running once per attempt
 (a failing step runs its failures plus one), and every ``ctx.logger`` line outside steps (one
-after each leaf) emitted once over the run's executions.
+after each leaf) emitted: once over the run's executions in a sequential program, at least once
+where parallel branches end with lines after their last step (see docs/concepts.md).
 
 A short profile runs with the suite; ``REPLAY_EXAMPLES=200 pytest tests/test_replay_property.py``
 runs a longer one.
@@ -208,7 +209,14 @@ async def _check(database_url: str, program: Node, restart_after: int) -> None:
     assert run.output == expected(program), program
     assert calls == expected_calls(program), program
     logged = Counter(e["leaf"] for e in logs if e["event"] == "prop.after")
-    assert logged == Counter(leaf[1] for leaf in leaves(program)), program
+    if _sequential(program):
+        assert logged == Counter(leaf[1] for leaf in leaves(program)), program
+    else:  # lines after the last step of parallel branches: at least once (docs/concepts.md)
+        assert set(logged) == {leaf[1] for leaf in leaves(program)}, program
+
+
+def _sequential(node: Node) -> bool:
+    return node[0] != "par" and (node[0] != "seq" or all(map(_sequential, node[1])))
 
 
 async def _run_with_a_restart(app: Engine, program: Node, restart_after: int) -> str:
