@@ -1873,7 +1873,9 @@ BEGIN
     SET status = CASE WHEN v_cancel THEN 'CANCELLED' ELSE p_status END,
         due_at = least(v_due, r.finish_deadline),
         waiting_reason = CASE WHEN v_cancel THEN r.waiting_reason ELSE p_reason END,
-        attempt = p_attempt, log_lines = greatest(r.log_lines, p_log_lines),
+        -- The count of the lines logged after the run's tail (see RunLogger): replaced, not
+        -- maxed, since the tail moves from one execution to the next.
+        attempt = p_attempt, log_lines = p_log_lines,
         ended_at = CASE WHEN v_cancel THEN v_now END,
         error = CASE WHEN v_cancel THEN engine.timeout_error(r, v_now) END,
         lease_owner = NULL, lease_expires_at = NULL, updated_at = v_now
