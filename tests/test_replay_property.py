@@ -28,7 +28,7 @@ import asyncpg
 import pytest
 from conftest import TEMPLATE, with_database
 from helpers import FAST, eventually
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
@@ -177,6 +177,34 @@ def replay_database(server_url: str) -> Iterator[str]:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(program=programs(), restart_after=st.integers(min_value=0, max_value=12))
+# Programs that found defects, run first every time:
+@example(  # a step completing while another branch's sleep released the run ran twice
+    program=("seq", [("sleep", "n0"), ("loop", "n1", 3), ("sleep", "n2")]), restart_after=0
+)
+@example(  # the tail's count of logged lines hid a line after a parallel branch's sleep
+    program=("seq", [("par", [("step", "n0", 0), ("sleep", "n1"), ("step", "n2", 0)])]),
+    restart_after=0,
+)
+@example(  # the count of an earlier tail, kept by suspend_run, hid the lines of a later one
+    program=(
+        "seq",
+        [
+            (
+                "par",
+                [
+                    ("invoke", "n0"),
+                    ("seq", [("wait", "n1")]),
+                    (
+                        "seq",
+                        [("loop", "n2", 3), ("invoke", "n3"), ("wait", "n4"), ("invoke", "n5")],
+                    ),
+                    ("par", [("wait", "n6"), ("invoke", "n7"), ("invoke", "n8")]),
+                ],
+            )
+        ],
+    ),
+    restart_after=10,
+)
 def test_random_programs_replay_to_their_in_memory_result(
     replay_database: str, program: Node, restart_after: int
 ) -> None:
