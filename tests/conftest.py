@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import itertools
 import os
+import pkgutil
 import shutil
 import signal
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -38,6 +40,26 @@ from engine import Engine
 from engine.db import schema_sql
 
 TEMPLATE = "engine_template"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hypothesis_imported_in_the_main_thread() -> None:
+    """Imports, in the main thread, the Hypothesis modules it would otherwise import lazily.
+
+    The fuzz and state-machine tests run Hypothesis in a thread (asyncio.to_thread). pytest
+    rewrites Hypothesis's modules (a plugin's) with ast.parse at each import when bytecode is
+    not written (PYTHONDONTWRITEBYTECODE), and CPython 3.11's AST state is shared between
+    threads: a lazy import there, while another thread compiles, fails with "SystemError: AST
+    constructor recursion depth mismatch". Imported here (in a fixture: Hypothesis refuses
+    slow work while plugins initialize), nothing is compiled in that thread.
+    """
+    for name in ("hypothesis.internal", "hypothesis.strategies", "hypothesis.stateful"):
+        package = importlib.import_module(name)
+        for module in pkgutil.walk_packages(getattr(package, "__path__", []), f"{name}."):
+            with contextlib.suppress(ImportError):  # optional extras (attrs...)
+                importlib.import_module(module.name)
+
+
 _counter = itertools.count()
 _exporter = InMemorySpanExporter()
 _provider = TracerProvider()
