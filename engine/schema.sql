@@ -166,8 +166,30 @@ DO $$ BEGIN IF (SELECT value::int FROM engine.meta WHERE key = 'schema_version')
     ON CONFLICT DO NOTHING;
 END IF; END $$;
 
+-- v9 (run ids, cancels, run state): run ids take a per-database salt and length-prefixed names
+-- (engine.event_run_id); claim_runs takes the state limit; steps record their size and may be
+-- CANCELLED (an open step of a run that ended).
+DO $$ BEGIN IF (SELECT value::int FROM engine.meta WHERE key = 'schema_version') < 9 THEN
+    DROP FUNCTION IF EXISTS engine.event_run_id(text, text, bigint);
+    DROP FUNCTION IF EXISTS engine.claim_runs(text, text[], uuid, interval, int);
+    ALTER TABLE engine.steps DROP CONSTRAINT IF EXISTS steps_status_check;
+    ALTER TABLE engine.steps
+        ADD COLUMN IF NOT EXISTS bytes bigint,
+        ADD CONSTRAINT steps_status_check CHECK (status IN (
+            'COMPLETED', 'FAILED', 'SLEEPING', 'RETRYING', 'WAITING', 'CANCELLED')) NOT VALID;
+    -- The runs still under way get their size, so the claim can refuse one that is too large.
+    UPDATE engine.steps s
+    SET bytes = coalesce(octet_length(s.output::text), 0) + coalesce(octet_length(s.error::text), 0)
+    FROM engine.runs r
+    WHERE r.id = s.run_id AND r.status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING');
+END IF; END $$;
+
 INSERT INTO engine.meta (key, value) VALUES ('schema_version', '9')
 ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+-- A random id of this database's install, created once (re-applying this file never changes
+-- it; an upgraded database gets one here): run ids are salted with it (engine.run_id_salt).
+INSERT INTO engine.meta (key, value) VALUES ('install_id', gen_random_uuid()::text)
+ON CONFLICT DO NOTHING;
 -- Bumped by every change of engine.functions: routers reload the registry when it moves, so no
 -- event is routed with a stale view of the functions it triggers.
 INSERT INTO engine.meta (key, value) VALUES ('registry_version', '0') ON CONFLICT DO NOTHING;
@@ -387,7 +409,8 @@ SELECT engine.ensure_index('runs_function_idx', $index$
 CREATE INDEX IF NOT EXISTS runs_function_idx ON engine.runs (app_id, function_id, created_at DESC)$index$);
 
 -- kind: run, sleep, wait (wait_for_event), invoke, send (send_event).
--- status: COMPLETED, FAILED (terminal), SLEEPING, RETRYING, WAITING (a wait or an invoke).
+-- status: COMPLETED, FAILED, CANCELLED (terminal; CANCELLED: its run ended before it did),
+--         SLEEPING, RETRYING, WAITING (a wait or an invoke).
 -- The primary key refuses a second record of a step; a terminal step is never rewritten.
 CREATE TABLE IF NOT EXISTS engine.steps (
     run_id     uuid NOT NULL REFERENCES engine.runs (id) ON DELETE CASCADE,
@@ -395,7 +418,7 @@ CREATE TABLE IF NOT EXISTS engine.steps (
     position   int NOT NULL,
     kind       text NOT NULL,
     status     text NOT NULL CONSTRAINT steps_status_check CHECK (status IN (
-                   'COMPLETED', 'FAILED', 'SLEEPING', 'RETRYING', 'WAITING')),
+                   'COMPLETED', 'FAILED', 'SLEEPING', 'RETRYING', 'WAITING', 'CANCELLED')),
     attempts   int NOT NULL DEFAULT 1,
     output     jsonb,
     error      jsonb,
@@ -406,6 +429,7 @@ CREATE TABLE IF NOT EXISTS engine.steps (
     step_id    text,    -- the id the code gave (step_key adds a counter to a repeated one)
     follows    text,    -- its place in its branch: '>k' after step k, '+k' a branch's first
                         -- (NULL: recorded before schema version 9); see engine/replay.py
+    bytes      bigint,                       -- JSON size of output and error (a run's state)
     PRIMARY KEY (run_id, step_key)
 );
 
@@ -1228,12 +1252,38 @@ $$;
 -- created RUNNING and leased to p_owner (the router executes them at once; never a run with
 -- concurrency limits, whose permits only the claim takes); the others are QUEUED.
 -- Returns the runs leased to p_owner. The unique dedupe key makes routing exactly-once.
+-- What makes this database's run ids its own: the install id (engine.meta, random, created once),
+-- the database's oid and the cluster's system identifier. A database reset or created anew gets
+-- a new install id; a copy (CREATE DATABASE ... TEMPLATE, a dump restored elsewhere) keeps the
+-- install id but not the oid and cluster. A crash, a restart or a failover to a physical
+-- replica change none of them, so a routing redone after a crash derives the same ids.
+CREATE OR REPLACE FUNCTION engine.run_id_salt() RETURNS text
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_salt text;
+BEGIN
+    SELECT m.value || '/' || d.oid INTO STRICT v_salt
+    FROM engine.meta m, pg_database d
+    WHERE m.key = 'install_id' AND d.datname = current_database();
+    BEGIN
+        v_salt := v_salt || '/' || (SELECT c.system_identifier FROM pg_control_system() c);
+    EXCEPTION WHEN insufficient_privilege THEN
+        NULL;  -- a managed server may hide it: the install id and the oid remain
+    END;
+    RETURN v_salt;
+END $$;
+
 -- The id of the run an event starts for a function: the same every time that event is routed to
--- that function, so a routing lost in a crash (see route_simple) recreates the run under the id
--- its first execution may already have used, in idempotency keys and elsewhere.
-CREATE OR REPLACE FUNCTION engine.event_run_id(p_app text, p_function text, p_seq bigint)
+-- that function in this database, so a routing lost in a crash (see route_simple) recreates the
+-- run under the id its first execution may already have used, in idempotency keys and
+-- elsewhere; and, salted with engine.run_id_salt(), different from every id another database
+-- gives (event sequence numbers restart at 1 in each). Each name is prefixed with its length:
+-- ids may hold any character ('/', ':', '|'), and no two (app, function) pairs read alike.
+CREATE OR REPLACE FUNCTION engine.event_run_id(
+    p_salt text, p_app text, p_function text, p_seq bigint)
 RETURNS uuid LANGUAGE sql IMMUTABLE AS $$
-    SELECT md5(format('%s/%s/event:%s', p_app, p_function, p_seq))::uuid
+    SELECT md5(format('engine.run|%s|%s:%s|%s:%s|event:%s', p_salt, length(p_app), p_app,
+                      length(p_function), p_function, p_seq))::uuid
 $$;
 
 CREATE OR REPLACE FUNCTION engine.create_runs(
@@ -1242,7 +1292,8 @@ RETURNS TABLE (id uuid, function_id text, event_seq bigint, lease_token bigint, 
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    v_now timestamptz := engine.now();
+    v_now  timestamptz := engine.now();
+    v_salt text := engine.run_id_salt();
 BEGIN
     DELETE FROM engine.event_queue q WHERE q.seq = ANY (p_seqs);
     RETURN QUERY
@@ -1260,7 +1311,7 @@ BEGIN
                                       singleton_key, throttle, debounce_key, debounce_until,
                                       batch_key, batch_size, batch_max, rank_at,
                                       waiting_reason, created_at, started_at, ended_at, updated_at)
-        SELECT engine.event_run_id(x.app_id, x.function_id, x.event_seq), x.app_id, x.function_id,
+        SELECT engine.event_run_id(v_salt, x.app_id, x.function_id, x.event_seq), x.app_id, x.function_id,
                CASE WHEN x.skip IS NOT NULL THEN 'SKIPPED' WHEN x.claim THEN 'RUNNING' ELSE 'QUEUED' END,
                x.event_seq, 'event:' || x.event_seq,
                -- A run's place in line is its event's arrival (not when a router, racing
