@@ -742,8 +742,10 @@ class Execution:
             result = await self.batches.finish.call(item, str(self.run.run_id))
         if result == "lost":
             raise LeaseLost(f"run {self.run.run_id}: lost before it could end {status.value}")
-        self.log.info("run.finished", status=status.value)
-        telemetry.mark(span, status.value)
+        # A cancel requested while the function ran wins (engine.finish_run): its output is gone.
+        outcome = RunStatus.CANCELLED if result == "cancel" else status
+        self.log.info("run.finished", status=outcome.value)
+        telemetry.mark(span, outcome.value)
 
     async def _suspend(self, suspension: Suspension, span: trace.Span) -> None:
         item = self._write(

@@ -1928,7 +1928,7 @@ BEGIN
         -- maxed, since the tail moves from one execution to the next.
         attempt = p_attempt, log_lines = p_log_lines,
         ended_at = CASE WHEN v_cancel THEN v_now END,
-        error = CASE WHEN v_cancel THEN engine.timeout_error(r, v_now) END,
+        error = CASE WHEN v_cancel THEN engine.cancel_error(r, v_now) END,
         lease_owner = NULL, lease_expires_at = NULL, updated_at = v_now
     WHERE r.id = p_run;
     IF p_status = 'QUEUED' AND NOT v_cancel THEN
@@ -1946,16 +1946,36 @@ LANGUAGE sql STABLE AS $$
     END
 $$;
 
+-- The error of a run cancelled for p_reason.
+CREATE OR REPLACE FUNCTION engine.cancelled(p_reason text) RETURNS jsonb
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT jsonb_build_object('type', 'FunctionCancelled',
+                              'message', coalesce(p_reason, 'the run was cancelled'))
+$$;
+
+-- The error of a cancelled run, saying who or what cancelled it: the first cancel request (its
+-- reason was recorded by engine.cancel_run), else the finish timeout that passed.
+CREATE OR REPLACE FUNCTION engine.cancel_error(r engine.runs, p_now timestamptz) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(CASE WHEN r.cancel_requested THEN r.error END,
+                    engine.timeout_error(r, p_now),
+                    engine.cancelled(r.waiting_reason))
+$$;
+
 -- Ends a run: p_status is COMPLETED, FAILED or CANCELLED. p_steps are the records of the steps
 -- that completed since the last checkpoint (the last step of a function usually): committing
 -- them with the run's end saves a round trip, and nothing ran after them but replayable code.
+-- A cancel requested before this call wins, whatever the worker says: the steps are recorded,
+-- the run ends CANCELLED with the cancel's reason, and the function's output is discarded.
+-- Returns 'ok', 'cancel' (it ended CANCELLED instead of p_status) or 'lost'.
 CREATE OR REPLACE FUNCTION engine.finish_run(
     p_run uuid, p_owner uuid, p_token bigint, p_status text, p_output jsonb, p_error jsonb,
     p_log_lines int, p_steps jsonb DEFAULT '[]')
 RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
-    v_now  timestamptz := engine.now();
-    v_step jsonb;
+    v_now    timestamptz := engine.now();
+    v_step   jsonb;
+    v_status text;
 BEGIN
     IF jsonb_array_length(p_steps) > 0 THEN
         IF engine.hold_lease(p_run, p_owner, p_token) IS NULL THEN
@@ -1968,14 +1988,21 @@ BEGIN
         END LOOP;
     END IF;
     UPDATE engine.runs r
-    SET status = p_status, output = p_output, ended_at = v_now,
-        error = coalesce(p_error, CASE WHEN p_status = 'CANCELLED' THEN engine.timeout_error(r, v_now) END),
+    SET status = CASE WHEN r.cancel_requested THEN 'CANCELLED' ELSE p_status END,
+        output = CASE WHEN r.cancel_requested THEN NULL ELSE p_output END,
+        ended_at = v_now,
+        error = CASE WHEN r.cancel_requested THEN engine.cancel_error(r, v_now)
+                     WHEN p_status = 'CANCELLED' THEN coalesce(p_error, engine.cancel_error(r, v_now))
+                     ELSE p_error END,
         log_lines = greatest(r.log_lines, p_log_lines),
         lease_owner = NULL, lease_expires_at = NULL, updated_at = v_now,
         -- a cancel keeps its reason (who cancelled it), which engine/function.cancelled carries
-        waiting_reason = CASE WHEN p_status = 'CANCELLED' THEN r.waiting_reason END
-    WHERE r.id = p_run AND r.lease_owner = p_owner AND r.lease_token = p_token AND r.status = 'RUNNING';
-    RETURN CASE WHEN FOUND THEN 'ok' ELSE 'lost' END;
+        waiting_reason = CASE WHEN r.cancel_requested OR p_status = 'CANCELLED' THEN r.waiting_reason END
+    WHERE r.id = p_run AND r.lease_owner = p_owner AND r.lease_token = p_token AND r.status = 'RUNNING'
+    RETURNING r.status INTO v_status;
+    RETURN CASE WHEN v_status IS NULL THEN 'lost'
+                WHEN v_status = 'CANCELLED' AND p_status <> 'CANCELLED' THEN 'cancel'
+                ELSE 'ok' END;
 END $$;
 
 CREATE OR REPLACE FUNCTION engine.finish_many(p_items jsonb)
@@ -2133,6 +2160,14 @@ DECLARE
     v_error jsonb;
 BEGIN
     DELETE FROM engine.matchers m WHERE m.run_id = NEW.id;
+    -- A run that ended leaves no step open: a sleep, a retry or a wait it had not finished never
+    -- will (a retrying step keeps its last error).
+    UPDATE engine.steps s
+    SET status = 'CANCELLED', ended_at = coalesce(NEW.ended_at, engine.now()),
+        error = coalesce(nullif(s.error, 'null'), jsonb_build_object(
+            'type', 'StepCancelled',
+            'message', format('the run ended %s before this step finished', NEW.status)))
+    WHERE s.run_id = NEW.id AND s.status IN ('SLEEPING', 'RETRYING', 'WAITING');
     IF v_event ->> 'name' IN ('engine/function.finished', 'engine/function.failed',
                               'engine/function.cancelled') THEN
         RETURN NULL;
@@ -2174,7 +2209,10 @@ CREATE OR REPLACE TRIGGER runs_ended
 -- Management
 -- ---------------------------------------------------------------------------------------------
 -- A queued, sleeping, retrying or waiting run is cancelled at once; a running one is flagged and
--- its worker ends it between steps. Returns the run's status after the call (NULL: no such run).
+-- its worker ends it between steps (or at its end: engine.finish_run honours the flag). p_reason
+-- says who or what cancelled it; the first request's reason is kept, in the run's error (a
+-- FunctionCancelled) and waiting_reason. Returns the run's status after the call (NULL: no such
+-- run).
 CREATE OR REPLACE FUNCTION engine.cancel_run(p_run uuid, p_reason text DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -2185,7 +2223,9 @@ BEGIN
     SET cancel_requested = true,
         status = CASE WHEN r.status = 'RUNNING' THEN r.status ELSE 'CANCELLED' END,
         ended_at = CASE WHEN r.status = 'RUNNING' THEN NULL ELSE v_now END,
-        waiting_reason = p_reason, blocked_on = NULL, updated_at = v_now
+        error = CASE WHEN r.cancel_requested THEN r.error ELSE engine.cancelled(p_reason) END,
+        waiting_reason = CASE WHEN r.cancel_requested THEN r.waiting_reason ELSE p_reason END,
+        blocked_on = NULL, updated_at = v_now
     WHERE r.id = p_run AND r.status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING')
     RETURNING r.status INTO v_status;
     IF v_status IS NULL THEN
