@@ -23,6 +23,7 @@ from .errors import (
     RunNotFoundError,
     SchemaMissingError,
     SerializationError,
+    StateLimitError,
     StepError,
     StepLimitError,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "SchemaMissingError",
     "SerializationError",
     "Singleton",
+    "StateLimitError",
     "StepError",
     "StepInfo",
     "StepLimitError",

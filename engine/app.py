@@ -39,6 +39,8 @@ class Engine:
         database_url: a PostgreSQL URL; defaults to ``$DATABASE_URL``.
         max_steps: steps a run may ask for (default 1,000).
         max_output_bytes: JSON bytes a step or a run may return (default 4 MiB).
+        max_state_bytes: JSON bytes a run may hold in all: its event, every step's output and
+            its own output (default 32 MiB, at most 128 MiB).
         backoff: the wait between failed attempts (durable).
         pool_size: connections this process opens at most.
         command_timeout: seconds after which a query is abandoned (a half-open connection would
@@ -55,6 +57,7 @@ class Engine:
         *,
         max_steps: int = 1000,
         max_output_bytes: int = 4 * 1024 * 1024,
+        max_state_bytes: int = 32 * 1024 * 1024,
         backoff: Backoff | None = None,
         pool_size: int = 10,
         command_timeout: float = 60.0,
@@ -63,7 +66,11 @@ class Engine:
         self.app_id = app_id
         self.database_url = database_url or os.environ.get("DATABASE_URL")
         self.functions: dict[str, Function] = {}
-        self.limits = Limits(max_steps=max_steps, max_output_bytes=max_output_bytes)
+        self.limits = Limits(
+            max_steps=max_steps,
+            max_output_bytes=max_output_bytes,
+            max_state_bytes=max_state_bytes,
+        )
         self.trace_payloads = trace_payloads
         self.backoff = backoff or Backoff()
         self._pool_size = pool_size

@@ -17,6 +17,7 @@ The hierarchy, with the stable code each error carries::
     └── RunFailure                             run_failed  the run cannot go on, retries or not
         ├── StepLimitError                     step_limit
         ├── OutputLimitError                   output_limit
+        ├── StateLimitError                    state_limit
         └── DeterminismError                   determinism
 
 Control-flow signals derive from ``BaseException``, so that a user's ``except Exception:`` cannot
@@ -149,6 +150,12 @@ class OutputLimitError(RunFailure):
     """A step's output (or the run's) is larger than ``max_output_bytes``."""
 
     code = "output_limit"
+
+
+class StateLimitError(RunFailure):
+    """The run's state (its event, step outputs and output) is larger than ``max_state_bytes``."""
+
+    code = "state_limit"
 
 
 class DeterminismError(RunFailure):

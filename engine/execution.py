@@ -36,6 +36,7 @@ from .batching import Batches
 from .context import Context, RunLogger, current_step, structlog_logger
 from .db import Database, is_connection_error
 from .errors import (
+    ConfigurationError,
     DeterminismError,
     EngineError,
     NestedStepError,
@@ -45,6 +46,7 @@ from .errors import (
     RunFailure,
     SerializationError,
     StaleLeaseError,
+    StateLimitError,
     StepError,
     StepLimitError,
     error_payload,
@@ -57,13 +59,27 @@ from .retries import Backoff
 from .runs import RunStatus
 from .serialization import NotSerializable, dumps, loads, stored_size, text_problem
 
+MAX_STATE_CEILING = 128 * 1024 * 1024  # a claim builds a run's steps into one jsonb (256 MiB max)
+
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-run limits; going over fails the run with an error that names the limit."""
+    """Per-run limits; going over fails the run with an error that names the limit.
+
+    ``max_state_bytes`` bounds a run's whole state: its event, every step's output (and error)
+    and the function's output, as JSON.
+    """
 
     max_steps: int = 1000
     max_output_bytes: int = 4 * 1024 * 1024
+    max_state_bytes: int = 32 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_state_bytes <= MAX_STATE_CEILING:
+            raise ConfigurationError(
+                f"max_state_bytes must be between 1 and {MAX_STATE_CEILING} (a run's history is "
+                f"loaded as one database value), got {self.max_state_bytes}"
+            )
 
 
 @dataclass
@@ -114,11 +130,13 @@ class ClaimedRun:
     claimed_at: datetime
     events: list[Event]
     steps: dict[str, StepRecord] = field(default_factory=dict)
+    state_bytes: int = 0  # its event and recorded steps, as JSON (see Limits.max_state_bytes)
 
     @classmethod
     def from_row(cls, row: Any, function: Function) -> ClaimedRun:
         """Builds it from a row of ``engine.claim_runs``."""
         steps = [_step_from_json(s) for s in loads(row["steps"])]
+        events_json = row["events"] or row["event"]
         return cls(
             run_id=row["id"],
             function=function,
@@ -133,6 +151,7 @@ class ClaimedRun:
                 for e in (loads(row["events"]) if row["events"] else [loads(row["event"])])
             ],
             steps={s.key: s for s in steps},
+            state_bytes=row["state_bytes"] + len(events_json),
         )
 
 
@@ -537,7 +556,20 @@ class Execution:
                     f"{self.limits.max_output_bytes} (max_output_bytes)"
                 )
             )
+        self._add_state(size, what)
         return text
+
+    def _add_state(self, size: int, what: str) -> None:
+        """Counts an output into the run's state; over ``max_state_bytes`` fails the run."""
+        self.run.state_bytes += size
+        if self.run.state_bytes > self.limits.max_state_bytes:
+            self.fail(
+                StateLimitError(
+                    f"{what} returned {size} bytes of JSON, bringing the run's state to "
+                    f"{self.run.state_bytes} bytes; the limit on a run's state is "
+                    f"{self.limits.max_state_bytes} (max_state_bytes)"
+                )
+            )
 
     # -- the driver ------------------------------------------------------------------------------
     async def execute(self, make_context: Callable[[Execution], Context]) -> None:

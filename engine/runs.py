@@ -56,6 +56,9 @@ class StepInfo(BaseModel):
     output: Any = None
     error: dict[str, Any] | None = None
     wake_at: datetime | None = None
+    output_omitted: bool = False
+    """True when the run's steps were too large to load together (a run recorded before
+    ``max_state_bytes`` bounded them): ``output`` and ``error`` are then left out."""
 
 
 class RunInfo(BaseModel):
@@ -90,6 +93,7 @@ def run_info_from_row(row: Any) -> RunInfo:
             output=s["output"],
             error=s["error"],
             wake_at=s["wake_at"],
+            output_omitted=s.get("omitted", False),
         )
         for s in loads(row["steps"])
     ]

@@ -606,6 +606,21 @@ RETURNS void LANGUAGE sql AS $$
         p_definition)
 $$;
 
+-- A run's steps for get_run and list_runs. Steps too large to build into one value (over
+-- 256 MiB: a run recorded before max_state_bytes existed) come without their outputs and errors
+-- ("omitted": true), rather than failing the call.
+CREATE OR REPLACE FUNCTION engine.run_history(p_run uuid) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN engine.run_steps(p_run);
+EXCEPTION WHEN program_limit_exceeded THEN
+    RETURN (SELECT jsonb_agg(jsonb_build_object(
+                'key', s.step_key, 'position', s.position, 'kind', s.kind, 'status', s.status,
+                'attempts', s.attempts, 'output', NULL, 'error', NULL, 'wake_at', s.wake_at,
+                'omitted', true) ORDER BY s.position)
+            FROM engine.steps s WHERE s.run_id = p_run);
+END $$;
+
 -- ---------------------------------------------------------------------------------------------
 -- Wake-ups. NOTIFY is a hint that carries no data; workers poll as a safety net. It fires once
 -- per statement (never per row, never from a step checkpoint): every notifying commit takes one
@@ -1153,7 +1168,10 @@ BEGIN
     SET status = CASE WHEN v_kind = 'invoke' AND v_error IS NOT NULL THEN 'FAILED' ELSE 'COMPLETED' END,
         output = CASE WHEN v_kind = 'invoke' THEN v_event #> '{data,result}' ELSE v_event END,
         error = CASE WHEN v_kind = 'invoke' THEN v_error END,
-        event_seq = p_seq, ended_at = v_now
+        event_seq = p_seq, ended_at = v_now,
+        bytes = engine.step_bytes(CASE WHEN v_kind = 'invoke' THEN v_event #> '{data,result}'
+                                       ELSE v_event END,
+                                  CASE WHEN v_kind = 'invoke' THEN v_error END)
     WHERE s.run_id = p_run AND s.step_key = p_key AND s.status = 'WAITING';
     -- A suspended run wakes now to go on; a running one notices when it suspends (suspend_run).
     UPDATE engine.runs r
@@ -1559,18 +1577,21 @@ SELECT engine.ensure('view:run_details', to_regclass('engine.run_details') IS NO
 CREATE OR REPLACE VIEW engine.run_details AS
 SELECT r.id, r.app_id, r.function_id, r.status, r.attempt, r.waiting_reason, r.due_at,
        r.output, r.error, r.created_at, r.started_at, r.ended_at, r.event_seq,
-       engine.run_event(r.event_seq) AS event, engine.run_steps(r.id) AS steps
+       engine.run_event(r.event_seq) AS event, engine.run_history(r.id) AS steps
 FROM engine.runs r$view$);
 
 -- Leases up to p_limit runs of the given functions to p_owner: due queued, sleeping, retrying
 -- and waiting runs, and running runs whose lease expired (their worker died). Returns each run
--- with its event and its recorded steps, so a claimed run replays with no further round trip.
--- A due run past one of its timeouts is cancelled instead of claimed.
+-- with its event and its recorded steps, so a claimed run replays with no further round trip,
+-- and state_bytes, the size of those steps (engine.steps.bytes). A due run past one of its
+-- timeouts is cancelled instead of claimed; one whose steps hold more than p_max_state bytes
+-- fails instead (engine.enforce_state_limit).
 CREATE OR REPLACE FUNCTION engine.claim_runs(
-    p_app text, p_functions text[], p_owner uuid, p_lease interval, p_limit int)
+    p_app text, p_functions text[], p_owner uuid, p_lease interval, p_limit int,
+    p_max_state bigint DEFAULT 32 * 1024 * 1024)
 RETURNS TABLE (id uuid, function_id text, lease_token bigint, attempt int, log_lines int,
                cancel_requested boolean, traceparent text, created_at timestamptz,
-               claimed_at timestamptz, event jsonb, steps jsonb, events jsonb)
+               claimed_at timestamptz, event jsonb, steps jsonb, events jsonb, state_bytes bigint)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -1662,13 +1683,21 @@ BEGIN
     )
     UPDATE engine.steps s
     SET status = coalesce(g.on_timeout ->> 'status', 'COMPLETED'), output = g.on_timeout -> 'output',
-        error = g.on_timeout -> 'error', ended_at = v_now
+        error = g.on_timeout -> 'error', ended_at = v_now,
+        bytes = engine.step_bytes(g.on_timeout -> 'output', g.on_timeout -> 'error')
     FROM gone g WHERE s.run_id = g.run_id AND s.step_key = g.key AND s.status = 'WAITING';
+    -- A run whose recorded state is over the limit fails here, before its history is built
+    -- into one value: it cannot break the claim of the others (or be loaded at all).
+    v_ids := engine.enforce_state_limit(v_ids, p_max_state, v_now);
+    IF cardinality(v_ids) = 0 THEN
+        RETURN;
+    END IF;
 
     RETURN QUERY
     SELECT r.id, r.function_id, r.lease_token, r.attempt, r.log_lines, r.cancel_requested,
            r.traceparent, r.created_at, v_now, engine.run_event(r.event_seq), engine.run_steps(r.id),
-           CASE WHEN r.batch_key IS NOT NULL THEN engine.batch_of(r.id) END
+           CASE WHEN r.batch_key IS NOT NULL THEN engine.batch_of(r.id) END,
+           (SELECT coalesce(sum(s.bytes), 0)::bigint FROM engine.steps s WHERE s.run_id = r.id)
     FROM engine.runs r WHERE r.id = ANY (v_ids);
 END $$;
 
@@ -1765,6 +1794,34 @@ CREATE OR REPLACE TRIGGER runs_released
     WHEN (OLD.status = 'RUNNING' AND NEW.status <> 'RUNNING' AND NEW.concurrency IS NOT NULL)
     EXECUTE FUNCTION engine.release_permits()$trigger$);
 
+-- Fails the just-claimed runs whose recorded steps hold more than p_max bytes (a run that grew
+-- through waits or invokes, or that was recorded under a larger limit); returns the others.
+CREATE OR REPLACE FUNCTION engine.enforce_state_limit(p_ids uuid[], p_max bigint, p_now timestamptz)
+RETURNS uuid[] LANGUAGE plpgsql AS $$
+DECLARE
+    v_over uuid[];
+BEGIN
+    WITH sizes AS (
+        SELECT s.run_id, sum(s.bytes) AS bytes FROM engine.steps s
+        WHERE s.run_id = ANY (p_ids) GROUP BY s.run_id HAVING sum(s.bytes) > p_max
+    ), over AS (
+        UPDATE engine.runs r
+        SET status = 'FAILED', ended_at = p_now, lease_owner = NULL, lease_expires_at = NULL,
+            updated_at = p_now,
+            error = jsonb_build_object(
+                'type', 'StateLimitError',
+                'message', format('the run''s recorded steps hold %s bytes; the limit on a run''s '
+                                  'state is %s (max_state_bytes)', z.bytes, p_max))
+        FROM sizes z WHERE r.id = z.run_id
+        RETURNING r.id
+    )
+    SELECT array_agg(o.id) INTO v_over FROM over o;
+    IF v_over IS NULL THEN
+        RETURN p_ids;
+    END IF;
+    RETURN ARRAY(SELECT x FROM unnest(p_ids) x WHERE x <> ALL (v_over));
+END $$;
+
 -- Cancels the just-claimed runs that are past a timeout; returns the others.
 CREATE OR REPLACE FUNCTION engine.enforce_timeouts(p_ids uuid[], p_now timestamptz)
 RETURNS uuid[] LANGUAGE plpgsql AS $$
@@ -1827,6 +1884,13 @@ RETURNS boolean LANGUAGE sql AS $$
     FOR KEY SHARE
 $$;
 
+-- The size a step adds to its run's state: its output and error as jsonb values in memory, which
+-- is what a claim aggregates (one jsonb value holds at most 256 MiB). O(1): no serialization.
+CREATE OR REPLACE FUNCTION engine.step_bytes(p_output jsonb, p_error jsonb) RETURNS bigint
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(pg_column_size(p_output), 0)::bigint + coalesce(pg_column_size(p_error), 0)
+$$;
+
 CREATE OR REPLACE FUNCTION engine.record_step(p_run uuid, p_step jsonb) RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -1834,15 +1898,17 @@ DECLARE
     v_ok  boolean;
 BEGIN
     INSERT INTO engine.steps AS s (run_id, step_key, position, kind, status, attempts, output,
-                                   error, wake_at, created_at, ended_at, step_id, follows)
+                                   error, wake_at, created_at, ended_at, step_id, follows, bytes)
     VALUES (p_run, p_step ->> 'key', (p_step ->> 'position')::int, p_step ->> 'kind',
             p_step ->> 'status', (p_step ->> 'attempts')::int, p_step -> 'output', p_step -> 'error',
             (p_step ->> 'wake_at')::timestamptz, v_now,
             CASE WHEN p_step ->> 'status' IN ('COMPLETED', 'FAILED') THEN v_now END,
-            p_step ->> 'id', p_step ->> 'follows')
+            p_step ->> 'id', p_step ->> 'follows',
+            engine.step_bytes(p_step -> 'output', p_step -> 'error'))
     ON CONFLICT (run_id, step_key) DO UPDATE
         SET status = excluded.status, attempts = excluded.attempts, output = excluded.output,
-            error = excluded.error, wake_at = excluded.wake_at, ended_at = excluded.ended_at
+            error = excluded.error, wake_at = excluded.wake_at, ended_at = excluded.ended_at,
+            bytes = excluded.bytes
         WHERE s.status NOT IN ('COMPLETED', 'FAILED')
     RETURNING true INTO v_ok;
     RETURN coalesce(v_ok, false);
@@ -2282,9 +2348,10 @@ BEGIN
             v_now, v_now)
     RETURNING id INTO v_new;
     INSERT INTO engine.steps (run_id, step_key, position, kind, status, attempts, output, error,
-                              wake_at, event_seq, created_at, ended_at, step_id, follows)
+                              wake_at, event_seq, created_at, ended_at, step_id, follows, bytes)
     SELECT v_new, s.step_key, s.position, s.kind, s.status, s.attempts, s.output, s.error,
-           s.wake_at, s.event_seq, s.created_at, s.ended_at, s.step_id, s.follows
+           s.wake_at, s.event_seq, s.created_at, s.ended_at, s.step_id, s.follows,
+           coalesce(s.bytes, engine.step_bytes(s.output, s.error))
     FROM engine.steps s
     WHERE s.run_id = p_run AND s.position < v_position AND s.status IN ('COMPLETED', 'FAILED');
     RETURN v_new;

@@ -279,7 +279,13 @@ class Worker:
     async def _claim(self, limit: int) -> int:
         db = await self.engine.database()
         rows = await db.fetch(
-            "claim_runs", self.engine.app_id, self._fn_ids, self.owner, self.lease, limit
+            "claim_runs",
+            self.engine.app_id,
+            self._fn_ids,
+            self.owner,
+            self.lease,
+            limit,
+            self.engine.limits.max_state_bytes,
         )
         for row in rows:
             self._start(ClaimedRun.from_row(row, self.engine.functions[row["function_id"]]))
@@ -297,6 +303,7 @@ class Worker:
             traceparent=routed.traceparent,
             claimed_at=row["created_at"],
             events=[event_from_row(routed.event)],
+            state_bytes=len(dumps(routed.event)),  # its state so far: the event
         )
 
     async def _arm_timer(self) -> None:

@@ -122,7 +122,9 @@ async def test_finish_run_in_sql_honours_a_cancel_request(
         f"[{step}]",
     )
     assert result == "cancel"
-    row = await sql.fetchrow("SELECT status, output, error FROM engine.runs WHERE id = $1", run["id"])
+    row = await sql.fetchrow(
+        "SELECT status, output, error FROM engine.runs WHERE id = $1", run["id"]
+    )
     assert row["status"] == "CANCELLED" and row["output"] is None
     assert '"by the test"' in row["error"]
     assert await sql.fetchval("SELECT status FROM engine.steps WHERE run_id = $1", run["id"]) == (
@@ -188,7 +190,8 @@ async def test_a_singleton_replacement_says_so(make_engine: Any) -> None:
         await ctx.step.sleep("nap", "7d")
 
     async with app.worker():
-        first = await only_run_id(app, (await app.send(Event(name="t/single", data={"user": 1})))[0])
+        [event_id] = await app.send(Event(name="t/single", data={"user": 1}))
+        first = await only_run_id(app, event_id)
         await eventually(lambda: _status_is(app, first, RunStatus.SLEEPING))
         await app.send(Event(name="t/single", data={"user": 1}))
         await eventually(lambda: _status_is(app, first, RunStatus.CANCELLED))

@@ -122,6 +122,7 @@ def test_public_api_is_pinned() -> None:
         "SchemaMissingError",
         "SerializationError",
         "Singleton",
+        "StateLimitError",
         "StepError",
         "StepInfo",
         "StepLimitError",

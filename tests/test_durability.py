@@ -219,7 +219,7 @@ async def test_a_worker_that_lost_its_lease_records_nothing(make_engine: Any, sq
         )
     await asyncio.sleep(0.01)  # the first lease expires
     [claimed] = await db.fetch(
-        "claim_runs", "test", ["fenced"], second_owner, timedelta(seconds=30), 5
+        "claim_runs", "test", ["fenced"], second_owner, timedelta(seconds=30), 5, 2**25
     )
     step = '{"key": "s", "position": 0, "kind": "run", "status": "COMPLETED", "attempts": 1}'
     assert (
