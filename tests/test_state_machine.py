@@ -126,6 +126,9 @@ class RunLifecycle(RuleBasedStateMachine):
     def finish(self, run: uuid.UUID, status: str, stale: bool) -> None:
         owner, token = self.leases.get(run, (OWNERS[0], 0))
         token -= 1 if stale else 0
+        requested = self.do(
+            self.conn.fetchval("SELECT cancel_requested FROM engine.runs WHERE id = $1", run)
+        )
         result = self.do(
             self.conn.fetchval(
                 "SELECT engine.finish_run($1, $2, $3, $4, '\"out\"', NULL, 0, '[]')",
@@ -136,7 +139,8 @@ class RunLifecycle(RuleBasedStateMachine):
             )
         )
         holds = run in self.leases and not stale and run not in self.terminal
-        assert result == ("ok" if holds else "lost")
+        # A cancel requested before the end wins: the run ends CANCELLED, whatever `status` is.
+        assert result == (("cancel" if requested else "ok") if holds else "lost")
         if holds:
             self.leases.pop(run)
             self.terminal[run] = self.snapshot(run)
@@ -317,11 +321,14 @@ class RunLifecycle(RuleBasedStateMachine):
 
     @invariant()
     def an_event_resumes_a_wait_once(self) -> None:
-        """Each resumed wait is COMPLETED with the event that resumed it, for good; no run had
-        two waits resumed by one event; no matcher outlives its run."""
+        """Each resumed wait is COMPLETED with the event that resumed it, for good; a wait
+        not resumed is WAITING while its run goes on, CANCELLED once the run ended (no step
+        stays open in a finished run); no run had two waits resumed by one event; no matcher
+        outlives its run."""
         rows = self.do(
             self.conn.fetch(
-                "SELECT s.run_id, s.step_key, s.status, s.event_seq FROM engine.steps s"
+                "SELECT s.run_id, s.step_key, s.status, s.event_seq, r.status AS run_status"
+                " FROM engine.steps s"
                 " JOIN engine.runs r ON r.id = s.run_id WHERE r.app_id = $1 AND s.kind = 'wait'",
                 self.app,
             )
@@ -330,7 +337,8 @@ class RunLifecycle(RuleBasedStateMachine):
         for key, seq in self.resumed.items():
             assert waits[key]["status"] == "COMPLETED" and waits[key]["event_seq"] == seq
         for key, row in waits.items():
-            assert key in self.resumed or row["status"] == "WAITING", row
+            open_status = "CANCELLED" if row["run_status"] in TERMINAL else "WAITING"
+            assert key in self.resumed or row["status"] == open_status, row
         per_run = [(run, seq) for (run, _), seq in self.resumed.items()]
         assert len(per_run) == len(set(per_run)), "one event resumed two waits of a run"
         orphans = self.do(
