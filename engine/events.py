@@ -6,23 +6,46 @@ schedules the runs it triggers for then). Names starting with ``engine/`` are re
 events the engine sends itself.
 
 The same limits hold in Python and in the database (``engine.check_event``), since events may
-arrive by SQL: names of 1 to 512 characters, data up to 512 KiB of JSON, 5,000 events per send.
+arrive by SQL: names of 1 to 512 characters, ids and versions (``v``) of 1 to 512, data a JSON
+object of at most 512 KiB, nested at most 100 levels deep (the data object is the first level),
+with numbers a double can hold (magnitude at most 1.7976931348623157e308), a ``ts`` between
+0001-01-02 and 9999-12-30 UTC, 5,000 events per send. Past these, Python could not read the
+event back (its JSON decoders recurse, ``int()`` refuses more than 4,300 digits, ``datetime`` ends
+at year 1 and 9999), and every router would fail on it.
+
+Every refusal is an :class:`~engine.errors.InvalidEventError` with the reason, whether it comes
+from ``Event(...)`` itself (an empty name, data that is not an object: pydantic's validation
+error is turned into it), from :func:`validate_outgoing` (the limits above) or from the database.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import sys
+from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from .errors import InvalidEventError
-from .serialization import NotSerializable, dumps, stored_size, text_problem
+from .serialization import NotSerializable, dumps, stored_size, text_problem, to_jsonable
 
 RESERVED_PREFIX = "engine/"
 MAX_NAME_LENGTH = 512
 MAX_DATA_BYTES = 512 * 1024
 MAX_EVENTS_PER_SEND = 5000
+MAX_ID_LENGTH = 512  # ids and versions: 2 KiB of UTF-8 at most, under a btree entry's ~2.7 KB
+MAX_DEPTH = 100
+MAX_NUMBER = sys.float_info.max
+MIN_TS = datetime(1, 1, 2, tzinfo=UTC)
+MAX_TS = datetime(9999, 12, 30, tzinfo=UTC)
 
 
 class Event(BaseModel):
@@ -35,6 +58,20 @@ class Event(BaseModel):
     id: str | None = None
     ts: datetime | None = None
     v: str | None = None
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _invalid_event_error(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """One error type for a refused event: pydantic's becomes InvalidEventError (which
+        pydantic lets through, as it is no ValueError)."""
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            reasons = "; ".join(
+                f"{'.'.join(map(str, error['loc'])) or 'event'}: {error['msg']}"
+                for error in exc.errors()
+            )
+            raise InvalidEventError(f"invalid event: {reasons}") from None
 
     @field_validator("data", mode="before")
     @classmethod
@@ -77,21 +114,80 @@ def _check_text_fields(event: Event) -> None:
             raise InvalidEventError(f"event {field} {value!r} cannot be stored: {problem}")
 
 
+def _check_lengths(event: Event) -> None:
+    for field in ("id", "v"):
+        value = getattr(event, field)
+        if value is not None and not 1 <= len(value) <= MAX_ID_LENGTH:
+            raise InvalidEventError(
+                f"event {event.name!r}: {field} is {len(value)} characters long;"
+                f" the limit is 1 to {MAX_ID_LENGTH}"
+            )
+
+
+def _check_ts(event: Event) -> None:
+    if event.ts is None:
+        return
+    try:
+        in_range = MIN_TS <= event.ts.astimezone(UTC) <= MAX_TS
+    except OverflowError:  # year 1 in a time zone east of UTC: before year 1 in UTC
+        in_range = False
+    if not in_range:
+        raise InvalidEventError(
+            f"event {event.name!r}: ts {event.ts.isoformat()} is out of range;"
+            " it must be between 0001-01-02 and 9999-12-30 (UTC)"
+        )
+
+
+def json_problem(value: Any) -> str | None:
+    """Why Python could not read ``value`` (plain JSON types) back from the database, or None.
+
+    Walks iteratively (a hostile value may be nested deeper than Python recurses): no
+    container at level ``MAX_DEPTH`` (the value itself is level 0), no number beyond a double.
+    """
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    while pending:
+        item, level = pending.pop()
+        if isinstance(item, dict | list):
+            if level >= MAX_DEPTH:
+                return f"it is nested more than {MAX_DEPTH} levels deep; the limit is {MAX_DEPTH}"
+            children = item.values() if isinstance(item, dict) else item
+            pending.extend((child, level + 1) for child in children)
+        elif (
+            isinstance(item, int | float) and not isinstance(item, bool) and abs(item) > MAX_NUMBER
+        ):
+            return f"it holds a number beyond +/-{MAX_NUMBER!r} (the largest double)"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _data_size(event: Event) -> int:
+    """The stored size of the event's data, or InvalidEventError saying why it cannot be."""
+    try:
+        plain = to_jsonable(event.data)
+        problem = json_problem(plain)
+        if problem is None:
+            return stored_size(dumps(plain))
+    except RecursionError:
+        problem = f"it is nested more than {MAX_DEPTH} levels deep; the limit is {MAX_DEPTH}"
+    except NotSerializable as exc:
+        problem = str(exc)
+    raise InvalidEventError(f"event {event.name!r}: data cannot be stored: {problem}")
+
+
 def _checked(event: Any, system: bool) -> dict[str, Any]:
     if not isinstance(event, Event):
-        try:
-            event = Event.model_validate(event)
-        except ValidationError as exc:
-            raise InvalidEventError(f"invalid event: {exc}") from exc
+        event = Event.model_validate(event)  # raises InvalidEventError with the reason
     _check_text_fields(event)
     if not system and event.name.startswith(RESERVED_PREFIX):
         raise InvalidEventError(
             f"event name {event.name!r} uses the reserved prefix {RESERVED_PREFIX!r}"
         )
-    try:
-        size = stored_size(dumps(event.data))
-    except NotSerializable as exc:
-        raise InvalidEventError(f"event {event.name!r}: data cannot be stored: {exc}") from exc
+    _check_lengths(event)
+    _check_ts(event)
+    size = _data_size(event)
     if size > MAX_DATA_BYTES:
         raise InvalidEventError(
             f"event {event.name!r}: data is {size} bytes; the limit is {MAX_DATA_BYTES}"

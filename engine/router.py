@@ -14,6 +14,8 @@ from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
+import structlog
+
 from .db import Connection, Database, Record
 from .errors import EngineError
 from .flow import FLOW_OPTIONS, admission
@@ -23,6 +25,8 @@ from .serialization import dumps, loads
 from .triggers import TriggerEvent
 
 EVENT_BATCH = 200
+
+log = structlog.get_logger("engine")
 
 
 @dataclass(frozen=True)
@@ -38,11 +42,25 @@ class RegisteredFunction:
 
 @dataclass
 class RoutedRun:
-    """A run the router created and leased to this worker."""
+    """A run the router created and leased to this worker, with its event: decoded already, or
+    as JSON text (routed in SQL), decoded when the run starts, where a failure fails that run
+    alone (see ``Worker._start_routed``)."""
 
     row: Record
-    event: dict[str, Any]
+    event: dict[str, Any] | str
     traceparent: str | None
+
+    def decoded_event(self) -> dict[str, Any]:
+        """The event as a dict; raises whatever decoding raises (RecursionError, ValueError)."""
+        if isinstance(self.event, str):
+            decoded: dict[str, Any] = loads(self.event)
+            return decoded
+        return self.event
+
+
+class Unroutable(Exception):
+    """Internal: one event cannot be routed (its data cannot be read, or evaluating a trigger
+    or a flow control key on it failed); it is dead-lettered with this reason."""
 
 
 class Router:
@@ -94,7 +112,7 @@ class Router:
             capacity,
         )
         summary, created = rows[0], rows[1:]
-        mine = [RoutedRun(row, loads(row["event"]), row["traceparent"]) for row in created]
+        mine = [RoutedRun(row, row["event"], row["traceparent"]) for row in created]
         return summary["routed"], mine, summary["deferred"]
 
     def _split_registry(self) -> None:
@@ -130,11 +148,13 @@ class Router:
                 await self._load_registry(conn)
                 self._version = events[0]["registry_version"]
                 self._split_registry()
-            plan, by_seq = self._plan(events, capacity)
+            plan, by_seq, dead = self._plan(events, capacity)
+            if dead:
+                await self._db.fetchval("dead_letter", dumps(dead), conn=conn)
             created = await self._db.fetch(
                 "create_runs", [e["seq"] for e in events], dumps(plan), owner, lease, conn=conn
             )
-            awaited = [e["seq"] for e in events if e["awaited"]]
+            awaited = [e["seq"] for e in events if e["awaited"] and e["seq"] in by_seq]
             if awaited:
                 await self._resolve_matchers(awaited, by_seq, conn)
         mine = [
@@ -148,41 +168,63 @@ class Router:
 
     def _plan(
         self, events: list[Record], capacity: int
-    ) -> tuple[list[dict[str, Any]], dict[int, Any]]:
+    ) -> tuple[list[dict[str, Any]], dict[int, Any], list[dict[str, Any]]]:
+        """The runs to create for these events, the decoded events by seq, and the dead letters:
+        an event that cannot be read or evaluated is set aside, never the batch."""
         plan: list[dict[str, Any]] = []
         by_seq: dict[int, Any] = {}
+        dead: list[dict[str, Any]] = []
         for row in events:
-            event = {
-                "id": row["id"],
-                "name": row["name"],
-                "data": loads(row["data"]),
-                "ts": row["ts"].isoformat(),
-                "v": row["v"],
-            }
+            try:
+                event, runs = self._plan_event(row, capacity)
+            except Unroutable as exc:
+                cause = exc.__cause__
+                error = {"type": type(cause).__name__, "message": str(exc)}
+                dead.append({"seq": row["seq"], "error": error})
+                log.error("event.dead_lettered", event_seq=row["seq"], name=row["name"], **error)
+                continue
             by_seq[row["seq"]] = {"event": event, "traceparent": row["traceparent"]}
-            for fn in self._matching(event):
-                controls = admission(fn.flow, fn.app_id, fn.fn_id, event)
-                # Runs under concurrency limits are left to the claim, which takes permits.
-                claim = (
-                    fn.local
-                    and capacity > 0
-                    and not controls["concurrency"]
-                    and not controls.get("priority")  # a delay, or an order among queued runs
-                    and not controls.get("throttle")  # the claim decides when it may start
-                    and not controls.get("debounce_key")  # starts after a quiet period
-                    and not controls.get("batch_key")  # starts when full or timed out
-                )
-                capacity -= claim
-                plan.append(
-                    {
-                        "app_id": fn.app_id,
-                        "function_id": fn.fn_id,
-                        "event_seq": row["seq"],
-                        "claim": claim,
-                        **controls,
-                    }
-                )
-        return plan, by_seq
+            capacity -= sum(run["claim"] for run in runs)
+            plan.extend(runs)
+        return plan, by_seq, dead
+
+    def _plan_event(
+        self, row: Record, capacity: int
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """One event, decoded, and its runs; raises :class:`Unroutable` with the reason."""
+        try:
+            event: dict[str, Any] = loads(row["event"])
+        except Exception as exc:  # RecursionError, a number Python refuses, ...
+            raise Unroutable(f"its data cannot be read: {type(exc).__name__}: {exc}") from exc
+        try:
+            runs = [self._run_entry(fn, row["seq"], event) for fn in self._matching(event)]
+        except Exception as exc:
+            raise Unroutable(
+                f"evaluating its triggers or flow control keys failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        for run in runs:  # the first ones that may run here at once are created leased to us
+            run["claim"] = run["claim"] and capacity > 0
+            capacity -= run["claim"]
+        return event, runs
+
+    def _run_entry(self, fn: RegisteredFunction, seq: int, event: dict[str, Any]) -> dict[str, Any]:
+        controls = admission(fn.flow, fn.app_id, fn.fn_id, event)
+        # Runs under concurrency limits are left to the claim, which takes permits.
+        claim = (
+            fn.local
+            and not controls["concurrency"]
+            and not controls.get("priority")  # a delay, or an order among queued runs
+            and not controls.get("throttle")  # the claim decides when it may start
+            and not controls.get("debounce_key")  # starts after a quiet period
+            and not controls.get("batch_key")  # starts when full or timed out
+        )
+        return {
+            "app_id": fn.app_id,
+            "function_id": fn.fn_id,
+            "event_seq": seq,
+            "claim": claim,
+            **controls,
+        }
 
     async def _resolve_matchers(
         self, seqs: list[int], by_seq: dict[int, Any], conn: Connection
@@ -199,8 +241,7 @@ class Router:
             consumes = row["kind"] != "cancel"
             if (run_id, key) in taken or (consumes and (run_id, seq) in consumed):
                 continue
-            trigger = None if row["trigger"] is None else loads(row["trigger"])
-            if not accepts(row["expression"], trigger, by_seq[seq]["event"]):
+            if not self._accepts(row, by_seq[seq]["event"]):
                 continue
             taken.add((run_id, key))
             if consumes:
@@ -208,6 +249,23 @@ class Router:
             matches.append({"run_id": str(run_id), "key": key, "event_seq": seq})
         if matches:
             await self._db.fetchval("resolve_matches", dumps(matches), conn=conn)
+
+    @staticmethod
+    def _accepts(row: Record, event: dict[str, Any]) -> bool:
+        """Whether a wait's or a cancel's expression accepts the event. One that cannot be
+        evaluated on it (the run's trigger cannot be read, say) does not: that run waits on,
+        and the routing goes on for every other event and run."""
+        try:
+            trigger = None if row["trigger"] is None else loads(row["trigger"])
+            return accepts(row["expression"], trigger, event)
+        except Exception as exc:
+            log.error(
+                "matcher.unreadable",
+                run_id=str(row["run_id"]),
+                key=row["key"],
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            return False
 
     def _matching(self, event: dict[str, Any]) -> list[RegisteredFunction]:
         return [

@@ -184,6 +184,17 @@ DO $$ BEGIN IF (SELECT value::int FROM engine.meta WHERE key = 'schema_version')
     WHERE r.id = s.run_id AND r.status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING');
 END IF; END $$;
 
+-- v9 (poison events, #11): check_event bounds every field of an event; claim_events returns
+-- the event as JSON (a BC ts failed asyncpg's decoding of the whole batch); events that cannot
+-- be routed are dead-lettered (error, dead_lettered_at) instead of stopping routing.
+DO $$ BEGIN IF (SELECT value::int FROM engine.meta WHERE key = 'schema_version') < 9 THEN
+    DROP FUNCTION IF EXISTS engine.check_event(text, jsonb, boolean);
+    DROP FUNCTION IF EXISTS engine.claim_events(int);
+    ALTER TABLE engine.events
+        ADD COLUMN IF NOT EXISTS dead_lettered_at timestamptz,
+        ADD COLUMN IF NOT EXISTS error jsonb;
+END IF; END $$;
+
 INSERT INTO engine.meta (key, value) VALUES ('schema_version', '9')
 ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 -- A random id of this database's install, created once (re-applying this file never changes
@@ -223,12 +234,20 @@ CREATE TABLE IF NOT EXISTS engine.events (
     ts          timestamptz NOT NULL,
     v           text,
     received_at timestamptz NOT NULL,
-    traceparent text
+    traceparent text,
+    -- A dead letter: an event that could not be routed (its data could not be read, a trigger
+    -- or key expression failed on it, or creating its runs failed) is taken off the queue with
+    -- the reason ({type, message}) instead of stopping routing for everyone. No run started.
+    dead_lettered_at timestamptz,
+    error       jsonb
 );
 SELECT engine.ensure_index('events_id_idx', $index$
 CREATE INDEX IF NOT EXISTS events_id_idx ON engine.events (id)$index$);
 SELECT engine.ensure_index('events_name_idx', $index$
 CREATE INDEX IF NOT EXISTS events_name_idx ON engine.events (name, seq)$index$);
+SELECT engine.ensure_index('events_dead_idx', $index$
+CREATE INDEX IF NOT EXISTS events_dead_idx ON engine.events (dead_lettered_at)
+    WHERE dead_lettered_at IS NOT NULL$index$);
 
 -- User-given event ids deduplicate for 24 hours: a second event with the same id inside the
 -- window is stored once. A row whose window passed is taken over by the next event.
@@ -657,9 +676,19 @@ CREATE OR REPLACE TRIGGER runs_notify
 -- ---------------------------------------------------------------------------------------------
 -- Sending events. Any language can call engine.send_event() inside its own transaction: the
 -- event exists only if that transaction commits. Errors use SQLSTATE class 'EN' (see errors.py).
--- Limits: 5,000 events per call, names of 1 to 512 characters, 512 KiB of JSON per event.
+-- Limits (the same in engine/events.py): 5,000 events per call; names of 1 to 512 characters;
+-- ids and versions (`v`) of 1 to 512 (2 KiB of UTF-8: an id's
+-- unique index entry must fit in ~2.7 KB); data a JSON object of at most 512 KiB. Beyond these, the
+-- database refuses what Python cannot read back (docs/reliability.md, "Poison events"): data
+-- nested more than 100 levels deep (Python's decoders recurse), numbers beyond a double's range
+-- (json decodes 1e400 as inf, orjson refuses it; an integer of more than 4,300 digits is refused
+-- by int()), a `ts` outside 0001-01-02 .. 9999-12-30 UTC (Python's datetime; asyncpg cannot
+-- read BC dates, and a day of margin keeps every time zone's rendering inside year 1..9999),
+-- infinities, and a traceparent that is not a W3C traceparent (it is copied onto every run).
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION engine.check_event(p_name text, p_data jsonb, p_system boolean)
+CREATE OR REPLACE FUNCTION engine.check_event(
+    p_name text, p_data jsonb, p_system boolean, p_id text DEFAULT NULL, p_v text DEFAULT NULL,
+    p_traceparent text DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
     IF p_name IS NULL OR length(p_name) = 0 THEN
@@ -673,6 +702,15 @@ BEGIN
         RAISE EXCEPTION 'event name "%" uses the reserved prefix "engine/"', p_name
             USING ERRCODE = 'EN001';
     END IF;
+    IF p_id IS NOT NULL AND length(p_id) NOT BETWEEN 1 AND 512 THEN
+        RAISE EXCEPTION 'event "%": id is % characters long; ids have 1 to 512', p_name,
+            length(p_id) USING ERRCODE = 'EN001';
+    END IF;
+    IF p_v IS NOT NULL AND length(p_v) NOT BETWEEN 1 AND 512 THEN
+        RAISE EXCEPTION 'event "%": v is % characters long; versions have 1 to 512', p_name,
+            length(p_v) USING ERRCODE = 'EN001';
+    END IF;
+    PERFORM engine.check_traceparent(p_name, p_traceparent);
     IF jsonb_typeof(p_data) <> 'object' THEN
         RAISE EXCEPTION 'event "%": data must be a JSON object, not %', p_name, jsonb_typeof(p_data)
             USING ERRCODE = 'EN001';
@@ -681,6 +719,63 @@ BEGIN
         RAISE EXCEPTION 'event "%": data is % bytes; the limit is 524288', p_name, octet_length(p_data::text)
             USING ERRCODE = 'EN001';
     END IF;
+    -- A container at level 100 (the data object is level 0) makes 101 levels of nesting. The
+    -- bounded walk stops there, however deep the value goes.
+    IF jsonb_path_exists(p_data, 'strict $.**{100} ? (@.type() == "object" || @.type() == "array")') THEN
+        RAISE EXCEPTION 'event "%": data is nested more than 100 levels deep; the limit is 100', p_name
+            USING ERRCODE = 'EN001';
+    END IF;
+    IF jsonb_path_exists(p_data, 'strict $.** ? (@.type() == "number"
+            && (@ > 1.7976931348623157e308 || @ < -1.7976931348623157e308))') THEN
+        RAISE EXCEPTION 'event "%": data holds a number beyond +/-1.7976931348623157e308 (the '
+            'largest double), which Python cannot read back', p_name USING ERRCODE = 'EN001';
+    END IF;
+END $$;
+
+-- A traceparent, when given, is a W3C traceparent (version-traceid-parentid-flags, lowercase
+-- hex, ids not all zeros; a future version may append fields), at most 256 characters.
+CREATE OR REPLACE FUNCTION engine.check_traceparent(p_name text, p_traceparent text)
+RETURNS void LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_traceparent IS NULL THEN
+        RETURN;
+    END IF;
+    IF length(p_traceparent) > 256
+       OR p_traceparent !~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-.*)?$'
+       OR left(p_traceparent, 2) = 'ff'
+       OR (left(p_traceparent, 2) = '00' AND length(p_traceparent) <> 55)
+       OR substr(p_traceparent, 4, 32) = repeat('0', 32)
+       OR substr(p_traceparent, 37, 16) = repeat('0', 16) THEN
+        RAISE EXCEPTION 'event "%": traceparent % is not a W3C traceparent '
+            '(00-<32 hex>-<16 hex>-<2 hex>)', p_name,
+            CASE WHEN length(p_traceparent) > 60
+                 THEN format('of %s characters', length(p_traceparent))
+                 ELSE quote_literal(p_traceparent) END
+            USING ERRCODE = 'EN001';
+    END IF;
+END $$;
+
+-- An event's `ts` (ISO text, as in the JSON of send_events; NULL: not given), checked: a
+-- timestamp that Python and asyncpg can read back (see above).
+CREATE OR REPLACE FUNCTION engine.event_ts(p_name text, p_ts text) RETURNS timestamptz
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_ts timestamptz;
+BEGIN
+    IF p_ts IS NULL THEN
+        RETURN NULL;
+    END IF;
+    BEGIN
+        v_ts := p_ts::timestamptz;
+    EXCEPTION WHEN data_exception THEN
+        RAISE EXCEPTION 'event "%": ts % is not a timestamp (%)', p_name, quote_literal(left(p_ts, 60)),
+            SQLERRM USING ERRCODE = 'EN001';
+    END;
+    IF v_ts IS NULL OR NOT (v_ts >= '0001-01-02 00:00:00+00' AND v_ts <= '9999-12-30 00:00:00+00') THEN
+        RAISE EXCEPTION 'event "%": ts % is out of range; it must be between 0001-01-02 and '
+            '9999-12-30 (UTC)', p_name, p_ts USING ERRCODE = 'EN001';
+    END IF;
+    RETURN v_ts;
 END $$;
 
 -- p_events: a JSON array of {name, data, id?, ts?, v?}. Returns the event ids in order.
@@ -695,6 +790,7 @@ DECLARE
     v_ts    timestamptz;
     v_seq   bigint;
     v_fresh boolean;
+    v_trace text;
 BEGIN
     IF jsonb_typeof(p_events) IS DISTINCT FROM 'array' THEN
         RAISE EXCEPTION 'events must be a JSON array' USING ERRCODE = 'EN001';
@@ -705,9 +801,11 @@ BEGIN
     END IF;
     FOR v_event IN SELECT value FROM jsonb_array_elements(p_events) LOOP
         v_data := coalesce(nullif(v_event -> 'data', 'null'::jsonb), '{}'::jsonb);
-        PERFORM engine.check_event(v_event ->> 'name', v_data, p_system);
-        v_ts := coalesce((v_event ->> 'ts')::timestamptz, v_now);
         v_id := v_event ->> 'id';
+        v_trace := coalesce(v_event ->> 'traceparent', p_traceparent);
+        PERFORM engine.check_event(v_event ->> 'name', v_data, p_system, v_id, v_event ->> 'v',
+                                   v_trace);
+        v_ts := coalesce(engine.event_ts(v_event ->> 'name', v_event ->> 'ts'), v_now);
         IF v_id IS NOT NULL THEN
             v_fresh := NULL;
             INSERT INTO engine.event_ids AS known (id, seq, expires_at)
@@ -723,10 +821,9 @@ BEGIN
             v_id := gen_random_uuid()::text;
         END IF;
         INSERT INTO engine.events (id, name, data, ts, v, received_at, traceparent)
-        VALUES (v_id, v_event ->> 'name', v_data, v_ts, v_event ->> 'v', v_now,
-                coalesce(v_event ->> 'traceparent', p_traceparent))
+        VALUES (v_id, v_event ->> 'name', v_data, v_ts, v_event ->> 'v', v_now, v_trace)
         RETURNING seq INTO v_seq;
-        UPDATE engine.event_ids SET seq = v_seq WHERE id = v_id AND v_event ? 'id';
+        UPDATE engine.event_ids SET seq = v_seq WHERE id = v_id AND v_event ->> 'id' IS NOT NULL;
         INSERT INTO engine.event_queue (seq, due_at) VALUES (v_seq, greatest(v_ts, v_now));
         RETURN NEXT v_id;
     END LOOP;
@@ -739,8 +836,10 @@ CREATE OR REPLACE FUNCTION engine.send_event(
     name text, data jsonb, id text DEFAULT NULL, ts timestamptz DEFAULT NULL,
     traceparent text DEFAULT NULL)
 RETURNS text LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    -- Built as given: JSON nulls at the top are "not given" to send_events, and nulls inside
+    -- data are kept (jsonb_strip_nulls here once dropped them at every level).
     SELECT engine.send_events(
-        jsonb_build_array(jsonb_strip_nulls(jsonb_build_object('name', name, 'data', data, 'id', id, 'ts', ts))),
+        jsonb_build_array(jsonb_build_object('name', name, 'data', data, 'id', id, 'ts', ts)),
         traceparent)
 $$;
 
@@ -1016,9 +1115,11 @@ END $$;
 -- Locks up to p_limit due queue rows, and the names of their events in shared mode, so that no
 -- matcher of those names is half-registered while they are routed. `awaited` tells the router
 -- whether some run has a matcher for the event's name (then it asks for matcher_candidates).
+-- The event comes as JSON (as a run sees it), decoded row by row in Python: one event Python
+-- cannot read is dead-lettered (engine.dead_letter) while the others are routed.
 CREATE OR REPLACE FUNCTION engine.claim_events(p_limit int)
-RETURNS TABLE (seq bigint, id text, name text, data jsonb, ts timestamptz, v text, traceparent text,
-               awaited boolean, registry_version bigint)
+RETURNS TABLE (seq bigint, name text, event jsonb, traceparent text, awaited boolean,
+               registry_version bigint)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -1036,11 +1137,33 @@ BEGIN
     PERFORM engine.lock_event_names(
         ARRAY(SELECT e.name FROM engine.events e WHERE e.seq = ANY (v_seqs)), false);
     RETURN QUERY
-    SELECT e.seq, e.id, e.name, e.data, e.ts, e.v, e.traceparent,
+    SELECT e.seq, e.name,
+           jsonb_build_object('id', e.id, 'name', e.name, 'data', e.data, 'ts', e.ts, 'v', e.v),
+           e.traceparent,
            EXISTS (SELECT 1 FROM engine.matchers m WHERE m.event_name = e.name),
            (SELECT value::bigint FROM engine.meta WHERE key = 'registry_version')
     FROM engine.events e WHERE e.seq = ANY (v_seqs)
     ORDER BY e.seq;
+END $$;
+
+-- Takes events off the routing queue as dead letters (p_dead: [{seq, error}], error being
+-- {type, message}): they start no run, and a person finds them with
+-- `SELECT * FROM engine.events WHERE dead_lettered_at IS NOT NULL`. Returns how many.
+CREATE OR REPLACE FUNCTION engine.dead_letter(p_dead jsonb) RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_count int;
+BEGIN
+    WITH dead AS (
+        UPDATE engine.events e SET dead_lettered_at = engine.now(), error = x.error
+        FROM jsonb_to_recordset(p_dead) AS x(seq bigint, error jsonb)
+        WHERE e.seq = x.seq
+        RETURNING e.seq
+    ), unqueued AS (
+        DELETE FROM engine.event_queue q USING dead d WHERE q.seq = d.seq
+    )
+    SELECT count(*) INTO v_count FROM dead;
+    RETURN v_count;
 END $$;
 
 -- Routing in one statement, for events that need no Python: their name is not in p_complex
@@ -1304,8 +1427,55 @@ RETURNS uuid LANGUAGE sql IMMUTABLE AS $$
                       length(p_function), p_function, p_seq))::uuid
 $$;
 
+-- Takes the routed events p_seqs off the queue and creates their runs (see insert_runs). No
+-- single event can stop the batch: if creating the runs fails for a reason that lies in the data
+-- (a data exception, a constraint violation, a program limit, an error raised by the engine's
+-- own functions), the batch is done again one event at a time, each in a subtransaction of its
+-- own, and an event whose runs cannot be created is dead-lettered with the reason. Any other
+-- error (a deadlock, a lost connection...) fails the routing, which is tried again. The common
+-- case costs one subtransaction per batch and no round trip.
 CREATE OR REPLACE FUNCTION engine.create_runs(
     p_seqs bigint[], p_runs jsonb, p_owner uuid, p_lease interval)
+RETURNS TABLE (id uuid, function_id text, event_seq bigint, lease_token bigint, created_at timestamptz)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_created jsonb;
+    v_seq     bigint;
+BEGIN
+    DELETE FROM engine.event_queue q WHERE q.seq = ANY (p_seqs);
+    BEGIN
+        SELECT coalesce(jsonb_agg(c), '[]') INTO v_created
+        FROM engine.insert_runs(p_runs, p_owner, p_lease) c;
+    EXCEPTION WHEN data_exception OR integrity_constraint_violation OR program_limit_exceeded
+                   OR plpgsql_error THEN
+        v_created := '[]';
+        FOR v_seq IN SELECT DISTINCT (x ->> 'event_seq')::bigint
+                     FROM jsonb_array_elements(p_runs) x ORDER BY 1 LOOP
+            BEGIN
+                SELECT v_created || coalesce(jsonb_agg(c), '[]') INTO v_created
+                FROM engine.insert_runs(
+                    (SELECT jsonb_agg(x) FROM jsonb_array_elements(p_runs) x
+                     WHERE (x ->> 'event_seq')::bigint = v_seq), p_owner, p_lease) c;
+            EXCEPTION WHEN data_exception OR integrity_constraint_violation
+                           OR program_limit_exceeded OR plpgsql_error THEN
+                PERFORM engine.dead_letter(jsonb_build_array(jsonb_build_object(
+                    'seq', v_seq, 'error', jsonb_build_object(
+                        'type', 'RunCreationError', 'sqlstate', SQLSTATE,
+                        'message', format('its runs could not be created: %s', SQLERRM)))));
+                RAISE WARNING 'engine: event % dead-lettered: its runs could not be created: %',
+                    v_seq, SQLERRM;
+            END;
+        END LOOP;
+    END;
+    RETURN QUERY
+    SELECT x.id, x.function_id, x.event_seq, x.lease_token, x.created_at
+    FROM jsonb_to_recordset(v_created)
+        AS x(id uuid, function_id text, event_seq bigint, lease_token bigint, created_at timestamptz);
+END $$;
+
+-- Creates the runs of p_runs (as in create_runs); returns those created.
+CREATE OR REPLACE FUNCTION engine.insert_runs(p_runs jsonb, p_owner uuid, p_lease interval)
 RETURNS TABLE (id uuid, function_id text, event_seq bigint, lease_token bigint, created_at timestamptz)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -1313,7 +1483,6 @@ DECLARE
     v_now  timestamptz := engine.now();
     v_salt text := engine.run_id_salt();
 BEGIN
-    DELETE FROM engine.event_queue q WHERE q.seq = ANY (p_seqs);
     RETURN QUERY
     WITH admitted AS (
         SELECT x.* FROM jsonb_to_recordset(engine.admit(p_runs, v_now))

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
+from functools import partial
 from typing import TYPE_CHECKING
 from uuid import UUID, uuid4
 
@@ -32,7 +34,7 @@ from .steps import Steps
 
 if TYPE_CHECKING:
     from .app import Engine
-    from .db import Database
+    from .db import Database, Record
 
 log = engine_logger()
 
@@ -222,7 +224,7 @@ class Worker:
         assert self._router is not None
         routed, mine = await self._router.route(self.owner, self.lease, free)
         for routed_run in mine:
-            self._start(self._routed(routed_run))
+            await self._start_readable(partial(self._routed, routed_run), routed_run.row)
         free -= len(mine)
         claimed = await self._claim(free) if free > 0 else 0
         if routed == 0 and claimed < free:
@@ -288,11 +290,43 @@ class Worker:
             self.engine.limits.max_state_bytes,
         )
         for row in rows:
-            self._start(ClaimedRun.from_row(row, self.engine.functions[row["function_id"]]))
+            function = self.engine.functions[row["function_id"]]
+            await self._start_readable(partial(ClaimedRun.from_row, row, function), row)
         return len(rows)
+
+    async def _start_readable(self, read: Callable[[], ClaimedRun], row: Record) -> None:
+        """Starts a run leased to us, unless its event or recorded steps cannot be read in
+        Python (data nested too deep, a number or a date Python refuses, stored before the
+        limits of engine.check_event): then that run alone fails, with the reason, under its
+        lease. Handed back instead, it would be claimed and fail again forever, and so would
+        the runs claimed with it."""
+        try:
+            run = read()
+        except Exception as exc:
+            error = {
+                "type": type(exc).__name__,
+                "message": f"the run cannot start: its event or recorded steps cannot be read"
+                f" in Python: {type(exc).__name__}: {exc}"[:2000],
+            }
+            log.error("run.unreadable", run_id=str(row["id"]), **error)
+            db = await self.engine.database()
+            await db.fetchval(
+                "finish_run",
+                row["id"],
+                self.owner,
+                row["lease_token"],
+                "FAILED",
+                None,
+                dumps(error),
+                0,
+                "[]",
+            )
+            return
+        self._start(run)
 
     def _routed(self, routed: RoutedRun) -> ClaimedRun:
         row = routed.row
+        event = routed.decoded_event()
         return ClaimedRun(
             run_id=row["id"],
             function=self.engine.functions[row["function_id"]],
@@ -302,8 +336,8 @@ class Worker:
             cancel_requested=False,
             traceparent=routed.traceparent,
             claimed_at=row["created_at"],
-            events=[event_from_row(routed.event)],
-            state_bytes=len(dumps(routed.event)),  # its state so far: the event
+            events=[event_from_row(event)],
+            state_bytes=len(dumps(event)),  # its state so far: the event
         )
 
     async def _arm_timer(self) -> None:

@@ -36,8 +36,10 @@ SELECT app_id, function_id, triggers, active, workers, runs FROM engine.function
 SELECT id FROM engine.send_events($1::jsonb, $2, $3) AS id
 
 -- name: claim_events
-SELECT seq, id, name, data, ts, v, traceparent, awaited, registry_version
-FROM engine.claim_events($1)
+SELECT seq, name, event, traceparent, awaited, registry_version FROM engine.claim_events($1)
+
+-- name: dead_letter
+SELECT engine.dead_letter($1::jsonb)
 
 -- name: route_simple
 SELECT routed, deferred, id, function_id, event_seq, lease_token, created_at, event, traceparent
