@@ -5,7 +5,8 @@ Behaviour matches what users of Inngest's expressions expect, where cel-python d
 * numbers compare across int and double (``event.data.total > 100`` with ``total = 120.5``);
 * a missing field is ``null`` rather than an error, and so is any field of it (``has()``
   still tells whether a field is there);
-* the candidate event of a wait or a cancel is called ``async``.
+* the candidate event of a wait or a cancel is called ``async``;
+* an integer wider than CEL's 64 bits is a double.
 
 Function names and argument counts are checked at compilation (``nope(1)`` or ``size(a, b)``
 fail registration rather than never matching). An expression that fails while evaluating (a
@@ -171,7 +172,7 @@ class Expression:
 
     def evaluate(self, variables: Mapping[str, Any]) -> Any:
         """Evaluates to a plain Python value; raises :class:`ExpressionError` when it fails."""
-        activation = {name: json_to_cel(value) for name, value in variables.items()}
+        activation = {name: _to_cel(value) for name, value in variables.items()}
         try:
             result = self._program.evaluate(activation)
         except Exception as exc:
@@ -189,6 +190,26 @@ class Expression:
 
     def __repr__(self) -> str:
         return f"Expression({self.source!r})"
+
+
+def _to_cel(value: Any) -> Any:
+    """A JSON value as CEL values. CEL's ints have 64 bits: an event may hold wider ones (up to
+    a double's range, see engine.check_event), which then compare as doubles, as every number
+    does in Inngest's expressions, instead of failing the conversion."""
+    try:
+        return json_to_cel(value)
+    except ValueError:  # "overflow": rare, so the walk below is paid only then
+        return json_to_cel(_wide_ints_as_doubles(value))
+
+
+def _wide_ints_as_doubles(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _wide_ints_as_doubles(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_wide_ints_as_doubles(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        return float(value)
+    return value
 
 
 _SCALARS: tuple[tuple[type, type], ...] = (

@@ -676,10 +676,10 @@ CREATE OR REPLACE TRIGGER runs_notify
 -- ---------------------------------------------------------------------------------------------
 -- Sending events. Any language can call engine.send_event() inside its own transaction: the
 -- event exists only if that transaction commits. Errors use SQLSTATE class 'EN' (see errors.py).
--- Limits (the same in engine/events.py): 5,000 events per call; names of 1 to 512 characters;
--- ids and versions (`v`) of 1 to 512 (2 KiB of UTF-8: an id's
--- unique index entry must fit in ~2.7 KB); data a JSON object of at most 512 KiB. Beyond these, the
--- database refuses what Python cannot read back (docs/reliability.md, "Poison events"): data
+-- Limits (the same in engine/events.py): 5,000 events per call; names, ids and versions (`v`) of
+-- 1 to 512 characters (2 KiB of UTF-8: an id's unique index entry must fit in ~2.7 KB); data a
+-- JSON object of at most 512 KiB. Beyond these, the database refuses what Python cannot read
+-- back (docs/reliability.md, "Poison events"): data
 -- nested more than 100 levels deep (Python's decoders recurse), numbers beyond a double's range
 -- (json decodes 1e400 as inf, orjson refuses it; an integer of more than 4,300 digits is refused
 -- by int()), a `ts` outside 0001-01-02 .. 9999-12-30 UTC (Python's datetime; asyncpg cannot

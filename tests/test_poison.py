@@ -348,3 +348,14 @@ async def test_one_failing_insert_dead_letters_its_event_only(
     assert how == "dead letter"
     assert "runs_pkey" in reason and "could not be created" in reason
     assert sorted(done) == sorted(ids[:2] + ids[3:])
+
+
+async def test_an_integer_wider_than_cel_compares_as_a_double(make_engine: Any) -> None:
+    """CEL's ints have 64 bits; an event may hold wider ones: its expression triggers still
+    evaluate (the integer as a double) rather than failing on it."""
+    done: list[str] = []
+    victim = victim_app(make_engine, done)
+    async with victim.worker(poll_interval="50ms"):
+        [event_id] = await victim.send(Event(name="v/expr", data={"x": 1, "big": 2**63 + 5}))
+        run = await victim.wait_for_run(await only_run_id(victim, event_id))
+    assert run.status == "COMPLETED" and done == [event_id]
