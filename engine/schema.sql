@@ -725,8 +725,9 @@ BEGIN
         RAISE EXCEPTION 'event "%": data is nested more than 100 levels deep; the limit is 100', p_name
             USING ERRCODE = 'EN001';
     END IF;
-    IF jsonb_path_exists(p_data, 'strict $.** ? (@.type() == "number"
-            && (@ > 1.7976931348623157e308 || @ < -1.7976931348623157e308))') THEN
+    -- $max: the largest double, exactly (2^1024 - 2^971), as Python compares an int with it.
+    IF jsonb_path_exists(p_data, 'strict $.** ? (@.type() == "number" && (@ > $max || @ < -$max))',
+            jsonb_build_object('max', '179769313486231570814527423731704356798070567525844996598917476803157260780028538760589558632766878171540458953514382464234321326889464182768467546703537516986049910576551282076245490090389328944075868508455133942304583236903222948165808559332123348274797826204144723168738177180919299881250404026184124858368'::numeric)) THEN
         RAISE EXCEPTION 'event "%": data holds a number beyond +/-1.7976931348623157e308 (the '
             'largest double), which Python cannot read back', p_name USING ERRCODE = 'EN001';
     END IF;

@@ -20,9 +20,12 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 from helpers import eventually, only_run_id
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from engine import Context, Engine, Event, InvalidEventError, TriggerEvent
-from engine.events import validate_outgoing
+from engine.events import event_from_row, validate_outgoing
+from engine.serialization import loads
 
 ROLES_SQL = Path(__file__).parent.parent / "ops" / "roles.sql"
 DEEP = '{"a": ' * 1500 + "1" + "}" * 1500  # 9 KB: Python's decoders give up near 1,000
@@ -37,17 +40,23 @@ def as_user(url: str, user: str) -> str:
 
 
 @pytest.fixture
-async def sender(database_url: str, sql: Any) -> AsyncIterator[asyncpg.Connection]:
-    """A connection as a login role granted engine_sender (ops/roles.sql), and nothing else."""
+async def sender_url(database_url: str, sql: Any) -> AsyncIterator[str]:
+    """The URL of a login role granted engine_sender (ops/roles.sql), and nothing else."""
     await sql.execute(ROLES_SQL.read_text())
     user = f"poison_sender_{os.getpid()}_{abs(hash(database_url)) % 10_000}"
     await sql.execute(f"DROP ROLE IF EXISTS {user}")
     await sql.execute(f"CREATE ROLE {user} LOGIN IN ROLE engine_sender")
-    conn = await asyncpg.connect(as_user(database_url, user))
-    yield conn
-    await conn.close()
+    yield as_user(database_url, user)
     await sql.execute(f"DROP OWNED BY {user}")
     await sql.execute(f"DROP ROLE IF EXISTS {user}")
+
+
+@pytest.fixture
+async def sender(sender_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection as engine_sender."""
+    conn = await asyncpg.connect(sender_url)
+    yield conn
+    await conn.close()
 
 
 async def send_as(
@@ -359,3 +368,222 @@ async def test_an_integer_wider_than_cel_compares_as_a_double(make_engine: Any) 
         [event_id] = await victim.send(Event(name="v/expr", data={"x": 1, "big": 2**63 + 5}))
         run = await victim.wait_for_run(await only_run_id(victim, event_id))
     assert run.status == "COMPLETED" and done == [event_id]
+
+
+# -- fuzzing: hostile events through SQL as engine_sender -----------------------------------
+
+HOSTILE_TEXT = st.sampled_from(
+    ["", "\x00", "a\x00b", "\ud800", "\u202e\ufeff", "😀" * 600, "'; DROP TABLE engine.events; --"]
+)
+HOSTILE_DATA = st.one_of(
+    st.integers(1, 2000).map(lambda depth: '{"a": ' + "[" * depth + "]" * depth + "}"),
+    st.integers(1, 6000).map(lambda digits: '{"n": -' + "9" * digits + "}"),
+    st.sampled_from(
+        [
+            '{"x": 1e400}',
+            '{"x": 1e-400}',
+            '{"x": 1.7976931348623157e308}',
+            '{"x": 1.7976931348623159e308}',
+            '{"x": 179769313486231580000000000000000000000000000000000000000000000000000000'
+            "000000000000000000000000000000000000000000000000000000000000000000000000000000"
+            "000000000000000000000000000000000000000000000000000000000000000000000000000000"
+            "000000000000000000000000000000000000000000000000000000000000000000000000000}",
+            '{"x": "\\u0000"}',
+            '{"x": "\\ud800"}',
+            '{"\u202e": "\ufeff\u0085", "x": 1}',
+            '"text"',
+            "[]",
+            "null",
+            "not json",
+        ]
+    ),
+    st.dictionaries(
+        st.text(max_size=8),
+        st.none() | st.text(max_size=8) | st.integers() | st.floats(allow_nan=False),
+        max_size=4,
+    ).map(json.dumps),
+)
+HOSTILE_TS = st.one_of(
+    st.none(),
+    st.sampled_from(
+        [
+            "infinity",
+            "-infinity",
+            "0044-03-15 00:00:00+00 BC",
+            "0001-01-01 00:00:00+00",
+            "0001-01-02 00:00:00+00",
+            "9999-12-31 23:59:59+00",
+            "294276-12-31 00:00:00+00",
+            "epoch",
+            "yesterday",
+            "not a date",
+        ]
+    ),
+    st.datetimes(timezones=st.just(UTC)).map(str),
+)
+HOSTILE_TRACEPARENTS = st.one_of(
+    st.none(),
+    st.just(TRACEPARENT),
+    st.just(TRACEPARENT + "-future"),
+    st.just("ff" + TRACEPARENT[2:]),
+    st.integers(0, 100_000).map(lambda n: "0" * n),
+    st.text(max_size=60),
+)
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+def in_own_loop(coroutine_function: Any) -> Any:
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coroutine_function())
+    finally:
+        loop.close()
+
+
+async def readable_by_python(conn: asyncpg.Connection, event_id: str) -> None:
+    """What was stored, Python reads back: the row's timestamps, the data (both decoders), and
+    the event as a run sees it."""
+    row = await conn.fetchrow(
+        "SELECT seq, ts, data::text AS data, engine.run_event(seq)::text AS event"
+        " FROM engine.events WHERE id = $1",
+        event_id,
+    )
+    json.loads(row["data"])
+    loads(row["data"])
+    event_from_row(loads(row["event"]))
+
+
+async def test_hostile_events_from_sql_are_refused_or_read_and_routed(
+    sender_url: str, database_url: str, make_engine: Any
+) -> None:
+    """Hostile events sent by engine_sender are refused with the reason (nothing stored), or
+    stored in a form Python reads back; then workers route every one of them, and events of
+    another app sent afterwards start and complete."""
+    done: list[str] = []
+    victim, other = victim_app(make_engine, done), other_app(make_engine)
+    await victim.database(replace_registry=True)
+    await other.database(replace_registry=True)
+    outcomes: list[str] = []
+
+    @FUZZ
+    @given(
+        name=st.one_of(st.sampled_from(["v/plain", "v/expr"]), HOSTILE_TEXT, st.text(max_size=20)),
+        data=HOSTILE_DATA,
+        event_id=st.one_of(st.none(), HOSTILE_TEXT, st.integers(0, 3000).map(lambda n: "i" * n)),
+        ts=HOSTILE_TS,
+        traceparent=HOSTILE_TRACEPARENTS,
+    )
+    def check(
+        name: str, data: str, event_id: str | None, ts: str | None, traceparent: str | None
+    ) -> None:
+        async def attempt() -> None:
+            conn = await asyncpg.connect(sender_url)
+            owner = await asyncpg.connect(database_url)
+            try:
+                before = await owner.fetchval("SELECT count(*) FROM engine.events")
+                try:
+                    stored_id = await send_as(
+                        conn, name, data, event_id=event_id, ts=ts, traceparent=traceparent
+                    )
+                except (asyncpg.PostgresError, asyncpg.DataError, UnicodeEncodeError) as error:
+                    assert str(error)
+                    assert len(str(error)) < 1000  # the reason, not the value
+                    assert await owner.fetchval("SELECT count(*) FROM engine.events") == before
+                    outcomes.append(type(error).__name__)
+                    return
+                await readable_by_python(owner, stored_id)
+                outcomes.append("stored")
+            finally:
+                await conn.close()
+                await owner.close()
+
+        in_own_loop(attempt)
+
+    await asyncio.to_thread(check)
+    assert "stored" in outcomes and "UnknownPostgresError" in outcomes  # EN001: check_event
+    sql = await asyncpg.connect(database_url)
+    try:
+        async with victim.worker(poll_interval="50ms"), other.worker(poll_interval="50ms"):
+            hello = await other.send(
+                [Event(name="o/hello", data={"who": str(i)}) for i in range(3)]
+            )
+            for event_id in hello:
+                run = await other.wait_for_run(await only_run_id(other, event_id))
+                assert run.status == "COMPLETED", run.error
+
+            async def all_routed_and_over() -> bool:
+                return not await sql.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM engine.event_queue WHERE due_at <= engine.now())"
+                    " OR EXISTS (SELECT 1 FROM engine.runs WHERE status NOT IN"
+                    " ('COMPLETED', 'FAILED', 'CANCELLED', 'SKIPPED'))"
+                )
+
+            await eventually(all_routed_and_over, timeout=30)
+        # Everything stored was readable: no dead letter, no failed run.
+        assert await sql.fetchval("SELECT count(*) FROM engine.events WHERE error IS NOT NULL") == 0
+        assert (
+            await sql.fetchval("SELECT count(*) FROM engine.runs WHERE status <> 'COMPLETED'") == 0
+        )
+    finally:
+        await sql.close()
+
+
+class Rollback(Exception):
+    """Leaves the database as it was after a send that was accepted."""
+
+
+ZONES = st.sampled_from([UTC, timezone(timedelta(hours=14)), timezone(timedelta(hours=-12))])
+
+
+async def test_python_and_the_database_agree_on_every_limit(database_url: str) -> None:
+    """validate_outgoing (Python) and check_event (SQL) refuse exactly the same events."""
+
+    @FUZZ
+    @given(
+        depth=st.integers(0, 120),
+        number=st.one_of(
+            st.integers(),
+            st.integers(min_value=10**307, max_value=10**309),
+            st.just(int(1.7976931348623157e308)),
+            st.just(int(1.7976931348623157e308) + 1),
+            st.floats(allow_nan=False, allow_infinity=False),
+        ),
+        id_length=st.integers(0, 600),
+        ts=st.one_of(
+            st.datetimes(timezones=ZONES),
+            st.datetimes(max_value=datetime(1, 1, 3), timezones=ZONES),
+            st.datetimes(min_value=datetime(9999, 12, 29), timezones=ZONES),
+        ),
+    )
+    def check(depth: int, number: int | float, id_length: int, ts: datetime) -> None:
+        data: Any = number
+        for _ in range(depth):
+            data = [data]
+        event = {"name": "x", "data": {"d": data}, "id": "i" * id_length, "ts": ts.isoformat()}
+        try:
+            validate_outgoing(event)  # type: ignore[arg-type]
+            python_refuses = None
+        except InvalidEventError as error:
+            python_refuses = str(error)
+
+        async def database_refuses() -> str | None:
+            conn = await asyncpg.connect(database_url)
+            try:
+                async with conn.transaction():
+                    await conn.fetch("SELECT engine.send_events($1::jsonb)", json.dumps([event]))
+                    raise Rollback
+            except Rollback:
+                return None
+            except asyncpg.PostgresError as error:
+                return str(error)
+            finally:
+                await conn.close()
+
+        sql_refuses = in_own_loop(database_refuses)
+        assert (python_refuses is None) == (sql_refuses is None), (python_refuses, sql_refuses)
+
+    await asyncio.to_thread(check)
