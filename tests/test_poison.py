@@ -220,7 +220,7 @@ def victim_app(make_engine: Any, done: list[str]) -> Engine:
     async def plain(ctx: Context) -> Any:
         return await ctx.step.run("work", lambda: done.append(ctx.event.id or "") or "ok")
 
-    @app.create_function("expr", trigger=TriggerEvent("v/expr", expression="event.data.x == 1"))
+    @app.create_function("expr", trigger=TriggerEvent("v/expr", if_exp="event.data.x == 1"))
     async def expr(ctx: Context) -> Any:
         return await ctx.step.run("work", lambda: done.append(ctx.event.id or "") or "ok")
 
