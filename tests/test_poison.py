@@ -264,8 +264,8 @@ async def test_poisoned_rows_never_stop_routing_for_anyone(make_engine: Any, sql
     which all start and complete."""
     done: list[str] = []
     victim, other = victim_app(make_engine, done), other_app(make_engine)
-    await victim.database(replace_registry=True)  # registered before the events arrive
-    await other.database(replace_registry=True)
+    await victim.database()  # registered before the events arrive
+    await other.database()
     poisoned = {
         (case, name): await insert_raw_event(sql, name, data, ts)
         for case, (data, ts) in POISONS.items()
@@ -294,7 +294,7 @@ async def test_an_unreadable_claimed_run_fails_and_the_others_start(
     with the reason under its lease (not handed back forever); the others complete."""
     done: list[str] = []
     victim = victim_app(make_engine, done)
-    await victim.database(replace_registry=True)
+    await victim.database()
     runs = []
     for data, ts in [*POISONS.values(), *[('{"x": 1}', "now")] * 4]:
         seq = await insert_raw_event(sql, "v/plain", data, ts, queued=False)
@@ -339,7 +339,7 @@ async def test_one_failing_insert_dead_letters_its_event_only(
     dead-lettered with the database's reason; the others of its batch are routed and run."""
     done: list[str] = []
     victim = victim_app(make_engine, done)
-    await victim.database(replace_registry=True)
+    await victim.database()
     ids = [await sql.fetchval("SELECT engine.send_event($1, '{\"x\": 1}')", name) for _ in range(5)]
     seqs = [await sql.fetchval("SELECT seq FROM engine.events WHERE id = $1", i) for i in ids]
     function = name.removeprefix("v/")
@@ -465,8 +465,8 @@ async def test_hostile_events_from_sql_are_refused_or_read_and_routed(
     another app sent afterwards start and complete."""
     done: list[str] = []
     victim, other = victim_app(make_engine, done), other_app(make_engine)
-    await victim.database(replace_registry=True)
-    await other.database(replace_registry=True)
+    await victim.database()
+    await other.database()
     outcomes: list[str] = []
 
     @FUZZ
