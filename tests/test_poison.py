@@ -345,7 +345,8 @@ async def test_one_failing_insert_dead_letters_its_event_only(
     function = name.removeprefix("v/")
     await sql.execute(
         "INSERT INTO engine.runs (id, app_id, function_id, status, event_seq, due_at, created_at,"
-        " updated_at, ended_at) VALUES (engine.event_run_id('victim', $1, $2), 'victim', $1,"
+        " updated_at, ended_at)"
+        " VALUES (engine.event_run_id(engine.run_id_salt(), 'victim', $1, $2), 'victim', $1,"
         " 'COMPLETED', $3, engine.now(), engine.now(), engine.now(), engine.now())",
         function,
         seqs[2],
