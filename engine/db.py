@@ -65,6 +65,30 @@ def is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, _CONNECTION_ERRORS) or type(exc) is asyncpg.InterfaceError
 
 
+# SQLSTATEs (classes, or exact codes) that say the database cannot be reached or used right now,
+# whatever the statement: too many connections or another resource exhausted (class 53), a
+# connection failure (class 08), a shutdown or a server still starting (57P01-57P03), a standby
+# that became read-only after a failover (25006), a serialization failure or a deadlock that
+# rolled the transaction back (40001, 40P01). The same statement may succeed later.
+_INFRASTRUCTURE_CLASSES = ("08", "53")
+_INFRASTRUCTURE_STATES = frozenset({"57P01", "57P02", "57P03", "25006", "40001", "40P01"})
+
+
+def is_infrastructure_error(exc: BaseException) -> bool:
+    """True if ``exc`` says the database cannot be reached or used right now (see above, and
+    :func:`is_connection_error`), never that the caller's statement or data is wrong.
+
+    Such an error is never a function's failure: the execution hands its run back and it goes
+    on; a worker tick that hits one tries again after its backoff.
+    """
+    if is_connection_error(exc):
+        return True
+    state = getattr(exc, "sqlstate", None)
+    if not isinstance(exc, asyncpg.PostgresError) or not isinstance(state, str):
+        return False
+    return state[:2] in _INFRASTRUCTURE_CLASSES or state in _INFRASTRUCTURE_STATES
+
+
 def translate(exc: asyncpg.PostgresError) -> Exception:
     """Maps a database error to the engine error it means (or returns it unchanged)."""
     state = getattr(exc, "sqlstate", None)

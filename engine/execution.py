@@ -34,7 +34,7 @@ from opentelemetry import trace
 from . import telemetry
 from .batching import Batches
 from .context import Context, RunLogger, current_step, structlog_logger
-from .db import Database, is_connection_error
+from .db import Database, is_infrastructure_error
 from .errors import (
     ConfigurationError,
     DeterminismError,
@@ -369,8 +369,8 @@ class Execution:
         """Commits the deferred step records (one round trip for all of them)."""
         if not self._unsaved:
             return
-        with self._fenced():
-            item = self._write(steps=self._take_unsaved())
+        with self._fenced(), self._taking_unsaved() as records:
+            item = self._write(steps=records)
             result = await self.batches.checkpoint.call(item, str(self.run.run_id))
         self._accept(result, "while recording completed steps")
 
@@ -402,23 +402,33 @@ class Execution:
     @contextmanager
     def _fenced(self) -> Iterator[None]:
         """Wraps every database call of the execution: the refusal of a write under a stale
-        lease becomes :class:`LeaseLost`, a call that died with its connection
-        :class:`WriteCutOff`; both stop the execution."""
+        lease becomes :class:`LeaseLost`, a call that met an infrastructure error (see
+        :func:`~engine.db.is_infrastructure_error`) :class:`WriteCutOff`; both stop the
+        execution, and neither is ever the function's failure."""
         try:
             yield
         except StaleLeaseError as exc:
             self.lost = True
             raise LeaseLost(str(exc)) from None
         except Exception as exc:
-            if not is_connection_error(exc):
+            if not is_infrastructure_error(exc):
                 raise
             self.cut_off = f"{type(exc).__name__}: {exc}"
             self.maybe_settle()
             raise WriteCutOff(self.cut_off) from exc
 
-    def _take_unsaved(self) -> list[str]:
+    @contextmanager
+    def _taking_unsaved(self) -> Iterator[list[str]]:
+        """The deferred step records, for a write that commits them. If the write does not
+        return (refused, cut off, or any error the function's code may catch), they are put
+        back: a write that did not commit leaves the execution's state as it was, so the
+        records go with the next write (a hand-back records them too)."""
         records, self._unsaved = self._unsaved, []
-        return records
+        try:
+            yield records
+        except BaseException:
+            self._unsaved = records + self._unsaved
+            raise
 
     async def checkpoint(self, record: StepRecord, output_json: str | None = None) -> None:
         """Commits a step record under the lease before the function goes on."""
@@ -763,14 +773,14 @@ class Execution:
         output: str | None = None,
         error: str | None = None,
     ) -> None:
-        item = self._write(
-            steps=self._take_unsaved(),
-            status=status.value,
-            log_lines=self.run_logger.logged(self.history.tail_place()),
-            output=output or "null",
-            error=error or "null",
-        )
-        with self._fenced():
+        with self._fenced(), self._taking_unsaved() as records:
+            item = self._write(
+                steps=records,
+                status=status.value,
+                log_lines=self.run_logger.logged(self.history.tail_place()),
+                output=output or "null",
+                error=error or "null",
+            )
             result = await self.batches.finish.call(item, str(self.run.run_id))
         if result == "lost":
             raise LeaseLost(f"run {self.run.run_id}: lost before it could end {status.value}")
@@ -780,16 +790,16 @@ class Execution:
         telemetry.mark(span, outcome.value)
 
     async def _suspend(self, suspension: Suspension, span: trace.Span) -> None:
-        item = self._write(
-            steps=[s.to_json() for s in suspension.steps] + self._take_unsaved(),
-            status=suspension.status.value,
-            due=suspension.due.isoformat(),
-            reason=suspension.reason,
-            attempt=self.run.attempt,
-            log_lines=self.run_logger.logged(self.history.tail_place()),
-            awaited=suspension.awaited,
-        )
-        with self._fenced():
+        with self._fenced(), self._taking_unsaved() as records:
+            item = self._write(
+                steps=[s.to_json() for s in suspension.steps] + records,
+                status=suspension.status.value,
+                due=suspension.due.isoformat(),
+                reason=suspension.reason,
+                attempt=self.run.attempt,
+                log_lines=self.run_logger.logged(self.history.tail_place()),
+                awaited=suspension.awaited,
+            )
             result = await self.batches.suspend.call(item, str(self.run.run_id))
         if result == "lost":
             raise LeaseLost(f"run {self.run.run_id}: lost before it could be suspended")
