@@ -248,6 +248,7 @@ class Execution:
         self.cancel_requested = run.cancel_requested
         self.stopping = False
         self.lost = False
+        self.let_go = False  # the run is no longer leased to us: ended, suspended or lost
         self.cut_off: str | None = None  # why a write died: stop, then hand the run back
         self.fatal: RunFailure | NestedStepError | None = None
         self.in_flight = 0
@@ -593,6 +594,7 @@ class Execution:
             try:
                 await self._drive(make_context, span)
             except LeaseLost as lost:
+                self.let_go = True
                 self.log.warning("run.lease_lost", reason=str(lost))
                 telemetry.mark(span, "lease_lost")
             except WriteCutOff as cut:
@@ -614,6 +616,7 @@ class Execution:
                 await self._suspend(Suspension(due, RunStatus.QUEUED, HANDED_BACK, []), span)
                 return
             except LeaseLost:
+                self.let_go = True
                 self.log.info("run.hand_back_refused", reason="the run ended or moved meanwhile")
                 return
             except WriteCutOff:
@@ -784,6 +787,7 @@ class Execution:
             result = await self.batches.finish.call(item, str(self.run.run_id))
         if result == "lost":
             raise LeaseLost(f"run {self.run.run_id}: lost before it could end {status.value}")
+        self.let_go = True
         # A cancel requested while the function ran wins (engine.finish_run): its output is gone.
         outcome = RunStatus.CANCELLED if result == "cancel" else status
         self.log.info("run.finished", status=outcome.value)
@@ -803,6 +807,7 @@ class Execution:
             result = await self.batches.suspend.call(item, str(self.run.run_id))
         if result == "lost":
             raise LeaseLost(f"run {self.run.run_id}: lost before it could be suspended")
+        self.let_go = True
         outcome = RunStatus.CANCELLED if result == "cancel" else suspension.status
         self.log.info(
             "run.suspended",

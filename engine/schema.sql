@@ -1799,6 +1799,10 @@ BEGIN
             FROM engine.runs r
             WHERE r.app_id = p_app AND r.status = 'RUNNING'
               AND r.lease_expires_at < v_now AND r.function_id = ANY (p_functions)
+              -- Never the caller's own: it is still executing them (a late heartbeat, a durable
+              -- clock jump) and its next heartbeat renews them; a run it lost track of, it
+              -- releases itself (release_orphans).
+              AND r.lease_owner IS DISTINCT FROM p_owner
             ORDER BY r.lease_expires_at
             LIMIT p_limit
             FOR UPDATE SKIP LOCKED

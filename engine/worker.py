@@ -384,7 +384,13 @@ class Worker:
             self._may_have_orphans = True
             log.exception("run.execution_error", run_id=str(ex.run.run_id))
         finally:
-            self.executions.pop(ex.run.run_id, None)
+            if self.executions.get(ex.run.run_id) is ex:  # never a newer execution's entry
+                del self.executions[ex.run.run_id]
+            if not ex.let_go:
+                # It ended without ending, suspending or losing the run (a hand-back that gave
+                # up, a forced stop): the run is still leased to us, and no claim takes it
+                # back from its owner. The next tick queues it again.
+                self._may_have_orphans = True
             if ex.next_due is not None:
                 self._note_due((ex.next_due - ex.db_now()).total_seconds())
             self.wake()

@@ -54,7 +54,11 @@ async def test_finish_timeout_stops_a_running_run_between_steps(make_engine: Any
         [event_id] = await app.send(Event(name="t/busy"))
         run_id = await only_run_id(app, event_id)
         await eventually(lambda: _status(app, run_id, "RUNNING"))
+        # The clock jumps past the deadline and the lease: the worker's claim must not take
+        # the run over from itself (that cancelled it with its step unrecorded); its heartbeat
+        # renews the lease and learns of the deadline while the step still executes.
         await move_clock(sql, timedelta(minutes=2))
+        await eventually(lambda: _lease_renewed(sql, run_id))
         gate.set()
         run = await app.wait_for_run(run_id)
     assert run.status is RunStatus.CANCELLED
@@ -150,6 +154,11 @@ async def test_rerun_from_a_step_keeps_earlier_outputs(make_engine: Any) -> None
 
 async def _noop(ctx: Context) -> None:
     return None
+
+
+async def _lease_renewed(sql: Any, run_id: str) -> bool:
+    query = "SELECT lease_expires_at > engine.now() FROM engine.runs WHERE id = $1::uuid"
+    return bool(await sql.fetchval(query, run_id))
 
 
 async def _status(app: Any, run_id: str, status: str) -> bool:
