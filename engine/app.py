@@ -360,7 +360,12 @@ class Engine:
     ) -> AsyncIterator[Worker]:
         """Runs a worker in the background while the block runs; stops it gracefully after.
 
-        The options are :class:`~engine.Worker`'s.
+        The options are :class:`~engine.Worker`'s. The block starts once the worker is
+        connected and has registered the app's functions.
+
+        Raises:
+            SchemaMissingError, OSError, asyncpg.PostgresError: the worker cannot start (no
+                schema, the database refuses connections...): raised at once, not at the end.
         """
         worker = Worker(
             self,
@@ -372,6 +377,12 @@ class Engine:
             inactive_after=inactive_after,
         )
         task = asyncio.create_task(worker.run(), name=f"worker {self.app_id}")
+        # A worker that cannot start (no database, no schema) says why here, at once.
+        started = asyncio.create_task(worker.started())
+        await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        if task.done():
+            await task
         try:
             yield worker
         finally:

@@ -95,6 +95,7 @@ class Worker:
         self._last_tick = 0.0
         self.ticks = 0  # ticks run so far (observability, tests)
         self._stopping = asyncio.Event()
+        self._started = asyncio.Event()
         self._timer_at = float("inf")  # monotonic time of the earliest known due work
         self._router: Router | None = None
         self._batches: Batches | None = None
@@ -108,9 +109,24 @@ class Worker:
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self) -> None:
-        """Runs until :meth:`stop` is called; then stops gracefully."""
+        """Runs until :meth:`stop` is called; then stops gracefully.
+
+        A worker that cannot start (no database, no schema) raises at once; one that loses the
+        database later keeps trying, and says so in its log (``worker.tick_failed``).
+        """
+        try:
+            await self._run()
+        finally:
+            self._stopping.set()  # whoever waits in stopped() learns that the worker ended
+
+    async def started(self) -> None:
+        """Waits until the worker is connected and registered (or raises why it cannot be)."""
+        await self._started.wait()
+
+    async def _run(self) -> None:
         db = await self.engine.database()
         await self._presence.beat(db)  # before routing: other workers route to us at once
+        self._started.set()
         self._router = Router(db, self.engine.app_id, self.engine.functions)
         self._batches = Batches(db)
         log.info(
@@ -147,7 +163,7 @@ class Worker:
         self.wake()
 
     async def stopped(self) -> None:
-        """Waits until :meth:`stop` has been called."""
+        """Waits until :meth:`stop` has been called, or the worker ended by itself."""
         await self._stopping.wait()
 
     def wake(self) -> None:

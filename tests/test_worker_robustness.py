@@ -4,11 +4,16 @@ shutdown always ends (#11)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
 from collections import Counter
 from datetime import timedelta
 from typing import Any
 
-from helpers import eventually, move_clock, only_run_id
+import asyncpg
+from helpers import APPS, eventually, move_clock, only_run_id
 
 from engine import Context, Event, RunStatus, TriggerEvent
 
@@ -56,3 +61,40 @@ async def test_a_worker_never_takes_over_its_own_executing_run(make_engine: Any,
     assert run.status is RunStatus.COMPLETED
     assert passes == {"held": 1}
     assert await sql.fetchval("SELECT lease_token FROM engine.runs WHERE id = $1", run_id) == token
+
+
+def _worker_command(database_url: str) -> subprocess.CompletedProcess[str]:
+    """`engine worker` as a supervisor starts it; it must end by itself, and soon."""
+    return subprocess.run(
+        [sys.executable, "-m", "engine", "worker", "graceful:app"],
+        env={**os.environ, "DATABASE_URL": database_url, "PYTHONPATH": str(APPS)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_a_worker_without_the_schema_says_so_at_once(server_url: str) -> None:
+    from conftest import with_database
+
+    name = f"engine_no_schema_{os.getpid()}"
+    admin = await asyncpg.connect(server_url)
+    await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    await admin.execute(f"CREATE DATABASE {name}")
+    try:
+        result = await asyncio.to_thread(_worker_command, with_database(server_url, name))
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+    assert result.returncode != 0
+    assert "engine migrate" in result.stderr
+
+
+async def test_a_worker_whose_database_refuses_connections_exits_at_once() -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = await asyncio.to_thread(_worker_command, f"postgresql://u@127.0.0.1:{port}/db")
+    assert result.returncode != 0
+    assert "refused" in result.stderr.lower() or "connect" in result.stderr.lower()
