@@ -357,6 +357,7 @@ class Engine:
         grace: Duration = "10s",
         listen_check: Duration = "10s",
         inactive_after: Duration | None = None,
+        threads: int | None = None,
     ) -> AsyncIterator[Worker]:
         """Runs a worker in the background while the block runs; stops it gracefully after.
 
@@ -375,6 +376,7 @@ class Engine:
             grace=grace,
             listen_check=listen_check,
             inactive_after=inactive_after,
+            threads=threads,
         )
         task = asyncio.create_task(worker.run(), name=f"worker {self.app_id}")
         # A worker that cannot start (no database, no schema) says why here, at once.

@@ -257,6 +257,12 @@ def _worker_options(parser: argparse.ArgumentParser) -> None:
         default="10s",
         help="how often the LISTEN connection is probed",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="sync step calls run at once, in the worker's own threads (default: --concurrency)",
+    )
 
 
 # -- loading the user's module ---------------------------------------------------------------------
@@ -383,6 +389,7 @@ async def _run_worker(app: Engine, args: argparse.Namespace, demo: Any = None) -
             poll_interval=args.poll_interval,
             grace=args.grace,
             listen_check=args.listen_check,
+            threads=args.threads,
         ) as worker:
             demo_task = None if demo is None else asyncio.ensure_future(_demo(app, demo))
 

@@ -58,6 +58,7 @@ from .replay import History, Recorded, start_branch
 from .retries import Backoff
 from .runs import RunStatus
 from .serialization import NotSerializable, dumps, loads, stored_size, text_problem
+from .threads import StepThreads
 
 MAX_STATE_CEILING = 128 * 1024 * 1024  # a claim builds a run's steps into one jsonb (256 MiB max)
 
@@ -131,6 +132,7 @@ class ClaimedRun:
     events: list[Event]
     steps: dict[str, StepRecord] = field(default_factory=dict)
     state_bytes: int = 0  # its event and recorded steps, as JSON (see Limits.max_state_bytes)
+    taken_over: bool = False  # from a worker whose lease expired (see Execution.running_step)
 
     @classmethod
     def from_row(cls, row: Any, function: Function) -> ClaimedRun:
@@ -152,6 +154,7 @@ class ClaimedRun:
             ],
             steps={s.key: s for s in steps},
             state_bytes=row["state_bytes"] + len(events_json),
+            taken_over=row["taken_over"],
         )
 
 
@@ -235,9 +238,11 @@ class Execution:
         owner: UUID,
         limits: Limits,
         backoff: Backoff,
+        threads: StepThreads,
         trace_payloads: bool = False,
     ) -> None:
         self.run = run
+        self.threads = threads  # the worker's pool for sync step callables
         self.trace_payloads = trace_payloads  # event data and outputs on spans (opt-in)
         self.db = db
         self.batches = batches
@@ -246,12 +251,16 @@ class Execution:
         self.backoff = backoff
         self.fn_id = run.function.fn_id
         self.cancel_requested = run.cancel_requested
+        self.deadline_seen: float | None = None  # when a heartbeat saw the finish timeout pass
         self.stopping = False
         self.lost = False
         self.let_go = False  # the run is no longer leased to us: ended, suspended or lost
         self.cut_off: str | None = None  # why a write died: stop, then hand the run back
         self.fatal: RunFailure | NestedStepError | None = None
         self.in_flight = 0
+        # The steps executing user code, as the heartbeat reports them (see engine.heartbeat):
+        # key -> {key, position, id, follows, attempt, final}.
+        self.steps_executing: dict[str, dict[str, Any]] = {}
         self.suspensions: list[Suspension] = []
         self.next_due: datetime | None = None  # set when the run is released with a due time
         self._halted = False
@@ -348,9 +357,60 @@ class Execution:
             self.in_flight -= 1
             self.maybe_settle()
 
+    @asynccontextmanager
+    async def running_step(
+        self, plan: StepPlan, attempt: int, *, final: bool
+    ) -> AsyncIterator[None]:
+        """Marks a step as executing user code: heartbeats report it, so that a takeover of the
+        run (its lease expired meanwhile) counts it as a failed attempt (``final``: the last
+        one allowed). In a run that was itself taken over, it is recorded before the step
+        starts (one round trip): a step that blocks the event loop at once is counted too."""
+        self.steps_executing[plan.key] = {
+            "key": plan.key,
+            "position": plan.position,
+            "id": plan.step_id,
+            "follows": plan.follows,
+            "attempt": attempt,
+            "final": final,
+        }
+        try:
+            if self.run.taken_over:
+                await self._note_executing()
+            yield
+        finally:
+            del self.steps_executing[plan.key]
+
+    async def _note_executing(self) -> None:
+        with self._fenced():
+            result = await self.db.fetchval(
+                "note_executing",
+                self.run.run_id,
+                self.owner,
+                self.run.lease_token,
+                dumps(list(self.steps_executing.values())),
+            )
+        self._accept(result, "while noting the steps it executes")
+
     def note_cancel(self) -> None:
         """A cancel was requested (seen by a checkpoint or a heartbeat)."""
         self.cancel_requested = True
+
+    def note_deadline(self) -> float:
+        """The run's finish timeout has passed (seen by a heartbeat): no new step starts, and
+        the run ends CANCELLED once the executing steps are recorded (or abandoned, see
+        :meth:`time_out`). Returns the monotonic time the deadline was first seen."""
+        self.note_cancel()
+        if self.deadline_seen is None:
+            self.deadline_seen = time.monotonic()
+        return self.deadline_seen
+
+    def time_out(self) -> None:
+        """The executing steps outlived the grace a finish timeout gives them: the run ends
+        CANCELLED now; they are abandoned (a sync step's thread with them) and nothing they do
+        later is recorded."""
+        self.note_cancel()
+        self._halted = True
+        self._settled.set()
 
     def note_stop(self) -> None:
         """The worker is stopping: finish the executing steps, start no new one."""

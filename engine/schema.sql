@@ -195,6 +195,30 @@ DO $$ BEGIN IF (SELECT value::int FROM engine.meta WHERE key = 'schema_version')
         ADD COLUMN IF NOT EXISTS error jsonb;
 END IF; END $$;
 
+-- v9 (worker robustness, #11): the heartbeat reports a passed finish timeout on its own and
+-- records the steps executing (runs.executing), which a takeover counts as failed attempts;
+-- claim_runs says which runs it took over. Checked in the catalog rather than by version:
+-- databases of earlier builds of version 9 have the older signatures. Nothing is locked when
+-- everything is in place already.
+DO $$
+DECLARE
+    v_fn regprocedure;
+BEGIN
+    IF to_regclass('engine.runs') IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM pg_attribute a WHERE a.attrelid = to_regclass('engine.runs')
+              AND a.attname = 'executing' AND NOT a.attisdropped) THEN
+        ALTER TABLE engine.runs ADD COLUMN executing jsonb;
+    END IF;
+    FOR v_fn IN
+        SELECT p.oid::regprocedure FROM pg_proc p
+        WHERE p.pronamespace = 'engine'::regnamespace
+          AND ((p.proname = 'claim_runs' AND NOT 'taken_over' = ANY (p.proargnames))
+               OR (p.proname = 'heartbeat' AND NOT 'timed_out' = ANY (p.proargnames)))
+    LOOP
+        EXECUTE format('DROP FUNCTION %s', v_fn);
+    END LOOP;
+END $$;
+
 INSERT INTO engine.meta (key, value) VALUES ('schema_version', '9')
 ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 -- A random id of this database's install, created once (re-applying this file never changes
@@ -344,6 +368,9 @@ CREATE TABLE IF NOT EXISTS engine.runs (
     batch_size       int,                        -- events of its key (engine.batch_events)
     batch_max        int,                        -- until it holds batch_max of them
     rank_at          timestamptz,                -- its place in line: creation shifted by priority
+    -- the steps executing ([{key, position, id, follows, attempt, final}]) as last reported
+    -- (heartbeat): a takeover of its expired lease counts each as a failed attempt
+    executing        jsonb,
     created_at       timestamptz NOT NULL,
     started_at       timestamptz,
     ended_at         timestamptz,
@@ -1772,12 +1799,14 @@ CREATE OR REPLACE FUNCTION engine.claim_runs(
     p_max_state bigint DEFAULT 32 * 1024 * 1024)
 RETURNS TABLE (id uuid, function_id text, lease_token bigint, attempt int, log_lines int,
                cancel_requested boolean, traceparent text, created_at timestamptz,
-               claimed_at timestamptz, event jsonb, steps jsonb, events jsonb, state_bytes bigint)
+               claimed_at timestamptz, event jsonb, steps jsonb, events jsonb, state_bytes bigint,
+               taken_over boolean)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_now     timestamptz := engine.now();
     v_ids     uuid[] := '{}';
+    v_taken   uuid[] := '{}';  -- taken over from a worker whose lease expired
     v_run       record;
     v_blocked   text;
     v_throttled boolean;
@@ -1846,15 +1875,19 @@ BEGIN
             WHERE t.key = v_run.throttle ->> 'key';
         END IF;
         v_ids := v_ids || v_run.id;
+        IF v_run.status = 'RUNNING' THEN
+            v_taken := v_taken || v_run.id;
+        END IF;
     END LOOP;
     IF cardinality(v_ids) = 0 THEN
         RETURN;
     END IF;
+    PERFORM engine.charge_lost_steps(v_taken, v_now, p_lease);
     UPDATE engine.runs r
     SET status = 'RUNNING', lease_owner = p_owner, lease_token = r.lease_token + 1,
         lease_expires_at = v_now + p_lease, started_at = coalesce(r.started_at, v_now),
         finish_deadline = coalesce(r.finish_deadline, v_now + r.finish_timeout),
-        waiting_reason = NULL, blocked_on = NULL, updated_at = v_now
+        waiting_reason = NULL, blocked_on = NULL, updated_at = v_now, executing = NULL
     WHERE r.id = ANY (v_ids);
     v_ids := engine.enforce_timeouts(v_ids, v_now);
     -- A sleep whose time has come is over: record it so that replay returns at once.
@@ -1882,9 +1915,37 @@ BEGIN
     SELECT r.id, r.function_id, r.lease_token, r.attempt, r.log_lines, r.cancel_requested,
            r.traceparent, r.created_at, v_now, engine.run_event(r.event_seq), engine.run_steps(r.id),
            CASE WHEN r.batch_key IS NOT NULL THEN engine.batch_of(r.id) END,
-           (SELECT coalesce(sum(s.bytes), 0)::bigint FROM engine.steps s WHERE s.run_id = r.id)
+           (SELECT coalesce(sum(s.bytes), 0)::bigint FROM engine.steps s WHERE s.run_id = r.id),
+           r.id = ANY (v_taken)
     FROM engine.runs r WHERE r.id = ANY (v_ids);
 END $$;
+
+-- A run taken over from a worker whose lease expired while steps were executing (its heartbeat
+-- recorded them in runs.executing): each counts as a failed attempt of its step, so a step that
+-- blocks its worker's event loop past the lease (or kills its worker) is retried within its
+-- `retries`, not without bound. A step recorded meanwhile is left as it is.
+CREATE OR REPLACE FUNCTION engine.charge_lost_steps(
+    p_runs uuid[], p_now timestamptz, p_lease interval)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF cardinality(p_runs) = 0 THEN
+        RETURN;
+    END IF;
+    PERFORM engine.record_step(r.id, jsonb_build_object(
+        'key', x ->> 'key', 'position', (x ->> 'position')::int, 'kind', 'run',
+        'status', CASE WHEN (x ->> 'final')::boolean THEN 'FAILED' ELSE 'RETRYING' END,
+        'attempts', (x ->> 'attempt')::int + 1, 'output', NULL, 'wake_at', NULL,
+        'id', x ->> 'id', 'follows', x ->> 'follows',
+        'error', jsonb_build_object(
+            'type', 'LeaseLostError',
+            'message', format('the worker lost the run''s lease while step %s was executing: '
+                              'no heartbeat for %s (its event loop was blocked that long, or '
+                              'the worker died)', x ->> 'key',
+                              date_trunc('second', p_now - r.lease_expires_at + p_lease)))))
+    FROM engine.runs r, jsonb_array_elements(r.executing) x
+    WHERE r.id = ANY (p_runs) AND jsonb_typeof(r.executing) = 'array';
+END $$;
+
 
 -- When a throttled run may start (GCRA: tat - interval * burst), locking its key's row; NULL when
 -- the row is locked by another claim.
@@ -2294,16 +2355,34 @@ RETURNS int LANGUAGE sql AS $$
     SELECT count(*)::int FROM released
 $$;
 
--- Extends the leases of the runs a worker still executes; reports the ones it lost and any
--- cancel requests (so a run with a long step learns of a cancel without a checkpoint).
-CREATE OR REPLACE FUNCTION engine.heartbeat(p_owner uuid, p_lease interval, p_runs uuid[])
-RETURNS TABLE (id uuid, cancel_requested boolean)
+-- Extends the leases of the runs a worker still executes and records the steps each is
+-- executing (p_executing: {run id: [{key, position, id, follows, attempt, final}]}); reports
+-- the ones it lost, cancel requests (so a run with a long step learns of a cancel without a checkpoint) and passed
+-- finish timeouts (the worker ends such a run even if a step never returns).
+CREATE OR REPLACE FUNCTION engine.heartbeat(
+    p_owner uuid, p_lease interval, p_runs uuid[], p_executing jsonb DEFAULT '{}')
+RETURNS TABLE (id uuid, cancel_requested boolean, timed_out boolean)
 LANGUAGE sql AS $$
-    UPDATE engine.runs r SET lease_expires_at = engine.now() + p_lease
+    UPDATE engine.runs r SET lease_expires_at = engine.now() + p_lease,
+                             executing = p_executing -> r.id::text
     WHERE r.id IN (SELECT h.id FROM engine.runs h WHERE h.id = ANY (p_runs)
                    ORDER BY h.id FOR NO KEY UPDATE)  -- in id order, as batches are (batching.py)
       AND r.lease_owner = p_owner AND r.status = 'RUNNING'
-    RETURNING r.id, r.cancel_requested OR engine.past_deadline(r.finish_deadline)
+    RETURNING r.id, r.cancel_requested, engine.past_deadline(r.finish_deadline)
+$$;
+
+-- Records the steps a run taken over from an expired lease is about to execute (its step
+-- starts do not wait for a heartbeat: if one blocks the loop at once, a takeover still counts
+-- it). Returns as checkpoint_step does.
+CREATE OR REPLACE FUNCTION engine.note_executing(
+    p_run uuid, p_owner uuid, p_token bigint, p_steps jsonb)
+RETURNS text LANGUAGE sql AS $$
+    WITH noted AS (
+        UPDATE engine.runs r SET executing = p_steps
+        WHERE r.id = p_run AND r.lease_owner = p_owner AND r.lease_token = p_token
+          AND r.status = 'RUNNING'
+        RETURNING r.cancel_requested OR engine.past_deadline(r.finish_deadline) AS cancel)
+    SELECT coalesce((SELECT CASE WHEN n.cancel THEN 'cancel' ELSE 'ok' END FROM noted n), 'lost')
 $$;
 
 -- ---------------------------------------------------------------------------------------------

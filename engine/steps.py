@@ -7,7 +7,6 @@ place in its branch (see :mod:`engine.replay`).
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import typing
 from collections.abc import Callable
@@ -82,7 +81,8 @@ class Steps:
         attempt = record.attempts if record is not None else 0
         ex.in_flight += 1
         try:
-            outcome = await self._attempt(plan, attempt, fn, args, kwargs, allowed=allowed)
+            async with ex.running_step(plan, attempt, final=attempt >= allowed):
+                outcome = await self._attempt(plan, attempt, fn, args, kwargs, allowed=allowed)
             if outcome.wait is not None:  # registered before the run can settle
                 ex.suspensions.append(outcome.wait)
         finally:
@@ -108,7 +108,7 @@ class Steps:
         ex = self._ex
         with telemetry.step_span(ex, plan.key, attempt) as span:
             try:
-                value = await _call_in_step(plan.key, attempt, fn, args, kwargs)
+                value = await _call_in_step(ex, fn, args, kwargs, key=plan.key, attempt=attempt)
                 if ex.fatal is not None:  # a nested step the step's code caught: not completed
                     raise ex.fatal
                 output = ex.encode_output(value, f"step {plan.key!r}")
@@ -328,15 +328,22 @@ class Steps:
 
 
 async def _call_in_step(
-    key: str, attempt: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ex: Execution,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    key: str,
+    attempt: int,
 ) -> Any:
     step_token = current_step.set(key)
     attempt_token = current_attempt.set(attempt)
     try:
         if inspect.iscoroutinefunction(fn):
             return await fn(*args, **kwargs)
-        # Sync callables run in a thread so that they block neither the loop nor other runs.
-        result = await asyncio.to_thread(fn, *args, **kwargs)
+        # Sync callables run in a thread of the worker's own pool (engine.threads), so that they
+        # block neither the loop nor other runs, and a hung one can be abandoned.
+        result = await ex.threads.run(fn, *args, **kwargs)
         if inspect.isawaitable(result):
             return await result
         return result

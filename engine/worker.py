@@ -31,12 +31,15 @@ from .presence import Presence
 from .router import RoutedRun, Router
 from .serialization import dumps, loads
 from .steps import Steps
+from .threads import StepThreads
 
 if TYPE_CHECKING:
     from .app import Engine
     from .db import Database, Record
 
 log = engine_logger()
+
+HAND_BACK_BOUND = 3.0  # seconds a stopping worker waits for its runs' hand-backs after grace
 
 
 class Worker:
@@ -55,6 +58,8 @@ class Worker:
         inactive_after: how long this worker's functions stay routed after its last heartbeat
             (it beats three times per period); default three leases. A function that no live
             worker serves for that long goes inactive: new events no longer start runs of it.
+        threads: sync step callables executing at once, at most (default: ``concurrency``), in
+            the worker's own pool of threads (see ``engine.threads``).
     """
 
     def __init__(
@@ -67,9 +72,11 @@ class Worker:
         grace: Duration = "10s",
         listen_check: Duration = "10s",
         inactive_after: Duration | None = None,
+        threads: int | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        self.threads = StepThreads(concurrency if threads is None else threads)
         self.engine = engine
         self.owner: UUID = uuid4()
         self.concurrency = concurrency
@@ -118,6 +125,7 @@ class Worker:
             await self._run()
         finally:
             self._stopping.set()  # whoever waits in stopped() learns that the worker ended
+            self.threads.close()
 
     async def started(self) -> None:
         """Waits until the worker is connected and registered (or raises why it cannot be)."""
@@ -384,6 +392,7 @@ class Worker:
             owner=self.owner,
             limits=self.engine.limits,
             backoff=self.engine.backoff,
+            threads=self.threads,
             trace_payloads=self.engine.trace_payloads,
         )
         self.executions[run.run_id] = ex
@@ -414,7 +423,11 @@ class Worker:
     async def _heartbeat(self) -> None:
         interval = self.lease.total_seconds() / 3
         while True:
+            due = time.monotonic() + interval
             await asyncio.sleep(interval)
+            late = time.monotonic() - due
+            if late > interval / 2:
+                self._report_blocked_loop(late)
             if not self.executions:
                 continue
             try:
@@ -422,18 +435,44 @@ class Worker:
             except Exception as exc:
                 log.warning("worker.heartbeat_failed", error=str(exc) or repr(exc))
 
+    def _report_blocked_loop(self, late: float) -> None:
+        """The heartbeat fired ``late`` seconds late: the event loop was blocked (a CPU-bound
+        or blocking call in an async step, a long garbage collection). Past the lease, the
+        worker's runs may have been taken over, and the steps executing were charged a failed
+        attempt. Says which steps were executing: the likely culprits."""
+        steps = [
+            {"function_id": ex.fn_id, "run_id": str(run_id), "step_id": key}
+            for run_id, ex in self.executions.items()
+            for key in ex.steps_executing
+        ]
+        log.warning(
+            "worker.loop_blocked",
+            late_by=round(late, 3),
+            lease=self.lease.total_seconds(),
+            lease_may_be_lost=late >= self.lease.total_seconds() * 2 / 3,
+            steps=steps,
+        )
+
     async def _renew_leases(self) -> None:
         db = await self.engine.database()
         held = list(self.executions)
-        rows = await db.fetch("heartbeat", self.owner, self.lease, held)
-        renewed = {row["id"]: row["cancel_requested"] for row in rows}
+        executing = {
+            str(run_id): list(ex.steps_executing.values())
+            for run_id, ex in self.executions.items()
+            if ex.steps_executing
+        }
+        rows = await db.fetch("heartbeat", self.owner, self.lease, held, dumps(executing))
+        renewed = {row["id"]: row for row in rows}
         for run_id in held:
             ex = self.executions.get(run_id)
             if ex is None:
                 continue
-            if run_id not in renewed:
+            row = renewed.get(run_id)
+            if row is None:
                 ex.lost = True
-            elif renewed[run_id]:
+            elif row["timed_out"]:
+                self._enforce_deadline(ex)
+            elif row["cancel_requested"]:
                 ex.note_cancel()
 
     async def _sample_gauges(self) -> None:
@@ -456,16 +495,35 @@ class Worker:
         finally:
             metrics.forget(self.engine.app_id)
 
+    def _enforce_deadline(self, ex: Execution) -> None:
+        """The run's finish timeout passed while it executes: it starts no new step; a step
+        still executing gets ``grace`` to finish and be recorded, then it is abandoned and the
+        run ends CANCELLED (a hung sync step cannot hold a run past its timeout)."""
+        seen = ex.note_deadline()
+        if time.monotonic() - seen >= self.grace:
+            ex.log.warning("run.timed_out_while_executing", grace=self.grace)
+            ex.time_out()
+
     async def _drain(self) -> None:
-        """Lets executing steps finish within the grace period, then releases what is left."""
+        """Lets executing steps finish within the grace period, then releases what is left:
+        steps still executing are abandoned (a hung sync step's thread with them), and the
+        hand-backs get ``HAND_BACK_BOUND`` seconds; what has not ended then is cancelled (its
+        lease expires and another worker takes the run over). So a stop always ends within
+        the grace period plus a few seconds."""
         for ex in list(self.executions.values()):
             ex.note_stop()
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=self.grace)
-            for ex in list(self.executions.values()):
-                await ex.force_stop()
-            if pending:
-                await asyncio.wait(pending, timeout=max(self.grace, 5.0))
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=self.grace)
+        for ex in list(self.executions.values()):
+            await ex.force_stop()
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=HAND_BACK_BOUND)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
+            log.warning("worker.abandoned_runs", runs=len(pending))
 
 
 def _make_context(ex: Execution) -> Context:

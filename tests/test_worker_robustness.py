@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import traceback
 from collections import Counter
 from datetime import timedelta
 from typing import Any
 
 import asyncpg
-from helpers import APPS, eventually, move_clock, only_run_id
+from helpers import APPS, eventually, move_clock, only_run_id, start_worker_process
 
-from engine import Context, Event, RunStatus, TriggerEvent
+from engine import Context, Event, RunStatus, Timeouts, TriggerEvent
 
 
 async def _lease_renewed(sql: Any, run_id: str) -> bool:
@@ -98,3 +101,89 @@ async def test_a_worker_whose_database_refuses_connections_exits_at_once() -> No
     result = await asyncio.to_thread(_worker_command, f"postgresql://u@127.0.0.1:{port}/db")
     assert result.returncode != 0
     assert "refused" in result.stderr.lower() or "connect" in result.stderr.lower()
+
+
+async def test_hung_sync_steps_neither_freeze_others_nor_outlive_the_finish_timeout(
+    make_engine: Any, sql: Any
+) -> None:
+    """Six sync steps that never return: the worker's other sync steps go on (its own pool,
+    sized by concurrency); the finish timeout ends the hung runs CANCELLED while their step is
+    still executing; what the abandoned threads return later is never recorded."""
+    app = make_engine()
+    release = threading.Event()
+
+    def hang() -> str:
+        release.wait()
+        return "too late"
+
+    @app.create_function("hung", trigger=TriggerEvent("h/hung"), timeouts=Timeouts(finish="1h"))
+    async def hung(ctx: Context) -> Any:
+        return await ctx.step.run("hang", hang)
+
+    @app.create_function("quick", trigger=TriggerEvent("h/quick"))
+    async def quick(ctx: Context) -> Any:
+        return await ctx.step.run("sync", lambda: "done")
+
+    try:
+        async with app.worker(concurrency=8, lease="900ms", grace="300ms", poll_interval="50ms"):
+            await app.send([Event(name="h/hung") for _ in range(6)])
+
+            async def all_hanging() -> bool:
+                return bool(
+                    await sql.fetchval(
+                        "SELECT count(*) = 6 FROM engine.runs WHERE function_id = 'hung'"
+                        " AND status = 'RUNNING' AND executing IS NOT NULL"
+                    )
+                )
+
+            await eventually(all_hanging)
+            quick_ids = await app.send([Event(name="h/quick") for _ in range(5)])
+            for event_id in quick_ids:
+                [run] = await eventually(lambda e=event_id: app.runs_for_event(e))
+                assert (await app.wait_for_run(run.run_id)).status is RunStatus.COMPLETED
+            await move_clock(sql, timedelta(hours=2))  # past the hung runs' finish timeout
+            hung_runs = await app.list_runs("hung")
+            for run in hung_runs:
+                ended = await app.wait_for_run(run.run_id)
+                assert ended.status is RunStatus.CANCELLED
+                assert ended.error is not None and "timeouts.finish" in ended.error["message"]
+            release.set()  # the abandoned threads return now: nothing of theirs is recorded
+            await eventually(lambda: _threads_idle(app))
+    finally:
+        release.set()
+    assert not await sql.fetchval("SELECT count(*) FROM engine.steps WHERE step_key = 'hang'")
+
+
+async def _threads_idle(app: Any) -> bool:
+    return not any(t.name.startswith("engine-step") and _busy(t) for t in threading.enumerate())
+
+
+def _busy(thread: threading.Thread) -> bool:
+    frame = sys._current_frames().get(thread.ident or 0)
+    return frame is not None and "hang" in {f.name for f in traceback.extract_stack(frame)}
+
+
+async def test_a_stopping_worker_exits_within_grace_with_hung_sync_steps(
+    make_engine: Any, sql: Any, database_url: str
+) -> None:
+    """SIGTERM with a 1 s grace while six sync steps never return: the process exits by
+    itself, soon after the grace period (it used to wait forever for their threads), and hands
+    the runs back."""
+    worker = start_worker_process("hung:app", database_url, "--grace", "1s")
+    try:
+        sender = make_engine("hung")
+        await sender.send([Event(name="hung/go") for _ in range(6)])
+
+        async def hanging() -> bool:
+            query = "SELECT count(*) = 6 FROM engine.runs WHERE status = 'RUNNING'"
+            return bool(await sql.fetchval(query))
+
+        await eventually(hanging, timeout=30)
+        worker.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(worker.wait, 1 + 10) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    statuses = dict(await sql.fetch("SELECT status, count(*) FROM engine.runs GROUP BY 1"))
+    assert statuses == {"QUEUED": 6}, statuses

@@ -79,7 +79,7 @@ FROM engine.create_runs($1::bigint[], $2::jsonb, $3::uuid, $4::interval)
 
 -- name: claim_runs
 SELECT id, function_id, lease_token, attempt, log_lines, cancel_requested, traceparent,
-       created_at, claimed_at, event, steps, events, state_bytes
+       created_at, claimed_at, event, steps, events, state_bytes, taken_over
 FROM engine.claim_runs($1, $2::text[], $3::uuid, $4::interval, $5, $6)
 
 -- name: next_due
@@ -110,7 +110,8 @@ SELECT engine.checkpoint_steps($1::uuid, $2::uuid, $3, $4::jsonb)
 SELECT engine.release_orphans($1, $2::uuid, $3::uuid[])
 
 -- name: heartbeat
-SELECT id, cancel_requested FROM engine.heartbeat($1::uuid, $2::interval, $3::uuid[])
+SELECT id, cancel_requested, timed_out
+FROM engine.heartbeat($1::uuid, $2::interval, $3::uuid[], $4::jsonb)
 
 -- name: cancel_run
 SELECT engine.cancel_run($1::uuid, 'cancelled by cancel_run')
@@ -164,3 +165,6 @@ SELECT offset_by FROM engine.clock WHERE singleton
 
 -- name: restore_clock_offset
 UPDATE engine.clock SET offset_by = $1::interval WHERE singleton RETURNING offset_by
+
+-- name: note_executing
+SELECT engine.note_executing($1::uuid, $2::uuid, $3, $4::jsonb)
