@@ -261,6 +261,7 @@ class Execution:
         # The steps executing user code, as the heartbeat reports them (see engine.heartbeat):
         # key -> {key, position, id, follows, attempt, final}.
         self.steps_executing: dict[str, dict[str, Any]] = {}
+        self.steps_ended: list[tuple[float, str]] = []  # the last few: (monotonic time, key)
         self.suspensions: list[Suspension] = []
         self.next_due: datetime | None = None  # set when the run is released with a due time
         self._halted = False
@@ -379,6 +380,13 @@ class Execution:
             yield
         finally:
             del self.steps_executing[plan.key]
+            # A step that blocked the loop has ended by the time the late heartbeat runs.
+            self.steps_ended = [*self.steps_ended[-7:], (time.monotonic(), plan.key)]
+
+    def steps_since(self, since: float) -> list[str]:
+        """The steps executing now or ended after ``since`` (monotonic time)."""
+        ended = [key for at, key in self.steps_ended if at >= since]
+        return list(dict.fromkeys([*ended, *self.steps_executing]))
 
     async def _note_executing(self) -> None:
         with self._fenced():

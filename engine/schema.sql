@@ -1938,9 +1938,9 @@ BEGIN
         'id', x ->> 'id', 'follows', x ->> 'follows',
         'error', jsonb_build_object(
             'type', 'LeaseLostError',
-            'message', format('the worker lost the run''s lease while step %s was executing: '
-                              'no heartbeat for %s (its event loop was blocked that long, or '
-                              'the worker died)', x ->> 'key',
+            'message', format('the worker lost the run''s lease while step %L was executing: '
+                              'no heartbeat for %s or more (its event loop was blocked that '
+                              'long, or the worker died)', x ->> 'key',
                               date_trunc('second', p_now - r.lease_expires_at + p_lease)))))
     FROM engine.runs r, jsonb_array_elements(r.executing) x
     WHERE r.id = ANY (p_runs) AND jsonb_typeof(r.executing) = 'array';

@@ -427,7 +427,7 @@ class Worker:
             await asyncio.sleep(interval)
             late = time.monotonic() - due
             if late > interval / 2:
-                self._report_blocked_loop(late)
+                self._report_blocked_loop(late, since=due - interval)
             if not self.executions:
                 continue
             try:
@@ -435,7 +435,7 @@ class Worker:
             except Exception as exc:
                 log.warning("worker.heartbeat_failed", error=str(exc) or repr(exc))
 
-    def _report_blocked_loop(self, late: float) -> None:
+    def _report_blocked_loop(self, late: float, since: float) -> None:
         """The heartbeat fired ``late`` seconds late: the event loop was blocked (a CPU-bound
         or blocking call in an async step, a long garbage collection). Past the lease, the
         worker's runs may have been taken over, and the steps executing were charged a failed
@@ -443,7 +443,7 @@ class Worker:
         steps = [
             {"function_id": ex.fn_id, "run_id": str(run_id), "step_id": key}
             for run_id, ex in self.executions.items()
-            for key in ex.steps_executing
+            for key in ex.steps_since(since)
         ]
         log.warning(
             "worker.loop_blocked",

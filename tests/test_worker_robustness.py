@@ -13,10 +13,18 @@ import threading
 import traceback
 from collections import Counter
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
-from helpers import APPS, eventually, move_clock, only_run_id, start_worker_process
+from helpers import (
+    APPS,
+    eventually,
+    log_events,
+    move_clock,
+    only_run_id,
+    start_worker_process,
+)
 
 from engine import Context, Event, RunStatus, Timeouts, TriggerEvent
 
@@ -187,3 +195,37 @@ async def test_a_stopping_worker_exits_within_grace_with_hung_sync_steps(
             worker.wait()
     statuses = dict(await sql.fetch("SELECT status, count(*) FROM engine.runs GROUP BY 1"))
     assert statuses == {"QUEUED": 6}, statuses
+
+
+async def test_a_step_blocking_the_loop_past_the_lease_is_retried_within_bounds(
+    make_engine: Any, sql: Any, database_url: str, tmp_path: Path
+) -> None:
+    """An async step blocks its worker's event loop three times the lease, on two workers: each
+    takeover counts as a failed attempt of the step (it used to re-execute without bound), so
+    its `retries=1` ends the run FAILED with an error that says what happened; each worker
+    logs `worker.loop_blocked` naming the step."""
+    block_log = tmp_path / "executions"
+    env = {"BLOCK_LOG": str(block_log), "BLOCK_SECONDS": "3"}
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    workers = [
+        start_worker_process("blocking:app", database_url, "--lease", "1s", env=env, log=log)
+        for log in logs
+    ]
+    try:
+        sender = make_engine("blocking")
+        [event_id] = await sender.send(Event(name="blocking/go"))
+        run_id = await only_run_id(sender, event_id, timeout=30)
+        run = await sender.wait_for_run(run_id, timeout=90)
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(timeout=30)
+    assert run.status is RunStatus.FAILED
+    assert run.error is not None
+    assert "lost the run's lease while step 'block' was executing" in run.error["message"]
+    # At most one takeover before the step was known to be executing, then one per attempt.
+    assert len(block_log.read_text().splitlines()) <= 1 + 2
+    blocked = [entry for log in logs for entry in log_events(log, "worker.loop_blocked")]
+    assert blocked and all(e["late_by"] > 1 for e in blocked)
+    assert any(s["step_id"] == "block" for e in blocked for s in e["steps"])
