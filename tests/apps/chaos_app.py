@@ -31,7 +31,8 @@ app = Engine("chaos", backoff=Backoff(initial="20ms", maximum="200ms", jitter=0.
 
 
 async def effect(run_id: str, step: str) -> str:
-    conn = await asyncpg.connect(os.environ["DATABASE_URL"])
+    # The worker's own URL, unless the scenario limits the worker's role (test_connection_limit).
+    conn = await asyncpg.connect(os.environ.get("CHAOS_EFFECT_URL") or os.environ["DATABASE_URL"])
     try:
         await conn.execute("INSERT INTO chaos_log (run_id, step) VALUES ($1, $2)", run_id, step)
         await conn.execute(
@@ -66,7 +67,8 @@ async def work(run_id: str, step: str) -> str:
     """A step that logs when it ran (wall clock: every worker runs on this machine)."""
     started = time.time()
     await asyncio.sleep(random.uniform(0.005, 0.03))
-    conn = await asyncpg.connect(os.environ["DATABASE_URL"])
+    # The worker's own URL, unless the scenario limits the worker's role (test_connection_limit).
+    conn = await asyncpg.connect(os.environ.get("CHAOS_EFFECT_URL") or os.environ["DATABASE_URL"])
     try:
         await conn.execute(
             "INSERT INTO chaos_spans (run_id, step, started, ended) VALUES ($1, $2, $3, $4)",
