@@ -191,9 +191,8 @@ async def test_a_stopping_worker_exits_within_grace_with_hung_sync_steps(
         stopping = time.monotonic()
         worker.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(worker.wait, 1 + 10) == 0
-        print(
-            f"\nSIGTERM with grace 1 s, 6 hung sync steps: exited after {time.monotonic() - stopping:.1f} s"
-        )
+        took = time.monotonic() - stopping
+        print(f"\nSIGTERM with grace 1 s, 6 hung sync steps: exited after {took:.1f} s")
     finally:
         if worker.poll() is None:
             worker.kill()

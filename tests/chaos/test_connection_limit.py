@@ -38,7 +38,7 @@ async def test_refused_connections_fail_no_run(database_url: str, sql: Any, tmp_
     try:
         await asyncio.sleep(1.0)
         await send_runs(database_url, runs)
-        while await under_way(sql, began):
+        while await under_way(sql, began):  # noqa: ASYNC110 - polls the database
             await asyncio.sleep(0.3)
     finally:
         workers.stop()
