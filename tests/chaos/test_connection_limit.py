@@ -36,7 +36,7 @@ async def test_refused_connections_fail_no_run(database_url: str, sql: Any, tmp_
     began = time.monotonic()
     workers = Workers(as_user(database_url, user), tmp_path, 3, *OPTIONS, env=env)
     try:
-        await asyncio.sleep(1.0)
+        await workers.all_started()
         await send_runs(database_url, runs)
         while await under_way(sql, began):  # noqa: ASYNC110 - polls the database
             await asyncio.sleep(0.3)

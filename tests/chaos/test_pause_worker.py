@@ -23,7 +23,7 @@ async def test_a_paused_worker_cannot_overwrite_the_runs_taken_over(
     recovery = Recovery(database_url)
     pauses, began = 0, time.monotonic()
     try:
-        await asyncio.sleep(1.0)  # both workers are up before the work arrives
+        await workers.all_started()  # both workers are up before the work arrives
         await send_runs(database_url, runs)
         while await under_way(sql, began):
             await asyncio.sleep(0.3)

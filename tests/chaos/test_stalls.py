@@ -33,7 +33,7 @@ async def test_stalled_event_loops_lose_nothing(
     recovery = Recovery(database_url)
     stalls, began = 0, time.monotonic()
     try:
-        await asyncio.sleep(1.0)  # both workers are up (and their handlers installed)
+        await workers.all_started()  # both are up, with their handlers installed
         await send_runs(database_url, runs)
         while await under_way(sql, began):
             victim = stalls % 2

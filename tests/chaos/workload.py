@@ -75,6 +75,14 @@ class Workers:
         started = log_events(self.logs[index], "worker.started")
         return started[-1]["owner"] if started else None
 
+    async def all_started(self, patience: float = 60.0) -> None:
+        """Waits until every process has started (its log says so): a signal sent before
+        then would hit a process that has not installed the workload's handlers yet."""
+        deadline = time.monotonic() + patience
+        while any(self.owner(i) is None for i in range(len(self.processes))):
+            assert time.monotonic() < deadline, "the workers did not start"
+            await asyncio.sleep(0.05)
+
     def events(self, event: str) -> list[dict[str, Any]]:
         """What every process so far logged under ``event``."""
         logs = sorted(self.directory.glob("worker-*.log"))
