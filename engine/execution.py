@@ -31,7 +31,7 @@ from uuid import UUID
 import structlog
 from opentelemetry import trace
 
-from . import telemetry
+from . import metrics, telemetry
 from .batching import Batches
 from .context import Context, RunLogger, current_step, structlog_logger
 from .db import Database, is_infrastructure_error
@@ -699,6 +699,8 @@ class Execution:
         if self.cancel_requested:
             await self._finish(RunStatus.CANCELLED, span)
             return
+        if self._first_start():
+            self._count_first_start()
         self.log.info("run.started", attempt=self.run.attempt)
         task = asyncio.create_task(self._call(make_context))
         settled = asyncio.create_task(self._settled.wait())
@@ -726,6 +728,12 @@ class Execution:
         if left:
             await asyncio.gather(*left, return_exceptions=True)
         self._branches.clear()
+
+    def _count_first_start(self) -> None:
+        """Metrics of a run's first start: how long after its event was due it began."""
+        due = self.run.events[0].ts or self.run.claimed_at
+        latency = (self.db_now() - due).total_seconds()
+        metrics.run_first_started(self.run.function.app_id, self.fn_id, latency)
 
     def _first_start(self) -> bool:
         return not self.run.steps and self.run.attempt == 0 and not self.cancel_requested
@@ -858,6 +866,7 @@ class Execution:
         self.let_go = True
         # A cancel requested while the function ran wins (engine.finish_run): its output is gone.
         outcome = RunStatus.CANCELLED if result == "cancel" else status
+        metrics.run_ended(self.run.function.app_id, self.fn_id, outcome.value)
         self.log.info("run.finished", status=outcome.value)
         telemetry.mark(span, outcome.value)
 

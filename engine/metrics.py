@@ -50,6 +50,29 @@ slots_busy = meter.create_up_down_counter(
     "engine.worker.slots.busy", unit="{run}", description="Runs executing in this worker"
 )
 
+
+def labels(app_id: str, function_id: str, **extra: str) -> dict[str, str]:
+    """The attributes every engine metric carries, plus ``extra``."""
+    return {"engine.app_id": app_id, "engine.function_id": function_id, **extra}
+
+
+def run_first_started(app_id: str, function_id: str, latency: float) -> None:
+    """A run started for the first time, ``latency`` seconds after its event was due."""
+    attributes = labels(app_id, function_id)
+    runs_started.add(1, attributes)
+    start_latency.record(max(latency, 0.0), attributes)
+
+
+def run_ended(app_id: str, function_id: str, status: str) -> None:
+    """An execution ended its run with ``status``."""
+    runs_ended.add(1, labels(app_id, function_id, **{"engine.run.status": status}))
+
+
+def step_attempted(app_id: str, function_id: str, outcome: str, seconds: float) -> None:
+    """A step attempt ended with ``outcome`` (``completed``, ``retrying`` or ``failed``)."""
+    step_duration.record(seconds, labels(app_id, function_id, **{"engine.step.outcome": outcome}))
+
+
 # The latest snapshot of engine.gauges, per app whose worker asked for it.
 _snapshots: dict[str, list[dict[str, Any]]] = {}
 

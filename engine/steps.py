@@ -8,13 +8,14 @@ place in its branch (see :mod:`engine.replay`).
 from __future__ import annotations
 
 import inspect
+import time
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from . import telemetry
+from . import metrics, telemetry
 from .context import current_attempt, current_step
 from .durations import Duration, parse_duration
 from .errors import (
@@ -106,6 +107,7 @@ class Steps:
     ) -> _Outcome:
         """Executes one attempt and records it before the function goes on."""
         ex = self._ex
+        began = time.monotonic()
         with telemetry.step_span(ex, plan.key, attempt) as span:
             try:
                 value = await _call_in_step(ex, fn, args, kwargs, key=plan.key, attempt=attempt)
@@ -115,13 +117,20 @@ class Steps:
             except Exception as error:
                 if ex.fatal is not None:  # a limit or a nested step: the run fails as a whole
                     raise
-                telemetry.mark(span, "error")
-                return await self._failed(plan, attempt, allowed, error)
+                telemetry.record_error(span, error)
+                outcome = await self._failed(plan, attempt, allowed, error)
+                self._measure("failed" if outcome.error else "retrying", began)
+                return outcome
             # Committed before the next step starts, or with the run's end (see Execution.defer).
             ex.defer(plan.new("run", "COMPLETED", attempts=attempt + 1), output)
             telemetry.payload(span, "engine.step.output", output, ex.trace_payloads)
             telemetry.mark(span, "completed")
+        self._measure("completed", began)
         return _Outcome(value=loads(output))
+
+    def _measure(self, outcome: str, began: float) -> None:
+        function = self._ex.run.function
+        metrics.step_attempted(function.app_id, function.fn_id, outcome, time.monotonic() - began)
 
     async def _failed(
         self, plan: StepPlan, attempt: int, allowed: int, error: Exception

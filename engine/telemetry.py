@@ -126,6 +126,14 @@ class TelemetryConfigError(ValueError):
     """An ``OTEL_*`` variable holds a value the engine cannot use."""
 
 
+def record_error(span: trace.Span, error: BaseException) -> None:
+    """Records a failed attempt on its span: the exception as an event, the status as an error
+    with the message, and the outcome."""
+    span.record_exception(error)
+    span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+    span.set_attribute("engine.outcome", "error")
+
+
 def configure_from_environment() -> bool:
     """Exports spans and metrics over OTLP when an endpoint is configured, as the standard
     ``OTEL_*`` variables say; returns whether anything is exported. Called by ``engine worker``

@@ -315,6 +315,8 @@ class Worker:
         )
         for row in rows:
             function = self.engine.functions[row["function_id"]]
+            if row["taken_over"]:
+                metrics.lease_takeovers.add(1, metrics.labels(function.app_id, function.fn_id))
             await self._start_readable(partial(ClaimedRun.from_row, row, function), row)
         return len(rows)
 
@@ -396,6 +398,7 @@ class Worker:
             trace_payloads=self.engine.trace_payloads,
         )
         self.executions[run.run_id] = ex
+        metrics.slots_busy.add(1, {"engine.app_id": self.engine.app_id})
         task = asyncio.create_task(self._execute(ex), name=f"run {run.run_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -409,6 +412,7 @@ class Worker:
             self._may_have_orphans = True
             log.exception("run.execution_error", run_id=str(ex.run.run_id))
         finally:
+            metrics.slots_busy.add(-1, {"engine.app_id": self.engine.app_id})
             if self.executions.get(ex.run.run_id) is ex:  # never a newer execution's entry
                 del self.executions[ex.run.run_id]
             if not ex.let_go:

@@ -89,3 +89,54 @@ async def test_one_snapshot_serves_every_caller_within_the_interval(sql: Any) ->
     assert await sql.fetchval("SELECT engine.gauges(interval '1 hour')") == first == "[]"
     fresh = await sql.fetchval("SELECT engine.gauges($1::interval)", timedelta(0))
     assert '"due": 1' in fresh and '"status": "QUEUED"' in fresh
+
+
+def points_of(reader: InMemoryMetricReader, name: str, app_id: str) -> list[Any]:
+    """The data points of metric ``name`` that belong to ``app_id``."""
+    data = reader.get_metrics_data()
+    return [
+        point
+        for resource in (data.resource_metrics if data else [])
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == name
+        for point in metric.data.data_points
+        if point.attributes.get("engine.app_id") == app_id
+    ]
+
+
+async def test_runs_steps_and_slots_are_counted(
+    make_engine: Any, metric_reader: InMemoryMetricReader
+) -> None:
+    """A run whose step fails once then succeeds counts one start with its latency, one
+    COMPLETED end, a retrying and a completed step attempt; its slot is free again after."""
+    app = make_engine("counted")
+    failures = iter([True])
+
+    def flaky() -> str:
+        if next(failures, False):
+            raise RuntimeError("first attempt fails")
+        return "ok"
+
+    @app.create_function("flaky", trigger=TriggerEvent("c/go"))
+    async def flaky_fn(ctx: Context) -> str:
+        return str(await ctx.step.run("call", flaky))
+
+    async with app.worker():
+        [event_id] = await app.send(Event(name="c/go"))
+        [run] = await eventually(lambda: app.runs_for_event(event_id))
+        await app.wait_for_run(run.run_id, timeout=20)
+
+    [started] = points_of(metric_reader, "engine.run.started", "counted")
+    assert started.value == 1 and started.attributes["engine.function_id"] == "flaky"
+    [latency] = points_of(metric_reader, "engine.run.start_latency", "counted")
+    assert latency.count == 1 and latency.sum >= 0
+    [ended] = points_of(metric_reader, "engine.run.ended", "counted")
+    assert ended.value == 1 and ended.attributes["engine.run.status"] == "COMPLETED"
+    attempts = {
+        p.attributes["engine.step.outcome"]: p.count
+        for p in points_of(metric_reader, "engine.step.duration", "counted")
+    }
+    assert attempts == {"retrying": 1, "completed": 1}
+    [busy] = points_of(metric_reader, "engine.worker.slots.busy", "counted")
+    assert busy.value == 0

@@ -257,3 +257,38 @@ def test_library_prints_nothing_unless_the_application_configures_logging(
     assert configured.stdout == ""
     assert "INFO:engine:event='hello.logged'" in configured.stderr
     assert "run_id=" in configured.stderr
+
+
+async def test_a_failed_attempt_records_its_exception_on_its_span(
+    make_engine: Any, spans: Any
+) -> None:
+    """A step attempt that raised has an error status with the message and the exception as an
+    event; the retry is a sibling span with the next attempt number."""
+    app = make_engine()
+    failures = iter([True])
+
+    def flaky() -> str:
+        if next(failures, False):
+            raise ValueError("the API said no")
+        return "ok"
+
+    @app.create_function("retried", trigger=TriggerEvent("t/retried"))
+    async def retried(ctx: Context) -> Any:
+        return await ctx.step.run("call", flaky)
+
+    async with app.worker():
+        [event_id] = await app.send(Event(name="t/retried"))
+        run_id = await only_run_id(app, event_id)
+        await app.wait_for_run(run_id)
+
+    attempts = sorted(
+        (s for s in spans.get_finished_spans() if s.name == "step call"),
+        key=lambda s: s.attributes["engine.attempt"],
+    )
+    assert [s.attributes["engine.attempt"] for s in attempts] == [0, 1]
+    failed, succeeded = attempts
+    assert failed.status.status_code == trace.StatusCode.ERROR
+    assert failed.status.description == "ValueError: the API said no"
+    [exception] = [e for e in failed.events if e.name == "exception"]
+    assert exception.attributes["exception.type"] == "ValueError"
+    assert succeeded.status.status_code != trace.StatusCode.ERROR
