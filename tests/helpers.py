@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from engine import Backoff, Engine
+from engine import Backoff, Engine, Event
 
 # Retries a test can wait for: the real default waits seconds to an hour.
 FAST = Backoff(initial="20ms", maximum="100ms", jitter=0.0)
@@ -194,3 +194,27 @@ def wait_until(check: Callable[[], Any], timeout: float = 30.0, what: str = "") 
             raise AssertionError(f"not within {timeout}s: {what or check}")
         time.sleep(0.02)
     return result
+
+
+async def run_traced_worker(
+    database_url: str, make_engine: Any, env: dict[str, str], exit_within: float = 30
+) -> tuple[str, int]:
+    """Runs tests/apps/traced_app.py's function under `engine worker` with ``env``, stops the
+    worker with SIGTERM once the run ended, and returns the run id and the worker's exit code
+    (the worker must exit within ``exit_within`` seconds)."""
+    worker = start_worker_process(
+        "traced_app:app", database_url, env={"OTEL_BSP_SCHEDULE_DELAY": "50", **env}
+    )
+    try:
+        app = make_engine("traced-app")
+        [event_id] = await app.send(Event(name="traced/go"))
+
+        async def routed() -> Any:
+            return await app.runs_for_event(event_id)
+
+        [run] = await eventually(routed, timeout=30)
+        await app.wait_for_run(run.run_id, timeout=30)
+    finally:
+        worker.terminate()
+        code = worker.wait(timeout=exit_within)
+    return str(run.run_id), code

@@ -9,7 +9,7 @@ import sys
 import threading
 from typing import Any
 
-from helpers import APPS, eventually, only_run_id, start_worker_process
+from helpers import APPS, only_run_id, run_traced_worker
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from structlog.testing import capture_logs
@@ -207,26 +207,10 @@ async def test_worker_exports_spans_to_an_otlp_endpoint(
     """`engine worker` sends spans to the collector named by OTEL_EXPORTER_OTLP_ENDPOINT."""
     server = http.server.HTTPServer(("127.0.0.1", 0), _Collector)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    worker = start_worker_process(
-        "traced_app:app",
-        database_url,
-        env={
-            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
-            "OTEL_BSP_SCHEDULE_DELAY": "50",
-        },
-    )
     try:
-        app = make_engine("traced-app")
-        [event_id] = await app.send(Event(name="traced/go"))
-
-        async def routed() -> Any:
-            return await app.runs_for_event(event_id)
-
-        [run] = await eventually(routed, timeout=30)
-        await app.wait_for_run(run.run_id, timeout=30)
+        endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_port}"}
+        await run_traced_worker(database_url, make_engine, endpoint)
     finally:
-        worker.terminate()
-        worker.wait(timeout=30)
         server.shutdown()
         server.server_close()
     names = {
