@@ -389,15 +389,17 @@ class Execution:
         return list(dict.fromkeys([*ended, *self.steps_executing]))
 
     async def _note_executing(self) -> None:
+        executing = dumps(list(self.steps_executing.values()))
+        await self._leased_call("note_executing", executing, "while noting the steps it executes")
+
+    async def _leased_call(self, query: str, argument: str, doing: str) -> None:
+        """Calls a lease-guarded function of this run (run id, owner, token, one JSON argument)
+        and acts on its verdict (see :meth:`_accept`)."""
         with self._fenced():
             result = await self.db.fetchval(
-                "note_executing",
-                self.run.run_id,
-                self.owner,
-                self.run.lease_token,
-                dumps(list(self.steps_executing.values())),
+                query, self.run.run_id, self.owner, self.run.lease_token, argument
             )
-        self._accept(result, "while noting the steps it executes")
+        self._accept(result, doing)
 
     def note_cancel(self) -> None:
         """A cancel was requested (seen by a checkpoint or a heartbeat)."""
@@ -501,15 +503,8 @@ class Execution:
 
     async def checkpoint(self, record: StepRecord, output_json: str | None = None) -> None:
         """Commits a step record under the lease before the function goes on."""
-        with self._fenced():
-            result = await self.db.fetchval(
-                "checkpoint_step",
-                self.run.run_id,
-                self.owner,
-                self.run.lease_token,
-                record.to_json(output_json),
-            )
-        self._accept(result, f"while recording step {record.key!r}")
+        doing = f"while recording step {record.key!r}"
+        await self._leased_call("checkpoint_step", record.to_json(output_json), doing)
         self._remember(record)
 
     async def register_matchers(
