@@ -158,8 +158,18 @@ async def test_invalid_wait_options_fail_the_run(make_engine: Any) -> None:
 # -- cancel on event --------------------------------------------------------------------------
 
 
-def cancellable(app: Any, effects: list[str], gate: asyncio.Event | None = None) -> None:
+def cancellable(
+    app: Any,
+    effects: list[str],
+    gate: asyncio.Event | None = None,
+    entered: asyncio.Event | None = None,
+) -> None:
+    """A function of two steps around a 1-hour sleep, cancelled by `o/cancelled` of the same
+    id; its first step waits for ``gate`` (if given), setting ``entered`` when it starts."""
+
     async def effect(name: str) -> str:
+        if name == "first" and entered is not None:
+            entered.set()
         if name == "first" and gate is not None:
             await gate.wait()
         effects.append(name)
@@ -202,12 +212,14 @@ async def test_cancel_event_cancels_a_sleeping_run_at_once(make_engine: Any, sql
 async def test_cancel_event_stops_a_running_run_between_steps(make_engine: Any, sql: Any) -> None:
     app = make_engine()
     effects: list[str] = []
-    gate = asyncio.Event()
-    cancellable(app, effects, gate)
+    gate, entered = asyncio.Event(), asyncio.Event()
+    cancellable(app, effects, gate, entered)
     async with app.worker():
         [event_id] = await app.send(Event(name="o/created", data={"id": 5}))
         run_id = await only_run_id(app, event_id)
-        await eventually(lambda: _status(app, run_id, "RUNNING"))
+        # The step must be executing: a cancel sent before the first step (the run is RUNNING
+        # as soon as it is routed) cancels it before anything runs, as documented.
+        await asyncio.wait_for(entered.wait(), timeout=10)
         await app.send(Event(name="o/cancelled", data={"id": 5}))
         await asyncio.sleep(0.2)
         gate.set()  # the executing step finishes; nothing after it starts
