@@ -39,9 +39,10 @@ async def test_finish_timeout_fires_while_the_run_sleeps(make_engine: Any, sql: 
 
 async def test_finish_timeout_stops_a_running_run_between_steps(make_engine: Any, sql: Any) -> None:
     app = make_engine()
-    gate = asyncio.Event()
+    gate, entered = asyncio.Event(), asyncio.Event()
 
     async def held() -> int:
+        entered.set()
         await gate.wait()
         return 1
 
@@ -53,7 +54,7 @@ async def test_finish_timeout_stops_a_running_run_between_steps(make_engine: Any
     async with app.worker(lease="600ms"):
         [event_id] = await app.send(Event(name="t/busy"))
         run_id = await only_run_id(app, event_id)
-        await eventually(lambda: _status(app, run_id, "RUNNING"))
+        await asyncio.wait_for(entered.wait(), timeout=10)  # the step executes (not only RUNNING)
         # The clock jumps past the deadline and the lease: the worker's claim must not take
         # the run over from itself (that cancelled it with its step unrecorded); its heartbeat
         # renews the lease and learns of the deadline while the step still executes.
