@@ -32,7 +32,6 @@ import structlog
 from opentelemetry import trace
 
 from . import metrics, telemetry
-from .batching import Batches
 from .context import Context, RunLogger, current_step, structlog_logger
 from .db import Database, is_infrastructure_error
 from .errors import (
@@ -53,6 +52,7 @@ from .errors import (
 )
 from .events import Event, event_from_row
 from .function import Function
+from .group_commit import GroupCommit
 from .matching import accepts
 from .replay import History, Recorded, start_branch
 from .retries import Backoff
@@ -234,7 +234,7 @@ class Execution:
         run: ClaimedRun,
         *,
         db: Database,
-        batches: Batches,
+        group_commit: GroupCommit,
         owner: UUID,
         limits: Limits,
         backoff: Backoff,
@@ -245,7 +245,7 @@ class Execution:
         self.threads = threads  # the worker's pool for sync step callables
         self.trace_payloads = trace_payloads  # event data and outputs on spans (opt-in)
         self.db = db
-        self.batches = batches
+        self.group_commit = group_commit
         self.owner = owner
         self.limits = limits
         self.backoff = backoff
@@ -442,7 +442,7 @@ class Execution:
             return
         with self._fenced(), self._taking_unsaved() as records:
             item = self._write(steps=records)
-            result = await self.batches.checkpoint.call(item, str(self.run.run_id))
+            result = await self.group_commit.checkpoint.call(item, str(self.run.run_id))
         self._accept(result, "while recording completed steps")
 
     def _write(
@@ -855,7 +855,7 @@ class Execution:
                 output=output or "null",
                 error=error or "null",
             )
-            result = await self.batches.finish.call(item, str(self.run.run_id))
+            result = await self.group_commit.finish.call(item, str(self.run.run_id))
         if result == "lost":
             raise LeaseLost(f"run {self.run.run_id}: lost before it could end {status.value}")
         self.let_go = True
@@ -876,7 +876,7 @@ class Execution:
                 log_lines=self.run_logger.logged(self.history.tail_place()),
                 awaited=suspension.awaited,
             )
-            result = await self.batches.suspend.call(item, str(self.run.run_id))
+            result = await self.group_commit.suspend.call(item, str(self.run.run_id))
         if result == "lost":
             raise LeaseLost(f"run {self.run.run_id}: lost before it could be suspended")
         self.let_go = True

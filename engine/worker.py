@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 from uuid import UUID, uuid4
 
 from . import metrics
-from .batching import Batches
 from .context import Context
 from .durations import Duration, parse_duration
 from .events import event_from_row
 from .execution import ClaimedRun, Execution
+from .group_commit import GroupCommit
 from .listener import Listener
 from .logs import engine_logger
 from .presence import Presence
@@ -105,7 +105,7 @@ class Worker:
         self._started = asyncio.Event()
         self._timer_at = float("inf")  # monotonic time of the earliest known due work
         self._router: Router | None = None
-        self._batches: Batches | None = None
+        self._group_commit: GroupCommit | None = None
         self._fn_ids = list(engine.functions)
         self._crons = {
             (f.fn_id, t.cron): t.schedule for f in engine.functions.values() for t in f.crons
@@ -136,7 +136,7 @@ class Worker:
         await self._presence.beat(db)  # before routing: other workers route to us at once
         self._started.set()
         self._router = Router(db, self.engine.app_id, self.engine.functions)
-        self._batches = Batches(db)
+        self._group_commit = GroupCommit(db)
         log.info(
             "worker.started",
             owner=str(self.owner),
@@ -386,11 +386,11 @@ class Worker:
 
     # -- executions ------------------------------------------------------------------------------
     def _start(self, run: ClaimedRun) -> None:
-        assert self._batches is not None
+        assert self._group_commit is not None
         ex = Execution(
             run,
             db=self.engine.open_database,
-            batches=self._batches,
+            group_commit=self._group_commit,
             owner=self.owner,
             limits=self.engine.limits,
             backoff=self.engine.backoff,

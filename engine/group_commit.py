@@ -2,7 +2,7 @@
 
 A worker executes many runs at once; each step checkpoint, run end and suspension is a small
 transaction whose cost is mostly its commit (a WAL flush with synchronous_commit on). A
-:class:`Batcher` sends a call at once when nothing is in flight and, while a round trip is in
+:class:`GroupCommitter` sends a call at once when nothing is in flight and, while a round trip is in
 flight, queues the calls of other runs; the next round trip carries all of them
 (``engine.checkpoint_many`` and friends), each with its own result. An idle worker pays no
 added latency; a busy one pays one commit per batch instead of one per run.
@@ -23,14 +23,14 @@ from .db import Database
 MAX_BATCH = 200
 
 
-class Batcher:
-    """Batches calls of one ``*_many`` query; :meth:`call` returns that item's result."""
+class GroupCommitter:
+    """Groups calls of one ``*_many`` query; :meth:`call` returns that item's result."""
 
     def __init__(self, db: Database, query: str) -> None:
         self._db = db
         self._query = query
         self._queue: list[tuple[str, str, asyncio.Future[str]]] = []  # (key, item, future)
-        self._busy = False  # a round trip of this batcher is in flight
+        self._busy = False  # a round trip of this committer is in flight
         self._draining: set[asyncio.Task[None]] = set()
 
     async def call(self, item: str, key: str) -> str:
@@ -98,10 +98,10 @@ def _settle(future: asyncio.Future[str], outcome: str | BaseException) -> None:
         future.set_result(outcome)
 
 
-class Batches:
-    """The batchers of one worker, one per kind of write."""
+class GroupCommit:
+    """The group committers of one worker, one per kind of write."""
 
     def __init__(self, db: Database) -> None:
-        self.checkpoint = Batcher(db, "checkpoint_many")
-        self.finish = Batcher(db, "finish_many")
-        self.suspend = Batcher(db, "suspend_many")
+        self.checkpoint = GroupCommitter(db, "checkpoint_many")
+        self.finish = GroupCommitter(db, "finish_many")
+        self.suspend = GroupCommitter(db, "suspend_many")

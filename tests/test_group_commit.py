@@ -1,4 +1,4 @@
-"""Batched writes: concurrent calls share round trips, each gets its own result."""
+"""Group commit: concurrent writes of many runs share round trips, each gets its own result."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from engine.batching import Batcher
+from engine.group_commit import GroupCommitter
 
 
 def checkpoint_item(run: str) -> str:
@@ -24,20 +24,20 @@ async def test_concurrent_calls_share_round_trips_and_a_bad_item_fails_alone(
     db = await app.database()
     sent: list[int] = []
     runs_sent: list[list[str]] = []
-    send = Batcher._send
+    send = GroupCommitter._send
 
-    async def counting(self: Batcher, items: list[str]) -> list[str]:
+    async def counting(self: GroupCommitter, items: list[str]) -> list[str]:
         sent.append(len(items))
         runs_sent.append([json.loads(item)["run"] for item in items])
         return await send(self, items)
 
-    batcher = Batcher(db, "checkpoint_many")
-    batcher._send = counting.__get__(batcher)  # type: ignore[method-assign]
+    committer = GroupCommitter(db, "checkpoint_many")
+    committer._send = counting.__get__(committer)  # type: ignore[method-assign]
     runs = [str(uuid.uuid4()) for _ in range(30)]
     runs[17] = "not-a-uuid"
     items = [checkpoint_item(run) for run in runs]
     results = await asyncio.gather(
-        *(batcher.call(item, run) for item, run in zip(items, runs, strict=True)),
+        *(committer.call(item, run) for item, run in zip(items, runs, strict=True)),
         return_exceptions=True,
     )
     assert [r for i, r in enumerate(results) if i != 17] == ["lost"] * 29  # runs nobody leases
@@ -51,9 +51,9 @@ async def test_concurrent_calls_share_round_trips_and_a_bad_item_fails_alone(
 async def test_a_lone_call_is_sent_at_once(make_engine: Any) -> None:
     app = make_engine()
     db = await app.database()
-    batcher = Batcher(db, "checkpoint_many")
+    committer = GroupCommitter(db, "checkpoint_many")
     run = str(uuid.uuid4())
-    assert await batcher.call(checkpoint_item(run), run) == "lost"
+    assert await committer.call(checkpoint_item(run), run) == "lost"
     with pytest.raises(asyncpg.DataError):
-        await batcher.call(checkpoint_item("nope"), "nope")
-    assert await batcher.call(checkpoint_item(run), run) == "lost"  # still usable
+        await committer.call(checkpoint_item("nope"), "nope")
+    assert await committer.call(checkpoint_item(run), run) == "lost"  # still usable
