@@ -32,7 +32,7 @@ import structlog
 from opentelemetry import trace
 
 from . import metrics, telemetry
-from .context import Context, RunLogger, current_step, structlog_logger
+from .context import Context
 from .db import Database, is_infrastructure_error
 from .errors import (
     ConfigurationError,
@@ -56,6 +56,7 @@ from .group_commit import GroupCommit
 from .matching import accepts
 from .replay import History, Recorded, start_branch
 from .retries import Backoff
+from .runlocal import RunLogger, current_step, structlog_logger
 from .runs import RunStatus
 from .serialization import NotSerializable, dumps, loads, stored_size, text_problem
 from .threads import StepThreads
@@ -652,7 +653,14 @@ class Execution:
             structlog.contextvars.bound_contextvars(
                 run_id=str(self.run.run_id), function_id=self.fn_id
             ),
-            telemetry.run_span(self) as span,
+            telemetry.run_span(
+                run_id=str(self.run.run_id),
+                function_id=self.fn_id,
+                attempt=self.run.attempt,
+                event=self.run.events[0],
+                traceparent=self.run.traceparent,
+                trace_payloads=self.trace_payloads,
+            ) as span,
         ):
             try:
                 await self._drive(make_context, span)

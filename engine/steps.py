@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from . import metrics, telemetry
-from .context import current_attempt, current_step
 from .durations import Duration, parse_duration
 from .errors import (
     EngineError,
@@ -32,6 +31,7 @@ from .events import Event, event_from_row, validate_outgoing
 from .execution import Execution, StepPlan, StepRecord, Suspension, utc
 from .matching import EventMatcher
 from .retries import check_retries
+from .runlocal import current_attempt, current_step
 from .runs import RunStatus
 from .serialization import loads, restore
 
@@ -108,7 +108,9 @@ class Steps:
         """Executes one attempt and records it before the function goes on."""
         ex = self._ex
         began = time.monotonic()
-        with telemetry.step_span(ex, plan.key, attempt) as span:
+        with telemetry.step_span(
+            run_id=str(ex.run.run_id), function_id=ex.fn_id, step_key=plan.key, attempt=attempt
+        ) as span:
             try:
                 value = await _call_in_step(ex, fn, args, kwargs, key=plan.key, attempt=attempt)
                 if ex.fatal is not None:  # a nested step the step's code caught: not completed

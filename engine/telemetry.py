@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace.export import SpanExporter
 
-    from .execution import Execution
+    from .events import Event
 
 tracer = trace.get_tracer("engine", __version__)
 PAYLOAD_LIMIT = 4096  # characters of JSON kept on a span attribute
@@ -45,22 +45,31 @@ def _parent(traceparent: str | None) -> otel_context.Context:
 
 
 @contextmanager
-def run_span(ex: Execution) -> Iterator[trace.Span]:
-    """The span of one execution of a run, a child of the trace that sent its event."""
+def run_span(
+    *,
+    run_id: str,
+    function_id: str,
+    attempt: int,
+    event: Event,
+    traceparent: str | None,
+    trace_payloads: bool,
+) -> Iterator[trace.Span]:
+    """The span of one execution of a run, a child of the trace that sent its (first) ``event``;
+    the event's data goes on the span only if the app opted in (``trace_payloads``)."""
     attributes: dict[str, str | int] = {
-        "engine.run_id": str(ex.run.run_id),
-        "engine.function_id": ex.fn_id,
-        "engine.attempt": ex.run.attempt,
-        "engine.event.name": ex.run.events[0].name,
+        "engine.run_id": run_id,
+        "engine.function_id": function_id,
+        "engine.attempt": attempt,
+        "engine.event.name": event.name,
     }
-    if ex.run.events[0].id is not None:
-        attributes["engine.event.id"] = ex.run.events[0].id
-    if ex.trace_payloads:
-        attributes["engine.event"] = _cut(dumps(ex.run.events[0].model_dump(mode="json")))
+    if event.id is not None:
+        attributes["engine.event.id"] = event.id
+    if trace_payloads:
+        attributes["engine.event"] = _cut(dumps(event.model_dump(mode="json")))
     with (
         tracer.start_as_current_span(
-            f"run {ex.fn_id}",
-            context=_parent(ex.run.traceparent),
+            f"run {function_id}",
+            context=_parent(traceparent),
             attributes=attributes,
             kind=trace.SpanKind.CONSUMER,
         ) as span,
@@ -70,11 +79,13 @@ def run_span(ex: Execution) -> Iterator[trace.Span]:
 
 
 @contextmanager
-def step_span(ex: Execution, step_key: str, attempt: int) -> Iterator[trace.Span]:
+def step_span(
+    *, run_id: str, function_id: str, step_key: str, attempt: int
+) -> Iterator[trace.Span]:
     """The span of one attempt of a step, a child of its run's span."""
     attributes: dict[str, str | int] = {
-        "engine.run_id": str(ex.run.run_id),
-        "engine.function_id": ex.fn_id,
+        "engine.run_id": run_id,
+        "engine.function_id": function_id,
         "engine.step_id": step_key,
         "engine.attempt": attempt,
     }
