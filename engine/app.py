@@ -16,10 +16,10 @@ from .db import Connection, Database
 from .durations import Duration, parse_duration
 from .errors import EngineError, RunNotFoundError
 from .events import Event, validate_outgoing
-from .execution import Limits
 from .expressions import Expression
 from .flow import Batch, Concurrency, Debounce, Priority, RateLimit, Singleton, Throttle
 from .function import Function, Handler, build_function
+from .records import Limits
 from .retries import Backoff
 from .runs import RunInfo, RunStatus, run_info_from_row
 from .serialization import dumps, loads

@@ -28,8 +28,8 @@ swallow them::
     │                                                       fails at once, whatever is caught
     ├── asyncio.CancelledError                 a suspension (sleep, wait, retry backoff) or a
     │                                          cancel settles the run by cancelling its task
-    ├── execution.LeaseLost                    another worker has the run: stop, write nothing
-    └── execution.WriteCutOff                  a write died with its connection: hand the run back
+    ├── records.LeaseLost                      another worker has the run: stop, write nothing
+    └── records.WriteCutOff                    a write died with its connection: hand the run back
 
 A run failure or a nested step is also remembered by the execution when raised, so the run fails
 even if the function's code catches it anyway (``except BaseException``).

@@ -23,8 +23,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, NoReturn
 from uuid import UUID
 
@@ -35,9 +34,7 @@ from . import metrics, telemetry
 from .context import Context
 from .db import Database, is_infrastructure_error
 from .errors import (
-    ConfigurationError,
     DeterminismError,
-    EngineError,
     NestedStepError,
     NonRetriableError,
     OutputLimitError,
@@ -50,10 +47,18 @@ from .errors import (
     StepLimitError,
     error_payload,
 )
-from .events import Event, event_from_row
 from .function import Function
 from .group_commit import GroupCommit
 from .matching import accepts
+from .records import (
+    ClaimedRun,
+    LeaseLost,
+    Limits,
+    StepPlan,
+    StepRecord,
+    Suspension,
+    WriteCutOff,
+)
 from .replay import History, Recorded, start_branch
 from .retries import Backoff
 from .runlocal import RunLogger, current_step, structlog_logger
@@ -61,170 +66,12 @@ from .runs import RunStatus
 from .serialization import NotSerializable, dumps, loads, stored_size, text_problem
 from .threads import StepThreads
 
-MAX_STATE_CEILING = 128 * 1024 * 1024  # a claim builds a run's steps into one jsonb (256 MiB max)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-run limits; going over fails the run with an error that names the limit.
-
-    ``max_state_bytes`` bounds a run's whole state: its event, every step's output (and error)
-    and the function's output, as JSON.
-    """
-
-    max_steps: int = 1000
-    max_output_bytes: int = 4 * 1024 * 1024
-    max_state_bytes: int = 32 * 1024 * 1024
-
-    def __post_init__(self) -> None:
-        if not 0 < self.max_state_bytes <= MAX_STATE_CEILING:
-            raise ConfigurationError(
-                f"max_state_bytes must be between 1 and {MAX_STATE_CEILING} (a run's history is "
-                f"loaded as one database value), got {self.max_state_bytes}"
-            )
-
-
-@dataclass
-class StepRecord:
-    """A step as recorded in ``engine.steps``."""
-
-    key: str
-    position: int
-    kind: str
-    status: str
-    attempts: int = 1
-    output: Any = None
-    error: dict[str, Any] | None = None
-    wake_at: datetime | None = None
-    step_id: str | None = None  # the id the code gave (None: recorded before schema 9)
-    follows: str | None = None  # its place in its branch (see engine.replay)
-
-    def to_json(self, output_json: str | None = None) -> str:
-        """The JSON argument of ``engine.checkpoint_step``; ``output_json`` is pre-encoded."""
-        wake = None if self.wake_at is None else self.wake_at.isoformat()
-        head = dumps(
-            {
-                "key": self.key,
-                "position": self.position,
-                "kind": self.kind,
-                "status": self.status,
-                "attempts": self.attempts,
-                "error": self.error,
-                "wake_at": wake,
-                "id": self.step_id,
-                "follows": self.follows,
-            }
-        )
-        return f'{head[:-1]},"output":{output_json or "null"}}}'
-
-
-@dataclass
-class ClaimedRun:
-    """A run leased to this worker, with everything needed to replay it."""
-
-    run_id: UUID
-    function: Function
-    lease_token: int
-    attempt: int
-    log_lines: int
-    cancel_requested: bool
-    traceparent: str | None
-    claimed_at: datetime
-    events: list[Event]
-    steps: dict[str, StepRecord] = field(default_factory=dict)
-    state_bytes: int = 0  # its event and recorded steps, as JSON (see Limits.max_state_bytes)
-    taken_over: bool = False  # from a worker whose lease expired (see Execution.running_step)
-
-    @classmethod
-    def from_row(cls, row: Any, function: Function) -> ClaimedRun:
-        """Builds it from a row of ``engine.claim_runs``."""
-        steps = [_step_from_json(s) for s in loads(row["steps"])]
-        events_json = row["events"] or row["event"]
-        return cls(
-            run_id=row["id"],
-            function=function,
-            lease_token=row["lease_token"],
-            attempt=row["attempt"],
-            log_lines=row["log_lines"],
-            cancel_requested=row["cancel_requested"],
-            traceparent=row["traceparent"],
-            claimed_at=row["claimed_at"],
-            events=[
-                event_from_row(e)
-                for e in (loads(row["events"]) if row["events"] else [loads(row["event"])])
-            ],
-            steps={s.key: s for s in steps},
-            state_bytes=row["state_bytes"] + len(events_json),
-            taken_over=row["taken_over"],
-        )
-
-
-def _step_from_json(item: dict[str, Any]) -> StepRecord:
-    wake = item.get("wake_at")
-    return StepRecord(
-        key=item["key"],
-        position=item["position"],
-        kind=item["kind"],
-        status=item["status"],
-        attempts=item["attempts"],
-        output=item["output"],
-        error=item["error"],
-        wake_at=None if wake is None else datetime.fromisoformat(wake),
-        step_id=item.get("id"),
-        follows=item.get("follows"),
-    )
-
-
-def _recorded(step: StepRecord) -> Recorded:
-    return Recorded(step.key, step.kind, step.position, step.step_id, step.follows)
-
-
-@dataclass
-class Suspension:
-    """Why and until when a run waits; ``steps`` are recorded when the run is released."""
-
-    due: datetime
-    status: RunStatus
-    reason: str
-    steps: list[StepRecord] = field(default_factory=list)
-    awaited: list[str] = field(default_factory=list)  # waits and invokes blocking the run
-
-
-class LeaseLost(BaseException):
-    """The run's lease is gone (another worker has it): stop, and write nothing more."""
-
-
 HAND_BACK_PATIENCE = 300.0  # seconds a worker keeps trying to hand back a cut-off run
 HANDED_BACK = "handed back after a write was cut off"
 
 
-class WriteCutOff(BaseException):
-    """A write of the run died with its connection (a restart, a partition): its outcome is
-    unknown, so the execution stops there and hands the run back as soon as the database
-    answers. Not an ``Exception``: the function's code must not catch it as its own failure."""
-
-
-@dataclass
-class StepPlan:
-    """Where a step request falls in the run: its key, position and earlier record."""
-
-    key: str
-    position: int
-    record: StepRecord | None
-    step_id: str = ""
-    follows: str | None = None
-
-    def new(self, kind: str, status: str, **fields: Any) -> StepRecord:
-        """A record of this step (to commit)."""
-        return StepRecord(
-            self.key,
-            self.position,
-            kind,
-            status,
-            step_id=self.step_id,
-            follows=self.follows,
-            **fields,
-        )
+def _recorded(step: StepRecord) -> Recorded:
+    return Recorded(step.key, step.kind, step.position, step.step_id, step.follows)
 
 
 class Execution:
@@ -906,10 +753,3 @@ def _merge(suspensions: list[Suspension]) -> Suspension:
     steps = [step for s in suspensions for step in s.steps]
     awaited = [key for s in suspensions for key in s.awaited]
     return Suspension(first.due, first.status, reasons, steps, awaited)
-
-
-def utc(value: datetime) -> datetime:
-    """Checks that a datetime is aware and returns it in UTC."""
-    if value.tzinfo is None:
-        raise EngineError("datetimes must be timezone-aware")
-    return value.astimezone(UTC)

@@ -28,8 +28,9 @@ from .errors import (
     error_payload,
 )
 from .events import Event, event_from_row, validate_outgoing
-from .execution import Execution, StepPlan, StepRecord, Suspension, utc
+from .execution import Execution
 from .matching import EventMatcher
+from .records import StepPlan, StepRecord, Suspension, utc
 from .retries import check_retries
 from .runlocal import current_attempt, current_step
 from .runs import RunStatus

@@ -23,11 +23,12 @@ from . import metrics
 from .context import Context
 from .durations import Duration, parse_duration
 from .events import event_from_row
-from .execution import ClaimedRun, Execution
+from .execution import Execution
 from .group_commit import GroupCommit
 from .listener import Listener
 from .logs import engine_logger
 from .presence import Presence
+from .records import ClaimedRun
 from .router import RoutedRun, Router
 from .serialization import dumps, loads
 from .steps import Steps

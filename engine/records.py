@@ -1,0 +1,219 @@
+"""The records an execution works with: a claimed run, its steps, a suspension, the limits.
+
+Also the names of step kinds and statuses and of the verdicts of lease-guarded writes (their
+values are those stored in ``engine.steps`` and returned by the SQL functions), and the two
+control-flow signals that stop an execution (:class:`LeaseLost`, :class:`WriteCutOff`; see
+:mod:`engine.errors` for where they sit in the hierarchy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from .errors import ConfigurationError, EngineError
+from .events import Event, event_from_row
+from .runs import RunStatus
+from .serialization import dumps, loads
+
+if TYPE_CHECKING:
+    from .function import Function
+
+
+class StepKind(StrEnum):
+    """What a step does (``engine.steps.kind``)."""
+
+    RUN = "run"
+    SLEEP = "sleep"
+    WAIT = "wait"
+    INVOKE = "invoke"
+    SEND = "send"
+
+
+class StepStatus(StrEnum):
+    """Where a step stands (``engine.steps.status``); ``COMPLETED`` and ``FAILED`` are final.
+    ``CANCELLED``: an open step of a run that ended (a cancel, say)."""
+
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    RETRYING = "RETRYING"
+    SLEEPING = "SLEEPING"
+    WAITING = "WAITING"
+    CANCELLED = "CANCELLED"
+
+
+class WriteVerdict(StrEnum):
+    """What a write under the lease returns (``engine.checkpoint_step`` and friends)."""
+
+    OK = "ok"
+    CANCEL = "cancel"  # written, and a cancel of the run was requested (or won, at its end)
+    LOST = "lost"  # the lease is no longer ours: nothing was written
+    DUPLICATE = "duplicate"  # the step is already final: another execution recorded it
+
+
+MAX_STATE_CEILING = 128 * 1024 * 1024  # a claim builds a run's steps into one jsonb (256 MiB max)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-run limits; going over fails the run with an error that names the limit.
+
+    ``max_state_bytes`` bounds a run's whole state: its event, every step's output (and error)
+    and the function's output, as JSON.
+    """
+
+    max_steps: int = 1000
+    max_output_bytes: int = 4 * 1024 * 1024
+    max_state_bytes: int = 32 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_state_bytes <= MAX_STATE_CEILING:
+            raise ConfigurationError(
+                f"max_state_bytes must be between 1 and {MAX_STATE_CEILING} (a run's history is "
+                f"loaded as one database value), got {self.max_state_bytes}"
+            )
+
+
+@dataclass
+class StepRecord:
+    """A step as recorded in ``engine.steps``."""
+
+    key: str
+    position: int
+    kind: str
+    status: str
+    attempts: int = 1
+    output: Any = None
+    error: dict[str, Any] | None = None
+    wake_at: datetime | None = None
+    step_id: str | None = None  # the id the code gave (None: recorded before schema 9)
+    follows: str | None = None  # its place in its branch (see engine.replay)
+
+    def to_json(self, output_json: str | None = None) -> str:
+        """The JSON argument of ``engine.checkpoint_step``; ``output_json`` is pre-encoded."""
+        wake = None if self.wake_at is None else self.wake_at.isoformat()
+        head = dumps(
+            {
+                "key": self.key,
+                "position": self.position,
+                "kind": self.kind,
+                "status": self.status,
+                "attempts": self.attempts,
+                "error": self.error,
+                "wake_at": wake,
+                "id": self.step_id,
+                "follows": self.follows,
+            }
+        )
+        return f'{head[:-1]},"output":{output_json or "null"}}}'
+
+
+@dataclass
+class ClaimedRun:
+    """A run leased to this worker, with everything needed to replay it."""
+
+    run_id: UUID
+    function: Function
+    lease_token: int
+    attempt: int
+    log_lines: int
+    cancel_requested: bool
+    traceparent: str | None
+    claimed_at: datetime
+    events: list[Event]
+    steps: dict[str, StepRecord] = field(default_factory=dict)
+    state_bytes: int = 0  # its event and recorded steps, as JSON (see Limits.max_state_bytes)
+    taken_over: bool = False  # from a worker whose lease expired (see Execution.running_step)
+
+    @classmethod
+    def from_row(cls, row: Any, function: Function) -> ClaimedRun:
+        """Builds it from a row of ``engine.claim_runs``."""
+        steps = [_step_from_json(s) for s in loads(row["steps"])]
+        events_json = row["events"] or row["event"]
+        return cls(
+            run_id=row["id"],
+            function=function,
+            lease_token=row["lease_token"],
+            attempt=row["attempt"],
+            log_lines=row["log_lines"],
+            cancel_requested=row["cancel_requested"],
+            traceparent=row["traceparent"],
+            claimed_at=row["claimed_at"],
+            events=[
+                event_from_row(e)
+                for e in (loads(row["events"]) if row["events"] else [loads(row["event"])])
+            ],
+            steps={s.key: s for s in steps},
+            state_bytes=row["state_bytes"] + len(events_json),
+            taken_over=row["taken_over"],
+        )
+
+
+def _step_from_json(item: dict[str, Any]) -> StepRecord:
+    wake = item.get("wake_at")
+    return StepRecord(
+        key=item["key"],
+        position=item["position"],
+        kind=item["kind"],
+        status=item["status"],
+        attempts=item["attempts"],
+        output=item["output"],
+        error=item["error"],
+        wake_at=None if wake is None else datetime.fromisoformat(wake),
+        step_id=item.get("id"),
+        follows=item.get("follows"),
+    )
+
+
+@dataclass
+class Suspension:
+    """Why and until when a run waits; ``steps`` are recorded when the run is released."""
+
+    due: datetime
+    status: RunStatus
+    reason: str
+    steps: list[StepRecord] = field(default_factory=list)
+    awaited: list[str] = field(default_factory=list)  # waits and invokes blocking the run
+
+
+class LeaseLost(BaseException):
+    """The run's lease is gone (another worker has it): stop, and write nothing more."""
+
+
+class WriteCutOff(BaseException):
+    """A write of the run died with its connection (a restart, a partition): its outcome is
+    unknown, so the execution stops there and hands the run back as soon as the database
+    answers. Not an ``Exception``: the function's code must not catch it as its own failure."""
+
+
+@dataclass
+class StepPlan:
+    """Where a step request falls in the run: its key, position and earlier record."""
+
+    key: str
+    position: int
+    record: StepRecord | None
+    step_id: str = ""
+    follows: str | None = None
+
+    def new(self, kind: str, status: str, **fields: Any) -> StepRecord:
+        """A record of this step (to commit)."""
+        return StepRecord(
+            self.key,
+            self.position,
+            kind,
+            status,
+            step_id=self.step_id,
+            follows=self.follows,
+            **fields,
+        )
+
+
+def utc(value: datetime) -> datetime:
+    """Checks that a datetime is aware and returns it in UTC."""
+    if value.tzinfo is None:
+        raise EngineError("datetimes must be timezone-aware")
+    return value.astimezone(UTC)
