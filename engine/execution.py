@@ -54,10 +54,13 @@ from .records import (
     ClaimedRun,
     LeaseLost,
     Limits,
+    StepKind,
     StepPlan,
     StepRecord,
+    StepStatus,
     Suspension,
     WriteCutOff,
+    WriteVerdict,
 )
 from .replay import History, Recorded, start_branch
 from .retries import Backoff
@@ -129,7 +132,7 @@ class Execution:
         return self.run.claimed_at + timedelta(seconds=time.monotonic() - self._clock_origin)
 
     # -- step bookkeeping (called by engine.steps) -----------------------------------------------
-    def plan(self, step_id: str, kind: str) -> StepPlan:
+    def plan(self, step_id: str, kind: StepKind) -> StepPlan:
         """Matches a step request to the run's history by its id and its place in its branch
         (see :mod:`engine.replay`), never by the order the event loop schedules branches in."""
         if not isinstance(step_id, str) or not step_id:
@@ -247,7 +250,7 @@ class Execution:
             result = await self.db.fetchval(
                 query, self.run.run_id, self.owner, self.run.lease_token, argument
             )
-        self._accept(result, doing)
+        self._accept(WriteVerdict(result), doing)
 
     def note_cancel(self) -> None:
         """A cancel was requested (seen by a checkpoint or a heartbeat)."""
@@ -291,7 +294,7 @@ class Execution:
         with self._fenced(), self._taking_unsaved() as records:
             item = self._write(steps=records)
             result = await self.group_commit.checkpoint.call(item, str(self.run.run_id))
-        self._accept(result, "while recording completed steps")
+        self._accept(WriteVerdict(result), "while recording completed steps")
 
     def _write(
         self, *, steps: list[str], output: str = "null", error: str = "null", **fields: Any
@@ -309,13 +312,13 @@ class Execution:
         raw = f'"steps":[{",".join(steps)}],"output":{output},"error":{error}'
         return f"{head[:-1]},{raw}}}"
 
-    def _accept(self, result: str, doing: str) -> None:
+    def _accept(self, verdict: WriteVerdict, doing: str) -> None:
         """Acts on the verdict of a write under the lease: ``lost`` or ``duplicate`` (another
         execution holds the run) stops this one; ``cancel`` marks the cancel request."""
-        if result in ("lost", "duplicate"):
+        if verdict in (WriteVerdict.LOST, WriteVerdict.DUPLICATE):
             self.lost = True
-            raise LeaseLost(f"run {self.run.run_id}: {result} {doing}")
-        if result == "cancel":
+            raise LeaseLost(f"run {self.run.run_id}: {verdict} {doing}")
+        if verdict is WriteVerdict.CANCEL:
             self.note_cancel()
 
     @contextmanager
@@ -430,7 +433,7 @@ class Execution:
         assert row is not None
         if row["skipped"] is not None:
             message = f"function {target.fn_id} skipped the invoked run: {row['skipped']}"
-            record.status = "FAILED"
+            record.status = StepStatus.FAILED
             record.error = {"type": "InvokeSkippedError", "message": message}
         self._remember(record)
         return record
@@ -448,7 +451,7 @@ class Execution:
                 telemetry.current_traceparent(),
             )
         assert row is not None
-        self._accept(row["result"], f"while sending events in {record.key!r}")
+        self._accept(WriteVerdict(row["result"]), f"while sending events in {record.key!r}")
         ids: list[str] = loads(row["ids"])
         record.output = ids
         self._remember(record)
@@ -710,12 +713,12 @@ class Execution:
                 output=output or "null",
                 error=error or "null",
             )
-            result = await self.group_commit.finish.call(item, str(self.run.run_id))
-        if result == "lost":
+            verdict = WriteVerdict(await self.group_commit.finish.call(item, str(self.run.run_id)))
+        if verdict is WriteVerdict.LOST:
             raise LeaseLost(f"run {self.run.run_id}: lost before it could end {status.value}")
         self.let_go = True
         # A cancel requested while the function ran wins (engine.finish_run): its output is gone.
-        outcome = RunStatus.CANCELLED if result == "cancel" else status
+        outcome = RunStatus.CANCELLED if verdict is WriteVerdict.CANCEL else status
         metrics.run_ended(self.run.function.app_id, self.fn_id, outcome.value)
         self.log.info("run.finished", status=outcome.value)
         telemetry.mark(span, outcome.value)
@@ -731,11 +734,11 @@ class Execution:
                 log_lines=self.run_logger.logged(self.history.tail_place()),
                 awaited=suspension.awaited,
             )
-            result = await self.group_commit.suspend.call(item, str(self.run.run_id))
-        if result == "lost":
+            verdict = WriteVerdict(await self.group_commit.suspend.call(item, str(self.run.run_id)))
+        if verdict is WriteVerdict.LOST:
             raise LeaseLost(f"run {self.run.run_id}: lost before it could be suspended")
         self.let_go = True
-        outcome = RunStatus.CANCELLED if result == "cancel" else suspension.status
+        outcome = RunStatus.CANCELLED if verdict is WriteVerdict.CANCEL else suspension.status
         self.log.info(
             "run.suspended",
             status=outcome.value,

@@ -83,8 +83,8 @@ class StepRecord:
 
     key: str
     position: int
-    kind: str
-    status: str
+    kind: StepKind
+    status: StepStatus
     attempts: int = 1
     output: Any = None
     error: dict[str, Any] | None = None
@@ -157,8 +157,8 @@ def _step_from_json(item: dict[str, Any]) -> StepRecord:
     return StepRecord(
         key=item["key"],
         position=item["position"],
-        kind=item["kind"],
-        status=item["status"],
+        kind=StepKind(item["kind"]),
+        status=StepStatus(item["status"]),
         attempts=item["attempts"],
         output=item["output"],
         error=item["error"],
@@ -199,7 +199,7 @@ class StepPlan:
     step_id: str = ""
     follows: str | None = None
 
-    def new(self, kind: str, status: str, **fields: Any) -> StepRecord:
+    def new(self, kind: StepKind, status: StepStatus, **fields: Any) -> StepRecord:
         """A record of this step (to commit)."""
         return StepRecord(
             self.key,

@@ -30,7 +30,7 @@ from .errors import (
 from .events import Event, event_from_row, validate_outgoing
 from .execution import Execution
 from .matching import EventMatcher
-from .records import StepPlan, StepRecord, Suspension, utc
+from .records import StepKind, StepPlan, StepRecord, StepStatus, Suspension, utc
 from .retries import check_retries
 from .runlocal import current_attempt, current_step
 from .runs import RunStatus
@@ -67,7 +67,7 @@ class Steps:
             StepError: the step failed for good.
         """
         ex = self._ex
-        plan = ex.plan(step_id, "run")
+        plan = ex.plan(step_id, StepKind.RUN)
         allowed = ex.run.function.retries
         if retries is not None:
             try:
@@ -75,9 +75,9 @@ class Steps:
             except EngineError as exc:
                 ex.fail(RunFailure(str(exc)))
         record = plan.record
-        if record is not None and record.status == "COMPLETED":
+        if record is not None and record.status == StepStatus.COMPLETED:
             return _restored(record.output, fn)
-        if record is not None and record.status == "FAILED":
+        if record is not None and record.status == StepStatus.FAILED:
             raise _step_error(plan.key, record.error)
         await ex.gate()
         attempt = record.attempts if record is not None else 0
@@ -125,7 +125,7 @@ class Steps:
                 self._measure("failed" if outcome.error else "retrying", began)
                 return outcome
             # Committed before the next step starts, or with the run's end (see Execution.defer).
-            ex.defer(plan.new("run", "COMPLETED", attempts=attempt + 1), output)
+            ex.defer(plan.new(StepKind.RUN, StepStatus.COMPLETED, attempts=attempt + 1), output)
             telemetry.payload(span, "engine.step.output", output, ex.trace_payloads)
             telemetry.mark(span, "completed")
         self._measure("completed", began)
@@ -141,8 +141,8 @@ class Steps:
         ex = self._ex
         final = isinstance(error, NonRetriableError | SerializationError) or attempt >= allowed
         record = plan.new(
-            "run",
-            "FAILED" if final else "RETRYING",
+            StepKind.RUN,
+            StepStatus.FAILED if final else StepStatus.RETRYING,
             attempts=attempt + 1,
             error=error_payload(error),
         )
@@ -191,17 +191,17 @@ class Steps:
 
     async def _sleep(self, step_id: str, wake: Callable[[datetime], datetime]) -> None:
         ex = self._ex
-        plan = ex.plan(step_id, "sleep")
+        plan = ex.plan(step_id, StepKind.SLEEP)
         record = plan.record
-        if record is not None and record.status == "COMPLETED":
+        if record is not None and record.status == StepStatus.COMPLETED:
             return
         if record is None:
             await ex.gate(flush=False)  # earlier steps are committed with the suspension
             now = ex.db_now()
             wake_at = wake(now)
-            record = plan.new("sleep", "SLEEPING", wake_at=wake_at)
+            record = plan.new(StepKind.SLEEP, StepStatus.SLEEPING, wake_at=wake_at)
             if wake_at <= now:  # a sleep into the past is over at once
-                record.status = "COMPLETED"
+                record.status = StepStatus.COMPLETED
                 ex.defer(record, "null")
                 return
             ex.remember(record)  # committed with the suspension
@@ -231,7 +231,7 @@ class Steps:
         worker.
         """
         ex = self._ex
-        plan = ex.plan(step_id, "wait")
+        plan = ex.plan(step_id, StepKind.WAIT)
         record = plan.record
         if record is None:
             what = f"wait_for_event {step_id!r}"
@@ -241,19 +241,19 @@ class Steps:
             except (EngineError, ValueError) as exc:
                 ex.fail(RunFailure(str(exc)))
             await ex.gate()
-            record = plan.new("wait", "WAITING", wake_at=ex.db_now() + delay)
+            record = plan.new(StepKind.WAIT, StepStatus.WAITING, wake_at=ex.db_now() + delay)
             row = matcher.row(
                 key=plan.key,
                 kind="wait",
                 trigger=ex.run.events[0].model_dump(mode="json"),
                 expires_at=record.wake_at,
-                on_timeout={"status": "COMPLETED", "output": None},
+                on_timeout={"status": StepStatus.COMPLETED, "output": None},
             )
             async with ex.executing():
                 found = await ex.register_matchers([record], [row])
             if plan.key in found:
                 return event_from_row(found[plan.key])
-        elif record.status == "COMPLETED":
+        elif record.status == StepStatus.COMPLETED:
             return None if record.output is None else event_from_row(record.output)
         await self._await(plan.key, record, f"waiting for event {event!r}")
         return None  # not reached: the run is released while it waits
@@ -276,7 +276,7 @@ class Steps:
                 passed first (type ``InvokeTimeoutError``).
         """
         ex = self._ex
-        plan = ex.plan(step_id, "invoke")
+        plan = ex.plan(step_id, StepKind.INVOKE)
         record = plan.record
         if record is None:
             what = f"invoke {step_id!r}"
@@ -286,10 +286,10 @@ class Steps:
                 ex.fail(RunFailure(str(exc)))
             await ex.gate()
             expires = None if delay is None else ex.db_now() + delay
-            record = plan.new("invoke", "WAITING", wake_at=expires)
+            record = plan.new(StepKind.INVOKE, StepStatus.WAITING, wake_at=expires)
             message = f"invoking function {function.fn_id!r} timed out after {timeout}"
             on_timeout = {
-                "status": "FAILED",
+                "status": StepStatus.FAILED,
                 "error": {"type": "InvokeTimeoutError", "message": message},
             }
             async with ex.executing():
@@ -299,11 +299,11 @@ class Steps:
                     )
                 except EngineError as exc:  # no such function registered: retrying cannot help
                     ex.fail(RunFailure(f"{what}: {exc}"))
-            if record.status == "FAILED":  # the child's flow control skipped it
+            if record.status == StepStatus.FAILED:  # the child's flow control skipped it
                 raise _step_error(plan.key, record.error)
-        elif record.status == "COMPLETED":
+        elif record.status == StepStatus.COMPLETED:
             return record.output
-        elif record.status == "FAILED":
+        elif record.status == StepStatus.FAILED:
             raise _step_error(plan.key, record.error)
         await self._await(plan.key, record, f"waiting for function {function.fn_id!r}")
         return None  # not reached: the run is released while it waits
@@ -315,21 +315,21 @@ class Steps:
         sends twice. Invalid events fail the step (``StepError``) without sending anything.
         """
         ex = self._ex
-        plan = ex.plan(step_id, "send")
+        plan = ex.plan(step_id, StepKind.SEND)
         record = plan.record
-        if record is not None and record.status == "COMPLETED":
+        if record is not None and record.status == StepStatus.COMPLETED:
             return list(record.output)
-        if record is not None and record.status == "FAILED":
+        if record is not None and record.status == StepStatus.FAILED:
             raise _step_error(plan.key, record.error)
         await ex.gate()
         async with ex.executing():
             try:
                 payload = validate_outgoing(events)
             except InvalidEventError as exc:
-                failed = plan.new("send", "FAILED", error=error_payload(exc))
+                failed = plan.new(StepKind.SEND, StepStatus.FAILED, error=error_payload(exc))
                 await ex.checkpoint(failed)
                 raise _step_error(plan.key, failed.error) from exc
-            return await ex.send_events(plan.new("send", "COMPLETED"), payload)
+            return await ex.send_events(plan.new(StepKind.SEND, StepStatus.COMPLETED), payload)
 
     async def _await(self, key: str, record: StepRecord, what: str) -> None:
         """Releases the run until a WAITING step is resolved (or its timeout passes)."""

@@ -30,6 +30,7 @@ from .logs import engine_logger
 from .presence import Presence
 from .records import ClaimedRun
 from .router import RoutedRun, Router
+from .runs import RunStatus
 from .serialization import dumps, loads
 from .steps import Steps
 from .threads import StepThreads
@@ -342,7 +343,7 @@ class Worker:
                 row["id"],
                 self.owner,
                 row["lease_token"],
-                "FAILED",
+                RunStatus.FAILED.value,
                 None,
                 dumps(error),
                 0,
