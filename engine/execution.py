@@ -47,6 +47,7 @@ from .errors import (
     StepLimitError,
     error_payload,
 )
+from .events import Event
 from .function import Function
 from .group_commit import GroupCommit
 from .matching import accepts
@@ -54,6 +55,7 @@ from .records import (
     ClaimedRun,
     LeaseLost,
     Limits,
+    RunLabels,
     StepKind,
     StepPlan,
     StepRecord,
@@ -101,6 +103,7 @@ class Execution:
         self.limits = limits
         self.backoff = backoff
         self.fn_id = run.function.fn_id
+        self.labels = RunLabels(str(run.run_id), run.function.app_id, self.fn_id, trace_payloads)
         self.cancel_requested = run.cancel_requested
         self.deadline_seen: float | None = None  # when a heartbeat saw the finish timeout pass
         self.stopping = False
@@ -131,7 +134,31 @@ class Execution:
         """The database's clock (``engine.now()``), estimated from the claim time."""
         return self.run.claimed_at + timedelta(seconds=time.monotonic() - self._clock_origin)
 
-    # -- step bookkeeping (called by engine.steps) -----------------------------------------------
+    # -- what engine.steps uses (engine.steps.StepHost) -------------------------------------------
+    @property
+    def default_retries(self) -> int:
+        """The retries of a step that does not set its own: the function's."""
+        return self.run.function.retries
+
+    @property
+    def trigger(self) -> Event:
+        """The run's (first) triggering event."""
+        return self.run.events[0]
+
+    @property
+    def failed(self) -> bool:
+        """True once the run has failed for good (see :meth:`fail`)."""
+        return self.fatal is not None
+
+    def check_failed(self) -> None:
+        """Raises the run's failure if it has failed for good (a step's code may have caught it)."""
+        if self.fatal is not None:
+            raise self.fatal
+
+    def retry_delay(self, attempt: int) -> timedelta:
+        """The backoff before retrying a step after its ``attempt`` (0-based) failed."""
+        return self.backoff.delay(attempt)
+
     def plan(self, step_id: str, kind: StepKind) -> StepPlan:
         """Matches a step request to the run's history by its id and its place in its branch
         (see :mod:`engine.replay`), never by the order the event loop schedules branches in."""
@@ -170,8 +197,7 @@ class Execution:
         no step starts once a cancel or a stop is pending. A step with no side effect of its own
         (a sleep) passes ``flush=False``: the pending records are committed with the suspension,
         in the same round trip."""
-        if self.fatal is not None:
-            raise self.fatal
+        self.check_failed()
         if flush and not self._settled.is_set():
             # Counted as executing: a stop or a suspension settling the run meanwhile must not
             # cancel this write half way (the records it carries would be lost with it).
@@ -185,8 +211,13 @@ class Execution:
 
     async def suspend(self, suspension: Suspension) -> None:
         """Registers why the run must wait and blocks until the run is released."""
-        self.suspensions.append(suspension)
+        self.will_wait(suspension)
         await self.block()
+
+    def will_wait(self, suspension: Suspension) -> None:
+        """Registers why the run must wait, from a step still counted as executing (the run
+        cannot settle before its suspension is known); :meth:`block` then waits."""
+        self.suspensions.append(suspension)
 
     async def block(self) -> None:
         """Waits for the run to settle; the function's task is cancelled then."""

@@ -58,6 +58,16 @@ MAX_STATE_CEILING = 128 * 1024 * 1024  # a claim builds a run's steps into one j
 
 
 @dataclass(frozen=True)
+class RunLabels:
+    """What spans, metrics and logs name a run by, and whether its payloads go on spans."""
+
+    run_id: str
+    app_id: str
+    function_id: str
+    trace_payloads: bool  # event data and outputs on spans (opt-in)
+
+
+@dataclass(frozen=True)
 class Limits:
     """Per-run limits; going over fails the run with an error that names the limit.
 

@@ -11,9 +11,10 @@ import inspect
 import time
 import typing
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from . import metrics, telemetry
 from .durations import Duration, parse_duration
@@ -28,25 +29,75 @@ from .errors import (
     error_payload,
 )
 from .events import Event, event_from_row, validate_outgoing
-from .execution import Execution
 from .matching import EventMatcher
-from .records import StepKind, StepPlan, StepRecord, StepStatus, Suspension, utc
+from .records import RunLabels, StepKind, StepPlan, StepRecord, StepStatus, Suspension, utc
 from .retries import check_retries
 from .runlocal import current_attempt, current_step
 from .runs import RunStatus
 from .serialization import loads, restore
 
 if TYPE_CHECKING:
+    from .errors import NestedStepError
     from .function import Function
+    from .threads import StepThreads
 
 # The due time of a run that waits with no timeout (an invoke without one).
 FOREVER = datetime(9999, 12, 31, tzinfo=UTC)
 
 
+class StepHost(Protocol):
+    """All that the step API uses of a run's execution (:class:`engine.execution.Execution`).
+
+    Matching a request to the run's history (:meth:`plan`), the gate before a new step, the
+    bookkeeping of executing steps and of waits, the lease-guarded writes of step records, and
+    what spans, metrics and logs name the run by. Nothing else of the execution is touched here.
+    """
+
+    labels: RunLabels
+    log: Any  # a structlog logger bound to the run
+    threads: StepThreads  # the worker's pool for sync step callables
+
+    @property
+    def default_retries(self) -> int: ...
+    @property
+    def trigger(self) -> Event: ...
+    @property
+    def failed(self) -> bool: ...
+    def check_failed(self) -> None: ...
+    def fail(self, failure: RunFailure | NestedStepError) -> NoReturn: ...
+    def plan(self, step_id: str, kind: StepKind) -> StepPlan: ...
+    def db_now(self) -> datetime: ...
+    def retry_delay(self, attempt: int) -> timedelta: ...
+    async def gate(self, *, flush: bool = True) -> None: ...
+    def executing(self) -> AbstractAsyncContextManager[None]: ...
+    def running_step(
+        self, plan: StepPlan, attempt: int, *, final: bool
+    ) -> AbstractAsyncContextManager[None]: ...
+    def will_wait(self, suspension: Suspension) -> None: ...
+    async def block(self) -> None: ...
+    async def suspend(self, suspension: Suspension) -> None: ...
+    def encode_output(self, value: Any, what: str) -> str: ...
+    def defer(self, record: StepRecord, output_json: str) -> None: ...
+    def remember(self, record: StepRecord) -> None: ...
+    async def checkpoint(self, record: StepRecord, output_json: str | None = None) -> None: ...
+    async def register_matchers(
+        self, steps: list[StepRecord], matchers: list[dict[str, Any]]
+    ) -> dict[str, dict[str, Any]]: ...
+    async def invoke(
+        self,
+        record: StepRecord,
+        target: Function,
+        data: dict[str, Any],
+        expires: datetime | None,
+        on_timeout: dict[str, Any],
+    ) -> StepRecord: ...
+    async def send_events(self, record: StepRecord, events: list[dict[str, Any]]) -> list[str]: ...
+
+
 class Steps:
     """The step API of a run (``ctx.step``)."""
 
-    def __init__(self, execution: Execution) -> None:
+    def __init__(self, execution: StepHost) -> None:
         self._ex = execution
 
     async def run(
@@ -68,7 +119,7 @@ class Steps:
         """
         ex = self._ex
         plan = ex.plan(step_id, StepKind.RUN)
-        allowed = ex.run.function.retries
+        allowed = ex.default_retries
         if retries is not None:
             try:
                 allowed = check_retries(retries, f"step {plan.key!r}")
@@ -81,15 +132,11 @@ class Steps:
             raise _step_error(plan.key, record.error)
         await ex.gate()
         attempt = record.attempts if record is not None else 0
-        ex.in_flight += 1
-        try:
+        async with ex.executing():
             async with ex.running_step(plan, attempt, final=attempt >= allowed):
                 outcome = await self._attempt(plan, attempt, fn, args, kwargs, allowed=allowed)
             if outcome.wait is not None:  # registered before the run can settle
-                ex.suspensions.append(outcome.wait)
-        finally:
-            ex.in_flight -= 1
-            ex.maybe_settle()
+                ex.will_wait(outcome.wait)
         if outcome.wait is not None:
             await ex.block()
         if outcome.error is not None:
@@ -109,16 +156,16 @@ class Steps:
         """Executes one attempt and records it before the function goes on."""
         ex = self._ex
         began = time.monotonic()
+        labels = ex.labels
         with telemetry.step_span(
-            run_id=str(ex.run.run_id), function_id=ex.fn_id, step_key=plan.key, attempt=attempt
+            run_id=labels.run_id, function_id=labels.function_id, step_key=plan.key, attempt=attempt
         ) as span:
             try:
                 value = await _call_in_step(ex, fn, args, kwargs, key=plan.key, attempt=attempt)
-                if ex.fatal is not None:  # a nested step the step's code caught: not completed
-                    raise ex.fatal
+                ex.check_failed()  # a nested step the step's code caught: not completed
                 output = ex.encode_output(value, f"step {plan.key!r}")
             except Exception as error:
-                if ex.fatal is not None:  # a limit or a nested step: the run fails as a whole
+                if ex.failed:  # a limit or a nested step: the run fails as a whole
                     raise
                 telemetry.record_error(span, error)
                 outcome = await self._failed(plan, attempt, allowed, error)
@@ -126,14 +173,14 @@ class Steps:
                 return outcome
             # Committed before the next step starts, or with the run's end (see Execution.defer).
             ex.defer(plan.new(StepKind.RUN, StepStatus.COMPLETED, attempts=attempt + 1), output)
-            telemetry.payload(span, "engine.step.output", output, ex.trace_payloads)
+            telemetry.payload(span, "engine.step.output", output, labels.trace_payloads)
             telemetry.mark(span, "completed")
         self._measure("completed", began)
         return _Outcome(value=loads(output))
 
     def _measure(self, outcome: str, began: float) -> None:
-        function = self._ex.run.function
-        metrics.step_attempted(function.app_id, function.fn_id, outcome, time.monotonic() - began)
+        labels = self._ex.labels
+        metrics.step_attempted(labels.app_id, labels.function_id, outcome, time.monotonic() - began)
 
     async def _failed(
         self, plan: StepPlan, attempt: int, allowed: int, error: Exception
@@ -159,9 +206,7 @@ class Steps:
             return _Outcome(error=_step_error(plan.key, record.error))
         now = ex.db_now()
         due = (
-            error.due(now)
-            if isinstance(error, RetryAfterError)
-            else now + ex.backoff.delay(attempt)
+            error.due(now) if isinstance(error, RetryAfterError) else now + ex.retry_delay(attempt)
         )
         reason = (
             f"retrying step {plan.key!r} (attempt {attempt + 1}) after "
@@ -245,7 +290,7 @@ class Steps:
             row = matcher.row(
                 key=plan.key,
                 kind="wait",
-                trigger=ex.run.events[0].model_dump(mode="json"),
+                trigger=ex.trigger.model_dump(mode="json"),
                 expires_at=record.wake_at,
                 on_timeout={"status": StepStatus.COMPLETED, "output": None},
             )
@@ -340,7 +385,7 @@ class Steps:
 
 
 async def _call_in_step(
-    ex: Execution,
+    ex: StepHost,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
