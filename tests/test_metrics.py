@@ -13,18 +13,28 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from engine import Concurrency, Context, Event, TriggerEvent
 
 
-def gauge_points(reader: InMemoryMetricReader, name: str) -> dict[tuple[Any, ...], float]:
-    """The latest points of metric ``name``, by their sorted attributes."""
+def points_of(reader: InMemoryMetricReader, name: str, app_id: str) -> list[Any]:
+    """The data points of metric ``name`` that belong to ``app_id``."""
     data = reader.get_metrics_data()
-    points: dict[tuple[Any, ...], float] = {}
-    for resource in data.resource_metrics if data else []:
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                if metric.name != name:
-                    continue
-                for point in metric.data.data_points:
-                    points[tuple(sorted(point.attributes.items()))] = point.value
-    return points
+    return [
+        point
+        for resource in (data.resource_metrics if data else [])
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == name
+        for point in metric.data.data_points
+        if point.attributes.get("engine.app_id") == app_id
+    ]
+
+
+def value_of(
+    reader: InMemoryMetricReader, name: str, app_id: str, attributes: dict[str, str]
+) -> Any:
+    """The value of the point of ``name`` for ``app_id`` with these attributes, or None."""
+    for point in points_of(reader, name, app_id):
+        if all(point.attributes.get(key) == value for key, value in attributes.items()):
+            return point.value
+    return None
 
 
 async def test_gauges_show_paused_and_flow_waiting_runs(
@@ -50,22 +60,22 @@ async def test_gauges_show_paused_and_flow_waiting_runs(
         await app.send([Event(name="g/solo") for _ in range(3)])
 
         async def three_sleeping() -> bool:
-            points = gauge_points(metric_reader, "engine.run.paused")
-            key = (
-                ("engine.app_id", "gauged"),
-                ("engine.function_id", "napper"),
-                ("engine.run.status", "SLEEPING"),
+            paused = value_of(
+                metric_reader,
+                "engine.run.paused",
+                "gauged",
+                {"engine.function_id": "napper", "engine.run.status": "SLEEPING"},
             )
-            return points.get(key) == 3
+            return bool(paused == 3)
 
         async def two_held_back() -> bool:
-            points = gauge_points(metric_reader, "engine.run.flow_waiting")
-            key = (
-                ("engine.app_id", "gauged"),
-                ("engine.flow.reason", "concurrency"),
-                ("engine.function_id", "solo"),
+            waiting = value_of(
+                metric_reader,
+                "engine.run.flow_waiting",
+                "gauged",
+                {"engine.function_id": "solo", "engine.flow.reason": "concurrency"},
             )
-            return points.get(key) == 2
+            return bool(waiting == 2)
 
         await eventually(three_sleeping, timeout=20)
         await eventually(two_held_back, timeout=20)
@@ -89,20 +99,6 @@ async def test_one_snapshot_serves_every_caller_within_the_interval(sql: Any) ->
     assert await sql.fetchval("SELECT engine.gauges(interval '1 hour')") == first == "[]"
     fresh = await sql.fetchval("SELECT engine.gauges($1::interval)", timedelta(0))
     assert '"due": 1' in fresh and '"status": "QUEUED"' in fresh
-
-
-def points_of(reader: InMemoryMetricReader, name: str, app_id: str) -> list[Any]:
-    """The data points of metric ``name`` that belong to ``app_id``."""
-    data = reader.get_metrics_data()
-    return [
-        point
-        for resource in (data.resource_metrics if data else [])
-        for scope in resource.scope_metrics
-        for metric in scope.metrics
-        if metric.name == name
-        for point in metric.data.data_points
-        if point.attributes.get("engine.app_id") == app_id
-    ]
 
 
 async def test_runs_steps_and_slots_are_counted(
