@@ -28,7 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import psutil
 import pytest
-from helpers import FAST, scratch_dir, scratch_root
+from helpers import FAST, remove_folder, scratch_dir, scratch_root
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -210,7 +210,7 @@ def dev_dir() -> Iterator[Path]:
     traverse the path)."""
     path = scratch_dir("dev-")
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    remove_folder(path)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

