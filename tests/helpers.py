@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -66,6 +68,26 @@ def scratch_root() -> Path:
 def scratch_dir(prefix: str) -> Path:
     """A new folder in :func:`scratch_root`; the test that asks for it removes it."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir=scratch_root()))
+
+
+def stop_servers_in(path: Path, patience: float = 30.0) -> None:
+    """Stops every process started from ``path`` (a PostgreSQL server whose data directory is
+    there): a fast shutdown (SIGINT), then SIGKILL after ``patience`` seconds. Deleting the
+    folder of a server still running leaves files it writes afterwards behind."""
+    import psutil
+
+    found = [
+        process
+        for process in psutil.process_iter(["cmdline"])
+        if str(path) in " ".join(process.info["cmdline"] or [])
+    ]
+    for process in found:
+        with contextlib.suppress(psutil.Error):
+            process.send_signal(signal.SIGINT)
+    _, alive = psutil.wait_procs(found, timeout=patience)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
 
 
 def remove_folder(path: Path, patience: float = 10.0) -> None:
