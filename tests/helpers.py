@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -70,37 +68,9 @@ def scratch_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=scratch_root()))
 
 
-def stop_servers_in(path: Path, patience: float = 30.0) -> None:
-    """Stops every process started from ``path`` (a PostgreSQL server whose data directory is
-    there): a fast shutdown (SIGINT), then SIGKILL after ``patience`` seconds. Deleting the
-    folder of a server still running leaves files it writes afterwards behind."""
-    import psutil
-
-    found = [
-        process
-        for process in psutil.process_iter(["cmdline"])
-        if str(path) in " ".join(process.info["cmdline"] or [])
-    ]
-    for process in found:
-        with contextlib.suppress(psutil.Error):
-            process.send_signal(signal.SIGINT)
-    _, alive = psutil.wait_procs(found, timeout=patience)
-    for process in alive:
-        with contextlib.suppress(psutil.Error):
-            process.kill()
-
-
-def remove_folder(path: Path, patience: float = 10.0) -> None:
-    """Deletes ``path`` and everything in it. A server that was just stopped may still be
-    writing its last files (the stats file, a log line) while the tree is walked, which leaves
-    the folder behind: the deletion is tried again until the folder is gone or ``patience``
-    seconds have passed (the session's leak check then names it)."""
-    deadline = time.monotonic() + patience
-    while path.exists():
-        shutil.rmtree(path, ignore_errors=True)
-        if not path.exists() or time.monotonic() > deadline:
-            return
-        time.sleep(0.1)
+def remove_folder(path: Path) -> None:
+    """Deletes ``path`` and everything in it; what is left, the session's leak check names."""
+    shutil.rmtree(path, ignore_errors=True)
 
 
 APPS = Path(__file__).parent / "apps"

