@@ -142,7 +142,8 @@ class ClaimedRun:
     def from_row(cls, row: Any, function: Function) -> ClaimedRun:
         """Builds it from a row of ``engine.claim_runs``."""
         steps = [_step_from_json(s) for s in loads(row["steps"])]
-        events_json = row["events"] or row["event"]
+        events_json = row["events"] or row["event"]  # a batch's events, else the one event
+        decoded = loads(events_json)
         return cls(
             run_id=row["id"],
             function=function,
@@ -152,10 +153,7 @@ class ClaimedRun:
             cancel_requested=row["cancel_requested"],
             traceparent=row["traceparent"],
             claimed_at=row["claimed_at"],
-            events=[
-                event_from_row(e)
-                for e in (loads(row["events"]) if row["events"] else [loads(row["event"])])
-            ],
+            events=[event_from_row(e) for e in (decoded if row["events"] else [decoded])],
             steps={s.key: s for s in steps},
             state_bytes=row["state_bytes"] + len(events_json),
             taken_over=row["taken_over"],
