@@ -43,6 +43,66 @@ TERMINAL_STATUSES = frozenset(
 )
 
 
+class AttemptInfo(BaseModel):
+    """One attempt of a ``run`` step: when it ran, on which worker, and how it ended."""
+
+    model_config = ConfigDict(frozen=True)
+
+    attempt: int
+    """0-based: 0 is the first try, 1 the first retry."""
+    outcome: str
+    """``COMPLETED``; ``RETRYING`` (it failed and was retried); ``FAILED`` (it failed for
+    good)."""
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    worker: str | None = None
+    """The id of the worker (its lease owner) that ran it."""
+    error: dict[str, Any] | None = None
+    """``{"type", "message", "traceback"}`` for a failed attempt."""
+    retry_at: datetime | None = None
+    """When the next attempt was due (``RETRYING``)."""
+
+
+class PauseInfo(BaseModel):
+    """A time the run (or one of its branches) waited: a sleep, a wait for an event, an invoke
+    of another function, or a retry backoff (of a step, or of the function's body when
+    ``step_id`` is None)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: str
+    """``sleep``, ``wait``, ``invoke`` or ``backoff``."""
+    step_id: str | None
+    began_at: datetime
+    due_at: datetime | None = None
+    """When it was due to end: a sleep's end, a wait's or an invoke's timeout, the retry time."""
+    ended_at: datetime | None = None
+    """None while it lasts."""
+    ended_by: str | None = None
+    """What ended it: ``time`` (a sleep or backoff that ran its course), ``event`` (the event
+    a wait matched, ``event_id``), ``child`` (the invoked run ended, ``child_run_id``),
+    ``timeout``, ``cancel``; None while it lasts."""
+    event_id: str | None = None
+    child_run_id: str | None = None
+
+
+class ExecutionInfo(BaseModel):
+    """One claim of the run by a worker: from the claim to the moment the worker let go."""
+
+    model_config = ConfigDict(frozen=True)
+
+    number: int
+    """1 for the run's first execution, then 2, 3..."""
+    worker: str
+    claimed_at: datetime
+    taken_over: bool = False
+    """True when it was taken over from a worker whose lease had expired."""
+    ended_at: datetime | None = None
+    outcome: str | None = None
+    """The run's status when the worker let go (``COMPLETED``, ``SLEEPING``...; ``QUEUED``:
+    handed back by a stopping worker); None while it executes, or when its worker died."""
+
+
 class StepInfo(BaseModel):
     """One recorded step of a run."""
 
@@ -52,10 +112,16 @@ class StepInfo(BaseModel):
     position: int
     kind: str
     status: str
-    attempts: int
+    attempt_count: int
+    """How many attempts ran (``len(attempts)``, except for steps recorded before attempts
+    were kept)."""
+    attempts: list[AttemptInfo] = []
+    """Every attempt of a ``run`` step, oldest first."""
     output: Any = None
     error: dict[str, Any] | None = None
     wake_at: datetime | None = None
+    created_at: datetime | None = None
+    ended_at: datetime | None = None
     output_omitted: bool = False
     """True when the run's steps were too large to load together (a run recorded before
     ``max_state_bytes`` bounded them): ``output`` and ``error`` are then left out."""
@@ -77,8 +143,16 @@ class RunInfo(BaseModel):
     event: Event
     steps: list[StepInfo]
     created_at: datetime
+    """When the run was created (queued)."""
     started_at: datetime | None
+    """Its first start."""
     ended_at: datetime | None
+    executions: list[ExecutionInfo] = []
+    """Every claim of the run by a worker, in order."""
+    pauses: list[PauseInfo] = []
+    """Every sleep, wait, invoke and retry backoff, in the order they began."""
+    trace_id: str | None = None
+    """The OpenTelemetry trace all of the run's spans belong to (32 hex digits)."""
 
 
 def run_info_from_row(row: Any) -> RunInfo:
@@ -89,7 +163,7 @@ def run_info_from_row(row: Any) -> RunInfo:
             position=s["position"],
             kind=s["kind"],
             status=s["status"],
-            attempts=s["attempts"],
+            attempt_count=s["attempts"],
             output=s["output"],
             error=s["error"],
             wake_at=s["wake_at"],

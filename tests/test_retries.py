@@ -79,7 +79,7 @@ async def test_exhausted_retries_raise_step_error_that_user_may_replace(make_eng
     assert len(attempts) == 3
     assert run.status is RunStatus.FAILED
     assert run.error == {"type": "PaymentDeclined", "message": "gave up: card declined"}
-    assert run.steps[0].status == "FAILED" and run.steps[0].attempts == 3
+    assert run.steps[0].status == "FAILED" and run.steps[0].attempt_count == 3
 
 
 async def test_uncaught_step_error_fails_run_without_function_retries(make_engine: Any) -> None:
@@ -94,7 +94,7 @@ async def test_uncaught_step_error_fails_run_without_function_retries(make_engin
     run = await run_once(app, "t/uncaught")
     assert run.status is RunStatus.FAILED
     assert run.error["type"] == "StepError" and run.attempt == 0
-    assert run.steps[0].attempts == 2
+    assert run.steps[0].attempt_count == 2
 
 
 async def test_non_retriable_error_fails_step_on_first_attempt(make_engine: Any) -> None:
@@ -145,7 +145,7 @@ async def test_retry_after_sets_the_next_attempt_time(make_engine: Any, kind: st
     run = await run_once(app, "t/limited")
     assert run.status is RunStatus.COMPLETED and run.output == "ok"
     assert calls[1] - calls[0] >= timedelta(milliseconds=150)
-    assert run.steps[0].attempts == 2
+    assert run.steps[0].attempt_count == 2
 
 
 async def test_error_outside_steps_retries_the_function(make_engine: Any) -> None:

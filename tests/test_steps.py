@@ -134,7 +134,7 @@ async def test_unserializable_output_fails_that_step_readably(make_engine: Any) 
     assert run.status is RunStatus.FAILED
     good, bad = run.steps
     assert good.status == "COMPLETED" and good.output == {"kept": True}
-    assert bad.status == "FAILED" and bad.attempts == 1
+    assert bad.status == "FAILED" and bad.attempt_count == 1
     assert "'bad'" in bad.error["message"] and "object" in bad.error["message"]
     assert run.error is not None and run.error["type"] == "StepError"
 
