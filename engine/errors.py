@@ -37,6 +37,7 @@ even if the function's code catches it anyway (``except BaseException``).
 
 from __future__ import annotations
 
+import traceback
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -189,6 +190,18 @@ def error_payload(exc: BaseException) -> dict[str, Any]:
     if isinstance(code, str):
         payload["code"] = code
     return payload
+
+
+MAX_TRACEBACK_CHARS = 16 * 1024
+
+
+def error_traceback(exc: BaseException) -> str:
+    """The formatted traceback of an error, for the run's history (its last 16 KiB: the frames
+    nearest the error are the ones that explain it)."""
+    text = "".join(traceback.format_exception(exc))
+    if len(text) > MAX_TRACEBACK_CHARS:
+        text = "...\n" + text[-MAX_TRACEBACK_CHARS:]
+    return text
 
 
 class StaleLeaseError(EngineError):

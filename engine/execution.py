@@ -46,6 +46,7 @@ from .errors import (
     StepError,
     StepLimitError,
     error_payload,
+    error_traceback,
 )
 from .events import Event
 from .function import Function
@@ -67,7 +68,7 @@ from .records import (
 from .replay import History, Recorded, start_branch
 from .retries import Backoff
 from .runlocal import RunLogger, current_step, structlog_logger
-from .runs import RunStatus
+from .runs import RunStatus, run_info_from_row
 from .serialization import NotSerializable, dumps, loads, stored_size, text_problem
 from .threads import StepThreads
 
@@ -118,6 +119,7 @@ class Execution:
         self.steps_ended: list[tuple[float, str]] = []  # the last few: (monotonic time, key)
         self.suspensions: list[Suspension] = []
         self.next_due: datetime | None = None  # set when the run is released with a due time
+        self.ended = False  # this execution ended the run
         self._halted = False
         self._settled = asyncio.Event()
         self._unsaved: list[str] = []  # completed steps' records not yet committed (see defer)
@@ -255,6 +257,7 @@ class Execution:
             "follows": plan.follows,
             "attempt": attempt,
             "final": final,
+            "started_at": self.db_now().isoformat(),
         }
         try:
             if self.run.taken_over:
@@ -539,7 +542,7 @@ class Execution:
                 function_id=self.fn_id,
                 attempt=self.run.attempt,
                 event=self.run.events[0],
-                traceparent=self.run.traceparent,
+                traceparent=self.run.trace_context or self.run.traceparent,
                 trace_payloads=self.trace_payloads,
             ) as span,
         ):
@@ -553,6 +556,8 @@ class Execution:
                 self.log.warning("run.write_cut_off", error=str(cut))
                 telemetry.mark(span, "write_cut_off")
                 await self._hand_back(span)
+        if self.ended:  # after the execution's span has ended: the run's span covers it
+            await self._trace_run()
 
     async def _hand_back(self, span: trace.Span) -> None:
         """Releases the run (QUEUED, due now) once the database answers again, so that it goes
@@ -722,11 +727,17 @@ class Execution:
             f"retrying the function (attempt {self.run.attempt}) after "
             f"{type(error).__name__}: {error}"
         )
-        await self._suspend(Suspension(due, RunStatus.RETRYING, reason), span)
+        body_error = {**error_payload(error), "traceback": error_traceback(error)}
+        await self._suspend(Suspension(due, RunStatus.RETRYING, reason), span, body_error)
 
     async def _fail(self, error: BaseException, span: trace.Span) -> None:
         self.log.error("run.failed", error=str(error), error_type=type(error).__name__)
-        await self._finish(RunStatus.FAILED, span, error=dumps(error_payload(error)))
+        await self._finish(
+            RunStatus.FAILED,
+            span,
+            error=dumps(error_payload(error)),
+            traceback=error_traceback(error),
+        )
 
     async def _finish(
         self,
@@ -735,6 +746,7 @@ class Execution:
         *,
         output: str | None = None,
         error: str | None = None,
+        traceback: str | None = None,
     ) -> None:
         with self._fenced(), self._taking_unsaved() as records:
             item = self._write(
@@ -743,6 +755,7 @@ class Execution:
                 log_lines=self.run_logger.logged(self.history.tail_place()),
                 output=output or "null",
                 error=error or "null",
+                traceback=traceback,
             )
             verdict = WriteVerdict(await self.group_commit.finish.call(item, str(self.run.run_id)))
         if verdict is WriteVerdict.LOST:
@@ -753,8 +766,27 @@ class Execution:
         metrics.run_ended(self.run.function.app_id, self.fn_id, outcome.value)
         self.log.info("run.finished", status=outcome.value)
         telemetry.mark(span, outcome.value)
+        self.ended = True
 
-    async def _suspend(self, suspension: Suspension, span: trace.Span) -> None:
+    async def _trace_run(self) -> None:
+        """Emits the ended run's own span and its pauses' spans, timed from its history (see
+        :mod:`engine.telemetry`): one read, only when spans are exported. Never fails the run."""
+        if self.run.trace_context is None or not telemetry.wants_run_history():
+            return
+        try:
+            row = await self.db.fetchrow("get_run", self.run.run_id)
+            if row is not None:
+                info = run_info_from_row(row)
+                telemetry.emit_run(info, self.run.trace_context, self.run.traceparent)
+        except Exception as exc:  # tracing is best effort: the run has ended either way
+            self.log.warning("run.trace_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _suspend(
+        self,
+        suspension: Suspension,
+        span: trace.Span,
+        body_error: dict[str, Any] | None = None,
+    ) -> None:
         with self._fenced(), self._taking_unsaved() as records:
             item = self._write(
                 steps=[s.to_json() for s in suspension.steps] + records,
@@ -764,6 +796,7 @@ class Execution:
                 attempt=self.run.attempt,
                 log_lines=self.run_logger.logged(self.history.tail_place()),
                 awaited=suspension.awaited,
+                body_error=body_error,
             )
             verdict = WriteVerdict(await self.group_commit.suspend.call(item, str(self.run.run_id)))
         if verdict is WriteVerdict.LOST:

@@ -101,10 +101,16 @@ class StepRecord:
     wake_at: datetime | None = None
     step_id: str | None = None  # the id the code gave (None: recorded before schema 9)
     follows: str | None = None  # its place in its branch (see engine.replay)
+    # For the history only (engine.step_attempts), never read back by replay: when the attempt
+    # started and ended (the worker's estimate of engine.now()), a failed attempt's traceback
+    # and, when it is retried, the time of the retry.
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    traceback: str | None = None
+    retry_at: datetime | None = None
 
     def to_json(self, output_json: str | None = None) -> str:
         """The JSON argument of ``engine.checkpoint_step``; ``output_json`` is pre-encoded."""
-        wake = None if self.wake_at is None else self.wake_at.isoformat()
         head = dumps(
             {
                 "key": self.key,
@@ -113,12 +119,20 @@ class StepRecord:
                 "status": self.status,
                 "attempts": self.attempts,
                 "error": self.error,
-                "wake_at": wake,
+                "wake_at": _iso(self.wake_at),
                 "id": self.step_id,
                 "follows": self.follows,
+                "started_at": _iso(self.started_at),
+                "ended_at": _iso(self.ended_at),
+                "traceback": self.traceback,
+                "retry_at": _iso(self.retry_at),
             }
         )
         return f'{head[:-1]},"output":{output_json or "null"}}}'
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
 
 
 @dataclass
@@ -137,6 +151,7 @@ class ClaimedRun:
     steps: dict[str, StepRecord] = field(default_factory=dict)
     state_bytes: int = 0  # its event and recorded steps, as JSON (see Limits.max_state_bytes)
     taken_over: bool = False  # from a worker whose lease expired (see Execution.running_step)
+    trace_context: str | None = None  # the run's own span (W3C), parent of every execution
 
     @classmethod
     def from_row(cls, row: Any, function: Function) -> ClaimedRun:
@@ -157,6 +172,7 @@ class ClaimedRun:
             steps={s.key: s for s in steps},
             state_bytes=row["state_bytes"] + len(events_json),
             taken_over=row["taken_over"],
+            trace_context=row["trace_context"],
         )
 
 

@@ -97,10 +97,20 @@ class ExecutionInfo(BaseModel):
     claimed_at: datetime
     taken_over: bool = False
     """True when it was taken over from a worker whose lease had expired."""
+    waited: str | None = None
+    """For the first execution: why the run had waited to start (flow control...), if it had."""
     ended_at: datetime | None = None
     outcome: str | None = None
     """The run's status when the worker let go (``COMPLETED``, ``SLEEPING``...; ``QUEUED``:
-    handed back by a stopping worker); None while it executes, or when its worker died."""
+    handed back; ``LOST``: its worker stopped heartbeating and another took the run over);
+    None while it executes."""
+    due_at: datetime | None = None
+    """When the run was due again after it (a sleep's end, a retry, a timeout)."""
+    reason: str | None = None
+    """Why the run waited after it."""
+    error: dict[str, Any] | None = None
+    """The function body's error (with its ``traceback``) when the execution failed: the run
+    was retried as a whole (``RETRYING``) or failed (``FAILED``)."""
 
 
 class StepInfo(BaseModel):
@@ -157,20 +167,6 @@ class RunInfo(BaseModel):
 
 def run_info_from_row(row: Any) -> RunInfo:
     """Builds a :class:`RunInfo` from a row of ``engine.run_details``."""
-    steps = [
-        StepInfo(
-            step_id=s["key"],
-            position=s["position"],
-            kind=s["kind"],
-            status=s["status"],
-            attempt_count=s["attempts"],
-            output=s["output"],
-            error=s["error"],
-            wake_at=s["wake_at"],
-            output_omitted=s.get("omitted", False),
-        )
-        for s in loads(row["steps"])
-    ]
     return RunInfo(
         run_id=str(row["id"]),
         app_id=row["app_id"],
@@ -181,8 +177,28 @@ def run_info_from_row(row: Any) -> RunInfo:
         output=loads_or_none(row["output"]),
         error=loads_or_none(row["error"]),
         event=event_from_row(loads(row["event"])),
-        steps=steps,
+        steps=[_step_info(s) for s in loads(row["steps"])],
         created_at=row["created_at"],
         started_at=row["started_at"],
         ended_at=row["ended_at"],
+        executions=[ExecutionInfo.model_validate(x) for x in loads(row["executions"])],
+        pauses=[PauseInfo.model_validate(p) for p in loads(row["pauses"])],
+        trace_id=row["trace_id"],
+    )
+
+
+def _step_info(step: dict[str, Any]) -> StepInfo:
+    return StepInfo(
+        step_id=step["key"],
+        position=step["position"],
+        kind=step["kind"],
+        status=step["status"],
+        attempt_count=step["attempts"],
+        attempts=[AttemptInfo.model_validate(a) for a in step.get("attempt_list") or []],
+        output=step["output"],
+        error=step["error"],
+        wake_at=step["wake_at"],
+        created_at=step.get("created_at"),
+        ended_at=step.get("ended_at"),
+        output_omitted=step.get("omitted", False),
     )

@@ -219,7 +219,26 @@ BEGIN
     END LOOP;
 END $$;
 
-INSERT INTO engine.meta (key, value) VALUES ('schema_version', '9')
+-- v10 (run history, #14): each step keeps its final attempt's start and worker, failed attempts
+-- and executions get tables of their own, and each run its own trace context. record_step,
+-- suspend_run and finish_run take the worker, the body's error and its traceback (internal
+-- signatures: callers pass JSON items); claim_runs returns the trace context.
+DO $$ BEGIN IF (SELECT value::int FROM engine.meta WHERE key = 'schema_version') < 10 THEN
+    DROP FUNCTION IF EXISTS engine.record_step(uuid, jsonb);
+    DROP FUNCTION IF EXISTS engine.suspend_run(uuid, uuid, bigint, text, timestamptz, text, int,
+                                               int, jsonb, text[]);
+    DROP FUNCTION IF EXISTS engine.finish_run(uuid, uuid, bigint, text, jsonb, jsonb, int, jsonb);
+    DROP FUNCTION IF EXISTS engine.claim_runs(text, text[], uuid, interval, int, bigint);
+    DROP FUNCTION IF EXISTS engine.create_runs(bigint[], jsonb, uuid, interval);
+    DROP FUNCTION IF EXISTS engine.insert_runs(jsonb, uuid, interval);
+    DROP FUNCTION IF EXISTS engine.route_simple(int, jsonb, text[], bigint, text, uuid, interval, int);
+    ALTER TABLE engine.steps
+        ADD COLUMN IF NOT EXISTS started_at timestamptz,
+        ADD COLUMN IF NOT EXISTS worker uuid;
+    ALTER TABLE engine.runs ADD COLUMN IF NOT EXISTS trace_context text;
+END IF; END $$;
+
+INSERT INTO engine.meta (key, value) VALUES ('schema_version', '10')
 ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 -- A random id of this database's install, created once (re-applying this file never changes
 -- it; an upgraded database gets one here): run ids are salted with it (engine.run_id_salt).
@@ -349,7 +368,8 @@ CREATE TABLE IF NOT EXISTS engine.runs (
     cancel_requested boolean NOT NULL DEFAULT false,
     output           jsonb,
     error            jsonb,
-    traceparent      text,
+    traceparent      text,                       -- the sender's trace context (W3C), if any
+    trace_context    text,                       -- the run's own span, minted at its creation
     -- timeouts: start_deadline bounds the first start; finish_deadline (set at the first
     -- start from finish_timeout) bounds the end. Passing either cancels the run.
     start_deadline   timestamptz,
@@ -476,8 +496,53 @@ CREATE TABLE IF NOT EXISTS engine.steps (
     follows    text,    -- its place in its branch: '>k' after step k, '+k' a branch's first
                         -- (NULL: recorded before schema version 9); see engine/replay.py
     bytes      bigint,                       -- JSON size of output and error (a run's state)
+    started_at timestamptz,                  -- when its last attempt started (a `run` step)
+    worker     uuid,                         -- the worker (lease owner) that recorded it
     PRIMARY KEY (run_id, step_key)
 );
+
+-- ---------------------------------------------------------------------------------------------
+-- History: what a run did, for get_run, the CLI and traces. Written in the transactions that
+-- already write the step or the run (never a round trip of its own); deleted with the run.
+-- ---------------------------------------------------------------------------------------------
+-- Each failed attempt of a `run` step (a successful one is the step's own row: started_at,
+-- ended_at, worker), with its error and traceback and, when it was retried, the retry's time.
+CREATE TABLE IF NOT EXISTS engine.step_attempts (
+    run_id     uuid NOT NULL REFERENCES engine.runs (id) ON DELETE CASCADE,
+    step_key   text NOT NULL,
+    attempt    int NOT NULL,                 -- 0-based
+    outcome    text NOT NULL,                -- RETRYING (retried) or FAILED (for good)
+    started_at timestamptz,
+    ended_at   timestamptz NOT NULL,
+    worker     uuid,
+    error      jsonb,                        -- {type, message, traceback}
+    retry_at   timestamptz,
+    PRIMARY KEY (run_id, step_key, attempt)
+);
+
+-- Each execution of a run: a claim by a worker (or the routing that started it at once) until
+-- the worker let go: the run's status then (outcome; LOST when its lease expired and another
+-- worker took it over), when it was due again, and why (due_at, reason). body_error: the error
+-- of the function's body when the execution ended in a retry of the whole function.
+CREATE TABLE IF NOT EXISTS engine.run_executions (
+    run_id      uuid NOT NULL REFERENCES engine.runs (id) ON DELETE CASCADE,
+    lease_token bigint NOT NULL,             -- 1 for the first execution, then 2, 3...
+    worker      uuid NOT NULL,
+    claimed_at  timestamptz NOT NULL,
+    taken_over  boolean NOT NULL DEFAULT false,
+    waited      text,                        -- why it had waited to start (flow control...)
+    ended_at    timestamptz,
+    outcome     text,
+    due_at      timestamptz,
+    reason      text,
+    body_error  jsonb,
+    PRIMARY KEY (run_id, lease_token)
+);
+
+-- The child runs of a run (step.invoke), for its history.
+SELECT engine.ensure_index('runs_parent_idx', $index$
+CREATE INDEX IF NOT EXISTS runs_parent_idx ON engine.runs (parent_run_id)
+    WHERE parent_run_id IS NOT NULL$index$);
 
 -- ---------------------------------------------------------------------------------------------
 -- Matchers: what a run waits to hear about. A `wait` (step.wait_for_event) or an `invoke`
@@ -658,14 +723,108 @@ $$;
 CREATE OR REPLACE FUNCTION engine.run_history(p_run uuid) RETURNS jsonb
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    RETURN engine.run_steps(p_run);
+    RETURN engine.step_history(p_run, true);
 EXCEPTION WHEN program_limit_exceeded THEN
-    RETURN (SELECT jsonb_agg(jsonb_build_object(
-                'key', s.step_key, 'position', s.position, 'kind', s.kind, 'status', s.status,
-                'attempts', s.attempts, 'output', NULL, 'error', NULL, 'wake_at', s.wake_at,
-                'omitted', true) ORDER BY s.position)
-            FROM engine.steps s WHERE s.run_id = p_run);
+    RETURN engine.step_history(p_run, false);
 END $$;
+
+CREATE OR REPLACE FUNCTION engine.step_attempt_list(s engine.steps) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(jsonb_agg(a.entry ORDER BY a.attempt), '[]'::jsonb) FROM (
+        SELECT f.attempt, jsonb_build_object(
+                   'attempt', f.attempt, 'outcome', f.outcome, 'started_at', f.started_at,
+                   'ended_at', f.ended_at, 'worker', f.worker, 'error', f.error,
+                   'retry_at', f.retry_at) AS entry
+        FROM engine.step_attempts f WHERE f.run_id = s.run_id AND f.step_key = s.step_key
+        UNION ALL
+        SELECT s.attempts - 1, jsonb_build_object(
+                   'attempt', s.attempts - 1, 'outcome', 'COMPLETED', 'started_at', s.started_at,
+                   'ended_at', s.ended_at, 'worker', s.worker)
+        WHERE s.status = 'COMPLETED'
+    ) a
+$$;
+
+-- A run's steps with their attempts and times, for get_run (p_payloads: with their outputs and
+-- errors). The attempts of a `run` step: each failed one (engine.step_attempts), then the
+-- successful one, which is the step's own row.
+CREATE OR REPLACE FUNCTION engine.step_history(p_run uuid, p_payloads boolean) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'key', s.step_key, 'position', s.position, 'kind', s.kind, 'status', s.status,
+               'attempts', s.attempts,
+               'output', CASE WHEN p_payloads THEN s.output END,
+               'error', CASE WHEN p_payloads THEN s.error END,
+               'omitted', NOT p_payloads, 'wake_at', s.wake_at, 'created_at', s.created_at,
+               'ended_at', s.ended_at,
+               'attempt_list', CASE WHEN s.kind = 'run' THEN engine.step_attempt_list(s) END)
+               ORDER BY s.position), '[]'::jsonb)
+    FROM engine.steps s WHERE s.run_id = p_run
+$$;
+
+-- A run's executions (engine.run_executions), in order.
+CREATE OR REPLACE FUNCTION engine.execution_history(p_run uuid) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'number', x.lease_token, 'worker', x.worker, 'claimed_at', x.claimed_at,
+               'taken_over', x.taken_over, 'waited', x.waited, 'ended_at', x.ended_at,
+               'outcome', x.outcome, 'due_at', x.due_at, 'reason', x.reason,
+               'error', x.body_error) ORDER BY x.lease_token), '[]'::jsonb)
+    FROM engine.run_executions x WHERE x.run_id = p_run
+$$;
+
+-- A run's pauses, in the order they began: its sleeps, waits and invokes (their steps' rows),
+-- and its retry backoffs (a failed attempt of a step, or of the body, until the next execution
+-- at or after the retry time). ended_by: time, event, child, timeout or cancel; NULL while it
+-- lasts. A backoff the run's end cut short ends with the run ('cancel' when it was cancelled).
+CREATE OR REPLACE FUNCTION engine.pause_history(p_run uuid) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    WITH run AS (
+        SELECT r.id, r.status, r.ended_at FROM engine.runs r WHERE r.id = p_run
+    ), waits AS (
+        SELECT s.kind, s.step_key, coalesce(s.started_at, s.created_at) AS began_at,
+               CASE WHEN s.wake_at < '9999-01-01' THEN s.wake_at END AS due_at, s.ended_at,
+               CASE WHEN s.status IN ('SLEEPING', 'WAITING', 'RETRYING') THEN NULL
+                    WHEN s.status = 'CANCELLED' THEN 'cancel'
+                    WHEN s.kind = 'sleep' THEN 'time'
+                    WHEN s.kind = 'wait' THEN CASE WHEN s.event_seq IS NULL THEN 'timeout' ELSE 'event' END
+                    WHEN s.error ->> 'type' = 'InvokeTimeoutError' THEN 'timeout'
+                    ELSE 'child' END AS ended_by,
+               CASE WHEN s.kind = 'wait' THEN (SELECT e.id FROM engine.events e
+                                               WHERE e.seq = s.event_seq) END AS event_id,
+               CASE WHEN s.kind = 'invoke' THEN (
+                   SELECT c.id FROM engine.runs c
+                   WHERE c.parent_run_id = p_run
+                     AND c.dedupe_key = format('invoke:%s:%s', p_run, s.step_key)) END AS child
+        FROM engine.steps s WHERE s.run_id = p_run AND s.kind IN ('sleep', 'wait', 'invoke')
+    ), backoffs AS (
+        SELECT a.step_key, a.ended_at AS began_at, a.retry_at AS due_at
+        FROM engine.step_attempts a WHERE a.run_id = p_run AND a.outcome = 'RETRYING'
+        UNION ALL
+        SELECT NULL, x.ended_at, x.due_at FROM engine.run_executions x
+        WHERE x.run_id = p_run AND x.outcome = 'RETRYING' AND x.body_error IS NOT NULL
+    ), backoffs_ended AS (
+        SELECT b.*, (SELECT min(x.claimed_at) FROM engine.run_executions x
+                     WHERE x.run_id = p_run AND x.claimed_at >= coalesce(b.due_at, b.began_at)
+                    ) AS resumed_at
+        FROM backoffs b
+    ), pauses AS (
+        SELECT w.kind, w.step_key, w.began_at, w.due_at, w.ended_at, w.ended_by, w.event_id,
+               w.child FROM waits w
+        UNION ALL
+        SELECT 'backoff', b.step_key, b.began_at, b.due_at,
+               coalesce(b.resumed_at, run.ended_at),
+               CASE WHEN b.resumed_at IS NOT NULL THEN 'time'
+                    WHEN run.status = 'CANCELLED' THEN 'cancel'
+                    WHEN run.ended_at IS NOT NULL THEN lower(run.status) END,
+               NULL, NULL
+        FROM backoffs_ended b, run
+    )
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'kind', p.kind, 'step_id', p.step_key, 'began_at', p.began_at, 'due_at', p.due_at,
+               'ended_at', p.ended_at, 'ended_by', p.ended_by, 'event_id', p.event_id,
+               'child_run_id', p.child) ORDER BY p.began_at, p.step_key), '[]'::jsonb)
+    FROM pauses p
+$$;
 
 -- ---------------------------------------------------------------------------------------------
 -- Wake-ups. NOTIFY is a hint that carries no data; workers poll as a safety net. It fires once
@@ -1133,11 +1292,12 @@ DECLARE
     v_run   engine.runs;
 BEGIN
     INSERT INTO engine.runs AS r (app_id, function_id, status, event_seq, dedupe_key, parent_run_id,
-                                  due_at, traceparent, start_deadline, finish_timeout, concurrency,
-                                  singleton_key, throttle, rank_at, waiting_reason, created_at,
-                                  ended_at, updated_at)
+                                  due_at, traceparent, trace_context, start_deadline,
+                                  finish_timeout, concurrency, singleton_key, throttle, rank_at,
+                                  waiting_reason, created_at, ended_at, updated_at)
     VALUES (p_app, p_function, CASE WHEN v_entry ? 'skip' THEN 'SKIPPED' ELSE 'QUEUED' END,
             p_seq, p_dedupe, p_parent, p_now - v_shift, p_traceparent,
+            engine.new_trace_context(p_traceparent),
             p_now + engine.timeout_of(p_app, p_function, 'start'),
             engine.timeout_of(p_app, p_function, 'finish'),
             nullif(v_entry -> 'concurrency', 'null'), v_entry ->> 'singleton_key',
@@ -1217,7 +1377,8 @@ CREATE OR REPLACE FUNCTION engine.route_simple(
     p_limit int, p_simple jsonb, p_complex text[], p_version bigint, p_app text, p_owner uuid,
     p_lease interval, p_capacity int)
 RETURNS TABLE (routed int, deferred boolean, id uuid, function_id text, event_seq bigint,
-               lease_token bigint, created_at timestamptz, event jsonb, traceparent text)
+               lease_token bigint, created_at timestamptz, event jsonb, traceparent text,
+               trace_context text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -1228,7 +1389,7 @@ BEGIN
     IF (SELECT m.value::bigint FROM engine.meta m WHERE m.key = 'registry_version')
        IS DISTINCT FROM p_version THEN
         RETURN QUERY SELECT 0, true, NULL::uuid, NULL::text, NULL::bigint, NULL::bigint,
-                            NULL::timestamptz, NULL::jsonb, NULL::text;
+                            NULL::timestamptz, NULL::jsonb, NULL::text, NULL::text;
         RETURN;
     END IF;
     -- This transaction commits without waiting for its WAL flush (about half of the time from
@@ -1245,7 +1406,7 @@ BEGIN
         FOR UPDATE SKIP LOCKED) d;
     IF v_claimed IS NULL THEN
         RETURN QUERY SELECT 0, false, NULL::uuid, NULL::text, NULL::bigint, NULL::bigint,
-                            NULL::timestamptz, NULL::jsonb, NULL::text;
+                            NULL::timestamptz, NULL::jsonb, NULL::text, NULL::text;
         RETURN;
     END IF;
     -- As in claim_events: no matcher of these names is half-registered while they are routed.
@@ -1256,7 +1417,7 @@ BEGIN
       AND NOT EXISTS (SELECT 1 FROM engine.matchers m WHERE m.event_name = e.name);
     IF v_fast IS NULL THEN
         RETURN QUERY SELECT 0, true, NULL::uuid, NULL::text, NULL::bigint, NULL::bigint,
-                            NULL::timestamptz, NULL::jsonb, NULL::text;
+                            NULL::timestamptz, NULL::jsonb, NULL::text, NULL::text;
         RETURN;
     END IF;
     SELECT coalesce(jsonb_agg(jsonb_build_object(
@@ -1274,10 +1435,10 @@ BEGIN
           WHERE e.seq = ANY (v_fast)) p;
     RETURN QUERY SELECT cardinality(v_fast), cardinality(v_fast) < cardinality(v_claimed),
                         NULL::uuid, NULL::text, NULL::bigint, NULL::bigint, NULL::timestamptz,
-                        NULL::jsonb, NULL::text;
+                        NULL::jsonb, NULL::text, NULL::text;
     RETURN QUERY
     SELECT NULL::int, NULL::boolean, c.id, c.function_id, c.event_seq, c.lease_token, c.created_at,
-           engine.run_event(c.event_seq), e.traceparent
+           engine.run_event(c.event_seq), e.traceparent, c.trace_context
     FROM engine.create_runs(v_fast, v_plan, p_owner, p_lease) c
     JOIN engine.events e ON e.seq = c.event_seq
     WHERE c.lease_token > 0;
@@ -1378,7 +1539,7 @@ BEGIN
     END IF;
     SELECT r.event_seq INTO v_since FROM engine.runs r WHERE r.id = p_run;
     FOR v_step IN SELECT value FROM jsonb_array_elements(p_steps) LOOP
-        PERFORM engine.record_step(p_run, v_step);
+        PERFORM engine.record_step(p_run, v_step, p_owner);
     END LOOP;
     FOR v_matcher IN
         SELECT * FROM jsonb_to_recordset(p_matchers) AS x(
@@ -1437,6 +1598,17 @@ $$;
 -- a new install id; a copy (CREATE DATABASE ... TEMPLATE, a dump restored elsewhere) keeps the
 -- install id but not the oid and cluster. A crash, a restart or a failover to a physical
 -- replica change none of them, so a routing redone after a crash derives the same ids.
+-- A new run's own trace context (W3C traceparent): a new span id in the sender's trace
+-- (p_parent), or in a new trace when the sender had none. Every execution of the run is a child
+-- of this span, so a run is always one trace, across sleeps, retries and workers; the worker
+-- that ends the run emits the span itself, from the run's creation to its end.
+CREATE OR REPLACE FUNCTION engine.new_trace_context(p_parent text) RETURNS text
+LANGUAGE sql VOLATILE AS $$
+    SELECT '00-' || coalesce(substr(p_parent, 4, 32), replace(gen_random_uuid()::text, '-', ''))
+           || '-' || left(replace(gen_random_uuid()::text, '-', ''), 16) || '-'
+           || coalesce(right(p_parent, 2), '01')
+$$;
+
 CREATE OR REPLACE FUNCTION engine.run_id_salt() RETURNS text
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -1475,7 +1647,8 @@ $$;
 -- case costs one subtransaction per batch and no round trip.
 CREATE OR REPLACE FUNCTION engine.create_runs(
     p_seqs bigint[], p_runs jsonb, p_owner uuid, p_lease interval)
-RETURNS TABLE (id uuid, function_id text, event_seq bigint, lease_token bigint, created_at timestamptz)
+RETURNS TABLE (id uuid, function_id text, event_seq bigint, lease_token bigint, created_at timestamptz,
+               trace_context text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -1508,14 +1681,16 @@ BEGIN
         END LOOP;
     END;
     RETURN QUERY
-    SELECT x.id, x.function_id, x.event_seq, x.lease_token, x.created_at
+    SELECT x.id, x.function_id, x.event_seq, x.lease_token, x.created_at, x.trace_context
     FROM jsonb_to_recordset(v_created)
-        AS x(id uuid, function_id text, event_seq bigint, lease_token bigint, created_at timestamptz);
+        AS x(id uuid, function_id text, event_seq bigint, lease_token bigint, created_at timestamptz,
+             trace_context text);
 END $$;
 
 -- Creates the runs of p_runs (as in create_runs); returns those created.
 CREATE OR REPLACE FUNCTION engine.insert_runs(p_runs jsonb, p_owner uuid, p_lease interval)
-RETURNS TABLE (id uuid, function_id text, event_seq bigint, lease_token bigint, created_at timestamptz)
+RETURNS TABLE (id uuid, function_id text, event_seq bigint, lease_token bigint, created_at timestamptz,
+               trace_context text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -1533,7 +1708,7 @@ BEGIN
     ), created AS (
         INSERT INTO engine.runs AS r (id, app_id, function_id, status, event_seq, dedupe_key, due_at,
                                       lease_owner, lease_token, lease_expires_at, traceparent,
-                                      start_deadline, finish_timeout, finish_deadline, concurrency,
+                                      trace_context, start_deadline, finish_timeout, finish_deadline, concurrency,
                                       singleton_key, throttle, debounce_key, debounce_until,
                                       batch_key, batch_size, batch_max, rank_at,
                                       waiting_reason, created_at, started_at, ended_at, updated_at)
@@ -1553,7 +1728,7 @@ BEGIN
                CASE WHEN x.claim THEN p_owner END,
                CASE WHEN x.claim THEN 1 ELSE 0 END,
                CASE WHEN x.claim THEN v_now + p_lease END,
-               e.traceparent,
+               e.traceparent, engine.new_trace_context(e.traceparent),
                v_now + engine.timeout_of(x.app_id, x.function_id, 'start'),
                engine.timeout_of(x.app_id, x.function_id, 'finish'),
                CASE WHEN x.claim THEN v_now + engine.timeout_of(x.app_id, x.function_id, 'finish') END,
@@ -1571,7 +1746,8 @@ BEGIN
         FROM admitted x
         JOIN engine.events e ON e.seq = x.event_seq
         ON CONFLICT (app_id, function_id, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
-        RETURNING r.id, r.app_id, r.function_id, r.event_seq, r.lease_token, r.created_at
+        RETURNING r.id, r.app_id, r.function_id, r.event_seq, r.lease_token, r.created_at,
+                  r.trace_context
     ), batched AS (
         INSERT INTO engine.batch_events (run_id, position, seq)
         SELECT c.id, b.ordinality - 1, b.value::bigint
@@ -1579,8 +1755,12 @@ BEGIN
         JOIN admitted x ON (x.app_id, x.function_id, x.event_seq) = (c.app_id, c.function_id, c.event_seq)
         CROSS JOIN LATERAL jsonb_array_elements_text(x.batch_seqs) WITH ORDINALITY AS b(value, ordinality)
         WHERE x.batch_seqs IS NOT NULL
+    ), executing AS (  -- started at once by this router: its first execution
+        INSERT INTO engine.run_executions (run_id, lease_token, worker, claimed_at)
+        SELECT c.id, 1, p_owner, v_now FROM created c WHERE c.lease_token = 1
     )
-    SELECT c.id, c.function_id, c.event_seq, c.lease_token, c.created_at FROM created c;
+    SELECT c.id, c.function_id, c.event_seq, c.lease_token, c.created_at, c.trace_context
+    FROM created c;
 END $$;
 
 -- Admission control for runs being created (p_runs as in create_runs, with the keys the router
@@ -1785,7 +1965,9 @@ SELECT engine.ensure('view:run_details', to_regclass('engine.run_details') IS NO
 CREATE OR REPLACE VIEW engine.run_details AS
 SELECT r.id, r.app_id, r.function_id, r.status, r.attempt, r.waiting_reason, r.due_at,
        r.output, r.error, r.created_at, r.started_at, r.ended_at, r.event_seq,
-       engine.run_event(r.event_seq) AS event, engine.run_history(r.id) AS steps
+       engine.run_event(r.event_seq) AS event, engine.run_history(r.id) AS steps,
+       engine.execution_history(r.id) AS executions, engine.pause_history(r.id) AS pauses,
+       substr(coalesce(r.trace_context, r.traceparent), 4, 32) AS trace_id
 FROM engine.runs r$view$);
 
 -- Leases up to p_limit runs of the given functions to p_owner: due queued, sleeping, retrying
@@ -1800,7 +1982,7 @@ CREATE OR REPLACE FUNCTION engine.claim_runs(
 RETURNS TABLE (id uuid, function_id text, lease_token bigint, attempt int, log_lines int,
                cancel_requested boolean, traceparent text, created_at timestamptz,
                claimed_at timestamptz, event jsonb, steps jsonb, events jsonb, state_bytes bigint,
-               taken_over boolean)
+               taken_over boolean, trace_context text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -1883,6 +2065,7 @@ BEGIN
         RETURN;
     END IF;
     PERFORM engine.charge_lost_steps(v_taken, v_now, p_lease);
+    PERFORM engine.begin_executions(v_ids, v_taken, p_owner, v_now);
     UPDATE engine.runs r
     SET status = 'RUNNING', lease_owner = p_owner, lease_token = r.lease_token + 1,
         lease_expires_at = v_now + p_lease, started_at = coalesce(r.started_at, v_now),
@@ -1916,9 +2099,36 @@ BEGIN
            r.traceparent, r.created_at, v_now, engine.run_event(r.event_seq), engine.run_steps(r.id),
            CASE WHEN r.batch_key IS NOT NULL THEN engine.batch_of(r.id) END,
            (SELECT coalesce(sum(s.bytes), 0)::bigint FROM engine.steps s WHERE s.run_id = r.id),
-           r.id = ANY (v_taken)
+           r.id = ANY (v_taken), r.trace_context
     FROM engine.runs r WHERE r.id = ANY (v_ids);
 END $$;
+
+-- The history of a claim (before its UPDATE of the runs: the token and the waiting reason are
+-- the previous ones): an execution begins for each claimed run, and the execution of a run taken
+-- over from an expired lease ends LOST when that lease expired.
+CREATE OR REPLACE FUNCTION engine.begin_executions(
+    p_ids uuid[], p_taken uuid[], p_owner uuid, p_now timestamptz)
+RETURNS void LANGUAGE sql AS $$
+    UPDATE engine.run_executions x SET ended_at = r.lease_expires_at, outcome = 'LOST'
+    FROM engine.runs r
+    WHERE r.id = ANY (p_taken) AND x.run_id = r.id AND x.lease_token = r.lease_token
+      AND x.ended_at IS NULL;
+    INSERT INTO engine.run_executions (run_id, lease_token, worker, claimed_at, taken_over, waited)
+    SELECT r.id, r.lease_token + 1, p_owner, p_now, r.id = ANY (p_taken),
+           CASE WHEN r.started_at IS NULL THEN r.waiting_reason END
+    FROM engine.runs r WHERE r.id = ANY (p_ids)
+    ON CONFLICT DO NOTHING;
+$$;
+
+-- Ends the open executions of runs that ended or were released without their worker's write
+-- (a timeout or the state limit at the claim, a worker that lost track of them): their outcome
+-- is the run's status.
+CREATE OR REPLACE FUNCTION engine.close_executions(p_runs uuid[], p_now timestamptz)
+RETURNS void LANGUAGE sql AS $$
+    UPDATE engine.run_executions x SET ended_at = p_now, outcome = r.status
+    FROM engine.runs r
+    WHERE r.id = ANY (p_runs) AND x.run_id = r.id AND x.ended_at IS NULL;
+$$;
 
 -- A run taken over from a worker whose lease expired while steps were executing (its heartbeat
 -- recorded them in runs.executing): each counts as a failed attempt of its step, so a step that
@@ -1935,13 +2145,15 @@ BEGIN
         'key', x ->> 'key', 'position', (x ->> 'position')::int, 'kind', 'run',
         'status', CASE WHEN (x ->> 'final')::boolean THEN 'FAILED' ELSE 'RETRYING' END,
         'attempts', (x ->> 'attempt')::int + 1, 'output', NULL, 'wake_at', NULL,
-        'id', x ->> 'id', 'follows', x ->> 'follows',
+        'id', x ->> 'id', 'follows', x ->> 'follows', 'started_at', x -> 'started_at',
+        'ended_at', r.lease_expires_at,
         'error', jsonb_build_object(
             'type', 'LeaseLostError',
             'message', format('the worker lost the run''s lease while step %L was executing: '
                               'no heartbeat for %s or more (its event loop was blocked that '
                               'long, or the worker died)', x ->> 'key',
-                              date_trunc('second', p_now - r.lease_expires_at + p_lease)))))
+                              date_trunc('second', p_now - r.lease_expires_at + p_lease)))),
+        r.lease_owner)
     FROM engine.runs r, jsonb_array_elements(r.executing) x
     WHERE r.id = ANY (p_runs) AND jsonb_typeof(r.executing) = 'array';
 END $$;
@@ -2065,6 +2277,7 @@ BEGIN
     IF v_over IS NULL THEN
         RETURN p_ids;
     END IF;
+    PERFORM engine.close_executions(v_over, p_now);
     RETURN ARRAY(SELECT x FROM unnest(p_ids) x WHERE x <> ALL (v_over));
 END $$;
 
@@ -2093,6 +2306,7 @@ BEGIN
     IF v_late IS NULL THEN
         RETURN p_ids;
     END IF;
+    PERFORM engine.close_executions(v_late, p_now);
     RETURN ARRAY(SELECT x FROM unnest(p_ids) x WHERE x <> ALL (v_late));
 END $$;
 
@@ -2137,26 +2351,45 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT coalesce(pg_column_size(p_output), 0)::bigint + coalesce(pg_column_size(p_error), 0)
 $$;
 
-CREATE OR REPLACE FUNCTION engine.record_step(p_run uuid, p_step jsonb) RETURNS boolean
-LANGUAGE plpgsql AS $$
+-- Records a step (p_step: {key, position, kind, status, attempts, output, error, wake_at, id,
+-- follows, started_at, ended_at, traceback, retry_at}) recorded by p_worker; false if the step
+-- is final already. A failed attempt of a `run` step is also kept in engine.step_attempts, with
+-- its traceback. The times come from the worker (its estimate of engine.now() when the attempt
+-- started and ended): a completed step is committed with the next write, not when it ended.
+CREATE OR REPLACE FUNCTION engine.record_step(p_run uuid, p_step jsonb, p_worker uuid DEFAULT NULL)
+RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE
-    v_now timestamptz := engine.now();
-    v_ok  boolean;
+    v_now     timestamptz := engine.now();
+    v_status  text := p_step ->> 'status';
+    v_started timestamptz := (p_step ->> 'started_at')::timestamptz;
+    v_ended   timestamptz := coalesce((p_step ->> 'ended_at')::timestamptz, v_now);
+    v_ok      boolean;
 BEGIN
     INSERT INTO engine.steps AS s (run_id, step_key, position, kind, status, attempts, output,
-                                   error, wake_at, created_at, ended_at, step_id, follows, bytes)
+                                   error, wake_at, created_at, ended_at, step_id, follows, bytes,
+                                   started_at, worker)
     VALUES (p_run, p_step ->> 'key', (p_step ->> 'position')::int, p_step ->> 'kind',
-            p_step ->> 'status', (p_step ->> 'attempts')::int, p_step -> 'output', p_step -> 'error',
+            v_status, (p_step ->> 'attempts')::int, p_step -> 'output', p_step -> 'error',
             (p_step ->> 'wake_at')::timestamptz, v_now,
-            CASE WHEN p_step ->> 'status' IN ('COMPLETED', 'FAILED') THEN v_now END,
+            CASE WHEN v_status IN ('COMPLETED', 'FAILED') THEN v_ended END,
             p_step ->> 'id', p_step ->> 'follows',
-            engine.step_bytes(p_step -> 'output', p_step -> 'error'))
+            engine.step_bytes(p_step -> 'output', p_step -> 'error'), v_started, p_worker)
     ON CONFLICT (run_id, step_key) DO UPDATE
         SET status = excluded.status, attempts = excluded.attempts, output = excluded.output,
             error = excluded.error, wake_at = excluded.wake_at, ended_at = excluded.ended_at,
-            bytes = excluded.bytes
+            bytes = excluded.bytes, started_at = excluded.started_at, worker = excluded.worker
         WHERE s.status NOT IN ('COMPLETED', 'FAILED')
     RETURNING true INTO v_ok;
+    IF v_ok AND p_step ->> 'kind' = 'run' AND v_status IN ('RETRYING', 'FAILED') THEN
+        INSERT INTO engine.step_attempts (run_id, step_key, attempt, outcome, started_at, ended_at,
+                                          worker, error, retry_at)
+        VALUES (p_run, p_step ->> 'key', (p_step ->> 'attempts')::int - 1, v_status, v_started,
+                v_ended, p_worker,
+                coalesce(p_step -> 'error', '{}') || jsonb_strip_nulls(jsonb_build_object(
+                    'traceback', p_step -> 'traceback')),
+                (p_step ->> 'retry_at')::timestamptz)
+        ON CONFLICT DO NOTHING;
+    END IF;
     RETURN coalesce(v_ok, false);
 END $$;
 
@@ -2172,7 +2405,7 @@ BEGIN
         RETURN 'lost';
     END IF;
     FOR v_step IN SELECT value FROM jsonb_array_elements(p_steps) LOOP
-        IF NOT engine.record_step(p_run, v_step) THEN
+        IF NOT engine.record_step(p_run, v_step, p_owner) THEN
             RETURN 'duplicate';
         END IF;
     END LOOP;
@@ -2198,7 +2431,7 @@ BEGIN
     IF v_cancel IS NULL THEN
         RETURN 'lost';
     END IF;
-    IF NOT engine.record_step(p_run, p_step) THEN
+    IF NOT engine.record_step(p_run, p_step, p_owner) THEN
         RETURN 'duplicate';
     END IF;
     RETURN CASE WHEN v_cancel THEN 'cancel' ELSE 'ok' END;
@@ -2208,15 +2441,19 @@ END $$;
 -- back), recording p_steps (sleep steps) first. A run whose cancel was requested ends CANCELLED
 -- instead. p_awaited names the waits and invokes the run is blocked on: if an event resolved one
 -- of them while the run was still executing, the run is due at once. A finish timeout caps p_due.
+-- p_body_error: the function body's error (with its traceback) when this is a retry of the
+-- whole function, kept in the execution's history.
 CREATE OR REPLACE FUNCTION engine.suspend_run(
     p_run uuid, p_owner uuid, p_token bigint, p_status text, p_due timestamptz, p_reason text,
-    p_attempt int, p_log_lines int, p_steps jsonb, p_awaited text[] DEFAULT '{}')
+    p_attempt int, p_log_lines int, p_steps jsonb, p_awaited text[] DEFAULT '{}',
+    p_body_error jsonb DEFAULT NULL)
 RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     v_now    timestamptz := engine.now();
     v_cancel boolean := engine.hold_lease(p_run, p_owner, p_token);
     v_step   jsonb;
     v_due    timestamptz := p_due;
+    v_status text;
 BEGIN
     IF v_cancel IS NULL THEN
         RETURN 'lost';
@@ -2226,7 +2463,7 @@ BEGIN
     FOR v_step IN SELECT value FROM jsonb_array_elements(p_steps) LOOP
         -- A cancelled run records the steps that completed, not the sleep it was about to start.
         CONTINUE WHEN v_cancel AND v_step ->> 'status' = 'SLEEPING';
-        PERFORM engine.record_step(p_run, v_step);
+        PERFORM engine.record_step(p_run, v_step, p_owner);
     END LOOP;
     IF EXISTS (SELECT 1 FROM engine.steps s
                WHERE s.run_id = p_run AND s.step_key = ANY (p_awaited) AND s.status <> 'WAITING') THEN
@@ -2242,7 +2479,12 @@ BEGIN
         ended_at = CASE WHEN v_cancel THEN v_now END,
         error = CASE WHEN v_cancel THEN engine.cancel_error(r, v_now) END,
         lease_owner = NULL, lease_expires_at = NULL, updated_at = v_now
-    WHERE r.id = p_run;
+    WHERE r.id = p_run
+    RETURNING r.status, r.due_at INTO v_status, v_due;
+    UPDATE engine.run_executions x
+    SET ended_at = v_now, outcome = v_status, due_at = CASE WHEN v_status <> 'CANCELLED' THEN v_due END,
+        reason = CASE WHEN v_status <> 'CANCELLED' THEN p_reason END, body_error = p_body_error
+    WHERE x.run_id = p_run AND x.lease_token = p_token;
     IF p_status = 'QUEUED' AND NOT v_cancel THEN
         PERFORM pg_notify('engine_wakeup', 'runs');  -- handed back: wake another worker
     END IF;
@@ -2280,9 +2522,10 @@ $$;
 -- A cancel requested before this call wins, whatever the worker says: the steps are recorded,
 -- the run ends CANCELLED with the cancel's reason, and the function's output is discarded.
 -- Returns 'ok', 'cancel' (it ended CANCELLED instead of p_status) or 'lost'.
+-- p_traceback: the traceback of p_error, kept in the execution's history only.
 CREATE OR REPLACE FUNCTION engine.finish_run(
     p_run uuid, p_owner uuid, p_token bigint, p_status text, p_output jsonb, p_error jsonb,
-    p_log_lines int, p_steps jsonb DEFAULT '[]')
+    p_log_lines int, p_steps jsonb DEFAULT '[]', p_traceback text DEFAULT NULL)
 RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     v_now    timestamptz := engine.now();
@@ -2294,7 +2537,7 @@ BEGIN
             RETURN 'lost';
         END IF;
         FOR v_step IN SELECT value FROM jsonb_array_elements(p_steps) LOOP
-            IF NOT engine.record_step(p_run, v_step) THEN
+            IF NOT engine.record_step(p_run, v_step, p_owner) THEN
                 RETURN 'lost';  -- recorded by another execution: this one is stale
             END IF;
         END LOOP;
@@ -2312,6 +2555,13 @@ BEGIN
         waiting_reason = CASE WHEN r.cancel_requested OR p_status = 'CANCELLED' THEN r.waiting_reason END
     WHERE r.id = p_run AND r.lease_owner = p_owner AND r.lease_token = p_token AND r.status = 'RUNNING'
     RETURNING r.status INTO v_status;
+    IF v_status IS NOT NULL THEN
+        UPDATE engine.run_executions x
+        SET ended_at = v_now, outcome = v_status,
+            body_error = CASE WHEN p_status = 'FAILED' THEN p_error || jsonb_strip_nulls(
+                             jsonb_build_object('traceback', p_traceback)) END
+        WHERE x.run_id = p_run AND x.lease_token = p_token;
+    END IF;
     RETURN CASE WHEN v_status IS NULL THEN 'lost'
                 WHEN v_status = 'CANCELLED' AND p_status <> 'CANCELLED' THEN 'cancel'
                 ELSE 'ok' END;
@@ -2322,7 +2572,8 @@ RETURNS TABLE (ord bigint, result text) LANGUAGE sql AS $$
     SELECT e.ord, engine.finish_run((e.x ->> 'run')::uuid, (e.x ->> 'owner')::uuid,
                                     (e.x ->> 'token')::bigint, e.x ->> 'status',
                                     nullif(e.x -> 'output', 'null'), nullif(e.x -> 'error', 'null'),
-                                    (e.x ->> 'log_lines')::int, e.x -> 'steps')
+                                    (e.x ->> 'log_lines')::int, e.x -> 'steps',
+                                    e.x ->> 'traceback')
     FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(x, ord)
     ORDER BY e.ord
 $$;
@@ -2334,7 +2585,8 @@ RETURNS TABLE (ord bigint, result text) LANGUAGE sql AS $$
                                      (e.x ->> 'due')::timestamptz, e.x ->> 'reason',
                                      (e.x ->> 'attempt')::int, (e.x ->> 'log_lines')::int,
                                      e.x -> 'steps',
-                                     ARRAY(SELECT jsonb_array_elements_text(e.x -> 'awaited')))
+                                     ARRAY(SELECT jsonb_array_elements_text(e.x -> 'awaited')),
+                                     nullif(e.x -> 'body_error', 'null'))
     FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(x, ord)
     ORDER BY e.ord
 $$;
@@ -2351,7 +2603,11 @@ RETURNS int LANGUAGE sql AS $$
             waiting_reason = 'handed back: its worker lost track of it', updated_at = engine.now()
         WHERE r.app_id = p_app AND r.status = 'RUNNING' AND r.lease_owner = p_owner
           AND r.id <> ALL (p_held)
-        RETURNING r.id)
+        RETURNING r.id
+    ), closed AS (
+        UPDATE engine.run_executions x SET ended_at = engine.now(), outcome = 'QUEUED',
+                                           reason = 'handed back: its worker lost track of it'
+        FROM released r WHERE x.run_id = r.id AND x.ended_at IS NULL)
     SELECT count(*)::int FROM released
 $$;
 
@@ -2445,11 +2701,11 @@ BEGIN
             'status', 'FAILED', 'error', jsonb_build_object(
                 'type', 'InvokeSkippedError',
                 'message', format('function %s skipped the invoked run: %s', p_function,
-                                  v_child.waiting_reason))));
+                                  v_child.waiting_reason))), p_owner);
         RETURN QUERY SELECT v_child.id, v_child.waiting_reason;
         RETURN;
     END IF;
-    PERFORM engine.record_step(p_run, p_step);
+    PERFORM engine.record_step(p_run, p_step, p_owner);
     INSERT INTO engine.matchers (run_id, key, kind, event_name, match_path, match_value,
                                  since_seq, expires_at, on_timeout, created_at)
     VALUES (p_run, v_key, 'invoke', 'engine/function.finished', '{run_id}', to_jsonb(v_child.id::text),
@@ -2605,17 +2861,20 @@ BEGIN
         END IF;
     END IF;
     INSERT INTO engine.runs (app_id, function_id, status, event_seq, due_at, traceparent,
-                             start_deadline, finish_timeout, concurrency, created_at, updated_at)
+                             trace_context, start_deadline, finish_timeout, concurrency,
+                             created_at, updated_at)
     VALUES (v_old.app_id, v_old.function_id, 'QUEUED', v_old.event_seq, v_now, v_old.traceparent,
+            engine.new_trace_context(v_old.traceparent),
             v_now + engine.timeout_of(v_old.app_id, v_old.function_id, 'start'),
             engine.timeout_of(v_old.app_id, v_old.function_id, 'finish'), v_old.concurrency,
             v_now, v_now)
     RETURNING id INTO v_new;
     INSERT INTO engine.steps (run_id, step_key, position, kind, status, attempts, output, error,
-                              wake_at, event_seq, created_at, ended_at, step_id, follows, bytes)
+                              wake_at, event_seq, created_at, ended_at, step_id, follows, bytes,
+                              started_at, worker)
     SELECT v_new, s.step_key, s.position, s.kind, s.status, s.attempts, s.output, s.error,
            s.wake_at, s.event_seq, s.created_at, s.ended_at, s.step_id, s.follows,
-           coalesce(s.bytes, engine.step_bytes(s.output, s.error))
+           coalesce(s.bytes, engine.step_bytes(s.output, s.error)), s.started_at, s.worker
     FROM engine.steps s
     WHERE s.run_id = p_run AND s.position < v_position AND s.status IN ('COMPLETED', 'FAILED');
     RETURN v_new;

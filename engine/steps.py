@@ -27,6 +27,7 @@ from .errors import (
     SerializationError,
     StepError,
     error_payload,
+    error_traceback,
 )
 from .events import Event, event_from_row, validate_outgoing
 from .matching import EventMatcher
@@ -156,6 +157,7 @@ class Steps:
         """Executes one attempt and records it before the function goes on."""
         ex = self._ex
         began = time.monotonic()
+        started_at = ex.db_now()
         labels = ex.labels
         with telemetry.step_span(
             run_id=labels.run_id, function_id=labels.function_id, step_key=plan.key, attempt=attempt
@@ -168,11 +170,18 @@ class Steps:
                 if ex.failed:  # a limit or a nested step: the run fails as a whole
                     raise
                 telemetry.record_error(span, error)
-                outcome = await self._failed(plan, attempt, allowed, error)
+                outcome = await self._failed(plan, attempt, allowed, error, started_at)
                 self._measure("failed" if outcome.error else "retrying", began)
                 return outcome
             # Committed before the next step starts, or with the run's end (see Execution.defer).
-            ex.defer(plan.new(StepKind.RUN, StepStatus.COMPLETED, attempts=attempt + 1), output)
+            completed = plan.new(
+                StepKind.RUN,
+                StepStatus.COMPLETED,
+                attempts=attempt + 1,
+                started_at=started_at,
+                ended_at=ex.db_now(),
+            )
+            ex.defer(completed, output)
             telemetry.payload(span, "engine.step.output", output, labels.trace_payloads)
             telemetry.mark(span, "completed")
         self._measure("completed", began)
@@ -183,15 +192,23 @@ class Steps:
         metrics.step_attempted(labels.app_id, labels.function_id, outcome, time.monotonic() - began)
 
     async def _failed(
-        self, plan: StepPlan, attempt: int, allowed: int, error: Exception
+        self, plan: StepPlan, attempt: int, allowed: int, error: Exception, started_at: datetime
     ) -> _Outcome:
         ex = self._ex
         final = isinstance(error, NonRetriableError | SerializationError) or attempt >= allowed
+        now = ex.db_now()
+        due = (
+            error.due(now) if isinstance(error, RetryAfterError) else now + ex.retry_delay(attempt)
+        )
         record = plan.new(
             StepKind.RUN,
             StepStatus.FAILED if final else StepStatus.RETRYING,
             attempts=attempt + 1,
             error=error_payload(error),
+            started_at=started_at,
+            ended_at=now,
+            traceback=error_traceback(error),
+            retry_at=None if final else due,
         )
         await ex.checkpoint(record)
         ex.log.warning(
@@ -204,10 +221,6 @@ class Steps:
         )
         if final:
             return _Outcome(error=_step_error(plan.key, record.error))
-        now = ex.db_now()
-        due = (
-            error.due(now) if isinstance(error, RetryAfterError) else now + ex.retry_delay(attempt)
-        )
         reason = (
             f"retrying step {plan.key!r} (attempt {attempt + 1}) after "
             f"{type(error).__name__}: {error}"
@@ -244,7 +257,7 @@ class Steps:
             await ex.gate(flush=False)  # earlier steps are committed with the suspension
             now = ex.db_now()
             wake_at = wake(now)
-            record = plan.new(StepKind.SLEEP, StepStatus.SLEEPING, wake_at=wake_at)
+            record = plan.new(StepKind.SLEEP, StepStatus.SLEEPING, wake_at=wake_at, started_at=now)
             if wake_at <= now:  # a sleep into the past is over at once
                 record.status = StepStatus.COMPLETED
                 ex.defer(record, "null")
@@ -286,7 +299,10 @@ class Steps:
             except (EngineError, ValueError) as exc:
                 ex.fail(RunFailure(str(exc)))
             await ex.gate()
-            record = plan.new(StepKind.WAIT, StepStatus.WAITING, wake_at=ex.db_now() + delay)
+            now = ex.db_now()
+            record = plan.new(
+                StepKind.WAIT, StepStatus.WAITING, wake_at=now + delay, started_at=now
+            )
             row = matcher.row(
                 key=plan.key,
                 kind="wait",
@@ -330,8 +346,9 @@ class Steps:
             except (EngineError, ValueError, TypeError) as exc:  # a programming error: no retry
                 ex.fail(RunFailure(str(exc)))
             await ex.gate()
-            expires = None if delay is None else ex.db_now() + delay
-            record = plan.new(StepKind.INVOKE, StepStatus.WAITING, wake_at=expires)
+            now = ex.db_now()
+            expires = None if delay is None else now + delay
+            record = plan.new(StepKind.INVOKE, StepStatus.WAITING, wake_at=expires, started_at=now)
             message = f"invoking function {function.fn_id!r} timed out after {timeout}"
             on_timeout = {
                 "status": StepStatus.FAILED,
@@ -374,7 +391,16 @@ class Steps:
                 failed = plan.new(StepKind.SEND, StepStatus.FAILED, error=error_payload(exc))
                 await ex.checkpoint(failed)
                 raise _step_error(plan.key, failed.error) from exc
-            return await ex.send_events(plan.new(StepKind.SEND, StepStatus.COMPLETED), payload)
+            labels = ex.labels
+            with telemetry.send_span(
+                run_id=labels.run_id,
+                function_id=labels.function_id,
+                step_key=plan.key,
+                count=len(payload),
+            ):
+                started_at = ex.db_now()
+                record = plan.new(StepKind.SEND, StepStatus.COMPLETED, started_at=started_at)
+                return await ex.send_events(record, payload)
 
     async def _await(self, key: str, record: StepRecord, what: str) -> None:
         """Releases the run until a WAITING step is resolved (or its timeout passes)."""

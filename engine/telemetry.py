@@ -1,17 +1,24 @@
-"""OpenTelemetry: one span per run execution and one per step, in the trace that sent the event.
+"""OpenTelemetry: one trace per run, with a span per execution, step attempt, send and pause.
 
-The sender's W3C ``traceparent`` is stored with the event and the run, so a run's spans join the
-trace that caused it across processes and restarts. Event data and step outputs are never put in
-spans: they may hold secrets.
+A run's own span context is minted when the run is created (``runs.trace_context``: a new span
+in the sender's trace when the event was sent inside a span, in a new trace otherwise) and
+stored, so that every execution of the run, on any worker and after any restart, is a child of
+it. The worker that ends the run emits that span itself (from the run's creation to its end),
+with a span for each of its sleeps, waits, invokes and retry backoffs, timed from the run's
+history. Event data and step outputs are put in spans only if the app opts in: they may hold
+secrets.
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from opentelemetry import context as otel_context
@@ -27,6 +34,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
     from .events import Event
+    from .runs import PauseInfo, RunInfo
 
 tracer = trace.get_tracer("engine", __version__)
 PAYLOAD_LIMIT = 4096  # characters of JSON kept on a span attribute
@@ -54,8 +62,9 @@ def run_span(
     traceparent: str | None,
     trace_payloads: bool,
 ) -> Iterator[trace.Span]:
-    """The span of one execution of a run, a child of the trace that sent its (first) ``event``;
-    the event's data goes on the span only if the app opted in (``trace_payloads``)."""
+    """The span of one execution of a run, a child of the run's own span (``traceparent``: the
+    run's trace context; for a run created before runs had one, the sender's); the event's data
+    goes on the span only if the app opted in (``trace_payloads``)."""
     attributes: dict[str, str | int] = {
         "engine.run_id": run_id,
         "engine.function_id": function_id,
@@ -68,7 +77,7 @@ def run_span(
         attributes["engine.event"] = _cut(dumps(event.model_dump(mode="json")))
     with (
         tracer.start_as_current_span(
-            f"run {function_id}",
+            f"execution {function_id}",
             context=_parent(traceparent),
             attributes=attributes,
             kind=trace.SpanKind.CONSUMER,
@@ -107,6 +116,138 @@ def _bound_trace_ids(span: trace.Span) -> Iterator[None]:
         trace_id=format(ids.trace_id, "032x"), span_id=format(ids.span_id, "016x")
     ):
         yield
+
+
+@contextmanager
+def send_span(*, run_id: str, function_id: str, step_key: str, count: int) -> Iterator[trace.Span]:
+    """The span of a ``send_event`` step: the round trip that stores its events."""
+    attributes: dict[str, str | int] = {
+        "engine.run_id": run_id,
+        "engine.function_id": function_id,
+        "engine.step_id": step_key,
+        "engine.events.count": count,
+    }
+    with tracer.start_as_current_span(f"send {step_key}", attributes=attributes) as span:
+        yield span
+
+
+# -- the run's own span and its pauses, emitted when it ends -------------------------------------
+_pinned_span: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+    "engine_pinned_span", default=None
+)
+
+
+class _PinnedIds:
+    """An id generator that hands out the (trace id, span id) pinned in the current context
+    (the run's span, minted by the database), and delegates otherwise. Installed on the
+    engine's own SDK tracer only: the application's tracers are never touched."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:  # the rest of the generator's interface
+        return getattr(self._inner, name)
+
+    def generate_span_id(self) -> int:
+        pinned = _pinned_span.get()
+        return pinned[1] if pinned else int(self._inner.generate_span_id())
+
+    def generate_trace_id(self) -> int:
+        pinned = _pinned_span.get()
+        return pinned[0] if pinned else int(self._inner.generate_trace_id())
+
+
+_history_tracers: dict[int, Any] = {}  # id of the SDK tracer provider -> our pinned tracer
+
+
+def _history_tracer() -> Any | None:
+    """The engine's tracer with pinned ids, when the application's tracer provider is the
+    OpenTelemetry SDK's (only it lets a span be emitted with a span id chosen beforehand);
+    None otherwise (no provider, or another implementation: then nothing is emitted)."""
+    try:
+        from opentelemetry.sdk.trace import TracerProvider
+    except ImportError:  # pragma: no cover - the SDK is a dependency
+        return None
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        return None
+    pinned: Any = _history_tracers.get(id(provider))
+    if pinned is None:
+        pinned = provider.get_tracer("engine", __version__)  # the SDK's Tracer: id_generator
+        pinned.id_generator = _PinnedIds(pinned.id_generator)
+        _history_tracers.clear()  # a provider replaced (tests) is never used again
+        _history_tracers[id(provider)] = pinned
+    return pinned
+
+
+def wants_run_history() -> bool:
+    """Whether :func:`emit_run` would emit anything (so the caller may skip loading the run)."""
+    return _history_tracer() is not None
+
+
+def emit_run(run: RunInfo, trace_context: str | None, sender: str | None) -> None:
+    """Emits a run's own span (id ``trace_context``, a child of the ``sender``'s span if any),
+    from its creation to its end, and a child span for each pause in its history."""
+    pinned_tracer = _history_tracer()
+    ids = _propagator.extract({"traceparent": trace_context} if trace_context else {})
+    own = trace.get_current_span(ids).get_span_context()
+    if pinned_tracer is None or not own.is_valid or run.ended_at is None:
+        return
+    attributes: dict[str, str | int] = {
+        "engine.run_id": run.run_id,
+        "engine.function_id": run.function_id,
+        "engine.event.name": run.event.name,
+        "engine.outcome": run.status.value,
+        "engine.executions": len(run.executions),
+    }
+    if run.event.id is not None:
+        attributes["engine.event.id"] = run.event.id
+    token = _pinned_span.set((own.trace_id, own.span_id))
+    try:
+        span = pinned_tracer.start_span(
+            f"run {run.function_id}",
+            context=_parent(sender),
+            kind=trace.SpanKind.CONSUMER,
+            attributes=attributes,
+            start_time=_nanos(run.created_at),
+        )
+    finally:
+        _pinned_span.reset(token)
+    if run.status.value == "FAILED":
+        message = (run.error or {}).get("message", "failed")
+        span.set_status(trace.Status(trace.StatusCode.ERROR, str(message)))
+    # Real time may be past the durable end: the last execution's span ends after its write.
+    span.end(end_time=max(_nanos(run.ended_at), time.time_ns()))
+    for pause in run.pauses:
+        _emit_pause(pause, run, ids)
+
+
+def _emit_pause(pause: PauseInfo, run: RunInfo, parent: otel_context.Context) -> None:
+    ended = pause.ended_at or run.ended_at
+    attributes: dict[str, str] = {
+        "engine.run_id": run.run_id,
+        "engine.function_id": run.function_id,
+        "engine.outcome": pause.ended_by or "unfinished",
+    }
+    if pause.step_id is not None:
+        attributes["engine.step_id"] = pause.step_id
+    if pause.due_at is not None:
+        attributes["engine.due_at"] = pause.due_at.isoformat()
+    if pause.event_id is not None:
+        attributes["engine.event.id"] = pause.event_id
+    if pause.child_run_id is not None:
+        attributes["engine.child_run_id"] = pause.child_run_id
+    span = tracer.start_span(
+        f"{pause.kind} {pause.step_id or run.function_id}",
+        context=parent,
+        attributes=attributes,
+        start_time=_nanos(pause.began_at),
+    )
+    span.end(end_time=_nanos(ended or pause.began_at))
+
+
+def _nanos(moment: datetime) -> int:
+    return int(moment.timestamp() * 1_000_000_000)
 
 
 def payload(span: trace.Span, name: str, json_text: str, opted_in: bool) -> None:

@@ -366,6 +366,7 @@ class Worker:
             claimed_at=row["created_at"],
             events=[event_from_row(event)],
             state_bytes=len(dumps(event)),  # its state so far: the event
+            trace_context=row["trace_context"],
         )
 
     async def _arm_timer(self) -> None:

@@ -34,17 +34,71 @@ async def test_run_and_step_spans_are_children_of_the_senders_trace(
         await app.wait_for_run(run_id)
 
     finished = {s.name: s for s in spans.get_finished_spans()}
-    run_span, one, two = finished["run traced"], finished["step one"], finished["step two"]
+    run_span, execution = finished["run traced"], finished["execution traced"]
+    one, two = finished["step one"], finished["step two"]
     trace_id = parent.get_span_context().trace_id
-    assert {run_span.context.trace_id, one.context.trace_id, two.context.trace_id} == {trace_id}
+    in_trace = {s.context.trace_id for s in (run_span, execution, one, two)}
+    assert in_trace == {trace_id}
+    # sender -> the run's own span -> its execution -> its steps
     assert run_span.parent.span_id == parent.get_span_context().span_id
-    assert one.parent.span_id == run_span.context.span_id
+    assert execution.parent.span_id == run_span.context.span_id
+    assert one.parent.span_id == execution.context.span_id
     assert one.attributes["engine.run_id"] == run_id
     assert one.attributes["engine.step_id"] == "one" and one.attributes["engine.attempt"] == 0
     assert one.attributes["engine.outcome"] == "completed"
+    assert execution.attributes["engine.outcome"] == "COMPLETED"
     assert run_span.attributes["engine.outcome"] == "COMPLETED"
+    assert run_span.start_time <= execution.start_time <= execution.end_time <= run_span.end_time
+    run = await app.get_run(run_id)
+    assert run.trace_id == format(trace_id, "032x")
     everything = repr([dict(s.attributes) for s in spans.get_finished_spans()])
     assert "hunter2" not in everything and "s3cr3t" not in everything
+
+
+async def test_a_run_without_a_traced_sender_is_one_trace_across_executions(
+    make_engine: Any, spans: Any
+) -> None:
+    """No span around the send: the run's trace is minted when the run is created, so both
+    executions (before and after the sleep) and the sleep itself share it, under the run's
+    own span, whose span id is the one stored with the run."""
+    app = make_engine()
+
+    @app.create_function("minted", trigger=TriggerEvent("t/minted"))
+    async def minted(ctx: Context) -> Any:
+        await ctx.step.run("before", lambda: 1)
+        await ctx.step.sleep("nap", "50ms")
+        await ctx.step.send_event("tell", Event(name="t/told"))
+        return await ctx.step.run("after", lambda: 2)
+
+    async with app.worker():
+        [event_id] = await app.send(Event(name="t/minted"))
+        run_id = await only_run_id(app, event_id)
+        await app.wait_for_run(run_id)
+
+    mine = [s for s in spans.get_finished_spans() if s.attributes.get("engine.run_id") == run_id]
+    names = sorted(s.name for s in mine)
+    assert names == [
+        "execution minted",
+        "execution minted",
+        "run minted",
+        "send tell",
+        "sleep nap",
+        "step after",
+        "step before",
+    ]
+    [root] = [s for s in mine if s.name == "run minted"]
+    assert root.parent is None
+    assert {s.context.trace_id for s in mine} == {root.context.trace_id}
+    run = await app.get_run(run_id)
+    assert run.trace_id == format(root.context.trace_id, "032x")
+    [sleep] = [s for s in mine if s.name == "sleep nap"]
+    assert sleep.parent.span_id == root.context.span_id
+    assert sleep.attributes["engine.outcome"] == "time"
+    assert (sleep.end_time - sleep.start_time) / 1e9 >= 0.04  # its real duration, from history
+    executions = [s for s in mine if s.name == "execution minted"]
+    assert all(x.parent.span_id == root.context.span_id for x in executions)
+    [send] = [s for s in mine if s.name == "send tell"]
+    assert send.parent.span_id in {x.context.span_id for x in executions}
 
 
 async def test_payloads_go_on_spans_only_when_the_app_opts_in(make_engine: Any, spans: Any) -> None:
@@ -61,7 +115,7 @@ async def test_payloads_go_on_spans_only_when_the_app_opts_in(make_engine: Any, 
         await app.wait_for_run(await only_run_id(app, event_id))
 
     finished = {s.name: s for s in spans.get_finished_spans()}
-    run_span, small, big = finished["run open"], finished["step small"], finished["step big"]
+    run_span, small, big = finished["execution open"], finished["step small"], finished["step big"]
     assert '"password":"hunter2"' in run_span.attributes["engine.event"]
     assert run_span.attributes["engine.output"] == '"done"'
     assert small.attributes["engine.step.output"] == '{"secret":"s3cr3t"}'

@@ -133,8 +133,10 @@ def _wait_listening(address: str, timeout: float = 10.0) -> None:
 async def test_a_run_is_one_trace_in_a_real_collector(
     collector: Collector, database_url: str, make_engine: Any, protocol: str
 ) -> None:
-    """Over either OTLP protocol, the collector receives the run's span and its step's span as
-    one trace, the step a child of the run, with the engine's attributes."""
+    """Over either OTLP protocol, a run with a retried step, a sleep and a wait (no traced
+    sender) reaches the collector as one trace: the run's own span at the root, each execution
+    its child, each step attempt a child of its execution (the failed one with its exception),
+    and the backoff, the sleep and the wait children of the run, each with its outcome."""
     endpoint = collector.grpc if protocol == "grpc" else collector.http
     run_id, _ = await run_traced_worker(
         database_url,
@@ -146,20 +148,42 @@ async def test_a_run_is_one_trace_in_a_real_collector(
         },
     )
 
-    def received() -> dict[str, CollectedSpan]:
-        return {s.name: s for s in collector.spans() if s.attributes.get("engine.run_id")}
+    def received() -> list[CollectedSpan]:
+        return [s for s in collector.spans() if s.attributes.get("engine.run_id")]
 
-    async def both_received() -> bool:
-        return {"run traced", "step only"} <= set(received())
+    async def all_received() -> bool:
+        names = {s.name for s in received()}
+        return {"run traced", "sleep nap", "wait reply", "step only"} <= names
 
-    await eventually(both_received, timeout=10)
+    await eventually(all_received, timeout=10)
     spans = received()
-    run, step = spans["run traced"], spans["step only"]
-    assert run.attributes["engine.run_id"] == step.attributes["engine.run_id"] == run_id
-    assert step.trace_id == run.trace_id
-    assert step.parent_id == run.span_id
-    assert run.attributes["engine.event.name"] == "traced/go"
-    assert "service.name: Str(traced-service)" in collector.output.read_text()
+    by_name: dict[str, list[CollectedSpan]] = {}
+    for span in spans:
+        by_name.setdefault(span.name, []).append(span)
+    [root] = by_name["run traced"]
+    assert {s.trace_id for s in spans} == {root.trace_id}, "one trace per run"
+    assert root.parent_id == "" and root.attributes["engine.run_id"] == run_id
+    assert root.attributes["engine.event.name"] == "traced/go"
+    assert root.attributes["engine.outcome"] == "COMPLETED"
+    executions = by_name["execution traced"]
+    assert len(executions) >= 3  # resumed after the backoff, the sleep and the wait
+    assert all(x.parent_id == root.span_id for x in executions)
+    execution_ids = {x.span_id for x in executions}
+    flaky = sorted(by_name["step flaky"], key=lambda s: s.attributes["engine.attempt"])
+    assert [s.attributes["engine.attempt"] for s in flaky] == ["0", "1"]
+    assert all(s.parent_id in execution_ids for s in flaky + by_name["step only"])
+    assert flaky[0].parent_id != flaky[1].parent_id  # the retry ran in a later execution
+    assert flaky[0].attributes["engine.outcome"] == "error"
+    for kind, outcome in (
+        ("backoff flaky", "time"),
+        ("sleep nap", "time"),
+        ("wait reply", "timeout"),
+    ):
+        [pause] = by_name[kind]
+        assert pause.parent_id == root.span_id and pause.attributes["engine.outcome"] == outcome
+    output = collector.output.read_text()
+    assert "service.name: Str(traced-service)" in output
+    assert "exception.message: Str(the first try fails)" in output
 
 
 async def test_otel_sdk_disabled_exports_nothing(

@@ -52,7 +52,7 @@ async def test_step_retries_with_its_own_counter_and_ctx_attempt(make_engine: An
     run = await run_once(app, "t/flaky")
     assert run.status is RunStatus.COMPLETED
     assert seen == [("first", 0), ("first", 1), ("first", 2), ("second", 0), ("second", 1)]
-    assert [(s.step_id, s.attempts) for s in run.steps] == [("first", 3), ("second", 2)]
+    assert [(s.step_id, s.attempt_count) for s in run.steps] == [("first", 3), ("second", 2)]
 
 
 async def test_exhausted_retries_raise_step_error_that_user_may_replace(make_engine: Any) -> None:

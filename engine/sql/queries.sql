@@ -42,7 +42,8 @@ SELECT seq, name, event, traceparent, awaited, registry_version FROM engine.clai
 SELECT engine.dead_letter($1::jsonb)
 
 -- name: route_simple
-SELECT routed, deferred, id, function_id, event_seq, lease_token, created_at, event, traceparent
+SELECT routed, deferred, id, function_id, event_seq, lease_token, created_at, event, traceparent,
+       trace_context
 FROM engine.route_simple($1, $2::jsonb, $3::text[], $4, $5, $6::uuid, $7::interval, $8)
 
 -- name: matcher_candidates
@@ -74,12 +75,12 @@ SELECT min(next_at) - engine.now() FROM engine.cron_schedules
 WHERE app_id = $1 AND function_id = ANY ($2::text[])
 
 -- name: create_runs
-SELECT id, function_id, event_seq, lease_token, created_at
+SELECT id, function_id, event_seq, lease_token, created_at, trace_context
 FROM engine.create_runs($1::bigint[], $2::jsonb, $3::uuid, $4::interval)
 
 -- name: claim_runs
 SELECT id, function_id, lease_token, attempt, log_lines, cancel_requested, traceparent,
-       created_at, claimed_at, event, steps, events, state_bytes, taken_over
+       created_at, claimed_at, event, steps, events, state_bytes, taken_over, trace_context
 FROM engine.claim_runs($1, $2::text[], $3::uuid, $4::interval, $5, $6)
 
 -- name: next_due
