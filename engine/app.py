@@ -6,22 +6,23 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from uuid import UUID
 
 from .cancellation import Cancel, Timeouts
+from .cursors import event_cursor, parse_event_cursor, parse_run_cursor, run_cursor
 from .db import Connection, Database
 from .durations import Duration, parse_duration
 from .errors import EngineError, RunNotFoundError
-from .events import Event, validate_outgoing
+from .events import Event, EventPage, StoredEvent, stored_event_from_row, validate_outgoing
 from .expressions import Expression
 from .flow import Batch, Concurrency, Debounce, Priority, RateLimit, Singleton, Throttle
-from .function import Function, Handler, build_function
+from .function import Function, FunctionInfo, Handler, build_function
 from .records import Limits
 from .retries import Backoff
-from .runs import RunInfo, RunStatus, run_info_from_row
+from .runs import RunInfo, RunPage, RunStatus, run_info_from_row, run_summary_from_row
 from .serialization import dumps, loads
 from .telemetry import current_traceparent
 from .triggers import Trigger, TriggerEvent
@@ -220,6 +221,58 @@ class Engine:
         rows = await db.fetch("send_events", payload, current_traceparent(), False, conn=connection)
         return [row["id"] for row in rows]
 
+    async def list_events(
+        self,
+        name: str | None = None,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> EventPage:
+        """Stored events of every app, newest first: of one ``name``, received in ``[since,
+        until)``, a page of ``limit`` (1-1000) at a time; pass the page's ``cursor`` back for
+        the next one.
+
+        Raises:
+            ValueError: ``limit`` out of range, or ``cursor`` is not one of this listing.
+        """
+        before = None if cursor is None else parse_event_cursor(cursor)
+        rows = await (await self.database()).fetch(
+            "event_page", name, since, until, before, None, _page_size(limit) + 1
+        )
+        events = [stored_event_from_row(row) for row in rows[:limit]]
+        more = len(rows) > limit
+        return EventPage(events=events, cursor=event_cursor(events[-1].seq) if more else None)
+
+    async def get_event(self, event_id: str) -> StoredEvent | None:
+        """The stored event with this id (the newest, if the id was reused after its 24 hours),
+        or None."""
+        rows = await (await self.database()).fetch(
+            "event_page", None, None, None, None, event_id, 1
+        )
+        return stored_event_from_row(rows[0]) if rows else None
+
+    # -- the registry ----------------------------------------------------------------------------
+    async def list_functions(self, *, all_apps: bool = False) -> list[FunctionInfo]:
+        """The registered functions of this app (of every app with ``all_apps=True``): their
+        triggers, configuration, whether they are active, their live workers and runs by
+        status."""
+        db = await self.database()
+        rows = await db.fetch("function_list", None if all_apps else self.app_id)
+        return [
+            FunctionInfo(
+                app_id=row["app_id"],
+                function_id=row["function_id"],
+                triggers=loads(row["triggers"]),
+                config=loads(row["config"]),
+                active=row["active"],
+                workers=row["workers"],
+                runs=loads(row["runs"]),
+            )
+            for row in rows
+        ]
+
     # -- runs ------------------------------------------------------------------------------------
     async def get_run(self, run_id: str | UUID) -> RunInfo:
         """A run with its status, output, error, timestamps and steps."""
@@ -247,6 +300,46 @@ class Engine:
         app_id = None if all_apps else self.app_id
         rows = await db.fetch("list_runs", app_id, fn_id, status_value, limit)
         return [run_info_from_row(row) for row in rows]
+
+    async def list_run_summaries(
+        self,
+        fn_id: str | None = None,
+        status: RunStatus | str | Sequence[RunStatus | str] | None = None,
+        *,
+        event_name: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+        all_apps: bool = False,
+    ) -> RunPage:
+        """Runs newest first, without their steps, a page of ``limit`` (1-1000) at a time:
+        optionally of one function, in one or more statuses, started by events named
+        ``event_name``, created in ``[since, until)``. Pass the page's ``cursor`` back for the
+        next one. Only this app's runs unless ``all_apps=True``.
+
+        Raises:
+            ValueError: a status that does not exist, ``limit`` out of range, or ``cursor`` is
+                not one of this listing.
+        """
+        statuses = None if status is None else _statuses(status)
+        after = (None, None) if cursor is None else parse_run_cursor(cursor)
+        rows = await (await self.database()).fetch(
+            "run_summaries",
+            None if all_apps else self.app_id,
+            fn_id,
+            statuses,
+            event_name,
+            since,
+            until,
+            *after,
+            _page_size(limit) + 1,
+        )
+        runs = [run_summary_from_row(row) for row in rows[:limit]]
+        last = runs[-1] if len(rows) > limit else None
+        return RunPage(
+            runs=runs, cursor=None if last is None else run_cursor(last.created_at, last.run_id)
+        )
 
     async def runs_for_event(
         self,
@@ -393,6 +486,24 @@ class Engine:
 
     def __repr__(self) -> str:
         return f"Engine(app_id={self.app_id!r}, functions={sorted(self.functions)})"
+
+
+MAX_PAGE = 1000
+
+
+def _page_size(limit: int) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"limit must be 1 to {MAX_PAGE}, got {limit!r}")
+    return limit
+
+
+def _statuses(status: RunStatus | str | Sequence[RunStatus | str]) -> list[str]:
+    chosen = [status] if isinstance(status, str) else list(status)
+    try:
+        return [RunStatus(s).value for s in chosen]
+    except ValueError:
+        known = ", ".join(RunStatus)
+        raise ValueError(f"unknown run status in {chosen}: the statuses are {known}") from None
 
 
 def _uuid(run_id: str | UUID) -> UUID:

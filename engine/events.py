@@ -35,7 +35,15 @@ from pydantic import (
 )
 
 from .errors import InvalidEventError
-from .serialization import NotSerializable, dumps, stored_size, text_problem, to_jsonable
+from .serialization import (
+    NotSerializable,
+    dumps,
+    loads,
+    loads_or_none,
+    stored_size,
+    text_problem,
+    to_jsonable,
+)
 
 RESERVED_PREFIX = "engine/"
 MAX_NAME_LENGTH = 512
@@ -205,3 +213,56 @@ def _checked(event: Any, system: bool) -> dict[str, Any]:
 def event_from_row(row: dict[str, Any]) -> Event:
     """Builds the event a function sees from its stored JSON form."""
     return Event.model_validate(row)
+
+
+class StoredEvent(BaseModel):
+    """An event as the engine stored it (listings, ``engine events show``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    name: str
+    data: dict[str, Any]
+    ts: datetime
+    """When it happened (its runs start then, if later than ``received_at``)."""
+    v: str | None = None
+    received_at: datetime
+    """When the engine stored it."""
+    status: str
+    """``pending`` (not routed yet, or due later), ``routed`` (its runs, if any, were
+    started), ``dead-lettered`` (it could not be routed: ``error`` says why)."""
+    error: dict[str, Any] | None = None
+    runs: int
+    """How many runs it started."""
+    seq: int
+    """Its place in the order events were stored."""
+
+
+class EventPage(BaseModel):
+    """A page of stored events, newest first."""
+
+    model_config = ConfigDict(frozen=True)
+
+    events: list[StoredEvent]
+    cursor: str | None
+    """Pass it back as ``cursor=`` for the next (older) page; None on the last page."""
+
+
+def stored_event_from_row(row: Any) -> StoredEvent:
+    """Builds a :class:`StoredEvent` from a row of the ``event_page`` query."""
+    if row["dead_lettered_at"] is not None:
+        status = "dead-lettered"
+    else:
+        status = "pending" if row["pending"] else "routed"
+    return StoredEvent(
+        id=row["id"],
+        name=row["name"],
+        data=loads(row["data"]),
+        ts=row["ts"],
+        v=row["v"],
+        received_at=row["received_at"],
+        status=status,
+        error=loads_or_none(row["error"]),
+        runs=row["runs"],
+        seq=row["seq"],
+    )

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from .cancellation import Cancel, Timeouts, check_cancels
 from .context import Context
 from .errors import ConfigurationError
@@ -185,3 +187,24 @@ def _check_timeouts(timeouts: Timeouts | None, fn_id: str) -> Timeouts | None:
         raise ConfigurationError(f"function {fn_id!r}: timeouts= expects Timeouts(...)")
     timeouts.to_json()  # parses both durations now, so a bad one fails at registration
     return timeouts
+
+
+class FunctionInfo(BaseModel):
+    """A function as the registry holds it (:meth:`~engine.Engine.list_functions`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    app_id: str
+    function_id: str
+    triggers: list[dict[str, Any]]
+    """In their registry form: ``{"event", "expression"}`` or ``{"cron"}``."""
+    config: dict[str, Any]
+    """``retries``, ``timeouts``, ``cancel`` and the flow control options, in their registry
+    form (``concurrency``, ``rate_limit``, ``throttle``, ``debounce``, ``batch_events``,
+    ``singleton``, ``idempotency``, ``priority``)."""
+    active: bool
+    """False when no live worker served it for a while: new events do not start it."""
+    workers: int
+    """Live workers serving it."""
+    runs: dict[str, int]
+    """Its runs by status."""

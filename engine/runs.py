@@ -202,3 +202,63 @@ def _step_info(step: dict[str, Any]) -> StepInfo:
         ended_at=step.get("ended_at"),
         output_omitted=step.get("omitted", False),
     )
+
+
+class RunSummary(BaseModel):
+    """A run as a listing shows it: what it is and where it stands, without its steps (see
+    :meth:`~engine.Engine.get_run` for those)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str
+    app_id: str
+    function_id: str
+    status: RunStatus
+    waiting_reason: str | None
+    event_name: str
+    event_id: str
+    created_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+
+
+class RunPage(BaseModel):
+    """A page of runs, newest first."""
+
+    model_config = ConfigDict(frozen=True)
+
+    runs: list[RunSummary]
+    cursor: str | None
+    """Pass it back as ``cursor=`` for the next (older) page; None on the last page."""
+
+
+def run_summary_from_row(row: Any) -> RunSummary:
+    """Builds a :class:`RunSummary` from a row of the ``run_summaries`` query."""
+    return RunSummary(
+        run_id=str(row["id"]),
+        app_id=row["app_id"],
+        function_id=row["function_id"],
+        status=RunStatus(row["status"]),
+        waiting_reason=row["waiting_reason"],
+        event_name=row["event_name"],
+        event_id=row["event_id"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        ended_at=row["ended_at"],
+    )
+
+
+def summary_of(run: RunInfo) -> RunSummary:
+    """The summary of a run already loaded in full."""
+    return RunSummary(
+        run_id=run.run_id,
+        app_id=run.app_id,
+        function_id=run.function_id,
+        status=run.status,
+        waiting_reason=run.waiting_reason,
+        event_name=run.event.name,
+        event_id=run.event.id or "",
+        created_at=run.created_at,
+        started_at=run.started_at,
+        ended_at=run.ended_at,
+    )

@@ -238,6 +238,17 @@ DO $$ BEGIN IF (SELECT value::int FROM engine.meta WHERE key = 'schema_version')
     ALTER TABLE engine.runs ADD COLUMN IF NOT EXISTS trace_context text;
 END IF; END $$;
 
+-- v10 (CLI, #14): function_list returns each function's config (its flow control), for
+-- `engine functions list`; a new result column needs the old function dropped. Checked in the
+-- catalog rather than by version: databases of earlier builds of version 10 have the old one.
+DO $$ BEGIN
+    IF EXISTS (SELECT 1 FROM pg_proc p
+               WHERE p.pronamespace = to_regnamespace('engine') AND p.proname = 'function_list'
+                 AND NOT 'config' = ANY (p.proargnames)) THEN
+        DROP FUNCTION engine.function_list(text);
+    END IF;
+END $$;
+
 INSERT INTO engine.meta (key, value) VALUES ('schema_version', '10')
 ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 -- A random id of this database's install, created once (re-applying this file never changes
@@ -406,6 +417,9 @@ CREATE INDEX IF NOT EXISTS runs_due_idx
 SELECT engine.ensure_index('runs_leased_idx', $index$
 CREATE INDEX IF NOT EXISTS runs_leased_idx
     ON engine.runs (app_id, lease_expires_at) WHERE status = 'RUNNING'$index$);
+-- Listings newest first (engine runs list), a page at a time: keyset on (created_at, id).
+SELECT engine.ensure_index('runs_created_idx', $index$
+CREATE INDEX IF NOT EXISTS runs_created_idx ON engine.runs (created_at, id)$index$);
 SELECT engine.ensure_index('runs_event_idx', $index$
 CREATE INDEX IF NOT EXISTS runs_event_idx ON engine.runs (event_seq)$index$);
 -- The sweep finds runs past a timeout here (engine.sweep), whether or not a worker serves them.
@@ -1222,10 +1236,10 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- For `engine functions list`: every registered function, whether it is active, the workers
--- serving it and its runs by status.
+-- serving it, its runs by status and its config (retries, timeouts, cancels, flow control).
 CREATE OR REPLACE FUNCTION engine.function_list(p_app text)
 RETURNS TABLE (app_id text, function_id text, triggers jsonb, active boolean, workers bigint,
-               runs jsonb)
+               runs jsonb, config jsonb)
 LANGUAGE sql STABLE AS $$
     SELECT f.app_id, f.function_id, f.triggers, f.active,
            (SELECT count(*) FROM engine.workers w
@@ -1234,7 +1248,8 @@ LANGUAGE sql STABLE AS $$
            (SELECT coalesce(jsonb_object_agg(c.status, c.n), '{}') FROM (
                 SELECT r.status, count(*) AS n FROM engine.runs r
                 WHERE r.app_id = f.app_id AND r.function_id = f.function_id
-                GROUP BY r.status) c)
+                GROUP BY r.status) c),
+           f.config
     FROM engine.functions f
     WHERE p_app IS NULL OR f.app_id = p_app
     ORDER BY f.app_id, f.function_id

@@ -30,7 +30,8 @@ SELECT engine.sweep($1)
 SELECT function_id, runs FROM engine.unserved_runs($1)
 
 -- name: function_list
-SELECT app_id, function_id, triggers, active, workers, runs FROM engine.function_list($1)
+SELECT app_id, function_id, triggers, active, workers, runs, config
+FROM engine.function_list($1)
 
 -- name: send_events
 SELECT id FROM engine.send_events($1::jsonb, $2, $3) AS id
@@ -138,6 +139,33 @@ WHERE ($1::text IS NULL OR app_id = $1) AND ($2::text IS NULL OR function_id = $
   AND ($3::text IS NULL OR status = $3)
 ORDER BY created_at DESC, id
 LIMIT $4
+
+-- name: run_summaries
+-- A page of runs newest first, without their steps: the keyset ($7, $8) is where the previous
+-- page ended (engine.runs_created_idx). Fetches one more row than the page, to know if more exist.
+SELECT r.id, r.app_id, r.function_id, r.status, r.waiting_reason, r.created_at, r.started_at,
+       r.ended_at, e.id AS event_id, e.name AS event_name
+FROM engine.runs r JOIN engine.events e ON e.seq = r.event_seq
+WHERE ($1::text IS NULL OR r.app_id = $1) AND ($2::text IS NULL OR r.function_id = $2)
+  AND ($3::text[] IS NULL OR r.status = ANY ($3)) AND ($4::text IS NULL OR e.name = $4)
+  AND ($5::timestamptz IS NULL OR r.created_at >= $5)
+  AND ($6::timestamptz IS NULL OR r.created_at < $6)
+  AND ($7::timestamptz IS NULL OR (r.created_at, r.id) < ($7, $8::uuid))
+ORDER BY r.created_at DESC, r.id DESC
+LIMIT $9
+
+-- name: event_page
+-- Stored events newest first (by seq, the order they were stored): of one name, received in a
+-- time range, before the keyset $4; or those with id $5 (a reused id: the newest first).
+SELECT e.seq, e.id, e.name, e.data, e.ts, e.v, e.received_at, e.dead_lettered_at, e.error,
+       EXISTS (SELECT 1 FROM engine.event_queue q WHERE q.seq = e.seq) AS pending,
+       (SELECT count(*) FROM engine.runs r WHERE r.event_seq = e.seq) AS runs
+FROM engine.events e
+WHERE ($1::text IS NULL OR e.name = $1) AND ($2::timestamptz IS NULL OR e.received_at >= $2)
+  AND ($3::timestamptz IS NULL OR e.received_at < $3) AND ($4::bigint IS NULL OR e.seq < $4)
+  AND ($5::text IS NULL OR e.id = $5)
+ORDER BY e.seq DESC
+LIMIT $6
 
 -- name: event_id_known
 SELECT EXISTS (SELECT 1 FROM engine.event_ids WHERE id = $1 AND expires_at > engine.now())
