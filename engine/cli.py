@@ -1,11 +1,12 @@
-"""The engine command: dev, worker, migrate, functions list and send.
+"""The engine command: dev, worker, migrate and send; runs, events and functions (cli_runs.py).
 
-Exit codes: 0 done; 1 a failure (the database cannot be reached, a demo failed); 2 bad input
-(an option, a file or module that cannot be loaded, an invalid expression or event); 130
-interrupted (Ctrl-C). An error is one line on stderr; --debug adds its traceback.
+Exit codes: 0 done; 1 a failure (the database cannot be reached or has no schema, a run or
+event does not exist, a demo failed); 2 bad input (an option, a file or module that cannot be
+loaded, an invalid expression, event or run id); 130 interrupted (Ctrl-C). An error is one line
+on stderr; --debug adds its traceback.
 
-Without --database-url or $DATABASE_URL, worker, migrate and send use the database of the
-`engine dev` running in this folder (it writes where it listens to .engine/url).
+Without --database-url or $DATABASE_URL, the commands use the database of the `engine dev`
+running in this folder (it writes where it listens to .engine/url).
 """
 
 from __future__ import annotations
@@ -21,15 +22,22 @@ import signal
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
-from datetime import datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from . import embedded, telemetry
+from . import cli_runs, embedded, telemetry
 from .app import Engine
+from .cli_common import CLI_APP_ID, Failure, UsageError, routing_outcome
+from .cli_common import Formatter as _Formatter
+from .cli_common import command as _command
+from .cli_common import database_option as _database_option
+from .cli_common import database_url as _database_url
+from .cli_common import duration as _duration
+from .cli_common import reaching as _reaching
+from .cli_common import run as _run
+from .cli_common import timestamp as _timestamp
 from .db import Database
-from .durations import parse_duration
 from .errors import ConfigurationError, InvalidEventError, SchemaMissingError
 from .events import Event
 from .logs import LEVELS, configure_logging
@@ -37,14 +45,6 @@ from .testing import clock_preserved
 
 INTERRUPTED = 130
 _DEFAULT_LEVEL = {"dev": "warning", "worker": "info"}
-
-
-class UsageError(Exception):
-    """Bad input on the command line: exit status 2."""
-
-
-class Failure(Exception):
-    """The command could not do its work: exit status 1, with this message."""
 
 
 class Interrupted(BaseException):
@@ -101,34 +101,6 @@ def _report(error: BaseException, args: argparse.Namespace) -> int:
 
 
 # -- arguments -------------------------------------------------------------------------------------
-def _duration(text: str) -> str:
-    try:
-        parse_duration(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
-
-
-def _timestamp(text: str) -> datetime:
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time") from None
-    if moment.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"{text!r} has no time zone (add Z or +02:00)")
-    return moment
-
-
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the descriptions' paragraphs, and shows the defaults that say something."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
-            text += " (default: %(default)s)"
-        return text
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engine", description=__doc__, formatter_class=_Formatter)
     parser.add_argument(
@@ -145,18 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     _worker_parser(commands)
     migrate = _command(commands, "migrate", "apply the engine's schema (idempotent)", _migrate)
     _database_option(migrate)
-    _functions_parser(commands)
+    cli_runs.add_commands(commands)  # runs, events, functions
     _send_parser(commands)
-    return parser
-
-
-def _command(
-    commands: Any, name: str, summary: str, handler: Callable[[argparse.Namespace], int]
-) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = commands.add_parser(
-        name, help=summary, description=summary, formatter_class=_Formatter
-    )
-    parser.set_defaults(handler=handler)
     return parser
 
 
@@ -192,21 +154,6 @@ def _worker_parser(commands: Any) -> None:
     _worker_options(worker)
 
 
-def _functions_parser(commands: Any) -> None:
-    functions = commands.add_parser(
-        "functions", help="the function registry", formatter_class=_Formatter
-    )
-    listing = _command(
-        functions.add_subparsers(required=True, metavar="SUBCOMMAND"),
-        "list",
-        "registered functions: triggers, active or not (an inactive function is one no live"
-        " worker served for a while: new events do not start it), live workers, runs by status",
-        _functions_list,
-    )
-    listing.add_argument("--app", default=None, help="one app's functions (default: all)")
-    _database_option(listing)
-
-
 def _send_parser(commands: Any) -> None:
     send = _command(commands, "send", "send an event", _send)
     send.add_argument("name", help="the event name, for example order/created")
@@ -227,14 +174,6 @@ def _send_parser(commands: Any) -> None:
         help="how long to wait for a worker to route the event, to say which runs it started",
     )
     _database_option(send)
-
-
-def _database_option(
-    parser: argparse.ArgumentParser, default: str = "$DATABASE_URL, else engine dev's"
-) -> None:
-    parser.add_argument(
-        "--database-url", default=None, help=f"a PostgreSQL URL; default: {default}"
-    )
 
 
 def _worker_options(parser: argparse.ArgumentParser) -> None:
@@ -318,29 +257,6 @@ def _loading(name: str) -> Iterator[None]:
         raise UsageError(f"{name}: {error.msg} (line {error.lineno})") from error
 
 
-# -- the database ----------------------------------------------------------------------------------
-def _database_url(given: str | None, *, fallback: str | None = None) -> str:
-    """``--database-url``, else ``fallback`` (an Engine's own), else $DATABASE_URL, else the
-    URL of an ``engine dev`` running in this folder."""
-    url = given or fallback or os.environ.get("DATABASE_URL") or embedded.running_url()
-    if not url:
-        raise UsageError(
-            "no database: pass --database-url, set $DATABASE_URL, or start `engine dev` in this"
-            " folder"
-        )
-    return url
-
-
-async def _reaching(url: str, action: Awaitable[Any]) -> Any:
-    """Awaits ``action``, saying which database could not be reached if that is the error."""
-    try:
-        return await action
-    except OSError as error:
-        reason = error.strerror or str(error) or type(error).__name__
-        hint = " (is `engine dev` running?)" if url == embedded.running_url() else ""
-        raise Failure(f"cannot reach the database at {url}: {reason}{hint}") from error
-
-
 # -- commands --------------------------------------------------------------------------------------
 def _dev(args: argparse.Namespace) -> int:
     module, app = load_target(args.target)  # a missing file is said before anything is created
@@ -366,15 +282,6 @@ def _worker(args: argparse.Namespace) -> int:
     app.database_url = _database_url(args.database_url, fallback=app.database_url)
     code: int = _run(_reaching(app.database_url, _run_worker(app, args)))
     return code
-
-
-def _run(work: Awaitable[Any]) -> Any:
-    """Runs ``work`` in a new event loop (Ctrl-C before a worker runs: KeyboardInterrupt)."""
-
-    async def main() -> Any:
-        return await work
-
-    return asyncio.run(main())
 
 
 async def _run_worker(app: Engine, args: argparse.Namespace, demo: Any = None) -> int:
@@ -426,36 +333,6 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _functions_list(args: argparse.Namespace) -> int:
-    url = _database_url(args.database_url)
-    rows = _run(_reaching(url, _function_rows(url, args.app)))
-    print(f"{'APP/FUNCTION':<40} {'STATE':<8} {'WORKERS':>7}  TRIGGERS  RUNS")
-    for row in rows:
-        triggers = ", ".join(_trigger_text(t) for t in json.loads(row["triggers"]))
-        runs = json.loads(row["runs"])
-        counts = " ".join(f"{status}={runs[status]}" for status in sorted(runs)) or "-"
-        state = "active" if row["active"] else "inactive"
-        name = f"{row['app_id']}/{row['function_id']}"
-        print(f"{name:<40} {state:<8} {row['workers']:>7}  {triggers or '-'}  {counts}")
-    return 0
-
-
-async def _function_rows(url: str, app_id: str | None) -> list[Any]:
-    db = Database(url, max_size=1)
-    await db.open()
-    try:
-        return await db.fetch("function_list", app_id)
-    finally:
-        await db.close()
-
-
-def _trigger_text(trigger: dict[str, Any]) -> str:
-    if "cron" in trigger:
-        return f"cron {trigger['cron']}"
-    condition = trigger.get("expression")
-    return str(trigger.get("event")) + (f" if {condition}" if condition else "")
-
-
 def _send(args: argparse.Namespace) -> int:
     try:
         data = json.loads(args.data)
@@ -484,7 +361,7 @@ def _first_reason(error: ValueError) -> str:
 
 async def _send_and_follow(url: str, event: Event, wait: str) -> tuple[str, str]:
     """Sends ``event``; says whether it was deduplicated, and which runs it started."""
-    app = Engine("engine-cli", url)
+    app = Engine(CLI_APP_ID, url)
     try:
         db = await app.database()
         known = event.id is not None and await db.fetchval("event_id_known", event.id)
@@ -494,22 +371,6 @@ async def _send_and_follow(url: str, event: Event, wait: str) -> tuple[str, str]
                 f"deduplicated: an event with id {event.id!r} was sent in the last 24 hours;"
                 " nothing new was stored or started"
             )
-        return event_id, await _routing_outcome(app, event, event_id, wait)
+        return event_id, await routing_outcome(app, event, event_id, wait)
     finally:
         await app.close()
-
-
-async def _routing_outcome(app: Engine, event: Event, event_id: str, wait: str) -> str:
-    db = await app.database()
-    if event.ts is not None and event.ts > await db.fetchval("now"):
-        return f"stored; its runs start at {event.ts.isoformat()}"
-    deadline = asyncio.get_running_loop().time() + parse_duration(wait).total_seconds()
-    while await db.fetchval("event_pending", event_id):
-        if asyncio.get_running_loop().time() >= deadline:
-            return f"stored; not routed within {wait}: is a worker running (engine dev, worker)?"
-        await asyncio.sleep(0.02)
-    runs = await app.runs_for_event(event_id)
-    if not runs:
-        return "stored; it started no run (no function's trigger matched it)"
-    started = ", ".join(f"{run.function_id} {run.run_id}" for run in runs)
-    return f"started {len(runs)} run(s): {started}"

@@ -17,7 +17,16 @@ from typing import Any
 
 import asyncpg
 
-from engine import Backoff, Engine, Event
+from engine import (
+    Backoff,
+    Concurrency,
+    Context,
+    Engine,
+    Event,
+    NonRetriableError,
+    Throttle,
+    TriggerEvent,
+)
 
 # Retries a test can wait for: the real default waits seconds to an hour.
 FAST = Backoff(initial="20ms", maximum="100ms", jitter=0.0)
@@ -224,3 +233,33 @@ async def run_traced_worker(
         worker.terminate()
         code = worker.wait(timeout=exit_within)
     return str(run.run_id), code
+
+
+def shop(app: Engine) -> None:
+    """Two functions: ``pack`` (x/pack) completes; ``bill`` (x/bill) fails when told to."""
+
+    @app.create_function("pack", trigger=TriggerEvent("x/pack"))
+    async def pack(ctx: Context) -> str:
+        return "packed"
+
+    @app.create_function(
+        "bill",
+        trigger=TriggerEvent("x/bill"),
+        concurrency=Concurrency(limit=3, key="event.data.user"),
+        throttle=Throttle(limit=10, period="1m"),
+    )
+    async def bill(ctx: Context) -> str:
+        if ctx.event.data.get("fail"):
+            raise NonRetriableError("card declined")
+        return "billed"
+
+
+async def finished(app: Engine, events: list[Event]) -> list[str]:
+    """Sends ``events`` and waits for the run of ``app`` each starts to end; their run ids."""
+    run_ids = []
+    for event_id in await app.send(events):
+        runs = await app.runs_for_event(event_id, at_least=1)
+        [run] = [run for run in runs if run.app_id == app.app_id]
+        await app.wait_for_run(run.run_id)
+        run_ids.append(run.run_id)
+    return run_ids

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -254,22 +256,27 @@ def _kill(process: subprocess.Popen[str]) -> None:
 
 
 async def test_functions_list_shows_the_registry(database_url: str, make_engine: Any) -> None:
-    """`engine functions list`: each function with its triggers, whether it is active, its live
-    workers and its runs by status."""
+    """`engine functions list`: each function with its triggers, flow control, whether it is
+    active, its live workers and its runs by status; --json gives the same for scripts."""
     app = make_engine("shop")
 
-    @app.create_function("notify", trigger=engine.TriggerEvent("order/placed"))
+    @app.create_function(
+        "notify",
+        trigger=engine.TriggerEvent("order/placed"),
+        concurrency=engine.Concurrency(limit=5, key="event.data.user"),
+    )
     async def notify(ctx: engine.Context) -> None:
         return None
 
-    def listing() -> str:
-        command = [sys.executable, "-m", "engine", "functions", "list"]
+    def listing(*options: str) -> str:
+        command = [sys.executable, "-m", "engine", "functions", "list", *options]
         return subprocess.run(
             [*command, "--database-url", database_url],
             check=True,
             capture_output=True,
             text=True,
             timeout=60,
+            env={**os.environ, "COLUMNS": "100"},
         ).stdout
 
     async with app.worker() as worker:
@@ -277,7 +284,14 @@ async def test_functions_list_shows_the_registry(database_url: str, make_engine:
         run = (await app.runs_for_event(event_id, at_least=1))[0]
         await app.wait_for_run(run.run_id)
         line = next(x for x in listing().splitlines() if x.startswith("shop/notify"))
-        assert line.split() == ["shop/notify", "active", "1", "order/placed", "COMPLETED=1"]
+        assert line.split() == [
+            "shop/notify", "active", "1", "order/placed", "concurrency", "5", "per",
+            "event.data.user", "COMPLETED=1",
+        ]  # fmt: skip
+        [listed] = json.loads(listing("--json", "--app", "shop"))
+        assert listed["runs"] == {"COMPLETED": 1} and listed["workers"] == 1
+        assert listed["config"]["concurrency"][0]["key"] == "event.data.user"
         assert worker.owner
     line = next(x for x in listing().splitlines() if x.startswith("shop/notify"))
     assert line.split()[:3] == ["shop/notify", "inactive", "0"]
+    assert json.loads(listing("--json", "--app", "nobody")) == []

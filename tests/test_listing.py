@@ -8,50 +8,17 @@ from typing import Any
 
 import asyncpg
 import pytest
-from helpers import move_clock
+from helpers import finished, move_clock, shop
 
 from engine import (
-    Concurrency,
     Context,
     Engine,
     Event,
-    NonRetriableError,
     RunStatus,
-    Throttle,
     TriggerEvent,
 )
 from engine.db import schema_sql
 from engine.runs import RunSummary
-
-
-def shop(app: Engine) -> None:
-    """Two functions: ``pack`` (x/pack) completes; ``bill`` (x/bill) fails when told to."""
-
-    @app.create_function("pack", trigger=TriggerEvent("x/pack"))
-    async def pack(ctx: Context) -> str:
-        return "packed"
-
-    @app.create_function(
-        "bill",
-        trigger=TriggerEvent("x/bill"),
-        concurrency=Concurrency(limit=3, key="event.data.user"),
-        throttle=Throttle(limit=10, period="1m"),
-    )
-    async def bill(ctx: Context) -> str:
-        if ctx.event.data.get("fail"):
-            raise NonRetriableError("card declined")
-        return "billed"
-
-
-async def finished(app: Engine, events: list[Event]) -> list[str]:
-    """Sends ``events`` and waits for the run of ``app`` each starts to end; their run ids."""
-    run_ids = []
-    for event_id in await app.send(events):
-        runs = await app.runs_for_event(event_id, at_least=1)
-        [run] = [run for run in runs if run.app_id == app.app_id]
-        await app.wait_for_run(run.run_id)
-        run_ids.append(run.run_id)
-    return run_ids
 
 
 def newest_first(runs: list[RunSummary]) -> list[RunSummary]:
