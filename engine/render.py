@@ -24,7 +24,7 @@ from rich.text import Text
 
 from .events import StoredEvent
 from .function import FunctionInfo
-from .runs import AttemptInfo, PauseInfo, RunInfo, RunSummary, StepInfo
+from .runs import AttemptInfo, ExecutionInfo, PauseInfo, RunInfo, RunSummary, StepInfo
 
 STATUS_STYLES = {
     "QUEUED": "white",
@@ -250,6 +250,8 @@ def run_view(run: RunInfo, now: datetime) -> Group:
     parts += [_title(f"Steps ({len(run.steps)})"), steps_table(run) if run.steps else _none()]
     if run.pauses:
         parts += [_title(f"Pauses ({len(run.pauses)})"), pauses_table(run)]
+    if run.executions:
+        parts += [_title(f"Executions ({len(run.executions)})"), executions_table(run)]
     spans = timeline_spans(run)
     if spans:
         parts += [_title("Timeline"), Timeline(spans, run.created_at, run.ended_at or now)]
@@ -307,7 +309,8 @@ def _none() -> Text:
 
 def steps_table(run: RunInfo) -> Table:
     """One row per step (id, kind, status, attempts, start, duration), and under a ``run``
-    step one row per attempt (number, outcome, start, duration, worker, error)."""
+    step that took more than one attempt, or failed, one row per attempt (number, outcome,
+    start, duration, worker, error)."""
     grid = table("STEP", "KIND", "STATUS", "TRIES", "START", "TOOK", "WORKER / ERROR")
     for index in (1, 2, 3, 4, 5):
         grid.columns[index].no_wrap = True
@@ -317,22 +320,39 @@ def steps_table(run: RunInfo) -> Table:
     grid.columns[6].overflow = "fold"
     for step in run.steps:
         grid.add_row(*_step_cells(step, run.created_at))
-        for attempt in step.attempts:
-            grid.add_row(*_attempt_cells(attempt, run.created_at))
+        if not _first_try(step):
+            for attempt in step.attempts:
+                grid.add_row(*_attempt_cells(attempt, run.created_at))
     return grid
 
 
+def _first_try(step: StepInfo) -> bool:
+    """A step done by its first attempt: its row says all (the worker in its last column)."""
+    return len(step.attempts) == 1 and step.attempts[0].error is None
+
+
 def _step_cells(step: StepInfo, origin: datetime) -> list[Text]:
-    detail = error_text(step.error) if step.status == "FAILED" else ""
+    if _first_try(step):
+        detail = Text(worker_name(step.attempts[0].worker), style="dim")
+    else:
+        failed = step.status == "FAILED"
+        detail = Text(short(error_text(step.error)) if failed else "", style="red")
     return [
         Text(step.step_id),
         Text(step.kind),
         status_text(step.status),
         Text(str(step.attempt_count) if step.kind == "run" else ""),
-        Text(offset(step.created_at, origin)),
-        Text(between(step.created_at, step.ended_at)),
-        Text(short(detail), style="red"),
+        Text(offset(_step_start(step), origin)),
+        Text(between(_step_start(step), step.ended_at)),
+        detail,
     ]
+
+
+def _step_start(step: StepInfo) -> datetime | None:
+    """When a step began: its first attempt's start (a ``run`` step is recorded when its first
+    attempt ends), else when it was recorded."""
+    starts = [a.started_at for a in step.attempts if a.started_at is not None]
+    return min(starts, default=step.created_at)
 
 
 def _attempt_cells(attempt: AttemptInfo, origin: datetime) -> list[Text]:
@@ -373,6 +393,35 @@ def pauses_table(run: RunInfo) -> Table:
     return grid
 
 
+def executions_table(run: RunInfo) -> Table:
+    """One row per claim of the run: worker, when, how long, how it ended, and the function's
+    error, a takeover or why the run had waited to start (what followed is in the pauses)."""
+    grid = table("#", "WORKER", "CLAIMED", "TOOK", "OUTCOME", "NOTE")
+    for index in (0, 1, 2, 3, 4):
+        grid.columns[index].no_wrap = True
+    for index in (0, 2, 3):
+        grid.columns[index].justify = "right"
+    grid.columns[5].overflow = "fold"
+    for execution in run.executions:
+        grid.add_row(
+            Text(str(execution.number)),
+            Text(worker_name(execution.worker), style="dim"),
+            Text(offset(execution.claimed_at, run.created_at)),
+            Text(between(execution.claimed_at, execution.ended_at)),
+            status_text(execution.outcome or "-"),
+            _execution_note(execution),
+        )
+    return grid
+
+
+def _execution_note(execution: ExecutionInfo) -> Text:
+    if execution.error:
+        return Text(short(error_text(execution.error)), style="red")
+    notes = ["took over an expired lease"] if execution.taken_over else []
+    notes += [f"had waited: {execution.waited}"] if execution.waited else []
+    return Text(short("; ".join(notes)))
+
+
 def ended_by(pause: PauseInfo) -> str:
     """What ended a pause, with the event's or the child run's id; ``(lasting)`` while it
     lasts."""
@@ -411,6 +460,7 @@ def timeline_spans(run: RunInfo) -> list[Span]:
         spans.append(Span("queued", run.created_at, first, _QUEUED, "dim"))
     for execution in run.executions:
         label = f"execution {execution.number}" + (" (takeover)" if execution.taken_over else "")
+        label += " ✗" if execution.error else ""
         spans.append(Span(label, execution.claimed_at, execution.ended_at, _EXECUTION, "cyan"))
     paused = {pause.step_id for pause in run.pauses}
     for step in run.steps:

@@ -254,3 +254,77 @@ async def test_engine_cli_app_is_not_a_worker(database_url: str) -> None:
         assert await app.list_functions(all_apps=True) == []
     finally:
         await app.close()
+
+
+async def test_runs_show_tells_the_story_of_a_retried_step_a_sleep_and_a_wait(
+    make_engine: Any, database_url: str
+) -> None:
+    """A real run through a worker: a step that succeeds on its third attempt, a sleep and a
+    wait resumed by an event. `engine runs show --json` has every attempt (times, worker, the
+    first two errors) and every pause; the table shows the same, and the timeline a bar for
+    each execution, attempt and pause."""
+    app = make_engine("shop")
+    calls: list[int] = []
+
+    def fetch_user() -> dict[str, str]:
+        calls.append(len(calls))
+        if len(calls) < 3:
+            raise ConnectionError(f"upstream refused (call {len(calls)})")
+        return {"email": "ada@example.com"}
+
+    @app.create_function("onboard", trigger=TriggerEvent("user/signed-up"), retries=3)
+    async def onboard(ctx: Context) -> Any:
+        user = await ctx.step.run("fetch-user", fetch_user)
+        await ctx.step.sleep("nap", "100ms")
+        approval = await ctx.step.wait_for_event("approval", event="user/approved", timeout="1h")
+        return {"user": user, "approved": approval is not None}
+
+    async with app.worker() as worker:
+        [event_id] = await app.send(Event(name="user/signed-up", data={"user_id": "u1"}))
+        [run] = await app.runs_for_event(event_id, at_least=1)
+
+        async def waiting() -> bool:
+            return (await app.get_run(run.run_id)).status is RunStatus.WAITING
+
+        await eventually(waiting, timeout=30)
+        [approval_id] = await app.send(Event(name="user/approved", data={"user_id": "u1"}))
+        await app.wait_for_run(run.run_id)
+    shown = json.loads(ok(cli("runs", "show", run.run_id, "--json", url=database_url)))
+    assert shown["status"] == "COMPLETED"
+    fetch, nap, approval = shown["steps"]
+    assert (fetch["step_id"], fetch["attempt_count"], len(fetch["attempts"])) == (
+        "fetch-user",
+        3,
+        3,
+    )
+    for number, attempt in enumerate(fetch["attempts"]):
+        assert attempt["attempt"] == number and attempt["worker"] == str(worker.owner)
+        assert attempt["started_at"] <= attempt["ended_at"]
+    messages = [(a["error"] or {}).get("message") for a in fetch["attempts"]]
+    assert messages == ["upstream refused (call 1)", "upstream refused (call 2)", None]
+    assert [a["outcome"] for a in fetch["attempts"]] == ["RETRYING", "RETRYING", "COMPLETED"]
+    kinds = [(p["kind"], p["step_id"], p["ended_by"]) for p in shown["pauses"]]
+    assert kinds == [
+        ("backoff", "fetch-user", "time"),
+        ("backoff", "fetch-user", "time"),
+        ("sleep", "nap", "time"),
+        ("wait", "approval", "event"),
+    ]
+    assert shown["pauses"][-1]["event_id"] == approval_id
+    assert (nap["kind"], approval["kind"]) == ("sleep", "wait")
+
+    table = ok(cli("runs", "show", run.run_id, url=database_url))
+    readable_when_piped(table)
+    lines = table.splitlines()
+    text = "\n".join(lines)
+    assert "Steps (3)" in lines and "Pauses (4)" in lines and "Timeline" in lines
+    assert f"Executions ({len(shown['executions'])})" in lines
+    assert "ConnectionError:" in text and "refused (call" in text
+    attempts = [line.split()[:2] for line in lines if line.startswith("  #")]
+    assert attempts == [["#1", "failed"], ["#2", "failed"], ["#3", "completed"]]
+    timeline = lines[lines.index("Timeline") + 2 :]
+    labels = [line[:28].strip() for line in timeline]
+    assert sum(label.startswith("fetch-user #") for label in labels) == 3
+    assert any(label.startswith("sleep nap") for label in labels)
+    assert any(label.startswith("wait approval") for label in labels)
+    assert sum(label.startswith("execution") for label in labels) == len(shown["executions"])

@@ -190,6 +190,16 @@ def test_steps_table_lists_each_attempt_with_outcome_start_duration_worker_and_e
     assert rows[fetch + 5].split() == ["#3", "completed", "+300ms", "50ms", "3f2a91c0"]
     nap = next(row for row in rows if row.startswith("nap"))
     assert nap.split() == ["nap", "sleep", "COMPLETED", "+360ms", "10.0s"]
+    # A step done at its first attempt: the worker on its own row, no row for the attempt.
+    assert rows[-1].split() == [
+        "send-welcome",
+        "run",
+        "COMPLETED",
+        "1",
+        "+12.3s",
+        "30ms",
+        "9b7c11d2",
+    ]
 
 
 def test_pauses_say_what_ended_them() -> None:
@@ -313,3 +323,24 @@ def test_durations_and_flow_control_read_shortly() -> None:
         "rate limit 10/1m00s",
         "debounce 5.00s per event.data.id",
     ]
+
+
+def test_executions_say_who_ran_the_run_how_it_ended_and_the_function_s_error() -> None:
+    """One row per claim: worker, start, duration, outcome, and the body's error, a takeover
+    or why the run had waited to start; a failed execution is marked on the timeline."""
+    executions = [
+        ExecutionInfo(number=1, worker=W1, claimed_at=t(0.04), ended_at=t(0.36),
+                      outcome="RETRYING", waited="concurrency limit 1 reached",
+                      error={"type": "RuntimeError", "message": "the body fails once"}),
+        ExecutionInfo(number=2, worker=W2, claimed_at=t(40.0), ended_at=t(40.1),
+                      outcome="COMPLETED", taken_over=True),
+    ]  # fmt: skip
+    run = story(executions=executions, ended_at=t(40.1))
+    lines = draw(run_view(run, now=t(50)), width=120)
+    rows = section(lines, "Executions (2)")[2:]
+    assert rows[0].split()[:5] == ["1", "3f2a91c0", "+40ms", "320ms", "RETRYING"]
+    assert rows[0].endswith("RuntimeError: the body fails once")
+    assert rows[1].split() == [
+        "2", "9b7c11d2", "+40.0s", "100ms", "COMPLETED", "took", "over", "an", "expired", "lease",
+    ]  # fmt: skip
+    assert "execution 1 ✗" in [span.label for span in timeline_spans(run)]
