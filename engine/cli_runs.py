@@ -25,6 +25,7 @@ from .app import MAX_PAGE, Engine
 from .cli_common import (
     CLI_APP_ID,
     Failure,
+    Formatter,
     UsageError,
     command,
     database_option,
@@ -55,7 +56,7 @@ def add_commands(commands: Any) -> None:
 
 # -- arguments -------------------------------------------------------------------------------------
 def _group(commands: Any, name: str, summary: str) -> Any:
-    parser = commands.add_parser(name, help=summary, description=summary)
+    parser = commands.add_parser(name, help=summary, description=summary, formatter_class=Formatter)
     return parser.add_subparsers(required=True, metavar="SUBCOMMAND")
 
 
