@@ -116,6 +116,7 @@ class Execution:
         # The steps executing user code, as the heartbeat reports them (see engine.heartbeat):
         # key -> {key, position, id, follows, attempt, final}.
         self.steps_executing: dict[str, dict[str, Any]] = {}
+        self._executing_changes = 0  # orders the reports of steps_executing (executing_report)
         self.steps_ended: list[tuple[float, str]] = []  # the last few: (monotonic time, key)
         self.suspensions: list[Suspension] = []
         self.next_due: datetime | None = None  # set when the run is released with a due time
@@ -259,12 +260,14 @@ class Execution:
             "final": final,
             "started_at": self.db_now().isoformat(),
         }
+        self._executing_changes += 1
         try:
             if self.run.taken_over:
                 await self._note_executing()
             yield
         finally:
             del self.steps_executing[plan.key]
+            self._executing_changes += 1
             # A step that blocked the loop has ended by the time the late heartbeat runs.
             self.steps_ended = [*self.steps_ended[-7:], (time.monotonic(), plan.key)]
 
@@ -273,8 +276,19 @@ class Execution:
         ended = [key for at, key in self.steps_ended if at >= since]
         return list(dict.fromkeys([*ended, *self.steps_executing]))
 
+    def executing_report(self) -> dict[str, Any]:
+        """The steps executing user code now, with this execution's lease token and how many
+        times that set changed: the database keeps the newest report of the current execution
+        (a heartbeat's, taken before its round trip, or one of an older execution of the run,
+        never overwrites a step noted meanwhile; see engine.newer_report)."""
+        return {
+            "token": self.run.lease_token,
+            "v": self._executing_changes,
+            "steps": list(self.steps_executing.values()),
+        }
+
     async def _note_executing(self) -> None:
-        executing = dumps(list(self.steps_executing.values()))
+        executing = dumps(self.executing_report())
         await self._leased_call("note_executing", executing, "while noting the steps it executes")
 
     async def _leased_call(self, query: str, argument: str, doing: str) -> None:

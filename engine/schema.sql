@@ -399,7 +399,8 @@ CREATE TABLE IF NOT EXISTS engine.runs (
     batch_size       int,                        -- events of its key (engine.batch_events)
     batch_max        int,                        -- until it holds batch_max of them
     rank_at          timestamptz,                -- its place in line: creation shifted by priority
-    -- the steps executing ([{key, position, id, follows, attempt, final}]) as last reported
+    -- the steps executing ({v, steps: [{key, position, id, follows, attempt, final,
+    -- started_at}]}; workers before v10 wrote the bare list) as last reported
     -- (heartbeat): a takeover of its expired lease counts each as a failed attempt
     executing        jsonb,
     created_at       timestamptz NOT NULL,
@@ -2145,6 +2146,32 @@ RETURNS void LANGUAGE sql AS $$
     WHERE r.id = ANY (p_runs) AND x.run_id = r.id AND x.ended_at IS NULL;
 $$;
 
+-- The steps of a report of the steps executing ({v, steps}, or a bare list from older workers).
+CREATE OR REPLACE FUNCTION engine.executing_steps(p_report jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE jsonb_typeof(p_report)
+               WHEN 'object' THEN coalesce(p_report -> 'steps', '[]')
+               WHEN 'array' THEN p_report
+               ELSE '[]' END
+$$;
+
+-- Whether p_new (a report of the steps executing) replaces p_old, for the run's execution
+-- p_token. A report names its execution (token) and counts the changes it has seen (v): a
+-- heartbeat's report is taken before its round trip, and may arrive after a newer one (a step
+-- noted meanwhile by note_executing), or come from an older execution of the run in the same
+-- worker (one whose blocked loop let the lease expire, and which the worker took back since). A
+-- stale report replacing a newer one would let a takeover miss the step executing, and run it
+-- once more than its retries allow. Bare lists (workers before v10) always replace.
+CREATE OR REPLACE FUNCTION engine.newer_report(p_new jsonb, p_old jsonb, p_token bigint)
+RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN jsonb_typeof(p_new) IS DISTINCT FROM 'object' THEN true
+        WHEN (p_new ->> 'token')::bigint IS DISTINCT FROM p_token THEN false
+        WHEN jsonb_typeof(p_old) IS DISTINCT FROM 'object'
+             OR (p_old ->> 'token')::bigint IS DISTINCT FROM p_token THEN true
+        ELSE (p_new ->> 'v')::bigint >= (p_old ->> 'v')::bigint END
+$$;
+
 -- A run taken over from a worker whose lease expired while steps were executing (its heartbeat
 -- recorded them in runs.executing): each counts as a failed attempt of its step, so a step that
 -- blocks its worker's event loop past the lease (or kills its worker) is retried within its
@@ -2169,8 +2196,8 @@ BEGIN
                               'long, or the worker died)', x ->> 'key',
                               date_trunc('second', p_now - r.lease_expires_at + p_lease)))),
         r.lease_owner)
-    FROM engine.runs r, jsonb_array_elements(r.executing) x
-    WHERE r.id = ANY (p_runs) AND jsonb_typeof(r.executing) = 'array';
+    FROM engine.runs r, jsonb_array_elements(engine.executing_steps(r.executing)) x
+    WHERE r.id = ANY (p_runs);
 END $$;
 
 
@@ -2627,7 +2654,8 @@ RETURNS int LANGUAGE sql AS $$
 $$;
 
 -- Extends the leases of the runs a worker still executes and records the steps each is
--- executing (p_executing: {run id: [{key, position, id, follows, attempt, final}]}); reports
+-- executing (p_executing: {run id: {v, steps: [{key, position, id, follows, attempt, final,
+-- started_at}]}}, a report of each run it holds, kept unless a newer one is there); reports
 -- the ones it lost, cancel requests (so a run with a long step learns of a cancel without a checkpoint) and passed
 -- finish timeouts (the worker ends such a run even if a step never returns).
 CREATE OR REPLACE FUNCTION engine.heartbeat(
@@ -2635,7 +2663,10 @@ CREATE OR REPLACE FUNCTION engine.heartbeat(
 RETURNS TABLE (id uuid, cancel_requested boolean, timed_out boolean)
 LANGUAGE sql AS $$
     UPDATE engine.runs r SET lease_expires_at = engine.now() + p_lease,
-                             executing = p_executing -> r.id::text
+                             executing = CASE WHEN engine.newer_report(p_executing -> r.id::text,
+                                                                       r.executing, r.lease_token)
+                                              THEN p_executing -> r.id::text
+                                              ELSE r.executing END
     WHERE r.id IN (SELECT h.id FROM engine.runs h WHERE h.id = ANY (p_runs)
                    ORDER BY h.id FOR NO KEY UPDATE)  -- in id order, as batches are (batching.py)
       AND r.lease_owner = p_owner AND r.status = 'RUNNING'
@@ -2649,7 +2680,9 @@ CREATE OR REPLACE FUNCTION engine.note_executing(
     p_run uuid, p_owner uuid, p_token bigint, p_steps jsonb)
 RETURNS text LANGUAGE sql AS $$
     WITH noted AS (
-        UPDATE engine.runs r SET executing = p_steps
+        UPDATE engine.runs r
+        SET executing = CASE WHEN engine.newer_report(p_steps, r.executing, p_token) THEN p_steps
+                             ELSE r.executing END
         WHERE r.id = p_run AND r.lease_owner = p_owner AND r.lease_token = p_token
           AND r.status = 'RUNNING'
         RETURNING r.cancel_requested OR engine.past_deadline(r.finish_deadline) AS cancel)

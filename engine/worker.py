@@ -463,11 +463,7 @@ class Worker:
     async def _renew_leases(self) -> None:
         db = await self.engine.database()
         held = list(self.executions)
-        executing = {
-            str(run_id): list(ex.steps_executing.values())
-            for run_id, ex in self.executions.items()
-            if ex.steps_executing
-        }
+        executing = {str(run_id): ex.executing_report() for run_id, ex in self.executions.items()}
         rows = await db.fetch("heartbeat", self.owner, self.lease, held, dumps(executing))
         renewed = {row["id"]: row for row in rows}
         for run_id in held:

@@ -141,7 +141,8 @@ async def test_hung_sync_steps_neither_freeze_others_nor_outlive_the_finish_time
                 return bool(
                     await sql.fetchval(
                         "SELECT count(*) = 6 FROM engine.runs WHERE function_id = 'hung'"
-                        " AND status = 'RUNNING' AND executing IS NOT NULL"
+                        " AND status = 'RUNNING'"
+                        " AND jsonb_array_length(engine.executing_steps(executing)) > 0"
                     )
                 )
 
@@ -229,7 +230,101 @@ async def test_a_step_blocking_the_loop_past_the_lease_is_retried_within_bounds(
     assert run.error is not None
     assert "lost the run's lease while step 'block' was executing" in run.error["message"]
     # At most one takeover before the step was known to be executing, then one per attempt.
-    assert len(block_log.read_text().splitlines()) <= 1 + 2
+    history = [
+        (
+            x.number,
+            x.worker[:4],
+            x.taken_over,
+            x.outcome,
+            x.claimed_at.time(),
+            x.ended_at and x.ended_at.time(),
+        )
+        for x in run.executions
+    ]
+    attempts = [
+        (
+            a.attempt,
+            a.outcome,
+            a.worker and a.worker[:4],
+            a.started_at and a.started_at.time(),
+            a.ended_at.time(),
+        )
+        for s in run.steps
+        for a in s.attempts
+    ]
+    assert len(block_log.read_text().splitlines()) <= 1 + 2, (
+        history,
+        attempts,
+        block_log.read_text(),
+    )
     blocked = [entry for log in logs for entry in log_events(log, "worker.loop_blocked")]
     assert blocked and all(e["late_by"] > 1 for e in blocked)
     assert any(s["step_id"] == "block" for e in blocked for s in e["steps"])
+
+
+def _story(run: Any) -> list[str]:
+    """A run's executions and step attempts, in words, for an assertion's message."""
+    story = [
+        f"execution {x.number} on {x.worker[:8]} (taken over: {x.taken_over}) "
+        f"{x.claimed_at:%H:%M:%S.%f} -> {x.outcome} {x.ended_at and f'{x.ended_at:%H:%M:%S.%f}'}"
+        for x in run.executions
+    ]
+    story += [
+        f"step {s.step_id} attempt {a.attempt} on {(a.worker or '?')[:8]} -> {a.outcome}"
+        for s in run.steps
+        for a in s.attempts
+    ]
+    return story
+
+
+async def test_a_stale_heartbeat_never_hides_a_step_noted_since(make_engine: Any, sql: Any) -> None:
+    """A heartbeat's report of the executing steps is taken before its round trip: one that
+    arrives after a newer report (a step noted meanwhile) must not replace it, or a takeover
+    would not count that step's attempt and would run it beyond its retries (CI saw a step
+    blocking the loop run four times with retries=1)."""
+    app = make_engine()
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def held() -> str:
+        entered.set()
+        await release.wait()
+        return "done"
+
+    @app.create_function("held", trigger=TriggerEvent("t/held"))
+    async def run_held(ctx: Context) -> Any:
+        return await ctx.step.run("held", held)
+
+    async with app.worker(lease="600ms") as worker:
+        [event_id] = await app.send(Event(name="t/held"))
+        run_id = await only_run_id(app, event_id)
+        await asyncio.wait_for(entered.wait(), 10)
+        noted = "SELECT engine.executing_steps(executing) FROM engine.runs WHERE id = $1::uuid"
+
+        async def reported() -> bool:
+            return '"held"' in (await sql.fetchval(noted, run_id) or "")
+
+        await eventually(reported)
+        token = await sql.fetchval(
+            "SELECT lease_token FROM engine.runs WHERE id = $1::uuid", run_id
+        )
+        stale = f'{{"{run_id}": {{"token": {token}, "v": 0, "steps": []}}}}'
+        renewed = await sql.fetch(
+            "SELECT * FROM engine.heartbeat($1::uuid, '1 minute', ARRAY[$2::uuid], $3::jsonb)",
+            worker.owner,
+            run_id,
+            stale,
+        )
+        assert len(renewed) == 1  # the lease was renewed...
+        assert '"held"' in await sql.fetchval(noted, run_id)  # ...and the step is still noted
+        # nor does a report of an earlier execution of the run (its blocked loop let the lease
+        # expire, and the worker took the run back since), however many changes it counted
+        older = f'{{"{run_id}": {{"token": {token - 1}, "v": 99, "steps": []}}}}'
+        await sql.fetch(
+            "SELECT * FROM engine.heartbeat($1::uuid, '1 minute', ARRAY[$2::uuid], $3::jsonb)",
+            worker.owner,
+            run_id,
+            older,
+        )
+        assert '"held"' in await sql.fetchval(noted, run_id)
+        release.set()
+        assert (await app.wait_for_run(run_id)).status is RunStatus.COMPLETED
