@@ -65,12 +65,12 @@ def test_example_runs_under_engine_dev(example: str, expected: list[str], folder
     assert "lease_lost" not in result.stdout + result.stderr
 
 
-def test_examples_run_one_after_another_on_one_database(tmp_path: Path) -> None:
+def test_examples_run_one_after_another_on_one_database(dev_dir: Path) -> None:
     """Under `engine dev`, one example's functions do not catch the next one's events: after
     signup_drip (a `signup-drip` on user/signed-up, sleeping for days) stopped, quickstart's
     user/signed-up starts only its own function, and the other way round."""
     for example in ("signup_drip.py", "quickstart.py", "signup_drip.py"):
-        result = run_engine_dev(example, tmp_path)
+        result = run_engine_dev(example, dev_dir)
         assert result.returncode == 0, result.stderr[-3000:]
         for line in EXPECTED.get(example, ["COMPLETED"]):
             assert line in result.stdout, result.stdout
