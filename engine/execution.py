@@ -128,9 +128,10 @@ class Execution:
         self._branches: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()  # asked for steps
         self._clock_origin = time.monotonic()
         self.log = structlog_logger().bind(run_id=str(run.run_id), function_id=self.fn_id)
-        self.run_logger = RunLogger(
-            self.log, run.log_lines, self.history.replayed_line, self.history.tail_place()
-        )
+        logged = run.log_places
+        if logged is None:  # counted by an older worker: only at the run's tail
+            logged = {self.history.tail_place(): run.log_lines}
+        self.run_logger = RunLogger(self.log, logged, self.history.replayed_line)
 
     # -- time ------------------------------------------------------------------------------------
     def db_now(self) -> datetime:
@@ -343,6 +344,12 @@ class Execution:
             item = self._write(steps=records)
             result = await self.group_commit.checkpoint.call(item, str(self.run.run_id))
         self._accept(WriteVerdict(result), "while recording completed steps")
+
+    def _log_counts(self) -> dict[str, Any]:
+        """What the run records of ctx.logger's lines (see RunLogger): the count at each place
+        no recorded step follows yet, and (for workers of earlier versions) at its tail."""
+        places = self.run_logger.logged(self.history.followed_places())
+        return {"log_places": places, "log_lines": places.get(self.history.tail_place(), 0)}
 
     def _write(
         self, *, steps: list[str], output: str = "null", error: str = "null", **fields: Any
@@ -766,7 +773,7 @@ class Execution:
             item = self._write(
                 steps=records,
                 status=status.value,
-                log_lines=self.run_logger.logged(self.history.tail_place()),
+                **self._log_counts(),
                 output=output or "null",
                 error=error or "null",
                 traceback=traceback,
@@ -808,7 +815,7 @@ class Execution:
                 due=suspension.due.isoformat(),
                 reason=suspension.reason,
                 attempt=self.run.attempt,
-                log_lines=self.run_logger.logged(self.history.tail_place()),
+                **self._log_counts(),
                 awaited=suspension.awaited,
                 body_error=body_error,
             )

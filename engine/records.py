@@ -143,7 +143,7 @@ class ClaimedRun:
     function: Function
     lease_token: int
     attempt: int
-    log_lines: int
+    log_lines: int  # lines ctx.logger emitted at the run's tail (runs before log_places)
     cancel_requested: bool
     traceparent: str | None
     claimed_at: datetime
@@ -152,6 +152,7 @@ class ClaimedRun:
     state_bytes: int = 0  # its event and recorded steps, as JSON (see Limits.max_state_bytes)
     taken_over: bool = False  # from a worker whose lease expired (see Execution.running_step)
     trace_context: str | None = None  # the run's own span (W3C), parent of every execution
+    log_places: dict[str, int] | None = None  # lines ctx.logger emitted at each place
 
     @classmethod
     def from_row(cls, row: Any, function: Function) -> ClaimedRun:
@@ -173,6 +174,7 @@ class ClaimedRun:
             state_bytes=row["state_bytes"] + len(events_json),
             taken_over=row["taken_over"],
             trace_context=row["trace_context"],
+            log_places=loads(row["log_places"]) if row["log_places"] else None,
         )
 
 

@@ -217,6 +217,10 @@ class History:
             return ">"
         return ">" + max(tails, key=lambda s: s.position).key
 
+    def followed_places(self) -> set[str]:
+        """The places a recorded step follows: code there ran to its end (see RunLogger)."""
+        return self._places()
+
     def replayed_line(self, place: str) -> bool:
         """True if code at ``place`` ran to its end in an earlier execution: a step was recorded
         at ``place`` before this execution began, so the code before it had run."""

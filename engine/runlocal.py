@@ -26,24 +26,19 @@ class RunLogger:
     Lines inside a step are emitted by each attempt that runs (a replayed step does not run).
     Lines outside steps are emitted once over the run's executions: a line logged before a step
     that was already recorded when the execution began is a replay and stays quiet (the code
-    before that step ran to its end earlier). Lines after the run's most recent recorded step
-    (its *tail*, see :meth:`engine.replay.History.tail_place`) are counted: the run records how
-    many were logged there, and the next execution skips that many. Lines after the last step of
-    other parallel branches are emitted again by the next execution (at least once, never lost);
-    so are lines a worker logged before it died without recording its count.
+    before that step ran to its end earlier). Lines at a place no recorded step follows yet (after
+    the last step of a branch, of any of the run's parallel branches) are counted: the run
+    records how many were logged at each such place, and the next execution skips that many
+    there. Lines a worker logged before it died without recording its counts are emitted again
+    (at least once, never lost).
     """
 
     def __init__(
-        self,
-        bound: Any,
-        already_logged: int,
-        replayed: Callable[[str], bool],
-        counted_place: str,
+        self, bound: Any, already_logged: dict[str, int], replayed: Callable[[str], bool]
     ) -> None:
         self._log = bound
-        self._already = already_logged
+        self._already = dict(already_logged)
         self._replayed = replayed
-        self._counted_place = counted_place
         self._lines: Counter[str] = Counter()  # lines outside steps not replayed, by place
 
     def _emit(self, level: str, event: str, **fields: Any) -> None:
@@ -52,16 +47,16 @@ class RunLogger:
             if self._replayed(place):
                 return
             self._lines[place] += 1
-            if place == self._counted_place and self._lines[place] <= self._already:
+            if self._lines[place] <= self._already.get(place, 0):
                 return
         getattr(self._log, level)(event, **fields)
 
-    def logged(self, tail_place: str) -> int:
-        """The count to record: lines logged at the run's tail place now."""
-        count = self._lines[tail_place]
-        if tail_place == self._counted_place:  # an execution cut short keeps the earlier count
-            count = max(count, self._already)
-        return count
+    def logged(self, followed: set[str]) -> dict[str, int]:
+        """The counts to record: lines logged at each place that no recorded step follows
+        (``followed``: places where code ran to its end, quiet on replay anyway). An execution
+        cut short keeps the earlier counts."""
+        places = (set(self._lines) | set(self._already)) - followed
+        return {p: max(self._lines[p], self._already.get(p, 0)) for p in sorted(places)}
 
     def debug(self, event: str, **fields: Any) -> None:
         """Logs at debug level."""

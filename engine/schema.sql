@@ -249,6 +249,28 @@ DO $$ BEGIN
     END IF;
 END $$;
 
+-- v10 (ctx.logger, #12): runs count the lines ctx.logger emitted at each place after a step
+-- (log_places), not only at the run's tail; suspend_run, finish_run and claim_runs carry them.
+-- Checked in the catalog: databases of earlier builds of version 10 lack them.
+DO $$
+DECLARE
+    v_fn regprocedure;
+BEGIN
+    IF to_regclass('engine.runs') IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM pg_attribute a WHERE a.attrelid = to_regclass('engine.runs')
+              AND a.attname = 'log_places' AND NOT a.attisdropped) THEN
+        ALTER TABLE engine.runs ADD COLUMN log_places jsonb;
+    END IF;
+    FOR v_fn IN
+        SELECT p.oid::regprocedure FROM pg_proc p
+        WHERE p.pronamespace = 'engine'::regnamespace
+          AND p.proname IN ('suspend_run', 'finish_run', 'claim_runs')
+          AND NOT 'log_places' = ANY (p.proargnames) AND NOT 'p_log_places' = ANY (p.proargnames)
+    LOOP
+        EXECUTE format('DROP FUNCTION %s', v_fn);
+    END LOOP;
+END $$;
+
 INSERT INTO engine.meta (key, value) VALUES ('schema_version', '10')
 ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 -- A random id of this database's install, created once (re-applying this file never changes
@@ -376,6 +398,7 @@ CREATE TABLE IF NOT EXISTS engine.runs (
     lease_expires_at timestamptz,
     attempt          int NOT NULL DEFAULT 0,     -- attempts of the function body (errors outside steps)
     log_lines        int NOT NULL DEFAULT 0,     -- lines ctx.logger emitted, so replays stay quiet
+    log_places       jsonb,                      -- ... at each place after a step ({place: n})
     cancel_requested boolean NOT NULL DEFAULT false,
     output           jsonb,
     error            jsonb,
@@ -1998,7 +2021,7 @@ CREATE OR REPLACE FUNCTION engine.claim_runs(
 RETURNS TABLE (id uuid, function_id text, lease_token bigint, attempt int, log_lines int,
                cancel_requested boolean, traceparent text, created_at timestamptz,
                claimed_at timestamptz, event jsonb, steps jsonb, events jsonb, state_bytes bigint,
-               taken_over boolean, trace_context text)
+               taken_over boolean, trace_context text, log_places jsonb)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -2115,7 +2138,7 @@ BEGIN
            r.traceparent, r.created_at, v_now, engine.run_event(r.event_seq), engine.run_steps(r.id),
            CASE WHEN r.batch_key IS NOT NULL THEN engine.batch_of(r.id) END,
            (SELECT coalesce(sum(s.bytes), 0)::bigint FROM engine.steps s WHERE s.run_id = r.id),
-           r.id = ANY (v_taken), r.trace_context
+           r.id = ANY (v_taken), r.trace_context, r.log_places
     FROM engine.runs r WHERE r.id = ANY (v_ids);
 END $$;
 
@@ -2488,7 +2511,7 @@ END $$;
 CREATE OR REPLACE FUNCTION engine.suspend_run(
     p_run uuid, p_owner uuid, p_token bigint, p_status text, p_due timestamptz, p_reason text,
     p_attempt int, p_log_lines int, p_steps jsonb, p_awaited text[] DEFAULT '{}',
-    p_body_error jsonb DEFAULT NULL)
+    p_body_error jsonb DEFAULT NULL, p_log_places jsonb DEFAULT NULL)
 RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     v_now    timestamptz := engine.now();
@@ -2518,6 +2541,7 @@ BEGIN
         -- The count of the lines logged after the run's tail (see RunLogger): replaced, not
         -- maxed, since the tail moves from one execution to the next.
         attempt = p_attempt, log_lines = p_log_lines,
+        log_places = coalesce(p_log_places, r.log_places),
         ended_at = CASE WHEN v_cancel THEN v_now END,
         error = CASE WHEN v_cancel THEN engine.cancel_error(r, v_now) END,
         lease_owner = NULL, lease_expires_at = NULL, updated_at = v_now
@@ -2567,7 +2591,8 @@ $$;
 -- p_traceback: the traceback of p_error, kept in the execution's history only.
 CREATE OR REPLACE FUNCTION engine.finish_run(
     p_run uuid, p_owner uuid, p_token bigint, p_status text, p_output jsonb, p_error jsonb,
-    p_log_lines int, p_steps jsonb DEFAULT '[]', p_traceback text DEFAULT NULL)
+    p_log_lines int, p_steps jsonb DEFAULT '[]', p_traceback text DEFAULT NULL,
+    p_log_places jsonb DEFAULT NULL)
 RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     v_now    timestamptz := engine.now();
@@ -2592,6 +2617,7 @@ BEGIN
                      WHEN p_status = 'CANCELLED' THEN coalesce(p_error, engine.cancel_error(r, v_now))
                      ELSE p_error END,
         log_lines = greatest(r.log_lines, p_log_lines),
+        log_places = coalesce(p_log_places, r.log_places),
         lease_owner = NULL, lease_expires_at = NULL, updated_at = v_now,
         -- a cancel keeps its reason (who cancelled it), which engine/function.cancelled carries
         waiting_reason = CASE WHEN r.cancel_requested OR p_status = 'CANCELLED' THEN r.waiting_reason END
@@ -2615,7 +2641,7 @@ RETURNS TABLE (ord bigint, result text) LANGUAGE sql AS $$
                                     (e.x ->> 'token')::bigint, e.x ->> 'status',
                                     nullif(e.x -> 'output', 'null'), nullif(e.x -> 'error', 'null'),
                                     (e.x ->> 'log_lines')::int, e.x -> 'steps',
-                                    e.x ->> 'traceback')
+                                    e.x ->> 'traceback', nullif(e.x -> 'log_places', 'null'))
     FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(x, ord)
     ORDER BY e.ord
 $$;
@@ -2628,7 +2654,8 @@ RETURNS TABLE (ord bigint, result text) LANGUAGE sql AS $$
                                      (e.x ->> 'attempt')::int, (e.x ->> 'log_lines')::int,
                                      e.x -> 'steps',
                                      ARRAY(SELECT jsonb_array_elements_text(e.x -> 'awaited')),
-                                     nullif(e.x -> 'body_error', 'null'))
+                                     nullif(e.x -> 'body_error', 'null'),
+                                     nullif(e.x -> 'log_places', 'null'))
     FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(x, ord)
     ORDER BY e.ord
 $$;

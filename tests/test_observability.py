@@ -215,6 +215,29 @@ async def test_ctx_logger_lines_of_parallel_branches_appear_once(make_engine: An
     assert sorted(lines) == sorted(["b.x.start", "b.x.middle", "b.y.start", "b.y.middle", "b.end"])
 
 
+async def test_ctx_logger_lines_after_the_last_step_of_each_branch_appear_once(
+    make_engine: Any,
+) -> None:
+    """Two parallel branches each log after their last step, then the run sleeps: each line
+    appears once (only the run's tail place used to be counted, so the other branch's line
+    came again after the sleep) (#12)."""
+    app = make_engine()
+
+    @app.create_function("tails", trigger=TriggerEvent("t/tails"))
+    async def tails(ctx: Context) -> Any:
+        async def branch(name: str) -> None:
+            await ctx.step.run(f"{name}-work", lambda: None)
+            ctx.logger.info(f"tail.{name}.done")
+
+        await asyncio.gather(branch("x"), branch("y"))
+        await ctx.step.sleep("pause", "10ms")
+        ctx.logger.info("tail.end")
+        await ctx.step.sleep("pause-again", "10ms")
+
+    lines = await _logged_lines(app, "t/tails", "tail.")
+    assert sorted(lines) == ["tail.end", "tail.x.done", "tail.y.done"]
+
+
 async def test_ctx_logger_lines_after_parallel_branch_ends_are_never_lost(
     make_engine: Any,
 ) -> None:
