@@ -64,7 +64,7 @@ async def one_run(app: Engine, name: str) -> float:
     return time.perf_counter() - began
 
 
-def main() -> None:
+async def main() -> None:
     app = Engine("bench", URL, backoff=Backoff(initial="1ms", jitter=0))
 
     @app.create_function("steps", trigger=TriggerEvent("b/steps"))
@@ -138,7 +138,9 @@ def fresh_database(server: str, name: str, code: Path) -> str:
 def measure(code: Path, url: str, steps: int, runs: int) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(code)}
     child = [sys.executable, "-c", CHILD, url, str(steps), str(runs)]
-    out = subprocess.run(child, check=True, env=env, capture_output=True, text=True, cwd=code)
+    out = subprocess.run(child, check=False, env=env, capture_output=True, text=True, cwd=code)
+    if out.returncode != 0:
+        raise SystemExit(f"the measurement of {code} failed:\n{out.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["engine"].startswith(str(code)), result["engine"]  # measured the right code
     return result
