@@ -221,7 +221,14 @@ async def test_cancel_event_stops_a_running_run_between_steps(make_engine: Any, 
         # as soon as it is routed) cancels it before anything runs, as documented.
         await asyncio.wait_for(entered.wait(), timeout=10)
         await app.send(Event(name="o/cancelled", data={"id": 5}))
-        await asyncio.sleep(0.2)
+
+        async def cancel_requested() -> bool:
+            query = "SELECT cancel_requested FROM engine.runs WHERE id = $1::uuid"
+            return bool(await sql.fetchval(query, run_id))
+
+        # Routed, not merely sent: a slow machine took over 0.2 s to route it, and the run
+        # had gone on to its sleep (and was cancelled there, a different case).
+        await eventually(cancel_requested)
         gate.set()  # the executing step finishes; nothing after it starts
         run = await app.wait_for_run(run_id)
     assert run.status is RunStatus.CANCELLED
