@@ -59,6 +59,34 @@ BEGIN
     END IF;
 END $$;
 
+-- Adds a column to an engine table unless it has it (or the table does not exist yet: it is
+-- created below with the column). Looked up in the catalog: nothing is locked when it is there.
+CREATE OR REPLACE FUNCTION engine.ensure_column(p_table text, p_column text, p_type text)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF to_regclass('engine.' || p_table) IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM pg_attribute a WHERE a.attrelid = to_regclass('engine.' || p_table)
+              AND a.attname = p_column AND NOT a.attisdropped) THEN
+        EXECUTE format('ALTER TABLE engine.%I ADD COLUMN %I %s', p_table, p_column, p_type);
+    END IF;
+END $$;
+
+-- Drops the engine functions named p_names that have no argument (in or out) p_argument: the
+-- signatures of earlier builds, which CREATE OR REPLACE cannot change in place.
+CREATE OR REPLACE FUNCTION engine.drop_without_argument(p_names text[], p_argument text)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_fn regprocedure;
+BEGIN
+    FOR v_fn IN
+        SELECT p.oid::regprocedure FROM pg_proc p
+        WHERE p.pronamespace = 'engine'::regnamespace AND p.proname = ANY (p_names)
+          AND NOT p_argument = ANY (coalesce(p.proargnames, '{}'))
+    LOOP
+        EXECUTE format('DROP FUNCTION %s', v_fn);
+    END LOOP;
+END $$;
+
 -- Upgrades from earlier versions: constraints and partial indexes whose definitions changed are
 -- dropped here and created again below; new columns are added.
 DO $$
@@ -200,24 +228,9 @@ END IF; END $$;
 -- claim_runs says which runs it took over. Checked in the catalog rather than by version:
 -- databases of earlier builds of version 9 have the older signatures. Nothing is locked when
 -- everything is in place already.
-DO $$
-DECLARE
-    v_fn regprocedure;
-BEGIN
-    IF to_regclass('engine.runs') IS NOT NULL AND NOT EXISTS (
-            SELECT 1 FROM pg_attribute a WHERE a.attrelid = to_regclass('engine.runs')
-              AND a.attname = 'executing' AND NOT a.attisdropped) THEN
-        ALTER TABLE engine.runs ADD COLUMN executing jsonb;
-    END IF;
-    FOR v_fn IN
-        SELECT p.oid::regprocedure FROM pg_proc p
-        WHERE p.pronamespace = 'engine'::regnamespace
-          AND ((p.proname = 'claim_runs' AND NOT 'taken_over' = ANY (p.proargnames))
-               OR (p.proname = 'heartbeat' AND NOT 'timed_out' = ANY (p.proargnames)))
-    LOOP
-        EXECUTE format('DROP FUNCTION %s', v_fn);
-    END LOOP;
-END $$;
+SELECT engine.ensure_column('runs', 'executing', 'jsonb');
+SELECT engine.drop_without_argument('{claim_runs}', 'taken_over');
+SELECT engine.drop_without_argument('{heartbeat}', 'timed_out');
 
 -- v10 (run history, #14): each step keeps its final attempt's start and worker, failed attempts
 -- and executions get tables of their own, and each run its own trace context. record_step,
@@ -252,24 +265,9 @@ END $$;
 -- v10 (ctx.logger, #12): runs count the lines ctx.logger emitted at each place after a step
 -- (log_places), not only at the run's tail; suspend_run, finish_run and claim_runs carry them.
 -- Checked in the catalog: databases of earlier builds of version 10 lack them.
-DO $$
-DECLARE
-    v_fn regprocedure;
-BEGIN
-    IF to_regclass('engine.runs') IS NOT NULL AND NOT EXISTS (
-            SELECT 1 FROM pg_attribute a WHERE a.attrelid = to_regclass('engine.runs')
-              AND a.attname = 'log_places' AND NOT a.attisdropped) THEN
-        ALTER TABLE engine.runs ADD COLUMN log_places jsonb;
-    END IF;
-    FOR v_fn IN
-        SELECT p.oid::regprocedure FROM pg_proc p
-        WHERE p.pronamespace = 'engine'::regnamespace
-          AND p.proname IN ('suspend_run', 'finish_run', 'claim_runs')
-          AND NOT 'log_places' = ANY (p.proargnames) AND NOT 'p_log_places' = ANY (p.proargnames)
-    LOOP
-        EXECUTE format('DROP FUNCTION %s', v_fn);
-    END LOOP;
-END $$;
+SELECT engine.ensure_column('runs', 'log_places', 'jsonb');
+SELECT engine.drop_without_argument('{suspend_run,finish_run}', 'p_log_places');
+SELECT engine.drop_without_argument('{claim_runs}', 'log_places');
 
 INSERT INTO engine.meta (key, value) VALUES ('schema_version', '10')
 ON CONFLICT (key) DO UPDATE SET value = excluded.value;
