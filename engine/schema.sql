@@ -797,15 +797,22 @@ LANGUAGE sql STABLE AS $$
     FROM engine.steps s WHERE s.run_id = p_run
 $$;
 
--- A run's executions (engine.run_executions), in order.
+-- A run's executions (engine.run_executions), in order. The execution that ended the run is
+-- not updated by finish_run (one write less per run): it ended when the run did.
 CREATE OR REPLACE FUNCTION engine.execution_history(p_run uuid) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
     SELECT coalesce(jsonb_agg(jsonb_build_object(
                'number', x.lease_token, 'worker', x.worker, 'claimed_at', x.claimed_at,
-               'taken_over', x.taken_over, 'waited', x.waited, 'ended_at', x.ended_at,
-               'outcome', x.outcome, 'due_at', x.due_at, 'reason', x.reason,
+               'taken_over', x.taken_over, 'waited', x.waited,
+               'ended_at', coalesce(x.ended_at, CASE WHEN x.lease_token = r.lease_token
+                                                     THEN r.ended_at END),
+               'outcome', coalesce(x.outcome, CASE WHEN x.lease_token = r.lease_token
+                                                        AND r.ended_at IS NOT NULL
+                                                   THEN r.status END),
+               'due_at', x.due_at, 'reason', x.reason,
                'error', x.body_error) ORDER BY x.lease_token), '[]'::jsonb)
-    FROM engine.run_executions x WHERE x.run_id = p_run
+    FROM engine.run_executions x JOIN engine.runs r ON r.id = x.run_id
+    WHERE x.run_id = p_run
 $$;
 
 -- A run's pauses, in the order they began: its sleeps, waits and invokes (their steps' rows),
@@ -2621,11 +2628,12 @@ BEGIN
         waiting_reason = CASE WHEN r.cancel_requested OR p_status = 'CANCELLED' THEN r.waiting_reason END
     WHERE r.id = p_run AND r.lease_owner = p_owner AND r.lease_token = p_token AND r.status = 'RUNNING'
     RETURNING r.status INTO v_status;
-    IF v_status IS NOT NULL THEN
+    -- The execution that ends a run ends with it (engine.execution_history reads its end from
+    -- the run): only the error of a failed run, with its traceback, is written here.
+    IF v_status = 'FAILED' THEN
         UPDATE engine.run_executions x
         SET ended_at = v_now, outcome = v_status,
-            body_error = CASE WHEN p_status = 'FAILED' THEN p_error || jsonb_strip_nulls(
-                             jsonb_build_object('traceback', p_traceback)) END
+            body_error = p_error || jsonb_strip_nulls(jsonb_build_object('traceback', p_traceback))
         WHERE x.run_id = p_run AND x.lease_token = p_token;
     END IF;
     RETURN CASE WHEN v_status IS NULL THEN 'lost'
