@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from helpers import eventually, only_run_id
 
-from engine import Backoff, Context, Event, RunInfo, RunStatus, TriggerEvent
+from engine import Backoff, Concurrency, Context, Event, RunInfo, RunStatus, TriggerEvent
 
 
 def _step(run: RunInfo, step_id: str) -> Any:
@@ -160,3 +161,37 @@ async def test_a_cancelled_sleep_is_a_pause_ended_by_the_cancel(make_engine: Any
     [nap] = run.pauses
     assert nap.kind == "sleep" and nap.ended_by == "cancel" and nap.ended_at == run.ended_at
     assert [x.outcome for x in run.executions] == ["SLEEPING"]
+
+
+async def test_the_first_execution_says_why_the_run_waited_to_start(make_engine: Any) -> None:
+    """A run held back by flow control keeps the reason it waited with its first execution
+    (its waiting_reason is cleared when it starts)."""
+    app = make_engine()
+    gate, entered = asyncio.Event(), asyncio.Event()
+
+    @app.create_function("solo", concurrency=Concurrency(limit=1), trigger=TriggerEvent("s/go"))
+    async def solo(ctx: Context) -> Any:
+        async def hold() -> None:
+            entered.set()
+            await gate.wait()
+
+        await ctx.step.run("hold", hold)
+
+    async with app.worker():
+        [first] = await app.send(Event(name="s/go"))
+        first_id = await only_run_id(app, first)
+        await asyncio.wait_for(entered.wait(), 10)
+        [second] = await app.send(Event(name="s/go"))
+        second_id = await only_run_id(app, second)
+
+        async def held_back() -> bool:
+            reason = (await app.get_run(second_id)).waiting_reason or ""
+            return reason.startswith("concurrency limit reached")
+
+        await eventually(held_back)
+        gate.set()
+        run = await app.wait_for_run(second_id)
+        first_run = await app.wait_for_run(first_id)
+    assert run.status is RunStatus.COMPLETED and run.waiting_reason is None
+    assert (run.executions[0].waited or "").startswith("concurrency limit reached")
+    assert first_run.executions[0].waited is None
