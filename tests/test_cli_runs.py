@@ -328,3 +328,21 @@ async def test_runs_show_tells_the_story_of_a_retried_step_a_sleep_and_a_wait(
     assert any(label.startswith("sleep nap") for label in labels)
     assert any(label.startswith("wait approval") for label in labels)
     assert sum(label.startswith("execution") for label in labels) == len(shown["executions"])
+
+
+def test_bad_listing_options_are_refused_before_anything_runs() -> None:
+    """A cursor of another listing or none at all, a page size out of range, a time that is
+    neither ISO 8601 with a zone nor a duration, an unknown status: exit 2, said at once."""
+    events_cursor = "ZXZlbnRzfDI"  # what `engine events list` prints
+    cases = [
+        (("runs", "list", "--cursor", events_cursor), "is not a cursor of a listing of runs"),
+        (("events", "list", "--cursor", "abc"), "'abc' is not a cursor of a listing of events"),
+        (("runs", "list", "--limit", "0"), "'0' is not a page size from 1 to 1000"),
+        (("events", "list", "--since", "yesterday"), "'yesterday' is not an ISO 8601 time"),
+        (("runs", "list", "--until", "2030-01-01T00:00"), "has no time zone"),
+        (("runs", "list", "--status", "done"), "invalid choice: 'DONE'"),
+    ]
+    for args, message in cases:
+        result = cli(*args)
+        assert (result.returncode, result.stdout) == (2, ""), (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
