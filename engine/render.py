@@ -374,19 +374,20 @@ def _attempt_cells(attempt: AttemptInfo, origin: datetime) -> list[Text]:
 
 def pauses_table(run: RunInfo) -> Table:
     """One row per pause: kind, step, when it began, was due and ended, and what ended it."""
-    grid = table("PAUSE", "STEP", "BEGAN", "DUE", "TOOK", "ENDED BY")
-    for index in (0, 2, 3, 4):
+    grid = table("PAUSE", "STEP", "BEGAN", "DUE", "ENDED", "TOOK", "ENDED BY")
+    for index in (0, 2, 3, 4, 5):
         grid.columns[index].no_wrap = True
-    for index in (2, 3, 4):
+    for index in (2, 3, 4, 5):
         grid.columns[index].justify = "right"
     grid.columns[1].overflow = "fold"
-    grid.columns[5].overflow = "fold"
+    grid.columns[6].overflow = "fold"
     for pause in run.pauses:
         grid.add_row(
             Text(pause.kind),
             Text(pause.step_id or "(function)"),
             Text(offset(pause.began_at, run.created_at)),
             Text(offset(pause.due_at, run.created_at)),
+            Text(offset(pause.ended_at, run.created_at)),
             Text(between(pause.began_at, pause.ended_at)),
             Text(ended_by(pause)),
         )

@@ -254,13 +254,7 @@ END IF; END $$;
 -- v10 (CLI, #14): function_list returns each function's config (its flow control), for
 -- `engine functions list`; a new result column needs the old function dropped. Checked in the
 -- catalog rather than by version: databases of earlier builds of version 10 have the old one.
-DO $$ BEGIN
-    IF EXISTS (SELECT 1 FROM pg_proc p
-               WHERE p.pronamespace = to_regnamespace('engine') AND p.proname = 'function_list'
-                 AND NOT 'config' = ANY (p.proargnames)) THEN
-        DROP FUNCTION engine.function_list(text);
-    END IF;
-END $$;
+SELECT engine.drop_without_argument('{function_list}', 'config');
 
 -- v10 (ctx.logger, #12): runs count the lines ctx.logger emitted at each place after a step
 -- (log_places), not only at the run's tail; suspend_run, finish_run and claim_runs carry them.

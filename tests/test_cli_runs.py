@@ -21,9 +21,12 @@ from engine import Context, Engine, Event, RunStatus, TriggerEvent
 _TERMINAL_HINTS = ("COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
 
 
-def cli(*args: str, url: str | None = None, columns: int | None = None) -> Any:
+def cli(
+    *args: str, url: str | None = None, columns: int | None = None, env_url: str | None = None
+) -> Any:
     """Runs `engine ARGS [--database-url URL]` as a script would: output piped, no
-    $DATABASE_URL (and with ``columns``, $COLUMNS set as a terminal's shell does)."""
+    $DATABASE_URL but ``env_url`` (and with ``columns``, $COLUMNS set as a terminal's shell
+    does)."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -31,6 +34,8 @@ def cli(*args: str, url: str | None = None, columns: int | None = None) -> Any:
     }
     if columns is not None:
         env["COLUMNS"] = str(columns)
+    if env_url is not None:
+        env["DATABASE_URL"] = env_url
     return subprocess.run(
         [sys.executable, "-m", "engine", *args, *(["--database-url", url] if url else [])],
         capture_output=True,
@@ -246,9 +251,17 @@ def test_help_names_the_commands() -> None:
     assert "a new id" in replay
 
 
-async def test_engine_cli_app_is_not_a_worker(database_url: str) -> None:
-    """Reading through the CLI registers no function and leaves no worker behind."""
-    ok(cli("runs", "list", url=database_url))
+async def test_the_database_comes_from_database_url_and_nothing_is_registered(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Without --database-url the commands read $DATABASE_URL (the option wins over it);
+    reading registers no function."""
+    assert ok(cli("runs", "list", env_url=database_url)) == "No runs.\n"
+    nowhere = f"postgresql://postgres@/postgres?host={tmp_path / 'nothing-here'}"
+    assert ok(cli("events", "list", url=database_url, env_url=nowhere)) == "No events.\n"
+    one_line_error(
+        cli("events", "list", env_url=nowhere), 1, f"cannot reach the database at {nowhere}"
+    )
     app = Engine("probe", database_url)
     try:
         assert await app.list_functions(all_apps=True) == []

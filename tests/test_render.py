@@ -205,9 +205,11 @@ def test_steps_table_lists_each_attempt_with_outcome_start_duration_worker_and_e
 def test_pauses_say_what_ended_them() -> None:
     lines = draw(run_view(story(), now=t(20)), width=120)
     pauses = section(lines, "Pauses (4)")
-    assert pauses[2].split() == ["backoff", "fetch-user", "+80ms", "+100ms", "20ms", "time"]
+    assert pauses[2].split() == [
+        "backoff", "fetch-user", "+80ms", "+100ms", "+100ms", "20ms", "time",
+    ]  # fmt: skip
     assert pauses[-1].split() == [
-        "wait", "approval", "+10.4s", "+1h00m", "1.75s", "event", APPROVAL,
+        "wait", "approval", "+10.4s", "+1h00m", "+12.2s", "1.75s", "event", APPROVAL,
     ]  # fmt: skip
 
 
