@@ -21,6 +21,7 @@ from .expressions import Expression
 from .flow import Batch, Concurrency, Debounce, Priority, RateLimit, Singleton, Throttle
 from .function import Function, FunctionInfo, Handler, build_function
 from .records import Limits
+from .retention import DEFAULT_RETENTION, PRUNE_EVERY, retention_option
 from .retries import Backoff
 from .runs import RunInfo, RunPage, RunStatus, run_info_from_row, run_summary_from_row
 from .serialization import dumps, loads
@@ -49,6 +50,14 @@ class Engine:
         trace_payloads: put the triggering event's data, step outputs and the run's output
             (JSON, cut at 4 KiB) on spans. Off by default: they may hold secrets, and spans
             often travel to a third party.
+        retention: how long finished runs (with their steps and history), routed events and
+            spent bookkeeping are kept (on the durable clock) before this app's workers delete
+            them (``"30d"``, a ``timedelta`` or seconds; default 30 days); ``None`` turns
+            automatic pruning off. It applies to the whole database (see
+            ``engine.retention``).
+
+    Raises:
+        ConfigurationError: an option is invalid (a retention of zero or less).
     """
 
     def __init__(
@@ -63,8 +72,10 @@ class Engine:
         pool_size: int = 10,
         command_timeout: float = 60.0,
         trace_payloads: bool = False,
+        retention: Duration | None = DEFAULT_RETENTION,
     ) -> None:
         self.app_id = app_id
+        self.retention = retention_option(retention)
         self.database_url = database_url or os.environ.get("DATABASE_URL")
         self.functions: dict[str, Function] = {}
         self.limits = Limits(
@@ -451,6 +462,7 @@ class Engine:
         listen_check: Duration = "10s",
         inactive_after: Duration | None = None,
         threads: int | None = None,
+        prune_every: Duration = PRUNE_EVERY,
     ) -> AsyncIterator[Worker]:
         """Runs a worker in the background while the block runs; stops it gracefully after.
 
@@ -470,6 +482,7 @@ class Engine:
             listen_check=listen_check,
             inactive_after=inactive_after,
             threads=threads,
+            prune_every=prune_every,
         )
         task = asyncio.create_task(worker.run(), name=f"worker {self.app_id}")
         # A worker that cannot start (no database, no schema) says why here, at once.

@@ -1,4 +1,5 @@
-"""The engine command: dev, worker, migrate and send; runs, events and functions (cli_runs.py).
+"""The engine command: dev, worker, migrate, send and prune; runs, events and functions
+(cli_runs.py).
 
 Exit codes: 0 done; 1 a failure (the database cannot be reached or has no schema, a run or
 event does not exist, a demo failed); 2 bad input (an option, a file or module that cannot be
@@ -20,13 +21,15 @@ import json
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from . import cli_runs, embedded, telemetry
+from . import cli_runs, embedded, retention, telemetry
 from .app import Engine
 from .cli_common import CLI_APP_ID, Failure, UsageError, routing_outcome
 from .cli_common import Formatter as _Formatter
@@ -119,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     _database_option(migrate)
     cli_runs.add_commands(commands)  # runs, events, functions
     _send_parser(commands)
+    _prune_parser(commands)
     return parser
 
 
@@ -176,6 +180,45 @@ def _send_parser(commands: Any) -> None:
     _database_option(send)
 
 
+def _prune_parser(commands: Any) -> None:
+    prune = _command(
+        commands,
+        "prune",
+        "delete finished runs (with their steps and history), routed events and spent"
+        " bookkeeping older than a retention, now, in small batches (workers also do it"
+        " every few minutes); prints the rows deleted by table",
+        _prune,
+    )
+    prune.add_argument(
+        "--older-than", type=_retention, default="30d", help="what ended or arrived before this"
+    )
+    prune.add_argument(
+        "--batch", type=_positive_int, default=retention.PRUNE_BATCH, help="rows per batch"
+    )
+    _database_option(prune)
+
+
+def _retention(text: str) -> str:
+    """A positive duration, or off (also: none)."""
+    if text.strip().lower() in ("off", "none"):
+        return "off"
+    try:
+        retention.retention_option(text)
+    except ConfigurationError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
 def _worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=10, help="runs executed at once")
     parser.add_argument(
@@ -201,6 +244,13 @@ def _worker_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="sync step calls run at once, in the worker's own threads (default: --concurrency)",
+    )
+    parser.add_argument(
+        "--retention",
+        type=_retention,
+        default=None,
+        help="prune finished history older than this (off: never); default: the Engine's"
+        " retention (30d unless it says otherwise)",
     )
 
 
@@ -287,6 +337,10 @@ def _worker(args: argparse.Namespace) -> int:
 async def _run_worker(app: Engine, args: argparse.Namespace, demo: Any = None) -> int:
     """Runs a worker (and the demo); SIGTERM stops it (0), SIGINT too (130), within ``grace``."""
     telemetry.configure_from_environment()
+    if args.retention is not None:  # --retention overrides the Engine's
+        app.retention = retention.retention_option(
+            None if args.retention == "off" else args.retention
+        )
     loop = asyncio.get_running_loop()
     signals: list[signal.Signals] = []
     try:
@@ -331,6 +385,32 @@ def _migrate(args: argparse.Namespace) -> int:
     done = "schema applied" if applied else "schema unchanged, nothing to do"
     print(f"engine migrate: {done}", file=sys.stderr)
     return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    age = retention.retention_option(args.older_than)
+    if age is None:
+        raise UsageError("--older-than off: nothing to prune")
+    url = _database_url(args.database_url)
+    started = time.monotonic()
+    counts = _run(_reaching(url, _prune_database(url, age, args.batch)))
+    for kind, deleted in counts.items():
+        print(f"{kind:<20} {deleted:>12}")
+    total = sum(counts.values())
+    seconds = time.monotonic() - started
+    done = f"deleted {total:,} rows older than {args.older_than} in {seconds:.1f} s"
+    print(f"engine prune: {done} (a run's steps and history go with it)", file=sys.stderr)
+    return 0
+
+
+async def _prune_database(url: str, age: timedelta, batch: int) -> dict[str, int]:
+    db = Database(url, max_size=1)
+    await db.open()
+    try:
+        await db.fetchval("schema_version")  # a clear error if the schema is missing
+        return await retention.prune(db, age, batch=batch)
+    finally:
+        await db.close()
 
 
 def _send(args: argparse.Namespace) -> int:

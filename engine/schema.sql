@@ -263,6 +263,16 @@ SELECT engine.ensure_column('runs', 'log_places', 'jsonb');
 SELECT engine.drop_without_argument('{suspend_run,finish_run}', 'p_log_places');
 SELECT engine.drop_without_argument('{claim_runs}', 'log_places');
 
+-- v10 (retention): engine.prune_registry returns its counts by table (jsonb) instead of a total.
+-- Checked in the catalog: the old signature may exist at any version.
+DO $$ BEGIN
+    IF (SELECT p.prorettype FROM pg_proc p
+        WHERE p.oid = to_regprocedure('engine.prune_registry(interval, integer)')) <> 'jsonb'::regtype
+    THEN
+        DROP FUNCTION engine.prune_registry(interval, integer);
+    END IF;
+END $$;
+
 INSERT INTO engine.meta (key, value) VALUES ('schema_version', '10')
 ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 -- A random id of this database's install, created once (re-applying this file never changes
@@ -2973,31 +2983,67 @@ BEGIN
     RETURN statement_timestamp() + v_new;
 END $$;
 
--- Retention. Deletes, at most p_batch rows of each kind per call (call it until it returns 0, or
--- CALL engine.prune_all, which commits between batches): finished runs (with their steps) and
--- routed events older than p_age, and the bookkeeping that no live work needs any more: expired
--- event ids and idempotency keys, rate-limit entries older than every rate period (and p_age),
--- throttles back at rest, idle concurrency slots, matchers of ended runs, expired workers,
--- functions inactive for longer than p_age with no run left in flight (with their cron
--- schedules), and lock rows nobody uses. Rows are taken with SKIP LOCKED: a prune never waits
--- for a router or a claim, nor makes one wait for long. Returns how many rows it deleted.
-CREATE OR REPLACE FUNCTION engine.prune(p_age interval, p_batch int DEFAULT 5000) RETURNS bigint
+-- ---------------------------------------------------------------------------------------------
+-- Retention. Finished history older than a retention is deleted in small batches, each its own
+-- short transaction (workers prune by themselves: engine/retention.py; `engine prune` and
+-- CALL engine.prune_all do it on demand). A batch is two transactions: prune_history (finished
+-- runs, with their steps, matchers and every other row that references them ON DELETE CASCADE,
+-- and the events nothing needs any more), then prune_bookkeeping (keys, limits, lock rows).
+-- Rows are taken with SKIP LOCKED: a prune never waits for a router or a claim. It locks only
+-- finished runs, which no claim reads, and the bookkeeping rows no live work uses, for the few
+-- milliseconds of its own short transaction.
+-- ---------------------------------------------------------------------------------------------
+-- Which worker prunes: one at a time per database. A worker takes the turn for a pass and renews
+-- it at each batch (a lease in real time, so a dead worker's turn passes on); at the end of its
+-- pass it keeps others from starting another one until p_rest has passed. A lease rather than a
+-- row lock held for the pass: a transaction open for the whole pass would keep VACUUM from
+-- reclaiming what the pass and the workload delete meanwhile.
+CREATE TABLE IF NOT EXISTS engine.pruner (
+    id         int PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    owner      uuid,
+    busy_until timestamptz NOT NULL DEFAULT '-infinity'
+);
+INSERT INTO engine.pruner (id) VALUES (1) ON CONFLICT DO NOTHING;
+
+-- Takes or renews the pruning turn for p_lease; false when another worker holds it (or rests).
+CREATE OR REPLACE FUNCTION engine.prune_turn(p_owner uuid, p_lease interval) RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_now    timestamptz := engine.now();
-    v_cutoff timestamptz := v_now - p_age;
-    v_rate   interval := greatest(p_age, coalesce((
-        SELECT max(make_interval(secs => (f.config -> 'rate_limit' ->> 'period')::float8))
-        FROM engine.functions f WHERE f.config ? 'rate_limit'), '0'));
-    v_count  bigint;
-    v_total  bigint := 0;
+    v_turn engine.pruner;
+BEGIN
+    SELECT * INTO v_turn FROM engine.pruner WHERE id = 1 FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND OR (v_turn.owner IS DISTINCT FROM p_owner
+                     AND v_turn.busy_until > clock_timestamp()) THEN
+        RETURN false;
+    END IF;
+    UPDATE engine.pruner SET owner = p_owner, busy_until = clock_timestamp() + p_lease
+    WHERE id = 1;
+    RETURN true;
+END $$;
+
+-- Ends p_owner's turn: the next pass, any worker's, starts after p_rest.
+CREATE OR REPLACE FUNCTION engine.prune_rest(p_owner uuid, p_rest interval) RETURNS void
+LANGUAGE sql AS $$
+    UPDATE engine.pruner SET owner = NULL, busy_until = clock_timestamp() + p_rest
+    WHERE id = 1 AND owner = p_owner
+$$;
+
+-- One batch of finished history: at most p_batch runs that ended more than p_age ago (on the
+-- durable clock), with everything that references them ON DELETE CASCADE (steps, matchers, the
+-- run's history), then at most p_batch events received more than p_age ago that no run, batch
+-- or queue holds. Returns {"runs": n, "events": n}.
+CREATE OR REPLACE FUNCTION engine.prune_history(p_age interval, p_batch int) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_cutoff timestamptz := engine.now() - p_age;
+    v_runs   bigint;
+    v_events bigint;
 BEGIN
     DELETE FROM engine.runs r WHERE r.id IN (
         SELECT x.id FROM engine.runs x
         WHERE x.status IN ('COMPLETED', 'FAILED', 'CANCELLED', 'SKIPPED') AND x.ended_at < v_cutoff
         LIMIT p_batch FOR UPDATE SKIP LOCKED);
-    GET DIAGNOSTICS v_count = ROW_COUNT;
-    v_total := v_total + v_count;
+    GET DIAGNOSTICS v_runs = ROW_COUNT;
     DELETE FROM engine.events e WHERE e.seq IN (
         SELECT x.seq FROM engine.events x
         WHERE x.received_at < v_cutoff
@@ -3005,58 +3051,64 @@ BEGIN
           AND NOT EXISTS (SELECT 1 FROM engine.batch_events b WHERE b.seq = x.seq)
           AND NOT EXISTS (SELECT 1 FROM engine.event_queue q WHERE q.seq = x.seq)
         LIMIT p_batch FOR UPDATE SKIP LOCKED);
-    GET DIAGNOSTICS v_count = ROW_COUNT;
-    v_total := v_total + v_count;
+    GET DIAGNOSTICS v_events = ROW_COUNT;
+    RETURN jsonb_build_object('runs', v_runs, 'events', v_events);
+END $$;
+
+-- One batch of the bookkeeping no live work needs any more, at most p_batch rows of each kind:
+-- expired event ids and idempotency keys, rate-limit entries older than every rate period (and
+-- p_age), matchers of ended runs, expired workers, functions inactive for longer than p_age with
+-- no run left in flight (with their cron schedules), event-name and flow lock rows nobody uses,
+-- throttles back at rest and idle concurrency slots. The lock rows a router or a claim may
+-- need come last, so the transaction holds them only until its commit, just after.
+-- Returns {"<table>": n, ...}.
+CREATE OR REPLACE FUNCTION engine.prune_bookkeeping(p_age interval, p_batch int) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_now    timestamptz := engine.now();
+    v_rate   interval := greatest(p_age, coalesce((
+        SELECT max(make_interval(secs => (f.config -> 'rate_limit' ->> 'period')::float8))
+        FROM engine.functions f WHERE f.config ? 'rate_limit'), '0'));
+    v_count  bigint;
+    v_counts jsonb := '{}';
+BEGIN
     DELETE FROM engine.event_ids i WHERE i.id IN (
         SELECT x.id FROM engine.event_ids x WHERE x.expires_at < v_now
         LIMIT p_batch FOR UPDATE SKIP LOCKED);
     GET DIAGNOSTICS v_count = ROW_COUNT;
-    v_total := v_total + v_count;
+    v_counts := v_counts || jsonb_build_object('event_ids', v_count);
     DELETE FROM engine.idempotency_keys k WHERE k.key IN (
         SELECT x.key FROM engine.idempotency_keys x WHERE x.expires_at < v_now
         LIMIT p_batch FOR UPDATE SKIP LOCKED);
     GET DIAGNOSTICS v_count = ROW_COUNT;
-    v_total := v_total + v_count;
+    v_counts := v_counts || jsonb_build_object('idempotency_keys', v_count);
     DELETE FROM engine.rate_log l WHERE l.ctid IN (
         SELECT x.ctid FROM engine.rate_log x WHERE x.at < v_now - v_rate
         LIMIT p_batch FOR UPDATE SKIP LOCKED);
     GET DIAGNOSTICS v_count = ROW_COUNT;
-    v_total := v_total + v_count;
-    -- A throttle whose theoretical arrival time passed is as if it had never been used.
-    DELETE FROM engine.throttles t WHERE t.key IN (
-        SELECT x.key FROM engine.throttles x WHERE x.tat < v_now
-        LIMIT p_batch FOR UPDATE SKIP LOCKED);
-    GET DIAGNOSTICS v_count = ROW_COUNT;
-    v_total := v_total + v_count;
-    -- A slot with no permit taken and no run parked on it is recreated when next needed.
-    DELETE FROM engine.concurrency_slots c WHERE c.slot IN (
-        SELECT x.slot FROM engine.concurrency_slots x
-        WHERE x.in_use = 0 AND NOT EXISTS (SELECT 1 FROM engine.runs b WHERE b.blocked_on = x.slot)
-        LIMIT p_batch FOR UPDATE SKIP LOCKED);
-    GET DIAGNOSTICS v_count = ROW_COUNT;
-    v_total := v_total + v_count;
-    v_total := v_total + engine.prune_registry(p_age, p_batch);
-    RETURN v_total;
+    v_counts := v_counts || jsonb_build_object('rate_log', v_count);
+    RETURN v_counts || engine.prune_registry(p_age, p_batch) || engine.prune_locks(p_age, p_batch);
 END $$;
 
--- engine.prune's share for the registry and the lock tables.
-CREATE OR REPLACE FUNCTION engine.prune_registry(p_age interval, p_batch int) RETURNS bigint
+-- prune_bookkeeping's share for the registry: matchers of ended runs, expired workers, functions
+-- long inactive. Returns {"<table>": n, ...}.
+CREATE OR REPLACE FUNCTION engine.prune_registry(p_age interval, p_batch int) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_count bigint;
-    v_total bigint := 0;
+    v_count  bigint;
+    v_counts jsonb := '{}';
 BEGIN
     DELETE FROM engine.matchers m WHERE (m.run_id, m.key) IN (
         SELECT x.run_id, x.key FROM engine.matchers x JOIN engine.runs r ON r.id = x.run_id
         WHERE r.status IN ('COMPLETED', 'FAILED', 'CANCELLED', 'SKIPPED')
         LIMIT p_batch FOR UPDATE OF x SKIP LOCKED);
     GET DIAGNOSTICS v_count = ROW_COUNT;
-    v_total := v_total + v_count;
+    v_counts := v_counts || jsonb_build_object('matchers', v_count);
     DELETE FROM engine.workers w WHERE w.owner IN (
         SELECT x.owner FROM engine.workers x WHERE x.expires_at < now()
         LIMIT p_batch FOR UPDATE SKIP LOCKED);
     GET DIAGNOSTICS v_count = ROW_COUNT;
-    v_total := v_total + v_count;
+    v_counts := v_counts || jsonb_build_object('workers', v_count);
     DELETE FROM engine.functions f WHERE (f.app_id, f.function_id) IN (
         SELECT x.app_id, x.function_id FROM engine.functions x
         WHERE NOT x.active AND x.live_until < now() - p_age
@@ -3065,19 +3117,54 @@ BEGIN
                             AND r.status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING'))
         LIMIT p_batch FOR UPDATE SKIP LOCKED);
     GET DIAGNOSTICS v_count = ROW_COUNT;
-    v_total := v_total + v_count;
+    RETURN v_counts || jsonb_build_object('functions', v_count);
+END $$;
+
+-- prune_bookkeeping's share for the lock rows routers and claims take: event names with no event
+-- and no matcher, flow locks unused for an hour (or p_age if shorter), throttles whose arrival
+-- time passed (as if never used) and concurrency slots with no permit taken and no run parked
+-- on them (each is created again when next needed). Returns {"<table>": n, ...}.
+CREATE OR REPLACE FUNCTION engine.prune_locks(p_age interval, p_batch int) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_now    timestamptz := engine.now();
+    v_count  bigint;
+    v_counts jsonb := '{}';
+BEGIN
     DELETE FROM engine.event_names n WHERE n.name IN (
         SELECT x.name FROM engine.event_names x
         WHERE NOT EXISTS (SELECT 1 FROM engine.events e WHERE e.name = x.name)
           AND NOT EXISTS (SELECT 1 FROM engine.matchers m WHERE m.event_name = x.name)
         LIMIT p_batch FOR UPDATE SKIP LOCKED);
     GET DIAGNOSTICS v_count = ROW_COUNT;
-    v_total := v_total + v_count;
+    v_counts := v_counts || jsonb_build_object('event_names', v_count);
     DELETE FROM engine.flow_locks l WHERE l.key IN (
         SELECT x.key FROM engine.flow_locks x WHERE x.used_at < now() - least(p_age, '1 hour')
         LIMIT p_batch FOR UPDATE SKIP LOCKED);
     GET DIAGNOSTICS v_count = ROW_COUNT;
-    RETURN v_total + v_count;
+    v_counts := v_counts || jsonb_build_object('flow_locks', v_count);
+    DELETE FROM engine.throttles t WHERE t.key IN (
+        SELECT x.key FROM engine.throttles x WHERE x.tat < v_now
+        LIMIT p_batch FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    v_counts := v_counts || jsonb_build_object('throttles', v_count);
+    DELETE FROM engine.concurrency_slots c WHERE c.slot IN (
+        SELECT x.slot FROM engine.concurrency_slots x
+        WHERE x.in_use = 0 AND NOT EXISTS (SELECT 1 FROM engine.runs b WHERE b.blocked_on = x.slot)
+        LIMIT p_batch FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_counts || jsonb_build_object('concurrency_slots', v_count);
+END $$;
+
+-- One batch of everything above, in one transaction (for SQL callers that loop; workers and
+-- `engine prune` commit history and bookkeeping separately). Returns how many rows it deleted.
+CREATE OR REPLACE FUNCTION engine.prune(p_age interval, p_batch int DEFAULT 5000) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_history jsonb := engine.prune_history(p_age, p_batch);
+    v_rest    jsonb := engine.prune_bookkeeping(p_age, p_batch);
+BEGIN
+    RETURN (SELECT sum(c.value::bigint) FROM jsonb_each_text(v_history || v_rest) c);
 END $$;
 
 -- engine.prune until nothing is left to delete, committing after each batch (so no batch holds

@@ -29,6 +29,7 @@ from .listener import Listener
 from .logs import engine_logger
 from .presence import Presence
 from .records import ClaimedRun
+from .retention import PRUNE_EVERY, Pruner
 from .router import RoutedRun, Router
 from .runs import RunStatus
 from .serialization import dumps, loads
@@ -62,6 +63,9 @@ class Worker:
             worker serves for that long goes inactive: new events no longer start runs of it.
         threads: sync step callables executing at once, at most (default: ``concurrency``), in
             the worker's own pool of threads (see ``engine.threads``).
+        prune_every: how often the worker prunes history older than the Engine's ``retention``
+            (the first pass comes shortly after start; one worker of a database prunes at a
+            time; see ``engine.retention``). No pruning when the retention is ``None``.
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class Worker:
         listen_check: Duration = "10s",
         inactive_after: Duration | None = None,
         threads: int | None = None,
+        prune_every: Duration = PRUNE_EVERY,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -93,6 +98,11 @@ class Worker:
         self.executions: dict[UUID, Execution] = {}
         ttl = self.lease * 3 if inactive_after is None else parse_duration(inactive_after)
         self._presence = Presence(engine.app_id, self.owner, list(engine.functions), ttl)
+        self.pruner = (
+            None
+            if engine.retention is None
+            else Pruner(self.owner, engine.retention, every=prune_every)
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         # Notifications only (see _notified): a flood of them, from any role that may NOTIFY,
@@ -154,6 +164,8 @@ class Worker:
             ]
             if metrics.enabled():
                 side.append(group.create_task(self._sample_gauges(), name="gauges"))
+            if self.pruner is not None:
+                side.append(group.create_task(self.pruner.run(db), name="pruner"))
             await self._loop()
             await self._drain()
             for task in side:

@@ -198,3 +198,15 @@ UPDATE engine.clock SET offset_by = $1::interval WHERE singleton RETURNING offse
 
 -- name: note_executing
 SELECT engine.note_executing($1::uuid, $2::uuid, $3, $4::jsonb)
+
+-- name: prune_turn
+SELECT engine.prune_turn($1::uuid, $2::interval)
+
+-- name: prune_rest
+SELECT engine.prune_rest($1::uuid, $2::interval)
+
+-- name: prune_history
+SELECT engine.prune_history($1::interval, $2)
+
+-- name: prune_bookkeeping
+SELECT engine.prune_bookkeeping($1::interval, $2)
