@@ -388,9 +388,10 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    age = retention.retention_option(args.older_than)
-    if age is None:
+    if args.older_than == "off":
         raise UsageError("--older-than off: nothing to prune")
+    age = retention.retention_option(args.older_than)
+    assert age is not None
     url = _database_url(args.database_url)
     started = time.monotonic()
     counts = _run(_reaching(url, _prune_database(url, age, args.batch)))

@@ -3120,8 +3120,8 @@ BEGIN
     RETURN v_counts || jsonb_build_object('functions', v_count);
 END $$;
 
--- prune_bookkeeping's share for the lock rows routers and claims take: event names with no event
--- and no matcher, flow locks unused for an hour (or p_age if shorter), throttles whose arrival
+-- prune_bookkeeping's share for the lock rows routers and claims take: event names with no event,
+-- no matcher and no trigger, flow locks unused for an hour (or p_age if shorter), throttles whose arrival
 -- time passed (as if never used) and concurrency slots with no permit taken and no run parked
 -- on them (each is created again when next needed). Returns {"<table>": n, ...}.
 CREATE OR REPLACE FUNCTION engine.prune_locks(p_age interval, p_batch int) RETURNS jsonb
@@ -3131,10 +3131,16 @@ DECLARE
     v_count  bigint;
     v_counts jsonb := '{}';
 BEGIN
+    -- Not the names of system events (every run's end locks engine/function.finished's row)
+    -- nor those a function is triggered by: a router or a run's end would wait for this
+    -- transaction to recreate them.
     DELETE FROM engine.event_names n WHERE n.name IN (
         SELECT x.name FROM engine.event_names x
-        WHERE NOT EXISTS (SELECT 1 FROM engine.events e WHERE e.name = x.name)
+        WHERE x.name NOT LIKE 'engine/%'
+          AND NOT EXISTS (SELECT 1 FROM engine.events e WHERE e.name = x.name)
           AND NOT EXISTS (SELECT 1 FROM engine.matchers m WHERE m.event_name = x.name)
+          AND NOT EXISTS (SELECT 1 FROM engine.functions f
+                          WHERE f.triggers @> jsonb_build_array(jsonb_build_object('event', x.name)))
         LIMIT p_batch FOR UPDATE SKIP LOCKED);
     GET DIAGNOSTICS v_count = ROW_COUNT;
     v_counts := v_counts || jsonb_build_object('event_names', v_count);
