@@ -132,6 +132,7 @@ class Pruner:
         self.pause = pause
         self.passes = 0  # passes this worker made (observability, tests)
         self.skipped = 0  # passes skipped: another worker had the turn
+        self.deleted: Counts = {}  # rows this worker's passes deleted, by table
 
     async def run(self, db: Database) -> None:
         """Prunes every ``every`` until cancelled; a pass that fails is logged and the next
@@ -159,8 +160,10 @@ class Pruner:
             total = await prune(
                 db, self.age, batch=self.batch, pause=self.pause, go_on=lambda: self._turn(db)
             )
-            self.passes += 1
             deleted = {kind: n for kind, n in total.items() if n}
+            for kind, n in deleted.items():
+                self.deleted[kind] = self.deleted.get(kind, 0) + n
+            self.passes += 1
             if deleted:
                 seconds = round(time.monotonic() - began, 3)
                 log.info("worker.pruned", deleted=deleted, seconds=seconds)
