@@ -3,7 +3,8 @@
     python bench/prune.py [--finished 100000] [--baseline 20] [--batch 1000] [--pause 0.05]
 
 Fills a database with `--finished` completed runs 40 days old (each with its event, its
-engine/function.finished event and three steps), then runs a steady workload (one worker,
+engine/function.finished event and three steps; plus a tenth as many events that started
+nothing), then runs a steady workload (one worker,
 concurrency 50, a 3-step function, the backlog of queued events kept topped up) and measures
 its steps/s: for `--baseline` seconds with pruning off, then while that worker, its retention
 30 days, prunes the whole backlog in one pass (batches of `--batch` rows, a pause of at least
@@ -52,6 +53,9 @@ INSERT INTO engine.steps (run_id, step_key, position, kind, status, output, crea
 SELECT r.id, s.key, s.position, 'run', 'COMPLETED', '{"ok": true}', r.created_at, r.created_at
 FROM engine.runs r, (VALUES ('a', 0), ('b', 1), ('c', 2)) AS s(key, position)
 WHERE r.app_id = 'old-app';
+INSERT INTO engine.events (id, name, data, ts, received_at)
+SELECT 'unrouted-' || g, 'old/nobody', '{}', now() - interval '40 days', now() - interval '40 days'
+FROM generate_series(1, $1 / 10) g;
 ANALYZE;
 """
 APP = "bench-prune"

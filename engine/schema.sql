@@ -3030,28 +3030,51 @@ $$;
 
 -- One batch of finished history: at most p_batch runs that ended more than p_age ago (on the
 -- durable clock), with everything that references them ON DELETE CASCADE (steps, matchers, the
--- run's history), then at most p_batch events received more than p_age ago that no run, batch
--- or queue holds. Returns {"runs": n, "events": n}.
+-- run's history) and their own events (the trigger and the engine/function.* events of their
+-- end, whose id is the run's) once nothing else holds them; then, when no such run is left, at
+-- most p_batch other events received more than p_age ago that no run, batch or queue holds
+-- (events that started nothing). Events go with their runs rather than by a scan of old
+-- events, which would read past every old event whose run is still there, batch after batch.
+-- Returns {"runs": n, "events": n}.
 CREATE OR REPLACE FUNCTION engine.prune_history(p_age interval, p_batch int) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     v_cutoff timestamptz := engine.now() - p_age;
     v_runs   bigint;
+    v_seqs   bigint[];
+    v_ids    text[];
     v_events bigint;
+    v_count  bigint;
 BEGIN
-    DELETE FROM engine.runs r WHERE r.id IN (
-        SELECT x.id FROM engine.runs x
-        WHERE x.status IN ('COMPLETED', 'FAILED', 'CANCELLED', 'SKIPPED') AND x.ended_at < v_cutoff
-        LIMIT p_batch FOR UPDATE SKIP LOCKED);
-    GET DIAGNOSTICS v_runs = ROW_COUNT;
+    WITH gone AS (
+        DELETE FROM engine.runs r WHERE r.id IN (
+            SELECT x.id FROM engine.runs x
+            WHERE x.status IN ('COMPLETED', 'FAILED', 'CANCELLED', 'SKIPPED')
+              AND x.ended_at < v_cutoff
+            LIMIT p_batch FOR UPDATE SKIP LOCKED)
+        RETURNING r.id, r.event_seq)
+    SELECT count(*), array_agg(DISTINCT g.event_seq), array_agg(g.id::text)
+    INTO v_runs, v_seqs, v_ids FROM gone g;
     DELETE FROM engine.events e WHERE e.seq IN (
         SELECT x.seq FROM engine.events x
-        WHERE x.received_at < v_cutoff
+        WHERE (x.seq = ANY (v_seqs) OR (x.id = ANY (v_ids) AND x.name LIKE 'engine/function.%'))
+          AND x.received_at < v_cutoff
           AND NOT EXISTS (SELECT 1 FROM engine.runs r WHERE r.event_seq = x.seq)
           AND NOT EXISTS (SELECT 1 FROM engine.batch_events b WHERE b.seq = x.seq)
           AND NOT EXISTS (SELECT 1 FROM engine.event_queue q WHERE q.seq = x.seq)
-        LIMIT p_batch FOR UPDATE SKIP LOCKED);
+        FOR UPDATE SKIP LOCKED);
     GET DIAGNOSTICS v_events = ROW_COUNT;
+    IF v_runs < p_batch THEN
+        DELETE FROM engine.events e WHERE e.seq IN (
+            SELECT x.seq FROM engine.events x
+            WHERE x.received_at < v_cutoff
+              AND NOT EXISTS (SELECT 1 FROM engine.runs r WHERE r.event_seq = x.seq)
+              AND NOT EXISTS (SELECT 1 FROM engine.batch_events b WHERE b.seq = x.seq)
+              AND NOT EXISTS (SELECT 1 FROM engine.event_queue q WHERE q.seq = x.seq)
+            LIMIT p_batch FOR UPDATE SKIP LOCKED);
+        GET DIAGNOSTICS v_count = ROW_COUNT;
+        v_events := v_events + v_count;
+    END IF;
     RETURN jsonb_build_object('runs', v_runs, 'events', v_events);
 END $$;
 

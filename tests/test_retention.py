@@ -378,6 +378,32 @@ async def test_a_pruned_run_leaves_no_row_in_any_table_keyed_by_its_run_id(
     assert await rows_of_old() == dict.fromkeys(tables, 0)
 
 
+async def test_a_runs_events_go_with_it_in_the_same_batch(make_engine: Any, sql: Any) -> None:
+    """A history batch deletes the events of the runs it deletes (the trigger and the
+    engine/function.finished of each), not old events in general: a backlog of old runs never
+    makes a batch read past their events."""
+    app = app_with_work(make_engine, retention=None)
+    async with app.worker():
+        old = await finished_runs(app, 3)
+        [unrouted] = await app.send(Event(name="kept/nobody"))  # starts nothing
+        await eventually(lambda: sql.fetchval("SELECT count(*) = 0 FROM engine.event_queue"))
+    await move_clock(sql, timedelta(days=31))
+    of_runs = (
+        "SELECT count(*) FROM engine.events e WHERE e.id = ANY ($1::text[])"
+        " OR e.seq IN (SELECT r.event_seq FROM engine.runs r WHERE r.id = ANY ($1::uuid[]))"
+    )
+    assert await sql.fetchval(of_runs, old) == 6
+    counts = await sql.fetchval("SELECT engine.prune_history('30 days', 3)")
+    assert counts == '{"runs": 3, "events": 6}'
+    assert await sql.fetchval(of_runs, old) == 0
+    alone = "SELECT count(*) FROM engine.events WHERE id = $1"
+    assert await sql.fetchval(alone, unrouted) == 1  # a full batch of runs: not yet swept
+    assert await sql.fetchval("SELECT engine.prune_history('30 days', 3)") == (
+        '{"runs": 0, "events": 1}'
+    )
+    assert await sql.fetchval(alone, unrouted) == 0
+
+
 # -- the command line -----------------------------------------------------------------------------
 async def test_engine_prune_deletes_now_and_says_what(
     make_engine: Any, sql: Any, database_url: str, tmp_path: Any
