@@ -8,7 +8,8 @@ nothing), then runs a steady workload (one worker,
 concurrency 50, a 3-step function, the backlog of queued events kept topped up) and measures
 its steps/s: for `--baseline` seconds with pruning off, then while that worker, its retention
 30 days, prunes the whole backlog in one pass (batches of `--batch` rows, a pause of at least
-`--pause` s, else as long as the batch took, after each). Prints both figures and their ratio,
+`--pause` s, else as long as the batch took, after each), then again without pruning. Prints
+the figures and the ratio of the one while pruning to the mean of the two others,
 how long the pass took and what it deleted, and writes them to bench/results/prune.json.
 `--finished 1000000` is the README's figure (its fill takes a few minutes).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import tempfile
@@ -84,13 +86,27 @@ def workload(url: str, retention: str | None) -> Engine:
     return app
 
 
-async def keep_fed(app: Engine, conn: asyncpg.Connection) -> None:
-    """Keeps about BACKLOG events queued: a steady load whatever the worker's pace."""
-    while True:
-        queued = await conn.fetchval("SELECT count(*) FROM engine.event_queue")
-        if queued < BACKLOG:
-            await app.send([Event(name="bench/prune") for _ in range(BACKLOG - queued)])
-        await asyncio.sleep(0.05)
+async def keep_fed(app: Engine, url: str) -> None:
+    """Keeps about BACKLOG events queued: a steady load whatever the worker's pace (on a
+    connection of its own: the measuring one is used meanwhile)."""
+    conn = await asyncpg.connect(url)
+    try:
+        while True:
+            queued = await conn.fetchval("SELECT count(*) FROM engine.event_queue")
+            if queued < BACKLOG:
+                await app.send([Event(name="bench/prune") for _ in range(BACKLOG - queued)])
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+
+
+async def stop_feeding(feeder: asyncio.Task[None]) -> None:
+    """Stops the feeder; raises what stopped it if it died (the figures would be wrong)."""
+    if feeder.done():
+        feeder.result()
+    feeder.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await feeder
 
 
 async def completed(conn: asyncpg.Connection) -> int:
@@ -104,12 +120,12 @@ async def baseline(url: str, seconds: float) -> float:
     app = workload(url, None)
     conn = await asyncpg.connect(url)
     async with app.worker(concurrency=50):
-        feeder = asyncio.create_task(keep_fed(app, conn))
+        feeder = asyncio.create_task(keep_fed(app, url))
         await asyncio.sleep(3)
         before, began = await completed(conn), time.perf_counter()
         await asyncio.sleep(seconds)
         rate = 3 * (await completed(conn) - before) / (time.perf_counter() - began)
-        feeder.cancel()
+        await stop_feeding(feeder)
     await conn.close()
     await app.close()
     return rate
@@ -124,17 +140,22 @@ async def while_pruning(url: str, batch: int, pause: float) -> dict[str, Any]:
     worker.pruner.batch, worker.pruner.pause = batch, pause
     task = asyncio.create_task(worker.run())
     await worker.started()
-    feeder = asyncio.create_task(keep_fed(app, conn))
+    feeder = asyncio.create_task(keep_fed(app, url))
     # the pass starts 10 s after the worker (warm-up included): measured from its turn
     turn = "SELECT owner FROM engine.pruner"
     while await conn.fetchval(turn) != worker.owner:  # noqa: ASYNC110 - polls the database
         await asyncio.sleep(0.01)
     before, began = await completed(conn), time.perf_counter()
-    while worker.pruner.passes == 0 and not task.done():  # noqa: ASYNC110
+    shown = began
+    while worker.pruner.passes == 0 and not task.done():
         await asyncio.sleep(0.05)
+        if time.perf_counter() - shown >= 10:
+            shown = time.perf_counter()
+            done = await completed(conn) - before
+            print(f"  {shown - began:5.0f} s: {done:,} workload runs completed", flush=True)
     seconds = time.perf_counter() - began
     rate = 3 * (await completed(conn) - before) / seconds
-    feeder.cancel()
+    await stop_feeding(feeder)
     worker.stop()
     await task
     await conn.close()
@@ -158,20 +179,30 @@ async def main() -> None:
     without = await baseline(url, args.baseline)
     print(f"without pruning: {without:,.0f} steps/s", flush=True)
     during = await while_pruning(url, args.batch, args.pause)
-    ratio = during["steps_per_s"] / without
     rows = sum(during["deleted"].values())
     print(
-        f"while pruning:   {during['steps_per_s']:,.0f} steps/s (ratio {ratio:.2f});"
-        f" the pass took {during['prune_seconds']:.1f} s for {rows:,} rows"
-        f" ({rows / during['prune_seconds']:,.0f} rows/s, steps not counted): {during['deleted']}"
+        f"while pruning:   {during['steps_per_s']:,.0f} steps/s; the pass took"
+        f" {during['prune_seconds']:.1f} s for {rows:,} rows"
+        f" ({rows / during['prune_seconds']:,.0f} rows/s, steps not counted): {during['deleted']}",
+        flush=True,
     )
+    after = await baseline(url, args.baseline)
+    ratio = during["steps_per_s"] / ((without + after) / 2)
+    print(f"after pruning:   {after:,.0f} steps/s")
+    print(f"ratio: while pruning / without (mean of before and after) = {ratio:.2f}")
     left = await asyncpg.connect(url)
     try:
         old = await left.fetchval("SELECT count(*) FROM engine.runs WHERE app_id = 'old-app'")
     finally:
         await left.close()
     print(f"old runs left: {old}")
-    figures = {"without_steps_per_s": without, **during, "ratio": ratio, "old_runs_left": old}
+    figures = {
+        "without_steps_per_s": without,
+        "after_steps_per_s": after,
+        **during,
+        "ratio": ratio,
+        "old_runs_left": old,
+    }
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     result = {**await core.environment(server), "args": vars(args), "figures": figures}

@@ -153,7 +153,7 @@ class Pruner:
         """One pass, if this worker gets the turn; the rows deleted by kind (None: skipped)."""
         if not await self._turn(db):
             self.skipped += 1
-            log.debug("worker.prune_skipped", reason="another worker is pruning")
+            log.debug("worker.prune_skipped", reason="another worker pruned or is pruning")
             return None
         try:
             began = time.monotonic()

@@ -1,7 +1,8 @@
 """The worker: one explicit loop that routes events and claims runs, with named side tasks.
 
-Side tasks run in an ``asyncio.TaskGroup``: the listener (NOTIFY wake-ups) and the heartbeat
-(lease renewal, cancel and lost-lease detection). If one dies, the worker stops loudly.
+Side tasks run in an ``asyncio.TaskGroup``: the listener (NOTIFY wake-ups), the heartbeat
+(lease renewal, cancel and lost-lease detection) and, unless the Engine's retention is None,
+the pruner (``engine.retention``). If one dies, the worker stops loudly.
 
 The loop wakes on a notification, on a freed slot, on the local timer armed for the earliest due
 time it knows (a sleep or a backoff coming due), and at least every ``poll_interval`` (the safety
