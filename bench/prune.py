@@ -3,8 +3,8 @@
     python bench/prune.py [--finished 100000] [--baseline 20] [--batch 1000] [--pause 0.05]
 
 Fills a database with `--finished` completed runs 40 days old (each with its event, its
-engine/function.finished event and three steps; plus a tenth as many events that started
-nothing), then runs a steady workload (one worker,
+engine/function.finished event, three steps and its execution; plus a tenth as many events
+that started nothing), then runs a steady workload (one worker,
 concurrency 50, a 3-step function, the backlog of queued events kept topped up) and measures
 its steps/s: for `--baseline` seconds with pruning off, then while that worker, its retention
 30 days, prunes the whole backlog in one pass (batches of `--batch` rows, a pause of at least
@@ -51,10 +51,15 @@ INSERT INTO engine.events (id, name, data, ts, received_at)
 SELECT r.id::text, 'engine/function.finished', jsonb_build_object('run_id', r.id), r.ended_at,
        r.ended_at
 FROM engine.runs r WHERE r.app_id = 'old-app';
-INSERT INTO engine.steps (run_id, step_key, position, kind, status, output, created_at, ended_at)
-SELECT r.id, s.key, s.position, 'run', 'COMPLETED', '{"ok": true}', r.created_at, r.created_at
+INSERT INTO engine.steps (run_id, step_key, position, kind, status, output, created_at, ended_at,
+                          started_at, worker)
+SELECT r.id, s.key, s.position, 'run', 'COMPLETED', '{"ok": true}', r.created_at, r.created_at,
+       r.created_at, '00000000-0000-0000-0000-000000000001'
 FROM engine.runs r, (VALUES ('a', 0), ('b', 1), ('c', 2)) AS s(key, position)
 WHERE r.app_id = 'old-app';
+INSERT INTO engine.run_executions (run_id, lease_token, worker, claimed_at, ended_at, outcome)
+SELECT r.id, 1, '00000000-0000-0000-0000-000000000001', r.created_at, r.ended_at, 'COMPLETED'
+FROM engine.runs r WHERE r.app_id = 'old-app';
 INSERT INTO engine.events (id, name, data, ts, received_at)
 SELECT 'unrouted-' || g, 'old/nobody', '{}', now() - interval '40 days', now() - interval '40 days'
 FROM generate_series(1, $1 / 10) g;
