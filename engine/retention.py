@@ -45,7 +45,7 @@ FIRST_PASS_AFTER = 10.0  # seconds (or ``every`` if shorter)
 PRUNE_BATCH = 1000  # rows of each kind per batch
 PRUNE_PAUSE = 0.05  # seconds after a batch, at least (else as long as the batch took)
 TURN_LEASE = timedelta(minutes=2)  # a pass whose worker died passes its turn on after this
-RELEASE_TIMEOUT = 1.0  # seconds a stopping pass gives to handing its turn back
+RELEASE_TIMEOUT = 3.0  # seconds a stopping pass gives to handing its turn back
 
 Counts = dict[str, int]
 

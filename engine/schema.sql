@@ -2993,6 +2993,13 @@ END $$;
 -- finished runs, which no claim reads, and the bookkeeping rows no live work uses, for the few
 -- milliseconds of its own short transaction.
 -- ---------------------------------------------------------------------------------------------
+-- Finished runs by end: a batch takes the oldest through it. Without it, every batch (and the
+-- first batch of every pass, when nothing is old yet) scans the runs still within the retention.
+-- The claim never reads it; a run's end adds one entry.
+SELECT engine.ensure_index('runs_ended_idx', $index$
+CREATE INDEX IF NOT EXISTS runs_ended_idx ON engine.runs (ended_at)
+    WHERE status IN ('COMPLETED', 'FAILED', 'CANCELLED', 'SKIPPED')$index$);
+
 -- Which worker prunes: one at a time per database. A worker takes the turn for a pass and renews
 -- it at each batch (a lease in real time, so a dead worker's turn passes on); at the end of its
 -- pass it keeps others from starting another one until p_rest has passed. A lease rather than a
@@ -3051,7 +3058,7 @@ BEGIN
             SELECT x.id FROM engine.runs x
             WHERE x.status IN ('COMPLETED', 'FAILED', 'CANCELLED', 'SKIPPED')
               AND x.ended_at < v_cutoff
-            LIMIT p_batch FOR UPDATE SKIP LOCKED)
+            ORDER BY x.ended_at LIMIT p_batch FOR UPDATE SKIP LOCKED)
         RETURNING r.id, r.event_seq)
     SELECT count(*), array_agg(DISTINCT g.event_seq), array_agg(g.id::text)
     INTO v_runs, v_seqs, v_ids FROM gone g;
