@@ -118,16 +118,18 @@ def worktree(ref: str, scratch: Path) -> Path:
     return path
 
 
-async def _create_database(server: str, name: str) -> None:
+async def _create_database(server: str, name: str, async_commit: bool) -> None:
     admin = await asyncpg.connect(server)
     await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
     await admin.execute(f'CREATE DATABASE "{name}"')
+    if async_commit:  # no WAL flush per commit: what is left is CPU and WAL volume
+        await admin.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
     await admin.close()
 
 
-def fresh_database(server: str, name: str, code: Path) -> str:
+def fresh_database(server: str, name: str, code: Path, async_commit: bool) -> str:
     """A new database with the schema of the version in ``code``."""
-    asyncio.run(_create_database(server, name))
+    asyncio.run(_create_database(server, name, async_commit))
     url = server.replace("/postgres?", f"/{name}?")
     env = {**os.environ, "PYTHONPATH": str(code)}
     migrate = [sys.executable, "-m", "engine", "migrate", "--database-url", url]
@@ -157,6 +159,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--runs", type=int, default=600)
+    parser.add_argument(
+        "--async-commit",
+        action="store_true",
+        help="synchronous_commit off: leaves out the disk's flush time, which varies most on"
+        " a shared machine, so that the CPU and WAL the history adds stand out",
+    )
     args = parser.parse_args()
 
     from engine.embedded import _stop_postmaster, data_directory, start
@@ -169,7 +177,7 @@ def main() -> None:
     try:
         for repeat in range(args.repeat):
             for label, code in versions.items():
-                url = fresh_database(server, f"bench_{label}_{repeat}", code)
+                url = fresh_database(server, f"bench_{label}_{repeat}", code, args.async_commit)
                 results[label].append(measure(code, url, args.steps, args.runs))
                 print(f"{label} #{repeat + 1}: {results[label][-1]}", flush=True)
     finally:

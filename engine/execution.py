@@ -69,7 +69,7 @@ from .replay import History, Recorded, start_branch
 from .retries import Backoff
 from .runlocal import RunLogger, current_step, structlog_logger
 from .runs import RunStatus, run_info_from_row
-from .serialization import NotSerializable, dumps, loads, stored_size, text_problem
+from .serialization import NotSerializable, dumps, dumps_plain, loads, stored_size, text_problem
 from .threads import StepThreads
 
 HAND_BACK_PATIENCE = 300.0  # seconds a worker keeps trying to hand back a cut-off run
@@ -356,7 +356,7 @@ class Execution:
     ) -> str:
         """One item of a batched write for this run (JSON text: step records, outputs and
         errors are pre-encoded JSON and spliced in as they are)."""
-        head = dumps(
+        head = dumps_plain(
             {
                 "run": str(self.run.run_id),
                 "owner": str(self.owner),

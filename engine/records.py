@@ -17,7 +17,7 @@ from uuid import UUID
 from .errors import ConfigurationError, EngineError
 from .events import Event, event_from_row
 from .runs import RunStatus
-from .serialization import dumps, loads
+from .serialization import dumps_plain, loads
 
 if TYPE_CHECKING:
     from .function import Function
@@ -111,7 +111,7 @@ class StepRecord:
 
     def to_json(self, output_json: str | None = None) -> str:
         """The JSON argument of ``engine.checkpoint_step``; ``output_json`` is pre-encoded."""
-        head = dumps(
+        head = dumps_plain(
             {
                 "key": self.key,
                 "position": self.position,

@@ -98,23 +98,25 @@ def step_span(
         "engine.step_id": step_key,
         "engine.attempt": attempt,
     }
-    with (
-        tracer.start_as_current_span(f"step {step_key}", attributes=attributes) as span,
-        _bound_trace_ids(span),
-        structlog.contextvars.bound_contextvars(step_id=step_key, attempt=attempt),
-    ):
-        yield span
+    with tracer.start_as_current_span(f"step {step_key}", attributes=attributes) as span:
+        # One binding per step (it costs more than the rest of the span when nothing records):
+        # the step's own span id only when it has one; a span that records nothing shares its
+        # execution's ids, bound already.
+        ids = _trace_ids(span) if span.is_recording() else {}
+        with structlog.contextvars.bound_contextvars(step_id=step_key, attempt=attempt, **ids):
+            yield span
+
+
+def _trace_ids(span: trace.Span) -> dict[str, str]:
+    ids = span.get_span_context()
+    if not ids.is_valid:
+        return {}
+    return {"trace_id": format(ids.trace_id, "032x"), "span_id": format(ids.span_id, "016x")}
 
 
 @contextmanager
 def _bound_trace_ids(span: trace.Span) -> Iterator[None]:
-    ids = span.get_span_context()
-    if not ids.is_valid:
-        yield
-        return
-    with structlog.contextvars.bound_contextvars(
-        trace_id=format(ids.trace_id, "032x"), span_id=format(ids.span_id, "016x")
-    ):
+    with structlog.contextvars.bound_contextvars(**_trace_ids(span)):
         yield
 
 
