@@ -475,13 +475,16 @@ class Worker:
 
     async def _renew_leases(self) -> None:
         db = await self.engine.database()
-        held = list(self.executions)
-        executing = {str(run_id): ex.executing_report() for run_id, ex in self.executions.items()}
-        rows = await db.fetch("heartbeat", self.owner, self.lease, held, dumps(executing))
+        held = dict(self.executions)
+        executing = {str(run_id): ex.executing_report() for run_id, ex in held.items()}
+        rows = await db.fetch("heartbeat", self.owner, self.lease, list(held), dumps(executing))
         renewed = {row["id"]: row for row in rows}
-        for run_id in held:
-            ex = self.executions.get(run_id)
-            if ex is None:
+        for run_id, ex in held.items():
+            if self.executions.get(run_id) is not ex:
+                # The execution this beat was about ended while it was in flight, and the run
+                # may have been claimed again since (a short sleep, a wait that timed out): the
+                # database saw it between two claims, unleased, which says nothing about the
+                # new execution's lease.
                 continue
             row = renewed.get(run_id)
             if row is None:

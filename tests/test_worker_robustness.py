@@ -15,7 +15,9 @@ import traceback
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 from helpers import (
@@ -326,5 +328,63 @@ async def test_a_stale_heartbeat_never_hides_a_step_noted_since(make_engine: Any
             older,
         )
         assert '"held"' in await sql.fetchval(noted, run_id)
+        release.set()
+        assert (await app.wait_for_run(run_id)).status is RunStatus.COMPLETED
+
+
+async def test_a_heartbeat_never_calls_lost_a_run_claimed_again_during_its_round_trip(
+    make_engine: Any, sql: Any, database_url: str
+) -> None:
+    """A heartbeat is about the executions it saw when it left. If one of them ended while the
+    beat was in flight and the run was claimed again (a short sleep, a wait that timed out),
+    the database may have seen the run between the two claims, unleased: the beat must not
+    mark the *new* execution lost (CI saw a late write refused with no lease lost)."""
+    app = make_engine()
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def held() -> str:
+        entered.set()
+        await release.wait()
+        return "done"
+
+    @app.create_function("held", trigger=TriggerEvent("t/held"))
+    async def run_held(ctx: Context) -> Any:
+        return await ctx.step.run("held", held)
+
+    # A lease of a minute: no heartbeat of the worker's own runs during the test.
+    async with app.worker(lease="1m") as worker:
+        [event_id] = await app.send(Event(name="t/held"))
+        run_id = await only_run_id(app, event_id)
+        await asyncio.wait_for(entered.wait(), 10)
+        key = UUID(run_id)
+        executing = worker.executions[key]
+        locker = await asyncpg.connect(database_url)
+        try:
+            async with locker.transaction():
+                await locker.execute("SELECT 1 FROM engine.runs WHERE id = $1 FOR UPDATE", key)
+                beat = asyncio.create_task(worker._renew_leases())
+
+                async def beat_waits() -> bool:
+                    return bool(
+                        await sql.fetchval(
+                            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                            " AND query LIKE '%heartbeat%'"
+                        )
+                    )
+
+                await eventually(beat_waits)
+                # The execution the beat saw ends, and the run is between two claims when the
+                # beat reaches it; a new execution of the run has started in the worker.
+                newer = SimpleNamespace(lost=False)
+                worker.executions[key] = newer  # type: ignore[assignment]
+                await locker.execute("UPDATE engine.runs SET lease_owner = NULL WHERE id = $1", key)
+            await beat
+            assert newer.lost is False
+        finally:
+            await locker.execute(
+                "UPDATE engine.runs SET lease_owner = $2 WHERE id = $1", key, worker.owner
+            )
+            await locker.close()
+            worker.executions[key] = executing
         release.set()
         assert (await app.wait_for_run(run_id)).status is RunStatus.COMPLETED
