@@ -210,3 +210,105 @@ SELECT engine.prune_history($1::interval, $2)
 
 -- name: prune_bookkeeping
 SELECT engine.prune_bookkeeping($1::interval, $2)
+
+-- The dashboard's Functions, Workers and Bulk pages (engine/web/overview.py). Reads only, but
+-- for the bulk actions and Invoke, which call the state-changing functions above.
+
+-- name: overview_functions
+-- The registry with each function's live workers and cron schedules (next_at: the tick the
+-- scheduler fires next).
+SELECT f.app_id, f.function_id, f.triggers, f.config, f.active,
+       (SELECT count(*) FROM engine.workers w
+        WHERE w.app_id = f.app_id AND f.function_id = ANY (w.functions)
+          AND w.expires_at > now()) AS workers,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object('cron', c.cron, 'next_at', c.next_at)
+                                  ORDER BY c.cron), '[]')
+        FROM engine.cron_schedules c
+        WHERE c.app_id = f.app_id AND c.function_id = f.function_id) AS crons
+FROM engine.functions f
+WHERE $1::text IS NULL OR f.app_id = $1
+ORDER BY f.app_id, f.function_id
+
+-- name: overview_unfinished
+-- The runs not over, by function, status and why they wait (flow control, or no live worker):
+-- exact counts read through the partial indexes of unfinished runs (runs_due_idx and
+-- runs_leased_idx, as engine.take_gauges does), so finished runs cost nothing however many.
+-- backlog: due and claimed by nobody.
+WITH clock AS (SELECT engine.now() AS now)
+SELECT r.app_id, r.function_id, r.status, engine.flow_reason(r, clock.now) AS flow,
+       r.blocked_on, r.waiting_reason = engine.unserved_reason() AS unserved,
+       count(*) AS runs, max(r.waiting_reason) AS example,
+       count(*) FILTER (WHERE r.status <> 'RUNNING' AND r.due_at <= clock.now) AS backlog,
+       min(r.due_at) FILTER (WHERE r.status <> 'RUNNING' AND r.due_at <= clock.now) AS oldest_due
+FROM engine.runs r, clock
+WHERE (r.status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING') OR r.status = 'RUNNING')
+  AND ($1::text IS NULL OR r.app_id = $1)
+GROUP BY r.app_id, r.function_id, r.status, flow, r.blocked_on, unserved
+
+-- name: overview_recent
+-- Each function's runs created since $2 by status, among its newest $3 at most: a bounded walk
+-- of runs_function_idx per function (counting every finished run of a busy function would read
+-- them all). oldest: the creation time of the oldest run counted.
+SELECT f.app_id, f.function_id, s.status, count(*) AS runs, min(s.created_at) AS oldest
+FROM engine.functions f
+CROSS JOIN LATERAL (
+    SELECT r.status, r.created_at FROM engine.runs r
+    WHERE r.app_id = f.app_id AND r.function_id = f.function_id AND r.created_at >= $2
+    ORDER BY r.created_at DESC
+    LIMIT $3) s
+WHERE $1::text IS NULL OR f.app_id = $1
+GROUP BY f.app_id, f.function_id, s.status
+
+-- name: overview_workers
+-- The workers as their heartbeats left them (alive: not expired; an expired row lasts until the
+-- next sweep), and the durable time leases are measured on.
+SELECT w.owner, w.app_id, w.functions, w.started_at, w.seen_at, w.expires_at,
+       w.expires_at > now() AS alive, engine.now() AS clock
+FROM engine.workers w
+ORDER BY w.app_id, w.started_at, w.owner
+
+-- name: overview_leases
+-- The runs leased to a worker (RUNNING: runs_leased_idx), with the steps executing as the
+-- worker's last heartbeat reported them (a report of an earlier execution, before a takeover,
+-- is not this one's), and when this execution claimed the run.
+SELECT r.id, r.app_id, r.function_id, r.lease_owner, r.lease_token, r.lease_expires_at,
+       r.started_at, r.cancel_requested,
+       CASE WHEN coalesce((r.executing ->> 'token')::bigint, r.lease_token) = r.lease_token
+            THEN engine.executing_steps(r.executing) ELSE '[]' END AS executing,
+       (SELECT x.claimed_at FROM engine.run_executions x
+        WHERE x.run_id = r.id AND x.lease_token = r.lease_token) AS claimed_at
+FROM engine.runs r
+WHERE r.status = 'RUNNING'
+ORDER BY r.lease_owner, r.lease_expires_at, r.id
+LIMIT $1
+
+-- name: bulk_preview
+-- How many runs a bulk action's filter matches (the filter of run_summaries), counting at most
+-- $7 of them newest first, with how many of those are not over yet.
+SELECT count(*) AS runs,
+       count(*) FILTER (WHERE m.status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING',
+                                           'WAITING')) AS not_over
+FROM (
+    SELECT r.status FROM engine.runs r JOIN engine.events e ON e.seq = r.event_seq
+    WHERE ($1::text IS NULL OR r.app_id = $1) AND ($2::text IS NULL OR r.function_id = $2)
+      AND ($3::text[] IS NULL OR r.status = ANY ($3)) AND ($4::text IS NULL OR e.name = $4)
+      AND ($5::timestamptz IS NULL OR r.created_at >= $5)
+      AND ($6::timestamptz IS NULL OR r.created_at < $6)
+    ORDER BY r.created_at DESC, r.id DESC
+    LIMIT $7) m
+
+-- name: rerun_many
+SELECT engine.rerun(r, NULL) AS id FROM unnest($1::uuid[]) WITH ORDINALITY AS x (r, n) ORDER BY n
+
+-- name: function_config
+SELECT config FROM engine.functions WHERE app_id = $1 AND function_id = $2
+
+-- name: insert_invoked_event
+-- The event of a run started from the dashboard's Invoke (no parent run: see engine.invoke).
+INSERT INTO engine.events (id, name, data, ts, received_at, traceparent)
+VALUES ($1, 'engine/function.invoked', $2::jsonb, engine.now(), engine.now(), $3)
+RETURNING seq
+
+-- name: insert_invoked_run
+SELECT r.id, r.status, r.waiting_reason
+FROM engine.insert_run($1, $2, $3, NULL, NULL, $4, $5::jsonb, engine.now()) r
