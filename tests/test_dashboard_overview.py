@@ -204,7 +204,7 @@ async def test_workers_show_their_leases_and_the_steps_executing(
     reported executing; a run leased to a worker that is gone is listed apart."""
     app, gate = make_engine("shop"), asyncio.Event()
     _shop(app, gate)
-    async with app.worker(poll_interval="50ms", lease="900ms") as worker:
+    async with app.worker(poll_interval="50ms", lease="3s") as worker:
         [event_id] = await app.send(Event(name="shop/hold"))
         [run] = await app.runs_for_event(event_id, at_least=1)
 
