@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,7 @@ import asyncpg
 
 from engine import Context, Engine, Event, TriggerEvent
 from engine.db import Database
-from engine.embedded import start
+from engine.embedded import _stop_postmaster, data_directory, start
 from engine.logs import configure_logging
 
 _repeat = itertools.count()
@@ -200,6 +203,20 @@ async def environment(url: str) -> dict[str, Any]:
         "postgres": await settings(url),
         "packages": packages,
     }
+
+
+@contextlib.contextmanager
+def scratch_server(prefix: str) -> Iterator[str]:
+    """An embedded server in a new folder under /tmp, for one benchmark: stopped and its folder
+    removed when the block ends (a million runs leave gigabytes behind otherwise)."""
+    scratch = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(scratch, 0o755)  # the embedded server may run as another user
+    try:
+        url, _server = start(scratch / "pg")
+        yield url
+    finally:
+        _stop_postmaster(data_directory(scratch / "pg"))
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def summarize(samples: list[dict[str, float]]) -> dict[str, dict[str, float]]:
