@@ -1,0 +1,271 @@
+"""The engine's headline figures as ratios to what PostgreSQL itself does on the same server,
+measured back to back in one run (issue #17).
+
+    python bench/ratios.py [--repeat 5] [--steps 1000] [--events 200] [--runs 3000]
+
+These shared machines vary three- to fourfold in speed from day to day; a ratio taken in one
+run does not. Each repeat measures every floor and then every engine figure, on a fresh
+database each, so that a slow spell of the machine hits both sides of a ratio; the table gives
+the median of the repeats with min and max, and each ratio is taken within its repeat.
+
+Floors (plain asyncpg, no engine code):
+- commit: one client committing a step-shaped transaction (an INSERT of a small JSON row);
+- notify: an INSERT and a NOTIFY committed by one connection, until a LISTEN on another
+  connection receives it;
+- tps: 16 clients committing step-shaped transactions, transactions per second.
+
+Engine (the worker in this process, durable settings: fsync and synchronous_commit on):
+- step: one run of N trivial sequential steps, wall time per step, and this process's CPU
+  time per step (the Python the engine spends, the server's excluded);
+- start: ``app.send()`` called -> the first step's callable runs, events sent one at a time;
+- throughput: N three-step runs, one worker (concurrency 50): steps/s, and CPU time per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+sys.path.insert(0, str(Path(__file__).parent))
+from core import environment, fresh_database, percentile
+
+from engine import Context, Engine, Event, TriggerEvent
+from engine.db import Database
+from engine.embedded import _stop_postmaster, data_directory, start
+from engine.logs import configure_logging
+
+STEP_ROW = '{"output": {"ok": true}, "step": "charge-card", "attempt": 1}'
+TPS_CLIENTS = 16
+
+
+# -- floors ----------------------------------------------------------------------------------------
+async def _step_table(conn: asyncpg.Connection) -> None:
+    await conn.execute("CREATE TABLE IF NOT EXISTS floor_steps (id bigserial PRIMARY KEY, v jsonb)")
+
+
+async def floor_commit(url: str, commits: int = 500) -> dict[str, float]:
+    conn = await asyncpg.connect(url)
+    try:
+        await _step_table(conn)
+        began = time.perf_counter()
+        for _ in range(commits):
+            await conn.execute("INSERT INTO floor_steps (v) VALUES ($1::jsonb)", STEP_ROW)
+        return {"commit_ms": (time.perf_counter() - began) * 1000 / commits}
+    finally:
+        await conn.close()
+
+
+async def floor_notify(url: str, samples: int = 200) -> dict[str, float]:
+    listener, sender = await asyncpg.connect(url), await asyncpg.connect(url)
+    received: asyncio.Queue[float] = asyncio.Queue()
+    try:
+        await _step_table(sender)
+        await listener.add_listener("floor", lambda *_: received.put_nowait(time.perf_counter()))
+        times = []
+        for _ in range(samples):
+            began = time.perf_counter()
+            async with sender.transaction():
+                await sender.execute("INSERT INTO floor_steps (v) VALUES ($1::jsonb)", STEP_ROW)
+                await sender.execute("NOTIFY floor")
+            times.append((await received.get() - began) * 1000)
+        return {"notify_ms": statistics.median(times)}
+    finally:
+        await listener.close()
+        await sender.close()
+
+
+async def floor_tps(url: str, seconds: float = 3.0) -> dict[str, float]:
+    setup = await asyncpg.connect(url)
+    await _step_table(setup)
+    await setup.close()
+    deadline = time.perf_counter() + seconds
+
+    async def client() -> int:
+        conn = await asyncpg.connect(url)
+        done = 0
+        try:
+            while time.perf_counter() < deadline:
+                await conn.execute("INSERT INTO floor_steps (v) VALUES ($1::jsonb)", STEP_ROW)
+                done += 1
+        finally:
+            await conn.close()
+        return done
+
+    began = time.perf_counter()
+    counts = await asyncio.gather(*(client() for _ in range(TPS_CLIENTS)))
+    return {"tps": sum(counts) / (time.perf_counter() - began)}
+
+
+# -- the engine ------------------------------------------------------------------------------------
+async def engine_steps(url: str, steps: int) -> dict[str, float]:
+    app = Engine("ratio-steps", url)
+    done = asyncio.Event()
+    cpu: list[float] = []
+
+    @app.create_function("sequential", trigger=TriggerEvent("ratio/steps"))
+    async def sequential(ctx: Context) -> None:
+        began = time.process_time(), time.perf_counter()
+        for i in range(steps):
+            await ctx.step.run(f"s{i}", _nothing)
+        cpu.extend([time.process_time() - began[0], time.perf_counter() - began[1]])
+        done.set()
+
+    app.limits = type(app.limits)(max_steps=steps + 1)
+    async with app.worker():
+        await app.send(Event(name="ratio/steps"))
+        await asyncio.wait_for(done.wait(), 600)
+    await app.close()
+    cpu_s, wall_s = cpu[:2]
+    return {"step_ms": wall_s * 1000 / steps, "step_cpu_ms": cpu_s * 1000 / steps}
+
+
+async def engine_start(url: str, events: int) -> dict[str, float]:
+    app = Engine("ratio-start", url)
+    arrived: dict[int, float] = {}
+    signal = asyncio.Event()
+
+    @app.create_function("first-step", trigger=TriggerEvent("ratio/start"))
+    async def first_step(ctx: Context) -> None:
+        await ctx.step.run("one", _arrive, arrived, ctx.event.data["i"], signal)
+
+    samples = []
+    async with app.worker(concurrency=10):
+        await asyncio.sleep(0.5)  # the worker has claimed its first (empty) batch: steady state
+        for i in range(events):
+            signal.clear()
+            began = time.perf_counter()
+            await app.send(Event(name="ratio/start", data={"i": i}))
+            await asyncio.wait_for(signal.wait(), 30)
+            samples.append((arrived[i] - began) * 1000)
+    await app.close()
+    return {"start_p50_ms": percentile(samples, 0.5), "start_p99_ms": percentile(samples, 0.99)}
+
+
+async def _arrive(arrived: dict[int, float], i: int, signal: asyncio.Event) -> None:
+    arrived.setdefault(i, time.perf_counter())
+    signal.set()
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def engine_throughput(url: str, runs: int) -> dict[str, float]:
+    app = Engine("ratio-throughput", url, pool_size=20)
+
+    @app.create_function("three-steps", trigger=TriggerEvent("ratio/throughput"))
+    async def three_steps(ctx: Context) -> None:
+        for name in ("a", "b", "c"):
+            await ctx.step.run(name, _nothing)
+
+    conn = await asyncpg.connect(url)
+    done = "SELECT count(*) FROM engine.runs WHERE status = 'COMPLETED'"
+    try:
+        async with app.worker(concurrency=50):
+            cpu, began = time.process_time(), time.perf_counter()
+            for offset in range(0, runs, 1000):
+                await app.send([Event(name="ratio/throughput")] * min(1000, runs - offset))
+            while await conn.fetchval(done) < runs:  # noqa: ASYNC110 - polls the database
+                await asyncio.sleep(0.02)
+            elapsed, cpu = time.perf_counter() - began, time.process_time() - cpu
+    finally:
+        await conn.close()
+        await app.close()
+    return {"steps_per_s": 3 * runs / elapsed, "run_cpu_ms": cpu * 1000 / runs}
+
+
+# -- the run ---------------------------------------------------------------------------------------
+RATIOS = (  # (label, engine figure, floor figure, goal, True when the engine's must be lower)
+    ("time per sequential step / commit", "step_ms", "commit_ms", 1.5, True),
+    ("app.send() -> first step, p50 / notify", "start_p50_ms", "notify_ms", 3.0, True),
+    ("steps/s, 3-step runs / 16-client tps", "steps_per_s", "tps", 0.5, False),
+)
+
+
+async def one_repeat(server: str, index: int, args: argparse.Namespace) -> dict[str, float]:
+    figures: dict[str, float] = {}
+    jobs: list[tuple[str, Callable[[str], Awaitable[dict[str, float]]]]] = [
+        ("floor_commit", floor_commit),
+        ("floor_notify", floor_notify),
+        ("floor_tps", floor_tps),
+        ("steps", lambda url: engine_steps(url, args.steps)),
+        ("start", lambda url: engine_start(url, args.events)),
+        ("throughput", lambda url: engine_throughput(url, args.runs)),
+    ]
+    for name, job in jobs:
+        url = await fresh_database(server, f"ratio_{name}_{index}")
+        await Database(url).apply_schema()
+        figures.update(await job(url))
+        await _drop(server, f"ratio_{name}_{index}")
+    return figures
+
+
+async def _drop(server: str, name: str) -> None:
+    admin = await asyncpg.connect(server)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):,.3g} ({min(values):,.3g} - {max(values):,.3g})"
+
+
+def report(repeats: list[dict[str, float]]) -> dict[str, Any]:
+    print(f"\n{len(repeats)} repeats; median (min - max)")
+    for key in repeats[0]:
+        print(f"  {key:16} {spread([r[key] for r in repeats])}")
+    print("\n| figure | engine / floor, median (min - max) | goal | met |")
+    print("|---|---|---|---|")
+    summary: dict[str, Any] = {}
+    for label, mine, floor, goal, lower in RATIOS:
+        ratios = [r[mine] / r[floor] for r in repeats]
+        middle = statistics.median(ratios)
+        met = middle <= goal if lower else middle >= goal
+        bound = "≤" if lower else "≥"
+        print(f"| {label} | {spread(ratios)} | {bound} {goal} | {'yes' if met else 'no'} |")
+        summary[label] = {"median": middle, "min": min(ratios), "max": max(ratios), "met": met}
+    return summary
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--events", type=int, default=200)
+    parser.add_argument("--runs", type=int, default=3000)
+    parser.add_argument("--database-url", help="a server to use instead of an embedded one")
+    args = parser.parse_args()
+    configure_logging("warning")
+    scratch = Path(tempfile.mkdtemp(prefix="engine-ratios-"))
+    server = args.database_url or start(scratch / "pg")[0]
+    try:
+        repeats = []
+        for index in range(args.repeat):
+            repeats.append(await one_repeat(server, index, args))
+            print(f"repeat {index + 1}: {json.dumps(repeats[-1])}", flush=True)
+        summary = report(repeats)
+        out = Path(__file__).parent / "results"
+        out.mkdir(exist_ok=True)
+        result = {**await environment(server), "repeats": repeats, "ratios": summary}
+        (out / "ratios.json").write_text(json.dumps(result, indent=2))
+    finally:
+        if args.database_url is None:  # leaves nothing behind
+            _stop_postmaster(data_directory(scratch / "pg"))
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
