@@ -194,6 +194,10 @@ class Engine:
                 await db.open()
                 self._db = db
                 await db.fetchval("schema_version")  # a clear error if the schema is missing
+            if not self._registered and not self.functions:
+                # Nothing to register (a dashboard's or a command's Engine): no write, so that
+                # an Engine may connect as a role that only reads (engine_reader).
+                self._registered = True
             if not self._registered:
                 now: datetime = await self._db.fetchval("now")
                 entries = dumps([f.registry_entry(now) for f in self.functions.values()])

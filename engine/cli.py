@@ -29,7 +29,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from . import cli_runs, embedded, retention, telemetry
+from . import cli_dashboard, cli_runs, embedded, retention, telemetry
 from .app import Engine
 from .cli_common import CLI_APP_ID, Failure, UsageError, routing_outcome
 from .cli_common import Formatter as _Formatter
@@ -123,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_runs.add_commands(commands)  # runs, events, functions
     _send_parser(commands)
     _prune_parser(commands)
+    cli_dashboard.add_command(commands)
     return parser
 
 
@@ -138,7 +139,8 @@ durable time are undone when it ends. A module without demo() gets a worker that
 Ctrl-C (exit status 130) or SIGTERM (0).
 
 While engine dev runs, DATA_DIR/url holds the server's URL: engine send, worker and migrate
-run in the same folder use it when given no --database-url."""
+run in the same folder use it when given no --database-url; and the dashboard is served at
+http://127.0.0.1:8288 (--port to change it)."""
     dev.add_argument("target", help="a file (examples/quickstart.py) or module[:attribute]")
     dev.add_argument(
         "--data-dir",
@@ -148,6 +150,7 @@ run in the same folder use it when given no --database-url."""
     dev.add_argument(
         "--serve", action="store_true", help="keep the worker running after demo() returns"
     )
+    cli_dashboard.port_option(dev, default_text="default: 8288 (if taken, no dashboard)")
     _worker_options(dev)
 
 
@@ -324,7 +327,7 @@ def _dev(args: argparse.Namespace) -> int:
 
 async def _dev_session(app: Engine, args: argparse.Namespace, demo: Any) -> int:
     await Database(str(app.database_url)).apply_schema()
-    return await _run_worker(app, args, demo)
+    return await _run_worker(app, args, demo, dashboard=True)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -334,8 +337,11 @@ def _worker(args: argparse.Namespace) -> int:
     return code
 
 
-async def _run_worker(app: Engine, args: argparse.Namespace, demo: Any = None) -> int:
-    """Runs a worker (and the demo); SIGTERM stops it (0), SIGINT too (130), within ``grace``."""
+async def _run_worker(
+    app: Engine, args: argparse.Namespace, demo: Any = None, *, dashboard: bool = False
+) -> int:
+    """Runs a worker (and the demo, and the dashboard of ``engine dev``); SIGTERM stops it
+    (0), SIGINT too (130), within ``grace``."""
     telemetry.configure_from_environment()
     if args.retention is not None:  # --retention overrides the Engine's
         app.retention = retention.retention_option(
@@ -344,14 +350,17 @@ async def _run_worker(app: Engine, args: argparse.Namespace, demo: Any = None) -
     loop = asyncio.get_running_loop()
     signals: list[signal.Signals] = []
     try:
-        async with app.worker(
-            concurrency=args.concurrency,
-            lease=args.lease,
-            poll_interval=args.poll_interval,
-            grace=args.grace,
-            listen_check=args.listen_check,
-            threads=args.threads,
-        ) as worker:
+        async with (
+            app.worker(
+                concurrency=args.concurrency,
+                lease=args.lease,
+                poll_interval=args.poll_interval,
+                grace=args.grace,
+                listen_check=args.listen_check,
+                threads=args.threads,
+            ) as worker,
+            _serving(app, args, dashboard),
+        ):
             demo_task = None if demo is None else asyncio.ensure_future(_demo(app, demo))
 
             def stop(sig: signal.Signals) -> None:
@@ -372,6 +381,14 @@ async def _run_worker(app: Engine, args: argparse.Namespace, demo: Any = None) -
         await app.close()
         telemetry.shutdown()
     return INTERRUPTED if signal.SIGINT in signals else 0
+
+
+def _serving(
+    app: Engine, args: argparse.Namespace, dashboard: bool
+) -> contextlib.AbstractAsyncContextManager[None]:
+    if not dashboard:
+        return contextlib.nullcontext()
+    return cli_dashboard.dev_dashboard(app, args.port)
 
 
 async def _demo(app: Engine, demo: Callable[[Engine], Awaitable[Any]]) -> None:

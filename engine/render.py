@@ -446,6 +446,13 @@ class Span:
     end: datetime | None
     glyph: str
     style: str
+    kind: str = ""
+    """What it shows: ``queued``, ``execution``, ``attempt``, ``step`` or a pause's kind
+    (``sleep``, ``wait``, ``invoke``, ``backoff``)."""
+    source: ExecutionInfo | StepInfo | PauseInfo | AttemptInfo | None = None
+    """The record it was drawn from (the dashboard shows its details)."""
+    step: StepInfo | None = None
+    """The step of an attempt."""
 
 
 _EXECUTION, _WORK, _PAUSE, _QUEUED = "━", "█", "░", "·"
@@ -458,18 +465,28 @@ def timeline_spans(run: RunInfo) -> list[Span]:
     spans: list[Span] = []
     first = run.executions[0].claimed_at if run.executions else run.started_at
     if first is not None and first > run.created_at:
-        spans.append(Span("queued", run.created_at, first, _QUEUED, "dim"))
+        spans.append(Span("queued", run.created_at, first, _QUEUED, "dim", "queued"))
     for execution in run.executions:
         label = f"execution {execution.number}" + (" (takeover)" if execution.taken_over else "")
         label += " ✗" if execution.error else ""
-        spans.append(Span(label, execution.claimed_at, execution.ended_at, _EXECUTION, "cyan"))
+        spans.append(
+            Span(
+                label,
+                execution.claimed_at,
+                execution.ended_at,
+                _EXECUTION,
+                "cyan",
+                "execution",
+                execution,
+            )
+        )
     paused = {pause.step_id for pause in run.pauses}
     for step in run.steps:
         spans += _step_spans(step, paused)
     for pause in run.pauses:
         label = f"  {pause.kind} {pause.step_id or '(function)'}"
         style = _PAUSE_STYLES.get(pause.kind, "blue")
-        spans.append(Span(label, pause.began_at, pause.ended_at, _PAUSE, style))
+        spans.append(Span(label, pause.began_at, pause.ended_at, _PAUSE, style, pause.kind, pause))
     order = {_QUEUED: 0, _EXECUTION: 1, _WORK: 2, _PAUSE: 3}
     return sorted(spans, key=lambda span: (span.start, order[span.glyph]))
 
@@ -483,6 +500,9 @@ def _step_spans(step: StepInfo, paused: set[str | None]) -> list[Span]:
                 a.ended_at,
                 _WORK,
                 "green" if a.outcome == "COMPLETED" else "red",
+                "attempt",
+                a,
+                step,
             )
             for a in step.attempts
             if a.started_at is not None
@@ -491,7 +511,8 @@ def _step_spans(step: StepInfo, paused: set[str | None]) -> list[Span]:
         return []
     glyph = _WORK if step.kind in ("run", "send") else _PAUSE
     style = STATUS_STYLES.get(step.status, "") if glyph == _WORK else "blue"
-    return [Span(f"  {step.kind} {step.step_id}", step.created_at, step.ended_at, glyph, style)]
+    label = f"  {step.kind} {step.step_id}"
+    return [Span(label, step.created_at, step.ended_at, glyph, style, "step", step, step)]
 
 
 class Timeline:

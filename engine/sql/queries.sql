@@ -312,3 +312,31 @@ RETURNING seq
 -- name: insert_invoked_run
 SELECT r.id, r.status, r.waiting_reason
 FROM engine.insert_run($1, $2, $3, NULL, NULL, $4, $5::jsonb, engine.now()) r
+
+-- name: dashboard_run_search
+-- The dashboard's search by an expression: a batch of runs newest first with their events
+-- (evaluated in Python), with the filters and keyset of run_summaries.
+SELECT r.id, r.app_id, r.function_id, r.status, r.waiting_reason, r.created_at, r.started_at,
+       r.ended_at, e.id AS event_id, e.name AS event_name,
+       jsonb_build_object('id', e.id, 'name', e.name, 'data', e.data, 'ts', e.ts, 'v', e.v)
+           AS event
+FROM engine.runs r JOIN engine.events e ON e.seq = r.event_seq
+WHERE ($1::text IS NULL OR r.app_id = $1) AND ($2::text IS NULL OR r.function_id = $2)
+  AND ($3::text[] IS NULL OR r.status = ANY ($3)) AND ($4::text IS NULL OR e.name = $4)
+  AND ($5::timestamptz IS NULL OR r.created_at >= $5)
+  AND ($6::timestamptz IS NULL OR r.created_at < $6)
+  AND ($7::timestamptz IS NULL OR (r.created_at, r.id) < ($7, $8::uuid))
+ORDER BY r.created_at DESC, r.id DESC
+LIMIT $9
+
+-- name: dashboard_function_names
+-- The functions the dashboard's filters offer (the registry is small).
+SELECT app_id, function_id, active FROM engine.functions ORDER BY function_id, app_id
+
+-- name: dashboard_event_runs
+-- The runs each listed event started (by event seq), oldest first, at most $2 in all.
+SELECT r.event_seq, r.id, r.app_id, r.function_id, r.status
+FROM engine.runs r
+WHERE r.event_seq = ANY ($1::bigint[])
+ORDER BY r.event_seq DESC, r.created_at, r.id
+LIMIT $2

@@ -1,0 +1,319 @@
+"""The Runs page (a live, filtered list newest first) and the Run page (a run's story as a
+waterfall, with cancel and rerun)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlencode
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+from ..app import Engine
+from ..cursors import parse_run_cursor, run_cursor
+from ..errors import EngineError, ExpressionError, RunNotFoundError
+from ..expressions import Expression
+from ..runs import RunStatus, RunSummary, run_summary_from_row
+from ..serialization import loads
+from .layout import Page, dashboard, form_fields, redirect, render, render_text
+from .timeline import waterfall
+
+PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+# A search by expression reads runs in batches of SEARCH_BATCH and stops a page after
+# SEARCH_SCAN runs whatever it found: a page answers in bounded time, and its cursor goes on
+# from the last run read.
+SEARCH_BATCH = 500
+SEARCH_SCAN = 2000
+RANGES = {"15m": 15 * 60, "1h": 3600, "6h": 6 * 3600, "24h": 86400, "7d": 7 * 86400}
+
+
+@dataclass
+class RunFilters:
+    """What the Runs page shows, from its query string."""
+
+    function: str | None = None
+    statuses: list[str] = field(default_factory=list)
+    event: str | None = None
+    range: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    q: str | None = None
+    cursor: str | None = None
+    limit: int = PAGE_SIZE
+    errors: list[str] = field(default_factory=list)
+
+    def query(self, *, cursor: str | None = None) -> str:
+        """The query string of these filters (with another cursor)."""
+        pairs: list[tuple[str, str]] = []
+        for name in ("function", "event", "range", "q"):
+            value = getattr(self, name)
+            if value:
+                pairs.append((name, value))
+        pairs += [("status", s) for s in self.statuses]
+        for name in ("since", "until"):
+            moment = getattr(self, name)
+            if moment is not None and not self.range:
+                pairs.append((name, moment.strftime("%Y-%m-%dT%H:%M:%S")))
+        if self.limit != PAGE_SIZE:
+            pairs.append(("limit", str(self.limit)))
+        if cursor:
+            pairs.append(("cursor", cursor))
+        return urlencode(pairs)
+
+
+def parse_filters(request: Request, now: datetime) -> RunFilters:
+    """The filters of a request; what cannot be understood is listed in ``errors``."""
+    params = request.query_params
+    found = RunFilters(
+        function=params.get("function") or None,
+        event=params.get("event") or None,
+        q=(params.get("q") or "").strip() or None,
+        cursor=params.get("cursor") or None,
+    )
+    for status in params.getlist("status"):
+        if status in RunStatus.__members__:
+            found.statuses.append(status)
+        elif status:
+            found.errors.append(f"no status {status!r}")
+    _parse_times(found, params.get("range"), params.get("since"), params.get("until"), now)
+    limit = params.get("limit", "")
+    if limit:
+        found.limit = int(limit) if limit.isdigit() and 1 <= int(limit) <= MAX_PAGE_SIZE else 0
+        if not found.limit:
+            found.errors.append(f"a page holds 1 to {MAX_PAGE_SIZE} runs")
+            found.limit = PAGE_SIZE
+    if found.cursor:
+        try:
+            parse_run_cursor(found.cursor)
+        except ValueError:
+            found.errors.append("that page's cursor is not one of this list")
+            found.cursor = None
+    return found
+
+
+def _parse_times(
+    found: RunFilters, span: str | None, since: str | None, until: str | None, now: datetime
+) -> None:
+    if span:
+        if span in RANGES:
+            found.range = span
+            found.since = now - timedelta(seconds=RANGES[span])
+        else:
+            found.errors.append(f"no time range {span!r}")
+        return
+    for name, text in (("since", since), ("until", until)):
+        if not text:
+            continue
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            found.errors.append(f"{name}: {text!r} is not a time (2026-12-02T10:30)")
+            continue
+        setattr(found, name, moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+
+
+@dataclass
+class RunList:
+    """A page of the Runs page."""
+
+    runs: list[RunSummary]
+    cursor: str | None
+    scanned: int | None = None
+    """With a search: the runs read to find these."""
+
+
+async def list_runs(reader: Engine, filters: RunFilters) -> RunList:
+    """The runs the filters choose: a keyset page, or a bounded search by expression."""
+    if filters.q:
+        return await _search(reader, filters, Expression(filters.q, what="search"))
+    page = await reader.list_run_summaries(
+        filters.function,
+        filters.statuses or None,
+        event_name=filters.event,
+        since=filters.since,
+        until=filters.until,
+        limit=filters.limit,
+        cursor=filters.cursor,
+        all_apps=True,
+    )
+    return RunList(page.runs, page.cursor)
+
+
+async def _search(reader: Engine, filters: RunFilters, check: Expression) -> RunList:
+    """Runs whose event matches ``check``, read in keyset batches of the filtered runs, at most
+    ``SEARCH_SCAN`` per page."""
+    db = await reader.database()
+    after: tuple[datetime | None, Any] = (None, None)
+    if filters.cursor:
+        after = parse_run_cursor(filters.cursor)
+    matched: list[RunSummary] = []
+    scanned = 0
+    last: RunSummary | None = None
+    while scanned < SEARCH_SCAN:
+        rows = await db.fetch(
+            "dashboard_run_search",
+            None,
+            filters.function,
+            filters.statuses or None,
+            filters.event,
+            filters.since,
+            filters.until,
+            *after,
+            SEARCH_BATCH,
+        )
+        hits = await asyncio.to_thread(_matching, check, rows)
+        for row, hit in zip(rows, hits, strict=True):
+            scanned += 1
+            last = run_summary_from_row(row)
+            if hit:
+                matched.append(last)
+                if len(matched) == filters.limit:
+                    return RunList(matched, run_cursor(last.created_at, last.run_id), scanned)
+        if len(rows) < SEARCH_BATCH:
+            return RunList(matched, None, scanned)
+        after = (last.created_at, last.run_id) if last else after
+    cursor = None if last is None else run_cursor(last.created_at, last.run_id)
+    return RunList(matched, cursor, scanned)
+
+
+def _matching(check: Expression, rows: list[Any]) -> list[bool]:
+    """Which rows' events match (CEL is evaluated in a thread: a batch takes milliseconds)."""
+    return [check.matches({"event": loads(row["event"])}) for row in rows]
+
+
+async def _function_names(reader: Engine) -> list[str]:
+    rows = await (await reader.database()).fetch("dashboard_function_names")
+    return sorted({row["function_id"] for row in rows})
+
+
+# -- handlers --------------------------------------------------------------------------------------
+async def runs_page(request: Request) -> Response:
+    """``/runs``: the filters, the first rows (live when on the first page) and paging."""
+    board = dashboard(request)
+    filters = parse_filters(request, datetime.now(UTC))
+    listing = RunList([], None)
+    if not filters.errors:
+        try:
+            listing = await list_runs(board.reader, filters)
+        except ExpressionError as error:
+            filters.errors.append(str(error))
+    context = {
+        "title": "Runs",
+        "page": "runs",
+        "filters": filters,
+        "listing": listing,
+        "functions": await _function_names(board.reader),
+        "statuses": list(RunStatus),
+        "ranges": list(RANGES),
+        "several_apps": len({r.app_id for r in listing.runs}) > 1,
+    }
+    return render(request, "runs.html", context, status=400 if filters.errors else 200)
+
+
+async def runs_rows(request: Request) -> Response:
+    """``/runs/rows``: the rows alone (what the live stream sends)."""
+    return render(request, "run_rows.html", await _rows_context(request))
+
+
+async def _rows_context(request: Request) -> dict[str, Any]:
+    filters = parse_filters(request, datetime.now(UTC))
+    filters.cursor = None
+    listing = RunList([], None)
+    if not filters.errors:
+        with contextlib.suppress(ExpressionError):  # the page itself says why
+            listing = await list_runs(dashboard(request).reader, filters)
+    several = len({r.app_id for r in listing.runs}) > 1
+    return {"listing": listing, "several_apps": several}
+
+
+async def runs_stream(request: Request) -> Response:
+    """``/runs/stream``: server-sent events with the first rows whenever they change."""
+    board = dashboard(request)
+
+    async def rows() -> str:
+        context = await _rows_context(request)
+        return render_text(request, "run_rows.html", context)
+
+    return StreamingResponse(
+        board.live.stream(rows),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def run_page(request: Request) -> Response:
+    """``/runs/{id}``: status, event, output or error, the waterfall and the actions."""
+    board = dashboard(request)
+    run_id = request.path_params["run_id"]
+    try:
+        run = await board.reader.get_run(run_id)
+    except RunNotFoundError as error:
+        raise HTTPException(404, str(error)) from None
+    now = datetime.now(UTC)
+    context = {
+        "title": f"Run {run.function_id}",
+        "page": "runs",
+        "run": run,
+        "chart": waterfall(run, now),
+        "now": now,
+        "notice": request.query_params.get("notice", ""),
+        "error": request.query_params.get("error", ""),
+    }
+    return render(request, "run.html", context)
+
+
+async def cancel_run(request: Request) -> Response:
+    """``POST /runs/{id}/cancel``."""
+    board = dashboard(request)
+    run_id = request.path_params["run_id"]
+    try:
+        status = await board.engine.cancel_run(run_id)
+    except RunNotFoundError as error:
+        raise HTTPException(404, str(error)) from None
+    notice = (
+        "Cancelled."
+        if status == RunStatus.CANCELLED
+        else f"Cancel requested: the run is {status.value}; it stops between steps."
+        if not status.terminal
+        else f"The run had ended ({status.value}): nothing to cancel."
+    )
+    return redirect(request, f"/runs/{run_id}?{urlencode({'notice': notice})}")
+
+
+async def rerun_run(request: Request) -> Response:
+    """``POST /runs/{id}/rerun``: the same event again, from the start or from a step."""
+    board = dashboard(request)
+    run_id = request.path_params["run_id"]
+    form = await form_fields(request)
+    from_step = str(form.get("from_step") or "") or None
+    try:
+        new_id = await board.engine.rerun(run_id, from_step=from_step)
+    except RunNotFoundError as error:
+        raise HTTPException(404, str(error)) from None
+    except EngineError as error:
+        return redirect(request, f"/runs/{run_id}?{urlencode({'error': str(error)})}")
+    where = f"from step {from_step}" if from_step else "from the start"
+    notice = f"Rerun of {run_id} {where}."
+    return redirect(request, f"/runs/{new_id}?{urlencode({'notice': notice})}")
+
+
+def routes() -> list[BaseRoute]:
+    """The Runs and Run pages' routes."""
+    return [
+        Route("/runs", runs_page),
+        Route("/runs/rows", runs_rows),
+        Route("/runs/stream", runs_stream),
+        Route("/runs/{run_id}", run_page),
+        Route("/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
+        Route("/runs/{run_id}/rerun", rerun_run, methods=["POST"]),
+    ]
+
+
+PAGE = Page(key="runs", label="Runs", path="/runs", shortcut="r", routes=routes)
