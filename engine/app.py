@@ -9,7 +9,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
+from typing import Any
 from uuid import UUID
+
+from pydantic import BaseModel
 
 from .cancellation import Cancel, Timeouts
 from .cursors import event_cursor, parse_event_cursor, parse_run_cursor, run_cursor
@@ -24,6 +27,7 @@ from .records import Limits
 from .retention import DEFAULT_RETENTION, PRUNE_EVERY, retention_option
 from .retries import Backoff
 from .runs import RunInfo, RunPage, RunStatus, run_info_from_row, run_summary_from_row
+from .schemas import check_registry, check_sent, sent_schemas
 from .serialization import dumps, loads
 from .telemetry import current_traceparent
 from .triggers import Trigger, TriggerEvent
@@ -55,6 +59,9 @@ class Engine:
             them (``"30d"``, a ``timedelta`` or seconds; default 30 days); ``None`` turns
             automatic pruning off. It applies to the whole database (see
             ``engine.retention``).
+        event_schemas: pydantic models of events' ``data`` by event name: :meth:`send` and
+            ``send_event`` steps refuse an event that does not match (see
+            docs/typed-events.md).
 
     Raises:
         ConfigurationError: an option is invalid (a retention of zero or less).
@@ -73,8 +80,10 @@ class Engine:
         command_timeout: float = 60.0,
         trace_payloads: bool = False,
         retention: Duration | None = DEFAULT_RETENTION,
+        event_schemas: dict[str, type[BaseModel]] | None = None,
     ) -> None:
         self.app_id = app_id
+        self.event_schemas = check_registry(event_schemas)
         self.retention = retention_option(retention)
         self.database_url = database_url or os.environ.get("DATABASE_URL")
         self.functions: dict[str, Function] = {}
@@ -175,6 +184,11 @@ class Engine:
         trigger = TriggerEvent("engine/function.failed", condition)
         return build_function(f"{fn_id}-failure", handler, trigger, 0, app_id=self.app_id)
 
+    def sent_schemas(self) -> dict[str, list[type[BaseModel]]]:
+        """The schemas the events this app sends are checked against, by event name (its
+        ``event_schemas``)."""
+        return sent_schemas(self.event_schemas)
+
     # -- connecting ------------------------------------------------------------------------------
     async def database(self) -> Database:
         """The open database, connecting and registering this app's functions on first use.
@@ -221,7 +235,7 @@ class Engine:
 
     # -- events ----------------------------------------------------------------------------------
     async def send(
-        self, events: Event | list[Event], *, connection: Connection | None = None
+        self, events: Event[Any] | Sequence[Event[Any]], *, connection: Connection | None = None
     ) -> list[str]:
         """Sends one event or a list; returns their ids.
 
@@ -229,9 +243,12 @@ class Engine:
         connection, inside its transaction: they exist only if that transaction commits.
 
         Raises:
-            InvalidEventError: an event was refused; nothing of this call was stored.
+            InvalidEventError: an event was refused (past a limit, or not matching the schema
+                of its name); nothing of this call was stored.
         """
-        payload = dumps(validate_outgoing(events))
+        payloads = validate_outgoing(events)
+        check_sent(payloads, self.sent_schemas())
+        payload = dumps(payloads)
         db = await self.database()
         rows = await db.fetch("send_events", payload, current_traceparent(), False, conn=connection)
         return [row["id"] for row in rows]

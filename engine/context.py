@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic
 
-from .events import Event
+from .events import DataT, Event
 from .runlocal import RunLogger, current_attempt
 
 if TYPE_CHECKING:
     from .steps import Steps
 
 
-class Context:
+class Context(Generic[DataT]):
     """The argument of every function.
 
+    ``Context[OrderCreated]`` types ``ctx.event.data`` for a function whose trigger declares
+    ``schema=OrderCreated`` (see docs/typed-events.md); a bare ``Context`` has dict data.
+
     Attributes:
-        event: the event that triggered the run.
+        event: the event that triggered the run (its ``v``: the version its sender gave).
         events: all events of the run (one, unless the function batches events).
         run_id: the run's id.
         step: the step API (``await ctx.step.run(...)``, ``sleep``, ``sleep_until``).
@@ -25,8 +28,8 @@ class Context:
     def __init__(
         self,
         *,
-        event: Event,
-        events: list[Event],
+        event: Event[DataT],
+        events: list[Event[DataT]],
         run_id: str,
         step: Steps,
         logger: RunLogger,

@@ -18,7 +18,9 @@ The hierarchy, with the stable code each error carries::
         ├── StepLimitError                     step_limit
         ├── OutputLimitError                   output_limit
         ├── StateLimitError                    state_limit
-        └── DeterminismError                   determinism
+        ├── DeterminismError                   determinism
+        └── EventSchemaError                   event_schema  the run's event does not match the
+                                                             schema its function declares
 
 Control-flow signals derive from ``BaseException``, so that a user's ``except Exception:`` cannot
 swallow them::
@@ -165,6 +167,15 @@ class DeterminismError(RunFailure):
     returned without asking for a recorded step). See docs/concepts.md."""
 
     code = "determinism"
+
+
+class EventSchemaError(RunFailure):
+    """The run's event does not match the schema its function's trigger declares (an event
+    sent by SQL, over HTTP or by an app without the schema): the run fails at its start with
+    pydantic's message, before any step, and is not retried (the event cannot change). See
+    docs/typed-events.md."""
+
+    code = "event_schema"
 
 
 class NestedStepError(BaseException):

@@ -21,8 +21,9 @@ error is turned into it), from :func:`validate_outgoing` (the limits above) or f
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic
 
 from pydantic import (
     BaseModel,
@@ -33,6 +34,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from typing_extensions import TypeVar
 
 from .errors import InvalidEventError
 from .serialization import (
@@ -56,13 +58,23 @@ MIN_TS = datetime(1, 1, 2, tzinfo=UTC)
 MAX_TS = datetime(9999, 12, 30, tzinfo=UTC)
 
 
-class Event(BaseModel):
-    """An event, as sent and as received by a function (``ctx.event``)."""
+DataT = TypeVar("DataT", default=dict[str, Any])
+"""The type of an event's ``data``: a plain JSON object unless a schema types it."""
+
+
+class Event(BaseModel, Generic[DataT]):
+    """An event, as sent and as received by a function (``ctx.event``).
+
+    ``Event`` holds its ``data`` as a plain dict. ``Event[OrderCreated]`` holds it as an
+    ``OrderCreated`` (a pydantic model): what a function declared with a schema receives (see
+    docs/typed-events.md); sent, it is stored as the model's JSON.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH)
-    data: dict[str, Any] = Field(default_factory=dict)
+    # An unparametrized Event's data is a dict: the default, and what a model given is dumped to.
+    data: DataT = Field(default_factory=dict)  # type: ignore[assignment]
     id: str | None = None
     ts: datetime | None = None
     v: str | None = None
@@ -86,8 +98,10 @@ class Event(BaseModel):
     def _null_data_is_empty(cls, value: Any) -> Any:
         if value is None:
             return {}
-        if isinstance(value, BaseModel):
-            return value.model_dump(mode="json")
+        # A model stays one in an Event[Model] (validated as it is), and becomes its JSON in a
+        # plain Event, under its aliases so that the model reads its JSON back.
+        if isinstance(value, BaseModel) and not cls.__pydantic_generic_metadata__["args"]:
+            return plain_data(value)
         return value
 
     @field_validator("ts")
@@ -98,7 +112,9 @@ class Event(BaseModel):
         return value
 
 
-def validate_outgoing(events: Event | list[Event], *, system: bool = False) -> list[dict[str, Any]]:
+def validate_outgoing(
+    events: Event[Any] | Sequence[Event[Any]], *, system: bool = False
+) -> list[dict[str, Any]]:
     """Checks events before sending and returns their JSON form.
 
     Raises:
@@ -113,7 +129,7 @@ def validate_outgoing(events: Event | list[Event], *, system: bool = False) -> l
     return [_checked(event, system) for event in batch]
 
 
-def _check_text_fields(event: Event) -> None:
+def _check_text_fields(event: Event[Any]) -> None:
     """PostgreSQL text holds neither U+0000 nor lone surrogates: refuse them, naming the field."""
     for field in ("name", "id", "v"):
         value = getattr(event, field) or ""
@@ -122,7 +138,7 @@ def _check_text_fields(event: Event) -> None:
             raise InvalidEventError(f"event {field} {value!r} cannot be stored: {problem}")
 
 
-def _check_lengths(event: Event) -> None:
+def _check_lengths(event: Event[Any]) -> None:
     for field in ("id", "v"):
         value = getattr(event, field)
         if value is not None and not 1 <= len(value) <= MAX_ID_LENGTH:
@@ -132,7 +148,7 @@ def _check_lengths(event: Event) -> None:
             )
 
 
-def _check_ts(event: Event) -> None:
+def _check_ts(event: Event[Any]) -> None:
     if event.ts is None:
         return
     try:
@@ -171,10 +187,18 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _data_size(event: Event) -> int:
+def plain_data(data: Any) -> Any:
+    """An event's data as JSON types: a model (of an ``Event[Model]``) as its JSON under its
+    aliases, which its own validation reads back."""
+    if isinstance(data, BaseModel):
+        return data.model_dump(mode="json", by_alias=True)
+    return data
+
+
+def _data_size(event: Event[Any]) -> int:
     """The stored size of the event's data, or InvalidEventError saying why it cannot be."""
     try:
-        plain = to_jsonable(event.data)
+        plain = to_jsonable(plain_data(event.data))
         problem = json_problem(plain)
         if problem is None:
             return stored_size(dumps(plain))
@@ -200,7 +224,7 @@ def _checked(event: Any, system: bool) -> dict[str, Any]:
         raise InvalidEventError(
             f"event {event.name!r}: data is {size} bytes; the limit is {MAX_DATA_BYTES}"
         )
-    payload: dict[str, Any] = {"name": event.name, "data": event.data}
+    payload: dict[str, Any] = {"name": event.name, "data": plain_data(event.data)}
     if event.id is not None:
         payload["id"] = event.id
     if event.ts is not None:

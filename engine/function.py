@@ -29,7 +29,7 @@ from .flow import (
 from .retries import check_retries
 from .triggers import Trigger, TriggerCron, TriggerEvent, normalize_triggers
 
-Handler = Callable[[Context], Awaitable[Any]]
+Handler = Callable[[Context[Any]], Awaitable[Any]]  # Context[Model]: a typed function
 _FN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
 
@@ -56,7 +56,7 @@ class Function:
     debounce: Debounce | None = None
     batch_events: Batch | None = None
 
-    async def __call__(self, ctx: Context) -> Any:
+    async def __call__(self, ctx: Context[Any]) -> Any:
         return await self.handler(ctx)
 
     @property

@@ -10,11 +10,13 @@ from __future__ import annotations
 import inspect
 import time
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, overload
+
+from pydantic import BaseModel, ValidationError
 
 from . import metrics, telemetry
 from .durations import Duration, parse_duration
@@ -35,6 +37,7 @@ from .records import RunLabels, StepKind, StepPlan, StepRecord, StepStatus, Susp
 from .retries import check_retries
 from .runlocal import current_attempt, current_step
 from .runs import RunStatus
+from .schemas import check_schema, check_sent, mismatch, typed
 from .serialization import loads, restore
 
 if TYPE_CHECKING:
@@ -44,6 +47,8 @@ if TYPE_CHECKING:
 
 # The due time of a run that waits with no timeout (an invoke without one).
 FOREVER = datetime(9999, 12, 31, tzinfo=UTC)
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class StepHost(Protocol):
@@ -98,8 +103,11 @@ class StepHost(Protocol):
 class Steps:
     """The step API of a run (``ctx.step``)."""
 
-    def __init__(self, execution: StepHost) -> None:
+    def __init__(
+        self, execution: StepHost, *, schemas: dict[str, list[type[BaseModel]]] | None = None
+    ) -> None:
         self._ex = execution
+        self._schemas = schemas or {}  # what send_event checks events against, by name
 
     async def run(
         self,
@@ -270,6 +278,30 @@ class Steps:
         reason = f"sleeping in step {plan.key!r} until {record.wake_at.isoformat()}"
         await ex.suspend(Suspension(record.wake_at, RunStatus.SLEEPING, reason, pending))
 
+    @overload
+    async def wait_for_event(
+        self,
+        step_id: str,
+        *,
+        event: str,
+        timeout: Duration = ...,  # noqa: ASYNC109 - durable
+        if_exp: str | None = ...,
+        match: str | None = ...,
+        schema: None = ...,
+    ) -> Event | None: ...
+
+    @overload
+    async def wait_for_event(
+        self,
+        step_id: str,
+        *,
+        event: str,
+        timeout: Duration = ...,  # noqa: ASYNC109 - durable
+        if_exp: str | None = ...,
+        match: str | None = ...,
+        schema: type[ModelT],
+    ) -> Event[ModelT] | None: ...
+
     async def wait_for_event(
         self,
         step_id: str,
@@ -278,7 +310,8 @@ class Steps:
         timeout: Duration = "24h",  # noqa: ASYNC109 - a durable timeout, the API the issue pins
         if_exp: str | None = None,
         match: str | None = None,
-    ) -> Event | None:
+        schema: type[BaseModel] | None = None,
+    ) -> Event[Any] | None:
         """Pauses the run until a matching event arrives; returns it, or ``None`` once
         ``timeout`` (default 24 hours) has passed.
 
@@ -286,8 +319,37 @@ class Steps:
         ``if_exp`` is CEL in which ``event`` is the run's triggering event and ``async`` the
         candidate. Events that arrived after the run's triggering event, before this wait was
         reached, match too. An event resumes the wait exactly once; the waiting run holds no
-        worker.
+        worker. With ``schema=Model``, the event comes back as an ``Event[Model]``.
+
+        Raises:
+            StepError: with ``schema``, the event that resolved the wait does not match it
+                (type ``EventSchemaError``; the same on every replay).
         """
+        if schema is not None:
+            try:
+                check_schema(schema, f"wait_for_event {step_id!r} schema")
+            except EngineError as exc:  # a programming error: no retry
+                self._ex.fail(RunFailure(str(exc)))
+        key, received = await self._wait(
+            step_id, event=event, timeout=timeout, if_exp=if_exp, match=match
+        )
+        if received is None or schema is None:
+            return received
+        try:
+            return typed(received, schema)
+        except ValidationError as exc:
+            raise StepError(key, "EventSchemaError", mismatch(received.name, schema, exc)) from None
+
+    async def _wait(
+        self,
+        step_id: str,
+        *,
+        event: str,
+        timeout: Duration,  # noqa: ASYNC109 - durable
+        if_exp: str | None,
+        match: str | None,
+    ) -> tuple[str, Event | None]:
+        """The wait itself: the step's key and the event that resolved it (None: timed out)."""
         ex = self._ex
         plan = ex.plan(step_id, StepKind.WAIT)
         record = plan.record
@@ -313,11 +375,11 @@ class Steps:
             async with ex.executing():
                 found = await ex.register_matchers([record], [row])
             if plan.key in found:
-                return event_from_row(found[plan.key])
+                return plan.key, event_from_row(found[plan.key])
         elif record.status == StepStatus.COMPLETED:
-            return None if record.output is None else event_from_row(record.output)
+            return plan.key, None if record.output is None else event_from_row(record.output)
         await self._await(plan.key, record, f"waiting for event {event!r}")
-        return None  # not reached: the run is released while it waits
+        return plan.key, None  # not reached: the run is released while it waits
 
     async def invoke(
         self,
@@ -370,11 +432,14 @@ class Steps:
         await self._await(plan.key, record, f"waiting for function {function.fn_id!r}")
         return None  # not reached: the run is released while it waits
 
-    async def send_event(self, step_id: str, events: Event | list[Event]) -> list[str]:
+    async def send_event(
+        self, step_id: str, events: Event[Any] | Sequence[Event[Any]]
+    ) -> list[str]:
         """Sends one event or a list, once for this run; returns their ids.
 
         The events and the step's record are written in one transaction, so a replay never
-        sends twice. Invalid events fail the step (``StepError``) without sending anything.
+        sends twice. Invalid events (past a limit, or not matching the app's schema for their
+        name) fail the step (``StepError``) without sending anything.
         """
         ex = self._ex
         plan = ex.plan(step_id, StepKind.SEND)
@@ -387,6 +452,7 @@ class Steps:
         async with ex.executing():
             try:
                 payload = validate_outgoing(events)
+                check_sent(payload, self._schemas)
             except InvalidEventError as exc:
                 failed = plan.new(StepKind.SEND, StepStatus.FAILED, error=error_payload(exc))
                 await ex.checkpoint(failed)

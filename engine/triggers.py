@@ -6,9 +6,12 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel
+
 from .cron import CronSchedule
 from .errors import ConfigurationError
 from .expressions import Expression
+from .schemas import check_schema
 
 MAX_TRIGGERS = 10
 
@@ -23,11 +26,17 @@ class TriggerEvent:
             and cancels use too, like the reference's ``if``); compiled at registration, so an
             invalid one fails ``create_function``.
         expression: deprecated alias of ``if_exp`` (warns ``DeprecationWarning``).
+        schema: optional pydantic model of the event's ``data``: the function receives
+            ``ctx.event.data`` as an instance of it (declare it ``Context[Model]``), and a run
+            whose event does not validate fails at once with ``EventSchemaError`` (see
+            docs/typed-events.md).
     """
 
     event: str
     if_exp: str | None = None
     expression: str | None = field(default=None, repr=False, compare=False)
+    # Not part of equality: two triggers on one event differing only by schema are a conflict.
+    schema: type[BaseModel] | None = field(default=None, compare=False)
     compiled: Expression | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -36,6 +45,8 @@ class TriggerEvent:
                 f"TriggerEvent: event must be a non-empty name, got {self.event!r}"
             )
         self._take_deprecated_alias()
+        if self.schema is not None:
+            check_schema(self.schema, f"TriggerEvent {self.event!r} schema")
         if self.if_exp is not None:
             what = f"trigger {self.event!r} if_exp"
             object.__setattr__(self, "compiled", Expression(self.if_exp, what=what))
@@ -104,4 +115,19 @@ def normalize_triggers(trigger: Trigger | list[Trigger] | None, fn_id: str) -> l
             raise ConfigurationError(f"function {fn_id!r}: {item!r} is not a trigger")
     if len(set(triggers)) != len(triggers):
         raise ConfigurationError(f"function {fn_id!r} declares the same trigger twice")
+    _check_one_schema_per_event(triggers, fn_id)
     return triggers
+
+
+def _check_one_schema_per_event(triggers: list[Trigger], fn_id: str) -> None:
+    """A run's event is typed by its name: every trigger on one name must declare the same
+    schema (or none)."""
+    schemas: dict[str, type[BaseModel] | None] = {}
+    for trigger in triggers:
+        if not isinstance(trigger, TriggerEvent):
+            continue
+        if schemas.setdefault(trigger.event, trigger.schema) is not trigger.schema:
+            raise ConfigurationError(
+                f"function {fn_id!r}: the triggers on event {trigger.event!r} declare different"
+                " schemas; a run's event is typed by its name"
+            )

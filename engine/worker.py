@@ -17,8 +17,10 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from uuid import UUID, uuid4
+
+from pydantic import BaseModel
 
 from . import metrics
 from .context import Context
@@ -33,6 +35,7 @@ from .records import ClaimedRun
 from .retention import PRUNE_EVERY, Pruner
 from .router import RoutedRun, Router
 from .runs import RunStatus
+from .schemas import typed_events
 from .serialization import dumps, loads
 from .steps import Steps
 from .threads import StepThreads
@@ -120,6 +123,8 @@ class Worker:
         self._router: Router | None = None
         self._group_commit: GroupCommit | None = None
         self._fn_ids = list(engine.functions)
+        # The schemas send_event steps check against; like the functions, fixed at start.
+        self._make_context = partial(_make_context, schemas=engine.sent_schemas())
         self._crons = {
             (f.fn_id, t.cron): t.schedule for f in engine.functions.values() for t in f.crons
         }
@@ -421,7 +426,7 @@ class Worker:
 
     async def _execute(self, ex: Execution) -> None:
         try:
-            await ex.execute(_make_context)
+            await ex.execute(self._make_context)
         except Exception:
             # Never let one run take the worker down. The run may still be leased to us: the
             # next tick queues it again (else its lease would expire first).
@@ -545,12 +550,15 @@ class Worker:
             log.warning("worker.abandoned_runs", runs=len(pending))
 
 
-def _make_context(ex: Execution) -> Context:
+def _make_context(ex: Execution, schemas: dict[str, list[type[BaseModel]]]) -> Context[Any]:
+    """The function's argument. A run whose event does not match its function's schema fails
+    here, before any step (``EventSchemaError``, raised in the run's task)."""
+    events = typed_events(ex.run.function, ex.run.events)
     return Context(
-        event=ex.run.events[0],
-        events=ex.run.events,
+        event=events[0],
+        events=events,
         run_id=str(ex.run.run_id),
-        step=Steps(ex),
+        step=Steps(ex, schemas=schemas),
         logger=ex.run_logger,
         run_attempt=ex.run.attempt,
     )

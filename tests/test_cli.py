@@ -108,6 +108,7 @@ def test_public_api_is_pinned() -> None:
         "Engine",
         "EngineError",
         "Event",
+        "EventSchemaError",
         "ExpressionError",
         "Function",
         "InvalidEventError",
