@@ -4,14 +4,17 @@ real runs of real workers, and the pages over HTTP."""
 from __future__ import annotations
 
 import asyncio
+import html
 import itertools
 import os
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo
 
+import httpx
 import pytest
 from helpers import eventually
 
@@ -28,7 +31,7 @@ from engine import (
     TriggerEvent,
 )
 from engine.db import Database
-from engine.web import overview
+from engine.web import create_app, overview
 from engine.web.overview import (
     FunctionOverview,
     RunFilter,
@@ -331,7 +334,7 @@ async def test_the_read_only_role_can_read_the_overviews(
     await reader.open()
     try:
         assert len(await reader.fetch("overview_functions", None)) == 4
-        [parked] = await reader.fetch("overview_unfinished", None)
+        [parked] = await reader.fetch("overview_unfinished", None, datetime.now(UTC))
         assert (parked["function_id"], parked["status"]) == ("park", "WAITING")
         since = datetime.now(UTC) - timedelta(days=1)
         assert len(await reader.fetch("overview_recent", None, since, 10)) == 1
@@ -342,3 +345,117 @@ async def test_the_read_only_role_can_read_the_overviews(
         await reader.close()
         await sql.execute(f"DROP OWNED BY {user}")
         await sql.execute(f"DROP ROLE {user}")
+
+
+# -- the pages ---------------------------------------------------------------------------------
+ORIGIN = "http://127.0.0.1:8288"
+
+
+def _client(app: Engine) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(app)), base_url=ORIGIN)
+
+
+def _csrf(text: str) -> str:
+    found = re.search(r'name="csrf-token" content="([0-9a-f]+)"', text)
+    assert found, "the page carries no CSRF token"
+    return found.group(1)
+
+
+async def test_the_functions_pages_show_each_function_and_its_next_fires(
+    make_engine: Any,
+) -> None:
+    app, gate = make_engine("shop"), asyncio.Event()
+    _shop(app, gate)
+    async with app.worker(poll_interval="50ms"), _client(app) as http:
+        await app.send([Event(name="shop/hold") for _ in range(2)])
+
+        async def parked() -> Any:
+            page = await http.get("/functions")
+            return page if 'title="fn:shop/hold">concurrency 1</span>' in page.text else None
+
+        page = await eventually(parked)
+        assert page.status_code == 200
+        for function_id in ("pack", "hold", "nightly", "park"):
+            assert f"/functions/shop/{function_id}" in page.text
+        assert "cron TZ=Europe/Paris 0 3 * * *" in page.text
+        assert "throttle 1/10ms burst 100" in page.text
+        nightly = await http.get("/functions/shop/nightly")
+        fires = re.findall(r"<li title=\"([^\"]+)\">", nightly.text)
+        assert len(fires) == overview.NEXT_FIRES
+        assert all(
+            datetime.fromisoformat(f).astimezone(ZoneInfo("Europe/Paris")).hour == 3 for f in fires
+        )
+        hold = await http.get("/functions/shop/hold")
+        assert "fn:shop/hold" in hold.text  # the slot a run waits for
+        assert (await http.get("/functions/shop/nope")).status_code == 404
+        gate.set()
+
+
+async def test_invoke_from_the_function_page(make_engine: Any, sql: Any) -> None:
+    """The form's JSON becomes the run's event data; bad JSON is refused with the reason and
+    stores nothing; a form without the CSRF token is refused."""
+    app = make_engine("shop")
+
+    @app.create_function("charge")
+    async def charge(ctx: Context) -> Any:
+        return ctx.event.data
+
+    async with app.worker(poll_interval="50ms"), _client(app) as http:
+        token = _csrf((await http.get("/functions/shop/charge")).text)
+        invoked = await http.post(
+            "/functions/shop/charge/invoke", data={"csrf": token, "data": '{"amount": 3}'}
+        )
+        assert invoked.status_code == 303
+        run_id = urlsplit(invoked.headers["location"]).path.rsplit("/", 1)[1]
+        assert (await app.wait_for_run(run_id)).output == {"amount": 3}
+        before = await sql.fetchval("SELECT count(*) FROM engine.events")
+        for data, reason in (("{nope", "not JSON"), ("[1]", "JSON object")):
+            refused = await http.post(
+                "/functions/shop/charge/invoke", data={"csrf": token, "data": data}
+            )
+            assert refused.status_code == 400 and reason in refused.text
+        forged = await http.post("/functions/shop/charge/invoke", data={"data": "{}"})
+        assert forged.status_code == 403
+        assert await sql.fetchval("SELECT count(*) FROM engine.events") == before
+
+
+async def test_the_workers_page_shows_what_each_worker_holds(make_engine: Any) -> None:
+    app, gate = make_engine("shop"), asyncio.Event()
+    _shop(app, gate)
+    async with app.worker(poll_interval="50ms", lease="3s") as worker, _client(app) as http:
+        await app.send(Event(name="shop/hold"))
+
+        async def executing() -> Any:
+            page = await http.get("/workers")
+            return page if "▶ held" in page.text else None
+
+        page = await eventually(executing)
+        assert str(worker.owner)[:8] in page.text and "alive" in page.text
+        gate.set()
+
+
+async def test_the_bulk_page_previews_then_cancels_and_reruns(make_engine: Any) -> None:
+    """The preview counts the runs the filters match; its cancel applies to them; an action
+    that skipped the preview, or a forged one, is refused."""
+    app = make_engine("shop")
+    _shop(app, asyncio.Event())
+    async with app.worker(poll_interval="50ms"), _client(app) as http:
+        parked = await _park(app, 3)
+        page = await http.get("/bulk?function=park")
+        assert page.status_code == 200
+        assert re.search(r'id="match-count">3</span>', page.text)
+        cancel = html.unescape(re.findall(r'action="(/bulk/cancel\?[^"]+)"', page.text)[0])
+        assert (await http.post(cancel, data={})).status_code == 403
+        unbounded = await http.post("/bulk/cancel?function=park", data={"csrf": _csrf(page.text)})
+        assert unbounded.status_code == 400 and "preview" in unbounded.text
+        done = await http.post(cancel, data={"csrf": _csrf(page.text)})
+        assert done.status_code == 303
+        assert {(await app.get_run(r)).status.value for r in parked} == {"CANCELLED"}
+        after = await http.get(done.headers["location"])
+        assert "Cancelled 3 of 3 matching runs." in after.text
+
+        rerun = html.unescape(re.findall(r'action="(/bulk/rerun\?[^"]+)"', after.text)[0])
+        again = await http.post(rerun, data={"csrf": _csrf(page.text)})
+        assert "Reran 3 of 3" in (await http.get(again.headers["location"])).text
+        searched = await http.get("/bulk?q=event.data.x+%3E+1")
+        assert searched.status_code == 400 and "search by expression" in searched.text

@@ -25,7 +25,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..app import Engine
-from . import event_pages, run_pages, security
+from . import bulk_pages, event_pages, function_pages, run_pages, security, worker_pages
 from .layout import (
     Dashboard,
     Page,
@@ -102,7 +102,13 @@ def create_app(
 
 def _pages() -> list[Page]:
     """The pages, in the order of the navigation (a new page: add its module's PAGE here)."""
-    return [run_pages.PAGE, event_pages.PAGE]
+    return [
+        run_pages.PAGE,
+        event_pages.PAGE,
+        function_pages.PAGE,
+        worker_pages.PAGE,
+        bulk_pages.PAGE,
+    ]
 
 
 def _event_api() -> tuple[tuple[str, ...], list[BaseRoute]]:

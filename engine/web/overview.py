@@ -134,7 +134,7 @@ async def function_overviews(
     db = await engine.database()
     now: datetime = await db.fetchval("now")
     registry = await db.fetch("overview_functions", app_id)
-    unfinished = _by_function(await db.fetch("overview_unfinished", app_id))
+    unfinished = _by_function(await db.fetch("overview_unfinished", app_id, now))
     since = now - recent_window
     recent = _by_function(await db.fetch("overview_recent", app_id, since, recent_cap))
     return [
