@@ -35,6 +35,7 @@ class Live:
         self.interval = interval
         self._reader = reader
         self._changed = asyncio.Event()
+        self._ending = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def _wake(self) -> None:
@@ -52,8 +53,20 @@ class Live:
         interval)."""
         await self._ensure_listening()
         changed = self._changed
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(changed.wait(), self.interval if within is None else within)
+        waits = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(self._ending.wait())]
+        try:
+            await asyncio.wait(
+                waits,
+                timeout=self.interval if within is None else within,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+
+    def end_streams(self) -> None:
+        """Ends every open stream (the server stops: it need not wait for open pages)."""
+        self._ending.set()
 
     async def close(self) -> None:
         """Stops listening (the app's shutdown)."""
@@ -77,7 +90,7 @@ class Live:
         last: str | None = None
         quiet_since = loop.time()
         yield "retry: 1000\n\n"
-        while loop.time() < end:
+        while loop.time() < end and not self._ending.is_set():
             try:
                 html = await rows()
             except Exception as error:  # the database went away: say so, try again later

@@ -19,7 +19,7 @@ from ..app import Engine
 from ..cursors import parse_run_cursor, run_cursor
 from ..errors import EngineError, ExpressionError, RunNotFoundError
 from ..expressions import Expression
-from ..runs import RunStatus, RunSummary, run_summary_from_row
+from ..runs import RunInfo, RunStatus, RunSummary, run_summary_from_row
 from ..serialization import loads
 from .layout import Page, dashboard, form_fields, redirect, render, render_text
 from .timeline import waterfall
@@ -262,11 +262,36 @@ async def run_page(request: Request) -> Response:
         "page": "runs",
         "run": run,
         "chart": waterfall(run, now),
+        "moved": moved(run),
         "now": now,
         "notice": request.query_params.get("notice", ""),
         "error": request.query_params.get("error", ""),
     }
     return render(request, "run.html", context)
+
+
+def moved(run: RunInfo) -> str:
+    """What changes when a run moves: its status, steps, attempts, pauses and executions."""
+    attempts = sum(len(step.attempts) for step in run.steps)
+    lasting = sum(pause.ended_at is None for pause in run.pauses)
+    parts = (run.status.value, len(run.steps), attempts, len(run.pauses), lasting)
+    return "/".join(map(str, (*parts, len(run.executions), run.ended_at)))
+
+
+async def run_stream(request: Request) -> Response:
+    """``/runs/{id}/stream``: a ``rows`` event whenever the run moves (its status, a step, a
+    pause or an execution more); the page then reloads itself."""
+    board = dashboard(request)
+    run_id = request.path_params["run_id"]
+
+    async def signature() -> str:
+        return moved(await board.reader.get_run(run_id))
+
+    return StreamingResponse(
+        board.live.stream(signature),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 async def cancel_run(request: Request) -> Response:
@@ -311,6 +336,7 @@ def routes() -> list[BaseRoute]:
         Route("/runs/rows", runs_rows),
         Route("/runs/stream", runs_stream),
         Route("/runs/{run_id}", run_page),
+        Route("/runs/{run_id}/stream", run_stream),
         Route("/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
         Route("/runs/{run_id}/rerun", rerun_run, methods=["POST"]),
     ]

@@ -32,11 +32,15 @@ class Served:
     """A dashboard being served: its address, and how to stop it."""
 
     url: str
+    app: ASGIApp
     server: uvicorn.Server
     task: asyncio.Task[None]
 
     async def stop(self) -> None:
-        """Stops serving (open live pages are closed within a second or two)."""
+        """Stops serving; open live pages are closed (their browsers reconnect elsewhere)."""
+        board = getattr(getattr(self.app, "state", None), "dashboard", None)
+        if board is not None:
+            board.live.end_streams()
         self.server.should_exit = True
         await self.task
 
@@ -93,4 +97,4 @@ async def start(app: ASGIApp, *, host: str, port: int, token: str | None) -> Ser
     if task.done():
         task.result()  # an exception while starting
         raise RuntimeError("the dashboard stopped as it started")
-    return Served(url=url_of(sock), server=server, task=task)
+    return Served(url=url_of(sock), app=app, server=server, task=task)

@@ -26,7 +26,10 @@
     for (const r of rows()) r.classList.toggle("selected", r === row);
     if (!row) return;
     row.scrollIntoView({ block: "nearest" });
-    if (row.classList.contains("wrow")) showDetail(row);
+    if (row.classList.contains("wrow")) {
+      showDetail(row);
+      history.replaceState(null, "", "#" + row.dataset.id);
+    }
   }
   function move(step) {
     const all = rows();
@@ -74,8 +77,25 @@
     source.onerror = () => { if (indicator) indicator.classList.add("off"); };
     window.addEventListener("pagehide", () => source.close());
   }
+  // A run still going: the page reloads when it moves, keeping the selected bar (#bar-N).
+  function watch(element) {
+    const source = new EventSource(element.dataset.watch);
+    source.addEventListener("rows", (e) => {
+      if (e.data === element.dataset.moved) return;
+      source.close();
+      location.reload();
+    });
+    window.addEventListener("pagehide", () => source.close());
+  }
+  function restoreBar() {
+    const id = location.hash.slice(1);
+    const row = id && document.querySelector(`.wrow[data-id="${CSS.escape(id)}"]`);
+    if (row) select(row);
+  }
   document.addEventListener("DOMContentLoaded", () => {
     for (const tbody of document.querySelectorAll("tbody[data-live]")) live(tbody);
+    for (const element of document.querySelectorAll("[data-watch]")) watch(element);
+    restoreBar();
     const toggle = document.getElementById("theme-toggle");
     if (toggle) toggle.addEventListener("click", toggleTheme);
     const help = document.getElementById("help-toggle");
