@@ -1,4 +1,4 @@
-"""What the engine command's subcommands share (``cli.py`` and ``cli_runs.py``).
+"""What the engine command's subcommands share (``cli.py``, ``cli_runs.py``, ``cli_keys.py``).
 
 Their errors (and so their exit statuses), the types of their options, how a subcommand is
 declared, where the database URL comes from, what an unreachable database says, how a
@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from . import embedded
 from .app import Engine
 from .durations import parse_duration
 from .events import Event
+
+T = TypeVar("T")
 
 CLI_APP_ID = "engine-cli"
 """The app id of the Engine the command builds to send and read (it declares no function)."""
@@ -73,6 +76,34 @@ def command(
     return parser
 
 
+def group(commands: Any, name: str, summary: str) -> Any:
+    """Declares the command group ``name`` (``engine runs``, ``engine keys``); returns what
+    its subcommands are declared in."""
+    parser = commands.add_parser(name, help=summary, description=summary, formatter_class=Formatter)
+    return parser.add_subparsers(required=True, metavar="SUBCOMMAND")
+
+
+def subcommand(
+    group: Any, name: str, summary: str, handler: Callable[[argparse.Namespace], int]
+) -> argparse.ArgumentParser:
+    """A subcommand of a group, with ``--database-url``, whose errors read ``engine runs show:
+    error: ...``."""
+    parser = command(group, name, summary, handler)
+    parser.set_defaults(command=parser.prog.removeprefix("engine "))
+    database_option(parser)
+    return parser
+
+
+def json_option(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--json``: what the command prints, as JSON for scripts."""
+    parser.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+
+
+def print_json(value: Any) -> None:
+    """Prints ``value`` as indented JSON, non-ASCII text kept as it is."""
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
 def database_option(
     parser: argparse.ArgumentParser, default: str = "$DATABASE_URL, else engine dev's"
 ) -> None:
@@ -113,6 +144,22 @@ async def reaching(url: str, action: Awaitable[Any]) -> Any:
         if str(getattr(error, "sqlstate", ""))[:2] not in _REFUSED_CLASSES:
             raise
         raise Failure(f"cannot use the database at {url}: {error}") from error
+
+
+def with_engine(args: argparse.Namespace, work: Callable[[Engine], Awaitable[T]]) -> T:
+    """Runs ``work`` with an Engine (of app id ``engine-cli``) on the command's database; says
+    so if it cannot be reached."""
+    url = database_url(args.database_url)
+
+    async def session() -> T:
+        app = Engine(CLI_APP_ID, url)
+        try:
+            return await work(app)
+        finally:
+            await app.close()
+
+    result: T = run(reaching(url, session()))
+    return result
 
 
 def run(work: Awaitable[Any]) -> Any:

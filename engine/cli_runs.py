@@ -11,11 +11,10 @@ scripts: the API's models as JSON (``engine runs show --json`` prints
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 from uuid import UUID
 
 from rich.console import Console
@@ -23,18 +22,16 @@ from rich.console import Console
 from . import render
 from .app import MAX_PAGE, Engine
 from .cli_common import (
-    CLI_APP_ID,
     Failure,
-    Formatter,
     UsageError,
-    command,
-    database_option,
-    database_url,
     duration,
-    reaching,
+    group,
+    json_option,
+    print_json,
     routing_outcome,
-    run,
+    subcommand,
     timestamp,
+    with_engine,
 )
 from .cursors import parse_event_cursor, parse_run_cursor
 from .durations import parse_duration
@@ -42,7 +39,6 @@ from .errors import RunNotFoundError
 from .events import Event
 from .runs import RunStatus, summary_of
 
-T = TypeVar("T")
 WIDE = 110  # columns from which engine runs list also shows each run's event
 
 
@@ -55,21 +51,6 @@ def add_commands(commands: Any) -> None:
 
 
 # -- arguments -------------------------------------------------------------------------------------
-def _group(commands: Any, name: str, summary: str) -> Any:
-    parser = commands.add_parser(name, help=summary, description=summary, formatter_class=Formatter)
-    return parser.add_subparsers(required=True, metavar="SUBCOMMAND")
-
-
-def _subcommand(
-    group: Any, name: str, summary: str, handler: Callable[[argparse.Namespace], int]
-) -> argparse.ArgumentParser:
-    """A subcommand of a group, whose errors read ``engine runs show: error: ...``."""
-    parser = command(group, name, summary, handler)
-    parser.set_defaults(command=parser.prog.removeprefix("engine "))
-    database_option(parser)
-    return parser
-
-
 def moment(text: str) -> datetime:
     """A time option: ISO 8601 with a zone, or a duration meaning that long ago (``2h``)."""
     try:
@@ -109,16 +90,12 @@ def _page_options(
         type=_cursor_of(parse_cursor),
         help="where the previous page ended (printed under it): the next page",
     )
-    _json_option(parser)
-
-
-def _json_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    json_option(parser)
 
 
 def _runs_parser(commands: Any) -> None:
-    runs = _group(commands, "runs", "list, show, cancel and rerun runs")
-    listing = _subcommand(
+    runs = group(commands, "runs", "list, show, cancel and rerun runs")
+    listing = subcommand(
         runs, "list", "runs of every app, newest first, a page at a time", _runs_list
     )
     listing.add_argument("--function", "-f", help="one function's runs (its id, in any app)")
@@ -134,20 +111,20 @@ def _runs_parser(commands: Any) -> None:
     )
     listing.add_argument("--event", "-e", help="runs started by events of this name")
     _page_options(listing, "runs created", parse_run_cursor)
-    show = _subcommand(
+    show = subcommand(
         runs,
         "show",
         "a run: its steps with every attempt, its pauses, and a timeline of where time went",
         _runs_show,
     )
     show.add_argument("run_id", metavar="RUN_ID")
-    _json_option(show)
-    cancel = _subcommand(
+    json_option(show)
+    cancel = subcommand(
         runs, "cancel", "cancel runs (one executing ends between steps)", _runs_cancel
     )
     cancel.add_argument("run_ids", metavar="RUN_ID", nargs="+")
-    _json_option(cancel)
-    rerun = _subcommand(
+    json_option(cancel)
+    rerun = subcommand(
         runs, "rerun", "start a run's function again with the same event", _runs_rerun
     )
     rerun.add_argument("run_id", metavar="RUN_ID")
@@ -159,16 +136,16 @@ def _runs_parser(commands: Any) -> None:
 
 
 def _events_parser(commands: Any) -> None:
-    events = _group(commands, "events", "list, show and replay events")
-    listing = _subcommand(
+    events = group(commands, "events", "list, show and replay events")
+    listing = subcommand(
         events, "list", "stored events, newest first, a page at a time", _events_list
     )
     listing.add_argument("--name", "-n", help="events of this name")
     _page_options(listing, "events received", parse_event_cursor)
-    show = _subcommand(events, "show", "an event, its data and the runs it started", _events_show)
+    show = subcommand(events, "show", "an event, its data and the runs it started", _events_show)
     show.add_argument("event_id", metavar="EVENT_ID")
-    _json_option(show)
-    replay = _subcommand(
+    json_option(show)
+    replay = subcommand(
         events,
         "replay",
         "send a copy of an event: same name, data and version, a new id and time (so its"
@@ -185,8 +162,8 @@ def _events_parser(commands: Any) -> None:
 
 
 def _functions_parser(commands: Any) -> None:
-    functions = _group(commands, "functions", "the function registry")
-    listing = _subcommand(
+    functions = group(commands, "functions", "the function registry")
+    listing = subcommand(
         functions,
         "list",
         "registered functions: triggers, flow control, active or not (an inactive function is"
@@ -195,32 +172,12 @@ def _functions_parser(commands: Any) -> None:
         _functions_list,
     )
     listing.add_argument("--app", default=None, help="one app's functions (default: all)")
-    _json_option(listing)
+    json_option(listing)
 
 
 # -- plumbing --------------------------------------------------------------------------------------
-def _with_engine(args: argparse.Namespace, work: Callable[[Engine], Awaitable[T]]) -> T:
-    """Runs ``work`` with an Engine on the command's database; says so if it cannot be
-    reached."""
-    url = database_url(args.database_url)
-
-    async def session() -> T:
-        app = Engine(CLI_APP_ID, url)
-        try:
-            return await work(app)
-        finally:
-            await app.close()
-
-    result: T = run(reaching(url, session()))
-    return result
-
-
 def _console() -> Console:
     return Console(highlight=False)
-
-
-def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False))
 
 
 def _run_id(text: str) -> str:
@@ -237,7 +194,7 @@ def _next_page(cursor: str | None) -> None:
 
 # -- runs ------------------------------------------------------------------------------------------
 def _runs_list(args: argparse.Namespace) -> int:
-    page = _with_engine(
+    page = with_engine(
         args,
         lambda app: app.list_run_summaries(
             args.function,
@@ -251,7 +208,7 @@ def _runs_list(args: argparse.Namespace) -> int:
         ),
     )
     if args.json:
-        _print_json(page.model_dump(mode="json"))
+        print_json(page.model_dump(mode="json"))
     elif page.runs:
         console = _console()
         wide = console.width >= WIDE
@@ -265,11 +222,11 @@ def _runs_list(args: argparse.Namespace) -> int:
 def _runs_show(args: argparse.Namespace) -> int:
     run_id = _run_id(args.run_id)
     try:
-        info = _with_engine(args, lambda app: app.get_run(run_id))
+        info = with_engine(args, lambda app: app.get_run(run_id))
     except RunNotFoundError:
         raise Failure(f"no run {run_id}") from None
     if args.json:
-        _print_json(info.model_dump(mode="json"))
+        print_json(info.model_dump(mode="json"))
     else:
         _console().print(render.run_view(info, datetime.now(UTC)))
     return 0
@@ -287,9 +244,9 @@ def _runs_cancel(args: argparse.Namespace) -> int:
                 found[run_id] = None
         return found
 
-    results = _with_engine(args, cancel)
+    results = with_engine(args, cancel)
     if args.json:
-        _print_json([{"run_id": k, "status": v} for k, v in results.items()])
+        print_json([{"run_id": k, "status": v} for k, v in results.items()])
     else:
         for run_id, status in results.items():
             if status is not None:
@@ -321,7 +278,7 @@ def _runs_rerun(args: argparse.Namespace) -> int:
             raise UsageError(f"run {run_id} has no step {args.from_step!r}; its steps: {known}")
         return await app.rerun(run_id, args.from_step)
 
-    new_id = _with_engine(args, rerun)
+    new_id = with_engine(args, rerun)
     print(new_id)
     print(f"engine runs rerun: started run {new_id}", file=sys.stderr)
     return 0
@@ -329,14 +286,14 @@ def _runs_rerun(args: argparse.Namespace) -> int:
 
 # -- events ----------------------------------------------------------------------------------------
 def _events_list(args: argparse.Namespace) -> int:
-    page = _with_engine(
+    page = with_engine(
         args,
         lambda app: app.list_events(
             args.name, since=args.since, until=args.until, limit=args.limit, cursor=args.cursor
         ),
     )
     if args.json:
-        _print_json(page.model_dump(mode="json"))
+        print_json(page.model_dump(mode="json"))
     elif page.events:
         _console().print(render.events_table(page.events, datetime.now(UTC)))
     else:
@@ -353,9 +310,9 @@ def _events_show(args: argparse.Namespace) -> int:
         runs = await app.runs_for_event(args.event_id)
         return event, [summary_of(r) for r in runs]
 
-    event, runs = _with_engine(args, show)
+    event, runs = with_engine(args, show)
     if args.json:
-        _print_json(
+        print_json(
             {
                 "event": event.model_dump(mode="json"),
                 "runs": [r.model_dump(mode="json") for r in runs],
@@ -375,7 +332,7 @@ def _events_replay(args: argparse.Namespace) -> int:
         [new_id] = await app.send(copy)
         return new_id, await routing_outcome(app, copy, new_id, args.wait)
 
-    new_id, outcome = _with_engine(args, replay)
+    new_id, outcome = with_engine(args, replay)
     print(new_id)
     print(f"engine events replay: {outcome}", file=sys.stderr)
     return 0
@@ -383,11 +340,11 @@ def _events_replay(args: argparse.Namespace) -> int:
 
 # -- functions -------------------------------------------------------------------------------------
 def _functions_list(args: argparse.Namespace) -> int:
-    functions = _with_engine(args, lambda app: app.list_functions(all_apps=True))
+    functions = with_engine(args, lambda app: app.list_functions(all_apps=True))
     if args.app is not None:
         functions = [f for f in functions if f.app_id == args.app]
     if args.json:
-        _print_json([f.model_dump(mode="json") for f in functions])
+        print_json([f.model_dump(mode="json") for f in functions])
     elif functions:
         _console().print(render.functions_table(functions))
     else:

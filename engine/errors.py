@@ -6,6 +6,10 @@ The hierarchy, with the stable code each error carries::
     ├── ConfigurationError                     config      bad declaration, caught at registration
     │   └── ExpressionError                    expression  a CEL expression that does not compile
     ├── InvalidEventError                      event       an event the engine refuses to store
+    ├── EventKeyError                          event_key   an event key that cannot be created,
+    │   │                                                  found or revoked
+    │   ├── UnknownEventKeyError               event_key_unknown  a send with no live key
+    │   └── EventKeyScopeError                 event_key_scope    a name outside its prefixes
     ├── SchemaMissingError                     schema      the database has no engine schema
     ├── RunNotFoundError                       run_not_found
     ├── StepError                              step_failed  a step failed for good (raised in the
@@ -66,6 +70,25 @@ class InvalidEventError(EngineError):
     """An event was refused (bad name, non-object data, too large...). Nothing was stored."""
 
     code = "event"
+
+
+class EventKeyError(EngineError):
+    """An event key could not be created (a bad or taken name, bad prefixes) or found."""
+
+    code = "event_key"
+
+
+class UnknownEventKeyError(EventKeyError):
+    """A send with an event key that does not exist or was revoked. Nothing was stored."""
+
+    code = "event_key_unknown"
+
+
+class EventKeyScopeError(EventKeyError):
+    """A send with an event key of an event whose name starts with none of the key's prefixes.
+    Nothing was stored."""
+
+    code = "event_key_scope"
 
 
 class SchemaMissingError(EngineError):
@@ -226,4 +249,7 @@ SQLSTATE_ERRORS: dict[str, type[EngineError]] = {
     "EN001": InvalidEventError,
     "EN002": StaleLeaseError,
     "EN003": EngineError,
+    "EN004": UnknownEventKeyError,
+    "EN005": EventKeyScopeError,
+    "EN006": EventKeyError,
 }

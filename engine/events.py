@@ -113,7 +113,9 @@ class Event(BaseModel, Generic[DataT]):
 
 
 def validate_outgoing(
-    events: Event[Any] | Sequence[Event[Any]], *, system: bool = False
+    events: Event[Any] | dict[str, Any] | Sequence[Event[Any] | dict[str, Any]],
+    *,
+    system: bool = False,
 ) -> list[dict[str, Any]]:
     """Checks events before sending and returns their JSON form.
 

@@ -45,7 +45,7 @@ async def test_migrate_is_idempotent_and_schema_file_is_the_packaged_one(server_
             )
         conn = await asyncpg.connect(url)
         try:
-            assert await conn.fetchval("SELECT engine.schema_version()") == 10
+            assert await conn.fetchval("SELECT engine.schema_version()") == 11
         finally:
             await conn.close()
     finally:

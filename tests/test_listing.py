@@ -175,4 +175,4 @@ async def test_an_older_database_gets_function_list_with_config(sql: asyncpg.Con
         "SELECT proargnames FROM pg_proc WHERE oid = 'engine.function_list(text)'::regprocedure"
     )
     assert "config" in names
-    assert await sql.fetchval("SELECT engine.schema_version()") == 10
+    assert await sql.fetchval("SELECT engine.schema_version()") == 11

@@ -96,7 +96,7 @@ async def test_the_install_id_is_created_once_and_survives_reapplying_the_schema
     await sql.execute(schema_sql())
     created = await sql.fetchval("SELECT value FROM engine.meta WHERE key = 'install_id'")
     assert created is not None and created != before
-    assert await sql.fetchval("SELECT engine.schema_version()") == 10
+    assert await sql.fetchval("SELECT engine.schema_version()") == 11
 
 
 async def test_names_with_slashes_cannot_collide(make_engine: Callable[..., Engine]) -> None:

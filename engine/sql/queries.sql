@@ -36,6 +36,18 @@ FROM engine.function_list($1)
 -- name: send_events
 SELECT id FROM engine.send_events($1::jsonb, $2, $3) AS id
 
+-- name: send_events_with_key
+SELECT id FROM engine.send_events_with_key($1, $2::jsonb, $3) AS id
+
+-- name: create_event_key
+SELECT engine.create_event_key($1, $2, $3::text[])
+
+-- name: list_event_keys
+SELECT name, prefixes, created_at, revoked_at FROM engine.list_event_keys()
+
+-- name: revoke_event_key
+SELECT engine.revoke_event_key($1)
+
 -- name: claim_events
 SELECT seq, name, event, traceparent, awaited, registry_version FROM engine.claim_events($1)
 
