@@ -361,3 +361,26 @@ async def test_runs_start_from_posted_events_as_from_app_send(
         await eventually(all_ran)
     assert sorted(s["data"]["n"] for s in seen) == [0, 1, 2]
     assert {s["id"] for s in seen} == set(ids) and {s["v"] for s in seen} == {"1"}
+
+
+async def test_the_dashboard_serves_it_past_its_login_and_csrf_checks(
+    make_engine: Callable[..., Engine], sql: asyncpg.Connection
+) -> None:
+    """In create_app (engine dev, engine dashboard) the event key is the authentication: a
+    dashboard with a token, for a non-loopback host, takes a cross-site POST with no login
+    and no CSRF token on /e/, while its pages still ask for a login."""
+    from engine.web import create_app
+
+    app = make_engine("api")
+    key = (await create_key(app, "dashboard")).key
+    web = create_app(app, token="s3cret-token")
+    transport = httpx.ASGITransport(web)
+    async with httpx.AsyncClient(transport=transport, base_url="https://dash.example") as client:
+        response = await client.post(
+            f"/e/{key}", json={"name": "a/b"}, headers={"origin": "https://shop.example"}
+        )
+        assert response.status_code == 200, response.text
+        refused(await client.post("/e/" + "x" * 43, json={"name": "a/b"}), 401, "unknown")
+        assert (await client.get("/events")).status_code == 303  # the login page
+        assert (await client.options(f"/e/{key}")).status_code == 204
+    assert await stored(sql) == (1, 0, 1)
