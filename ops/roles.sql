@@ -51,8 +51,8 @@ GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA engine TO engine_worker;
 GRANT SELECT ON ALL TABLES IN SCHEMA engine TO engine_reader;
 GRANT EXECUTE ON FUNCTION engine.now(), engine.schema_version(), engine.run_event(bigint),
     engine.run_steps(uuid), engine.batch_of(uuid), engine.run_history(uuid),
-    engine.execution_history(uuid), engine.pause_history(uuid), engine.list_event_keys()
-    TO engine_reader;
+    engine.execution_history(uuid), engine.pause_history(uuid), engine.list_event_keys(),
+    engine.step_history(uuid, boolean), engine.step_attempt_list(engine.steps) TO engine_reader;
 -- The dashboard's Functions and Workers pages (queries overview_*): why runs wait, and the steps
 -- a worker reported executing.
 GRANT EXECUTE ON FUNCTION engine.flow_reason(engine.runs, timestamptz), engine.unserved_reason(),

@@ -6,6 +6,7 @@ it, and it refuses to listen beyond this machine without one."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import subprocess
@@ -170,6 +171,67 @@ async def test_pages_follow_each_other_by_keyset(shop_app: Engine) -> None:
                 url, query = (older.group(1).replace("&amp;", "&"), None) if older else (None, None)
             expected = packs[::-1] if "q" not in params else [packs[4], packs[2], packs[0]]
             assert seen == expected, params
+
+
+async def test_a_search_reads_a_bounded_number_of_runs_per_page(
+    shop_app: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A search that finds nothing among the runs it may read per page says how many it read
+    and offers the older ones; the next page goes on from there and finds the match."""
+    from engine.web import run_pages
+
+    monkeypatch.setattr(run_pages, "SEARCH_BATCH", 2)
+    monkeypatch.setattr(run_pages, "SEARCH_SCAN", 4)
+    app = shop_app
+    packs = [await run_of(app, Event(name="t/pack", data={"n": n})) for n in range(6)]
+    for run_id in packs:
+        await app.wait_for_run(run_id)
+    async with client(create_app(app)) as http:
+        first = (await http.get("/runs", params={"q": "event.data.n == 0"})).text
+        assert "The search read 4 runs" in first and "No runs among the 4 read" in first
+        older = re.search(r'href="([^"]+)" id="older"', first)
+        assert older
+        second = (await http.get(older.group(1).replace("&amp;", "&"))).text
+        assert re.findall(r'<tr data-id="([0-9a-f-]{36})"', second) == [packs[0]]
+        assert 'id="older"' not in second
+
+
+async def test_the_pages_read_through_the_engine_reader_role(
+    database_url: str, shop_app: Engine, sql: Any
+) -> None:
+    """A dashboard reading as a login granted only engine_reader (ops/roles.sql) renders every
+    page; its actions go through the Engine that may write."""
+    from test_security import ROLES_SQL, as_user
+
+    await sql.execute(ROLES_SQL.read_text())
+    user = f"dash_reader_{os.getpid()}"
+    await sql.execute(f"DROP ROLE IF EXISTS {user}")
+    await sql.execute(f"CREATE ROLE {user} LOGIN IN ROLE engine_reader")
+    reader = Engine("dashboard", as_user(database_url, user))
+    try:
+        waiting = await run_of(shop_app, Event(name="t/busy"))
+        await status_is(shop_app, waiting, RunStatus.WAITING)
+        event_id = (await shop_app.get_run(waiting)).event.id
+        async with client(create_app(shop_app, reader=reader)) as http:
+            for path in (
+                "/runs",
+                f"/runs/{waiting}",
+                "/events",
+                f"/events/{event_id}",
+                "/runs?q=event.name%20%3D%3D%20%27t%2Fbusy%27",
+                "/runs/rows",
+                "/events/rows",
+            ):
+                page = await http.get(path)
+                assert page.status_code == 200, (path, page.text[-2000:])
+            token = csrf_of((await http.get("/runs")).text)
+            cancelled = await http.post(f"/runs/{waiting}/cancel", data={"csrf": token})
+            assert cancelled.status_code == 303
+        assert (await shop_app.get_run(waiting)).status is RunStatus.CANCELLED
+    finally:
+        await reader.close()
+        await sql.execute(f"DROP OWNED BY {user}")
+        await sql.execute(f"DROP ROLE IF EXISTS {user}")
 
 
 async def test_the_rows_fragment_and_the_live_stream_carry_new_runs(shop_app: Engine) -> None:
