@@ -115,6 +115,9 @@ async def test_the_pages_render_real_runs_and_the_timeline_has_each_bar(shop_app
         assert "second step refuses" in failed and "NonRetriableError" in failed
         events = (await http.get("/events")).text
         assert "t/busy" in events and f"/runs/{busy}" in events
+        assert "engine/function.failed" not in events  # the engine's own, on request only
+        system = (await http.get("/events", params={"system": "1"})).text
+        assert "engine/function.failed" in system and "t/busy" in system
         run = await app.get_run(busy)
         event_page = await http.get(f"/events/{run.event.id}")
         assert event_page.status_code == 200 and busy in event_page.text

@@ -352,3 +352,15 @@ FROM engine.runs r
 WHERE r.event_seq = ANY ($1::bigint[])
 ORDER BY r.event_seq DESC, r.created_at, r.id
 LIMIT $2
+
+-- name: dashboard_events
+-- The Events page: event_page's columns, newest first before the keyset $3, of one name ($1),
+-- without the engine's own events (engine/...) unless $2.
+SELECT e.seq, e.id, e.name, e.data, e.ts, e.v, e.received_at, e.dead_lettered_at, e.error,
+       EXISTS (SELECT 1 FROM engine.event_queue q WHERE q.seq = e.seq) AS pending,
+       (SELECT count(*) FROM engine.runs r WHERE r.event_seq = e.seq) AS runs
+FROM engine.events e
+WHERE ($1::text IS NULL OR e.name = $1) AND ($2 OR e.name NOT LIKE 'engine/%')
+  AND ($3::bigint IS NULL OR e.seq < $3)
+ORDER BY e.seq DESC
+LIMIT $4

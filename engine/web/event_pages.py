@@ -15,9 +15,9 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from ..app import Engine
-from ..cursors import parse_event_cursor
+from ..cursors import event_cursor, parse_event_cursor
 from ..errors import InvalidEventError
-from ..events import Event, StoredEvent
+from ..events import Event, StoredEvent, stored_event_from_row
 from ..runs import summary_of
 from .layout import Page, dashboard, form_fields, redirect, render, render_text
 
@@ -30,7 +30,9 @@ LIVE_INTERVAL = 2.0
 
 
 async def _events_context(request: Request, *, first_page: bool = False) -> dict[str, Any]:
-    """The events of the page the query asks for, each with the runs it started."""
+    """The events of the page the query asks for, each with the runs it started. The engine's
+    own events (``engine/function.finished``...) only with ``system=1`` or by name: they
+    would outnumber the rest."""
     reader = dashboard(request).reader
     name = request.query_params.get("name") or None
     cursor = None if first_page else request.query_params.get("cursor") or None
@@ -41,12 +43,18 @@ async def _events_context(request: Request, *, first_page: bool = False) -> dict
         except ValueError:
             errors.append("that page's cursor is not one of this list")
             cursor = None
-    page = await reader.list_events(name, limit=PAGE_SIZE, cursor=cursor)
+    system = request.query_params.get("system") == "1"
+    before = None if cursor is None else parse_event_cursor(cursor)
+    db = await reader.database()
+    rows = await db.fetch("dashboard_events", name, system or bool(name), before, PAGE_SIZE + 1)
+    events = [stored_event_from_row(row) for row in rows[:PAGE_SIZE]]
+    more = len(rows) > PAGE_SIZE
     return {
-        "events": page.events,
-        "cursor": page.cursor,
-        "runs": await _runs_of(reader, page.events),
+        "events": events,
+        "cursor": event_cursor(events[-1].seq) if more else None,
+        "runs": await _runs_of(reader, events),
         "name": name or "",
+        "system": system,
         "errors": errors,
         "runs_per_event": RUNS_PER_EVENT,
     }
