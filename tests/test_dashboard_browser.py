@@ -43,6 +43,10 @@ if not CHROMIUM.exists():
 
 from playwright.async_api import Browser, Page, async_playwright, expect  # noqa: E402
 
+# A loaded CI machine may take seconds to route an event or render a page: conditions are
+# waited on, for up to this long.
+expect.set_options(timeout=WAIT_MS)
+
 
 def shop(app: Engine, broken: dict[str, bool]) -> None:
     """``busy``: a step failing once, a sleep and a wait; ``fragile``: its second step fails
@@ -111,6 +115,7 @@ async def test_a_person_watches_opens_cancels_reruns_and_sends(
         served = await start(create_app(app), host="127.0.0.1", port=0, token=None)
         try:
             page = await browser.new_page(viewport={"width": 1400, "height": 800})
+            page.set_default_timeout(WAIT_MS)
             await _watch_a_run_appear_and_open_it(app, page, served.url)
             await _cancel_a_waiting_run(app, page)
             await _rerun_a_failed_run_from_a_step(app, page, served.url, broken)
@@ -129,7 +134,7 @@ async def _watch_a_run_appear_and_open_it(app: Engine, page: Page, url: str) -> 
     run_id = await only_run_id(app, event_id)
     row = page.locator(f'tr[data-id="{run_id}"]')
     await expect(row).to_be_visible(timeout=WAIT_MS)  # appeared without a reload
-    await expect(row.locator(".status")).to_have_text("WAITING", timeout=WAIT_MS)
+    await expect(row.locator(".status")).to_have_text("WAITING")
     await shot(page, "runs")
 
     # The keyboard: j selects the newest row, Enter opens it.
@@ -183,7 +188,7 @@ async def _rerun_a_failed_run_from_a_step(
     new_id = page.url.split("?")[0].rsplit("/", 1)[1]
     assert new_id != failed
     # The page follows the run until it ends (it reloads as the run moves).
-    await expect(page.locator("h1 .status")).to_have_text("COMPLETED", timeout=WAIT_MS)
+    await expect(page.locator("h1 .status")).to_have_text("COMPLETED")
     rerun, original = await app.get_run(new_id), await app.get_run(failed)
     assert rerun.output == 2
     kept = [step.attempts for step in rerun.steps if step.step_id == "first"]

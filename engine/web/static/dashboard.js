@@ -68,6 +68,7 @@
       const keep = selected && selected.dataset.id;
       const before = new Set(Array.from(tbody.querySelectorAll("tr[data-id]"), (r) => r.dataset.id));
       tbody.innerHTML = e.data;
+      tick();
       for (const r of tbody.querySelectorAll("tr[data-id]")) {
         if (before.size && !before.has(r.dataset.id)) r.classList.add("fresh");
         if (keep && r.dataset.id === keep) r.classList.add("selected");
@@ -92,7 +93,22 @@
     const row = id && document.querySelector(`.wrow[data-id="${CSS.escape(id)}"]`);
     if (row) select(row);
   }
+  // How long runs still going have taken so far (data-since: their start).
+  function took(seconds) {
+    if (seconds < 60) return seconds.toFixed(seconds < 10 ? 2 : 1) + "s";
+    const whole = Math.floor(seconds);
+    if (whole < 3600) return Math.floor(whole / 60) + "m" + String(whole % 60).padStart(2, "0") + "s";
+    return Math.floor(whole / 3600) + "h" + String(Math.floor(whole % 3600 / 60)).padStart(2, "0") + "m";
+  }
+  function tick() {
+    for (const element of document.querySelectorAll("[data-since]")) {
+      const since = Date.parse(element.dataset.since);
+      if (!isNaN(since)) element.textContent = took(Math.max(0, (Date.now() - since) / 1000)) + "…";
+    }
+  }
+  setInterval(tick, 1000);
   document.addEventListener("DOMContentLoaded", () => {
+    tick();
     for (const tbody of document.querySelectorAll("tbody[data-live]")) live(tbody);
     for (const element of document.querySelectorAll("[data-watch]")) watch(element);
     restoreBar();
