@@ -8,6 +8,7 @@ See README.md for a tour.
 from ._version import __version__ as __version__
 from .app import Engine
 from .cancellation import Cancel, Timeouts
+from .checkpointing import Checkpointing
 from .context import Context
 from .errors import (
     ConfigurationError,
@@ -40,6 +41,7 @@ __all__ = [
     "Backoff",
     "Batch",
     "Cancel",
+    "Checkpointing",
     "Concurrency",
     "ConfigurationError",
     "Context",

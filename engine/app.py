@@ -15,6 +15,7 @@ from uuid import UUID
 from pydantic import BaseModel
 
 from .cancellation import Cancel, Timeouts
+from .checkpointing import Checkpointing
 from .cursors import event_cursor, parse_event_cursor, parse_run_cursor, run_cursor
 from .db import Connection, Database
 from .durations import Duration, parse_duration
@@ -118,6 +119,7 @@ class Engine:
         throttle: Throttle | None = None,
         debounce: Debounce | None = None,
         batch_events: Batch | None = None,
+        checkpointing: Checkpointing | None = None,
     ) -> Callable[[Handler], Function]:
         """Declares a durable function.
 
@@ -138,6 +140,8 @@ class Engine:
             throttle: a :class:`Throttle`: starts spread over time; excess runs are delayed.
             debounce: a :class:`Debounce`: one run per quiet period, with the last event.
             batch_events: a :class:`Batch`: one run for up to ``max_size`` events.
+            checkpointing: a :class:`Checkpointing`: completed steps are committed together
+                (fewer commits; a crash runs the uncommitted ones again).
 
         Raises:
             ConfigurationError: an invalid id, option or expression; the message says which.
@@ -160,6 +164,7 @@ class Engine:
                 throttle=throttle,
                 debounce=debounce,
                 batch_events=batch_events,
+                checkpointing=checkpointing,
             )
             failure = None if on_failure is None else self._failure_handler(fn_id, on_failure)
             for declared in (function, failure):

@@ -124,6 +124,13 @@ class Execution:
         self._halted = False
         self._settled = asyncio.Event()
         self._unsaved: list[str] = []  # completed steps' records not yet committed (see defer)
+        # Buffered checkpoints (engine.checkpointing): without the option, the records are
+        # committed before the next step starts (a buffer of one, no timer).
+        self.checkpointing = run.function.checkpointing
+        self._buffer = 1 if self.checkpointing is None else self.checkpointing.buffered_steps
+        self._flush_lock = asyncio.Lock()  # commits of records go out in the order deferred
+        self._flush_timer: asyncio.TimerHandle | None = None  # max_interval of the oldest
+        self._timed_flush: asyncio.Task[None] | None = None
         self.history = History({key: _recorded(s) for key, s in run.steps.items()})
         self._branches: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()  # asked for steps
         self._clock_origin = time.monotonic()
@@ -196,12 +203,20 @@ class Execution:
             self.fatal = failure
         raise failure
 
-    async def gate(self, *, flush: bool = True) -> None:
+    async def gate(self, *, flush: bool = True, buffered: bool = False) -> None:
         """Called before a new step starts: the steps completed so far are committed first, and
-        no step starts once a cancel or a stop is pending. A step with no side effect of its own
-        (a sleep) passes ``flush=False``: the pending records are committed with the suspension,
-        in the same round trip."""
+        no step starts once a cancel, a stop or the loss of the lease is known. A step with no
+        side effect of its own (a sleep) passes ``flush=False``: the pending records are
+        committed with the suspension, in the same round trip. A ``run`` step passes
+        ``buffered=True``: a function with :class:`~engine.Checkpointing` commits them only once
+        its buffer is full (or its ``max_interval`` passed); other steps leave the process or
+        wait, so the buffer is always committed before them."""
         self.check_failed()
+        if self.lost:  # the records cannot be written any more: start nothing new
+            self._halted = True
+            await self.block()
+        if buffered and len(self._unsaved) < self._buffer:
+            flush = False
         if flush and not self._settled.is_set():
             # Counted as executing: a stop or a suspension settling the run meanwhile must not
             # cancel this write half way (the records it carries would be lost with it).
@@ -335,15 +350,59 @@ class Execution:
         same round trip. Only replayable code runs in between."""
         self._remember(record)
         self._unsaved.append(record.to_json(output_json))
+        if self.checkpointing is not None and self._flush_timer is None:
+            self._arm_flush_timer()
 
-    async def flush(self) -> None:
-        """Commits the deferred step records (one round trip for all of them)."""
-        if not self._unsaved:
+    async def flush(self, *extra: str) -> None:
+        """Commits the deferred step records (one round trip for all of them), and ``extra``
+        records after them (a failed attempt's), in the order they were deferred: a write
+        that carries a later record carries every earlier one."""
+        async with self._flush_lock:
+            if not self._unsaved and not extra:
+                return
+            if self._flush_timer is not None:  # it was for these records
+                self._flush_timer.cancel()
+                self._flush_timer = None
+            with self._fenced(), self._taking_unsaved() as records:
+                item = self._write(steps=records + list(extra))
+                result = await self.group_commit.checkpoint.call(item, str(self.run.run_id))
+            self._accept(WriteVerdict(result), "while recording completed steps")
+
+    def _arm_flush_timer(self) -> None:
+        """Commits the buffer ``max_interval`` after a record entered it, even while a step
+        still executes (a long step must not hold the results before it uncommitted)."""
+        assert self.checkpointing is not None
+        delay = self.checkpointing.interval.total_seconds()
+        self._flush_timer = asyncio.get_running_loop().call_later(delay, self._interval_passed)
+
+    def _interval_passed(self) -> None:
+        self._flush_timer = None
+        if self._settled.is_set() or self.let_go or not self._unsaved:
+            return  # the run's release or end commits the buffer (or the lease is gone)
+        if self._timed_flush is not None and not self._timed_flush.done():
+            self._arm_flush_timer()  # one timed commit at a time: look again later
             return
-        with self._fenced(), self._taking_unsaved() as records:
-            item = self._write(steps=records)
-            result = await self.group_commit.checkpoint.call(item, str(self.run.run_id))
-        self._accept(WriteVerdict(result), "while recording completed steps")
+        self._timed_flush = asyncio.create_task(self._flush_on_time())
+
+    async def _flush_on_time(self) -> None:
+        """The timed commit of the buffer, beside the executing steps. It counts as executing:
+        the run does not settle while it is in flight. A refusal or a cut-off stops the
+        execution as any write does (the flags are set by :meth:`_fenced` and :meth:`_accept`)."""
+        try:
+            async with self.executing():
+                await self.flush()
+        except (LeaseLost, WriteCutOff):
+            self.maybe_settle()
+        except Exception as exc:  # put back: the next write of the run carries the records
+            self.log.warning("run.timed_checkpoint_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _stop_flush_timer(self) -> None:
+        """At the execution's end: no timed commit outlives it."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if self._timed_flush is not None:
+            await asyncio.gather(self._timed_flush, return_exceptions=True)
 
     def _log_counts(self) -> dict[str, Any]:
         """What the run records of ctx.logger's lines (see RunLogger): the count at each place
@@ -408,9 +467,10 @@ class Execution:
             raise
 
     async def checkpoint(self, record: StepRecord, output_json: str | None = None) -> None:
-        """Commits a step record under the lease before the function goes on."""
-        doing = f"while recording step {record.key!r}"
-        await self._leased_call("checkpoint_step", record.to_json(output_json), doing)
+        """Commits a step record under the lease before the function goes on, after the
+        completed steps still in memory (a failed attempt is followed by a backoff or by the
+        step's error at its call site: the buffer is committed before either)."""
+        await self.flush(record.to_json(output_json))
         self._remember(record)
 
     async def register_matchers(
@@ -568,7 +628,10 @@ class Execution:
             ) as span,
         ):
             try:
-                await self._drive(make_context, span)
+                try:
+                    await self._drive(make_context, span)
+                finally:
+                    await self._stop_flush_timer()
             except LeaseLost as lost:
                 self.let_go = True
                 self.log.warning("run.lease_lost", reason=str(lost))
@@ -769,16 +832,8 @@ class Execution:
         error: str | None = None,
         traceback: str | None = None,
     ) -> None:
-        with self._fenced(), self._taking_unsaved() as records:
-            item = self._write(
-                steps=records,
-                status=status.value,
-                **self._log_counts(),
-                output=output or "null",
-                error=error or "null",
-                traceback=traceback,
-            )
-            verdict = WriteVerdict(await self.group_commit.finish.call(item, str(self.run.run_id)))
+        async with self._flush_lock:  # after a timed commit still in flight
+            verdict = await self._finish_write(status, output, error, traceback)
         if verdict is WriteVerdict.LOST:
             raise LeaseLost(f"run {self.run.run_id}: lost before it could end {status.value}")
         self.let_go = True
@@ -788,6 +843,20 @@ class Execution:
         self.log.info("run.finished", status=outcome.value)
         telemetry.mark(span, outcome.value)
         self.ended = True
+
+    async def _finish_write(
+        self, status: RunStatus, output: str | None, error: str | None, traceback: str | None
+    ) -> WriteVerdict:
+        with self._fenced(), self._taking_unsaved() as records:
+            item = self._write(
+                steps=records,
+                status=status.value,
+                **self._log_counts(),
+                output=output or "null",
+                error=error or "null",
+                traceback=traceback,
+            )
+            return WriteVerdict(await self.group_commit.finish.call(item, str(self.run.run_id)))
 
     async def _trace_run(self) -> None:
         """Emits the ended run's own span and its pauses' spans, timed from its history (see
@@ -808,18 +877,8 @@ class Execution:
         span: trace.Span,
         body_error: dict[str, Any] | None = None,
     ) -> None:
-        with self._fenced(), self._taking_unsaved() as records:
-            item = self._write(
-                steps=[s.to_json() for s in suspension.steps] + records,
-                status=suspension.status.value,
-                due=suspension.due.isoformat(),
-                reason=suspension.reason,
-                attempt=self.run.attempt,
-                **self._log_counts(),
-                awaited=suspension.awaited,
-                body_error=body_error,
-            )
-            verdict = WriteVerdict(await self.group_commit.suspend.call(item, str(self.run.run_id)))
+        async with self._flush_lock:  # after a timed commit still in flight
+            verdict = await self._suspend_write(suspension, body_error)
         if verdict is WriteVerdict.LOST:
             raise LeaseLost(f"run {self.run.run_id}: lost before it could be suspended")
         self.let_go = True
@@ -832,6 +891,22 @@ class Execution:
         )
         telemetry.mark(span, outcome.value)
         self.next_due = suspension.due
+
+    async def _suspend_write(
+        self, suspension: Suspension, body_error: dict[str, Any] | None
+    ) -> WriteVerdict:
+        with self._fenced(), self._taking_unsaved() as records:
+            item = self._write(
+                steps=records + [s.to_json() for s in suspension.steps],
+                status=suspension.status.value,
+                due=suspension.due.isoformat(),
+                reason=suspension.reason,
+                attempt=self.run.attempt,
+                **self._log_counts(),
+                awaited=suspension.awaited,
+                body_error=body_error,
+            )
+            return WriteVerdict(await self.group_commit.suspend.call(item, str(self.run.run_id)))
 
 
 def _merge(suspensions: list[Suspension]) -> Suspension:

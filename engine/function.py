@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from .cancellation import Cancel, Timeouts, check_cancels
+from .checkpointing import Checkpointing, check_checkpointing
 from .context import Context
 from .errors import ConfigurationError
 from .flow import (
@@ -55,6 +56,7 @@ class Function:
     throttle: Throttle | None = None
     debounce: Debounce | None = None
     batch_events: Batch | None = None
+    checkpointing: Checkpointing | None = None  # buffered checkpoints (engine.checkpointing)
 
     async def __call__(self, ctx: Context[Any]) -> Any:
         return await self.handler(ctx)
@@ -104,6 +106,8 @@ class Function:
         if self.cancel:
             config["cancel"] = [c.to_json() for c in self.cancel]
         config.update(self.flow())
+        if self.checkpointing is not None:
+            config["checkpointing"] = self.checkpointing.to_json()
         return {
             "function_id": self.fn_id,
             "triggers": [t.to_json() for t in self.triggers],
@@ -132,6 +136,7 @@ def build_function(
     throttle: Throttle | None = None,
     debounce: Debounce | None = None,
     batch_events: Batch | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> Function:
     """Validates a declaration; raises :class:`ConfigurationError` with what is wrong."""
     if not isinstance(fn_id, str) or not _FN_ID.match(fn_id):
@@ -161,6 +166,7 @@ def build_function(
         throttle=_typed(throttle, Throttle, "throttle", fn_id),
         debounce=_typed(debounce, Debounce, "debounce", fn_id),
         batch_events=batch,
+        checkpointing=check_checkpointing(checkpointing, fn_id),
     )
 
 

@@ -100,6 +100,7 @@ def test_public_api_is_pinned() -> None:
         "Backoff",
         "Batch",
         "Cancel",
+        "Checkpointing",
         "Concurrency",
         "ConfigurationError",
         "Context",
