@@ -2565,16 +2565,68 @@ BEGIN
     RETURN coalesce(v_ok, false);
 END $$;
 
+-- Records several steps as engine.record_step does each, in one statement: a buffered
+-- checkpoint (engine/checkpointing.py) carries up to a thousand steps, and a row at a time in
+-- PL/pgSQL cost ~0.2 ms each. Returns how many were written (fewer than given: some step was
+-- final already). The keys must be distinct (one statement cannot write a row twice).
+CREATE OR REPLACE FUNCTION engine.record_steps(p_run uuid, p_steps jsonb, p_worker uuid)
+RETURNS bigint LANGUAGE sql AS $$
+    WITH given AS (
+        SELECT x, x ->> 'key' AS key, x ->> 'status' AS status,
+               (x ->> 'started_at')::timestamptz AS started,
+               coalesce((x ->> 'ended_at')::timestamptz, engine.now()) AS ended
+        FROM jsonb_array_elements(p_steps) AS x
+    ), written AS (
+        INSERT INTO engine.steps AS s (run_id, step_key, position, kind, status, attempts, output,
+                                       error, wake_at, created_at, ended_at, step_id, follows,
+                                       bytes, started_at, worker)
+        SELECT p_run, g.key, (g.x ->> 'position')::int, g.x ->> 'kind', g.status,
+               (g.x ->> 'attempts')::int, g.x -> 'output', g.x -> 'error',
+               (g.x ->> 'wake_at')::timestamptz, engine.now(),
+               CASE WHEN g.status IN ('COMPLETED', 'FAILED') THEN g.ended END,
+               g.x ->> 'id', g.x ->> 'follows', engine.step_bytes(g.x -> 'output', g.x -> 'error'),
+               g.started, p_worker
+        FROM given g
+        ON CONFLICT (run_id, step_key) DO UPDATE
+            SET status = excluded.status, attempts = excluded.attempts, output = excluded.output,
+                error = excluded.error, wake_at = excluded.wake_at, ended_at = excluded.ended_at,
+                bytes = excluded.bytes, started_at = excluded.started_at, worker = excluded.worker
+            WHERE s.status NOT IN ('COMPLETED', 'FAILED')
+        RETURNING s.step_key
+    ), attempts AS (
+        INSERT INTO engine.step_attempts (run_id, step_key, attempt, outcome, started_at,
+                                          ended_at, worker, error, retry_at)
+        SELECT p_run, g.key, (g.x ->> 'attempts')::int - 1, g.status, g.started, g.ended,
+               p_worker,
+               coalesce(g.x -> 'error', '{}') || jsonb_strip_nulls(jsonb_build_object(
+                   'traceback', g.x -> 'traceback')),
+               (g.x ->> 'retry_at')::timestamptz
+        FROM given g JOIN written w ON w.step_key = g.key
+        WHERE g.x ->> 'kind' = 'run' AND g.status IN ('RETRYING', 'FAILED')
+        ON CONFLICT DO NOTHING
+    )
+    SELECT count(*) FROM written
+$$;
+
 -- Records several steps at once (those that completed since the last checkpoint), as below.
+-- A list with a key twice (not written by this version's workers) is recorded a step at a time.
 CREATE OR REPLACE FUNCTION engine.checkpoint_steps(
     p_run uuid, p_owner uuid, p_token bigint, p_steps jsonb)
 RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     v_cancel boolean := engine.hold_lease(p_run, p_owner, p_token);
     v_step   jsonb;
+    v_count  int := jsonb_array_length(p_steps);
 BEGIN
     IF v_cancel IS NULL THEN
         RETURN 'lost';
+    END IF;
+    IF v_count > 1 AND v_count = (SELECT count(DISTINCT x ->> 'key')
+                                  FROM jsonb_array_elements(p_steps) AS x) THEN
+        IF engine.record_steps(p_run, p_steps, p_owner) < v_count THEN
+            RETURN 'duplicate';
+        END IF;
+        RETURN CASE WHEN v_cancel THEN 'cancel' ELSE 'ok' END;
     END IF;
     FOR v_step IN SELECT value FROM jsonb_array_elements(p_steps) LOOP
         IF NOT engine.record_step(p_run, v_step, p_owner) THEN
