@@ -25,6 +25,7 @@ from .expressions import Expression
 from .flow import Batch, Concurrency, Debounce, Priority, RateLimit, Singleton, Throttle
 from .function import Function, FunctionInfo, Handler, build_function
 from .records import Limits
+from .replay_check import ReplayReport, check_replay
 from .retention import DEFAULT_RETENTION, PRUNE_EVERY, retention_option
 from .retries import Backoff
 from .runs import RunInfo, RunPage, RunStatus, run_info_from_row, run_summary_from_row
@@ -463,6 +464,42 @@ class Engine:
             return 0
         count: int = await db.fetchval("cancel_runs", chosen, "cancelled by cancel_runs")
         return count
+
+    async def check_replay(
+        self,
+        *,
+        since: Duration | None = None,
+        function: str | None = None,
+        timeout: Duration = "10s",  # noqa: ASYNC109 - a bound per run, not on the call
+    ) -> ReplayReport:
+        """Replays the recorded history of this app's runs in flight against the functions as
+        declared now, and reports those that would fail with a
+        :class:`~engine.DeterminismError` (see docs/versioning.md). No step body runs and
+        nothing is written: a CI job can gate a deploy on ``report.ok``.
+
+        Args:
+            since: also the runs that ended within this long (``"7d"``); default: only runs
+                in flight.
+            function: only this function's runs.
+            timeout: the longest one run's replay may take (its code outside steps runs).
+
+        Raises:
+            EngineError: ``function`` is not declared in this app.
+        """
+        functions = dict(self.functions)
+        if function is not None:
+            if function not in functions:
+                raise EngineError(f"function {function!r} is not declared in app {self.app_id!r}")
+            functions = {function: functions[function]}
+        db = await self.database()
+        ended_after = None
+        if since is not None:
+            window = parse_duration(since, what="since")
+            ended_after = await db.fetchval("now") - window
+        bound = parse_duration(timeout, what="timeout").total_seconds()
+        return await check_replay(
+            db, self.app_id, functions, self.limits, since=ended_after, patience=bound
+        )
 
     async def rerun(self, run_id: str | UUID, from_step: str | None = None) -> str:
         """Starts the run's function again with the same event; returns the new run's id.

@@ -1,5 +1,5 @@
 """The engine command: dev, worker, migrate, send and prune; runs, events and functions
-(cli_runs.py); keys (cli_keys.py).
+(cli_runs.py); keys (cli_keys.py); check-replay (cli_replay.py).
 
 Exit codes: 0 done; 1 a failure (the database cannot be reached or has no schema, a run or
 event does not exist, a demo failed); 2 bad input (an option, a file or module that cannot be
@@ -29,7 +29,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from . import cli_dashboard, cli_keys, cli_runs, embedded, retention, telemetry
+from . import cli_dashboard, cli_keys, cli_replay, cli_runs, embedded, retention, telemetry
 from .app import Engine
 from .cli_common import CLI_APP_ID, Failure, UsageError, routing_outcome
 from .cli_common import Formatter as _Formatter
@@ -122,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     _database_option(migrate)
     cli_runs.add_commands(commands)  # runs, events, functions
     cli_keys.add_commands(commands)  # keys
+    cli_replay.add_commands(commands, load_target)  # check-replay
     _send_parser(commands)
     _prune_parser(commands)
     cli_dashboard.add_command(commands)

@@ -48,5 +48,21 @@ class Context(Generic[DataT]):
         attempt = current_attempt.get()
         return self._run_attempt if attempt is None else attempt
 
+    def patched(self, patch_id: str) -> bool:
+        """Whether the run takes the new code's path at this point of a code change.
+
+        ``True`` for a run that reaches this point for the first time with this code (the
+        decision is recorded, so that replay decides the same way); ``False`` for a run whose
+        history shows it went past this point with the code before the change (it recorded
+        a step right after it). Call it in the function's own code, not inside a step::
+
+            if ctx.patched("send-receipt"):
+                await ctx.step.run("receipt", send_receipt)
+
+        Each point decides for itself: ``v2 = ctx.patched("v2")`` at the top of the function
+        takes one decision for the whole run. See docs/versioning.md (the three deploys).
+        """
+        return self.step._patched(patch_id)
+
     def __repr__(self) -> str:
         return f"Context(run_id={self.run_id!r}, event={self.event.name!r})"

@@ -191,6 +191,13 @@ class DeterminismError(RunFailure):
 
     code = "determinism"
 
+    def __init__(
+        self, message: str, *, recorded: str | None = None, asked: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.recorded = recorded  # the recorded step's key where the code diverged
+        self.asked = asked  # the step id the code asked for there (None: it asked for none)
+
 
 class EventSchemaError(RunFailure):
     """The run's event does not match the schema its function's trigger declares (an event

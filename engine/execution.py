@@ -197,6 +197,28 @@ class Execution:
         record = self.run.steps.get(match.key) if match.recorded else None
         return StepPlan(match.key, match.position, record, step_id, match.place)
 
+    def patched(self, patch_id: str) -> bool:
+        """``ctx.patched``: whether this point of the run takes the new code's path (see
+        :mod:`engine.replay`). The run's first time here records a marker, committed with the
+        next write (before or with any step after it): replay decides the same way."""
+        if not isinstance(patch_id, str) or not patch_id:
+            self.fail(RunFailure(f"patch ids must be non-empty strings, got {patch_id!r}"))
+        problem = text_problem(patch_id)
+        if problem is not None:
+            self.fail(RunFailure(f"patch id {patch_id!r} cannot be stored: {problem}"))
+        outer = current_step.get()
+        if outer is not None:  # a step's code runs again on retry: it has no place of its own
+            self.fail(RunFailure(f"ctx.patched({patch_id!r}) was called inside step {outer!r}"))
+        taken, marker = self.history.patched(patch_id)
+        if marker is not None:
+            now = self.db_now()
+            plan = StepPlan(marker.key, marker.position, None, patch_id, marker.place)
+            record = plan.new(
+                StepKind.PATCH, StepStatus.COMPLETED, output=True, started_at=now, ended_at=now
+            )
+            self.defer(record, "true")
+        return taken
+
     def fail(self, failure: RunFailure | NestedStepError) -> NoReturn:
         """Marks the run as failed for good (first failure wins) and raises it."""
         if self.fatal is None:

@@ -31,6 +31,7 @@ class StepKind(StrEnum):
     WAIT = "wait"
     INVOKE = "invoke"
     SEND = "send"
+    PATCH = "patch"  # a marker of ctx.patched: the run took a patch's new path (engine.replay)
 
 
 class StepStatus(StrEnum):

@@ -26,6 +26,13 @@ Divergence is reported (:class:`DeterminismError`) only when it is provable:
 
 Steps recorded before places were stored (schema version 9) are matched as they were recorded:
 by the per-id counter in the order of the requests.
+
+Patch markers (``ctx.patched``, kind ``patch``) stand beside the steps, not among them: they are
+never asked for as steps, never change a place, and :meth:`History.patched` alone reads them.
+A patch point at place ``p`` is new code's for a run when a marker of that patch is recorded at
+``p``, old code's when the run had recorded a step at ``p`` before this execution began (the old
+code went on from there), and new code's otherwise (the run reaches ``p`` for the first time; a
+marker is recorded, with the steps after it or before them).
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import DeterminismError
+
+PATCH = "patch"  # the kind of a patch marker (engine.records.StepKind.PATCH)
 
 # The last step asked for in this branch of the run, with the task that asked for it.
 _last_step: ContextVar[tuple[str, asyncio.Task[Any] | None] | None] = ContextVar(
@@ -106,8 +115,14 @@ class History:
     _next_position: int = 0
     _replayed_places: frozenset[str] = frozenset()
     _recorded_at_start: int = 0
+    _patches: dict[tuple[str, str], str] = field(default_factory=dict)  # (id, place) -> key
+    _marker_keys: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
+        positions = [s.position for s in self.recorded.values()]
+        for marker in [s for s in self.recorded.values() if s.kind == PATCH]:
+            del self.recorded[marker.key]
+            self._add_marker(marker)
         by_place: dict[tuple[str, str], list[Recorded]] = defaultdict(list)
         for step in self.recorded.values():
             if step.step_id is not None and step.place is not None:
@@ -118,7 +133,6 @@ class History:
             place: [s.key for s in sorted(steps, key=lambda s: s.position)]
             for place, steps in by_place.items()
         }
-        positions = [s.position for s in self.recorded.values()]
         self._next_position = max(positions, default=-1) + 1
         self._replayed_places = frozenset(self._places())
         self._recorded_at_start = len(self.recorded)
@@ -142,7 +156,9 @@ class History:
                 raise DeterminismError(
                     f"step {key!r} was recorded as a {step.kind} step, but the code now asks for "
                     f"a {kind} step with that id: the function changed while the run was in "
-                    "flight"
+                    "flight",
+                    recorded=key,
+                    asked=step_id,
                 )
             match = Match(key, step.position, place, recorded=True)
         self.asked.add(key)
@@ -165,7 +181,9 @@ class History:
             raise DeterminismError(
                 f"{describe(place)} the run recorded step {recorded!r}, but the code now asks "
                 f"for step {step_id!r}{self._elsewhere(step_id)}: the function changed while "
-                "the run was in flight"
+                "the run was in flight",
+                recorded=recorded,
+                asked=step_id,
             )
 
     def _elsewhere(self, step_id: str) -> str:
@@ -178,7 +196,7 @@ class History:
     def _new_key(self, step_id: str) -> str:
         n = self._suffixes[step_id]  # counters below n are taken already
         key = step_id if n == 0 else f"{step_id}:{n}"
-        while key in self.recorded or key in self.asked:
+        while key in self.recorded or key in self.asked or key in self._marker_keys:
             n += 1
             key = f"{step_id}:{n}"
         self._suffixes[step_id] = n
@@ -194,12 +212,37 @@ class History:
         instead = f" (it asked for new steps {_names(self.new_keys)})" if self.new_keys else ""
         raise DeterminismError(
             f"the function returned without asking for recorded steps {names}{instead}: the "
-            "function changed while the run was in flight"
+            "function changed while the run was in flight",
+            recorded=min(missing, key=lambda s: s.position).key,
+            asked=self.new_keys[0] if self.new_keys else None,
         )
 
     def remember(self, step: Recorded) -> None:
         """Adds a step recorded during this execution (it was asked for)."""
+        if step.kind == PATCH:
+            self._add_marker(step)
+            return
         self.recorded[step.key] = step
+
+    def _add_marker(self, marker: Recorded) -> None:
+        self._marker_keys.add(marker.key)
+        if marker.step_id is not None and marker.place is not None:
+            self._patches[(marker.step_id, marker.place)] = marker.key
+
+    def patched(self, patch_id: str) -> tuple[bool, Match | None]:
+        """Whether the code at this point takes the path of patch ``patch_id`` (see the module
+        docstring), and the marker to record when it is the run's first time here."""
+        place = current_place()
+        if (patch_id, place) in self._patches:
+            return True, None
+        if place in self._replayed_places:  # the old code went on from here
+            return False, None
+        key = self._new_key(patch_id)
+        self._marker_keys.add(key)
+        self._patches[(patch_id, place)] = key
+        match = Match(key, self._next_position, place, recorded=False)
+        self._next_position += 1
+        return True, match
 
     def count(self) -> int:
         """How many distinct steps the run has recorded or asked for."""

@@ -121,6 +121,21 @@ SELECT ord, result FROM engine.suspend_many($1::jsonb)
 -- name: checkpoint_steps
 SELECT engine.checkpoint_steps($1::uuid, $2::uuid, $3, $4::jsonb)
 
+-- name: replay_histories
+-- Runs to replay against the current code (engine/replay_check.py): those in flight and, with a
+-- time ($3), those that ended since; in the shape of claim_runs (nothing is claimed).
+SELECT r.id, r.function_id, r.status, r.lease_token, r.attempt, r.log_lines, r.cancel_requested,
+       r.traceparent, engine.now() AS claimed_at, engine.run_event(r.event_seq) AS event,
+       engine.run_steps(r.id) AS steps,
+       CASE WHEN r.batch_key IS NOT NULL THEN engine.batch_of(r.id) END AS events,
+       0::bigint AS state_bytes, false AS taken_over, r.trace_context, r.log_places
+FROM engine.runs r
+WHERE r.app_id = $1 AND r.function_id = ANY ($2::text[]) AND r.id > $4::uuid
+  AND (r.status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING', 'WAITING')
+       OR (r.status IN ('COMPLETED', 'FAILED', 'CANCELLED') AND r.ended_at >= $3::timestamptz))
+ORDER BY r.id
+LIMIT $5
+
 -- name: release_orphans
 SELECT engine.release_orphans($1, $2::uuid, $3::uuid[])
 
