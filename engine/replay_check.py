@@ -38,6 +38,7 @@ from .records import ClaimedRun, Limits, StepKind, StepPlan, StepRecord, Suspens
 from .replay import start_branch
 from .retries import Backoff
 from .runlocal import RunLogger
+from .schemas import typed_events
 from .steps import Steps
 from .threads import StepThreads
 
@@ -161,9 +162,10 @@ class ReplayProbe(Execution):
 
     async def _replay(self) -> Any:
         start_branch()
-        ctx = Context(
-            event=self.run.events[0],
-            events=self.run.events,
+        events = typed_events(self.run.function, self.run.events)  # as engine.worker does
+        ctx: Context[Any] = Context(
+            event=events[0],
+            events=events,
             run_id=str(self.run.run_id),
             step=Steps(self),
             logger=self.run_logger,
