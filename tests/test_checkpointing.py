@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 from datetime import timedelta
 from typing import Any
@@ -393,3 +394,71 @@ async def test_a_crash_runs_again_only_the_steps_not_committed(
     counts = dict(await sql.fetch("SELECT step, count(*) FROM effects GROUP BY step"))
     assert counts == {"one": 1, "two": 1, "three": 1, "four": 2, "five": 2, "six": 1, "seven": 1}
     assert await sql.fetchval("SELECT count(DISTINCT run_id) FROM effects") == 1
+
+
+async def test_several_steps_are_recorded_in_one_statement_as_one_by_one(sql: Any) -> None:
+    """engine.checkpoint_steps with several steps records them as record_step does each (a
+    failed attempt's history included), and says duplicate when one is final already."""
+    await sql.execute("INSERT INTO engine.functions (app_id, function_id) VALUES ('t', 'f')")
+    event_id = await sql.fetchval("SELECT engine.send_event('t/go', '{}')")
+    await sql.execute(
+        "SELECT engine.insert_run('t', 'f', e.seq, NULL, NULL, NULL, NULL, engine.now())"
+        " FROM engine.events e WHERE e.id = $1",
+        event_id,
+    )
+    owner = "00000000-0000-0000-0000-000000000001"
+    [run] = await sql.fetch(
+        "SELECT id, lease_token FROM engine.claim_runs('t', '{f}', $1, '30 seconds', 1)", owner
+    )
+
+    def step(key: str, status: str = "COMPLETED", **fields: Any) -> dict[str, Any]:
+        return {
+            "key": key,
+            "position": 0,
+            "kind": "run",
+            "status": status,
+            "attempts": 1,
+            "output": {"k": key},
+            "id": key,
+            "follows": ">",
+            **fields,
+        }
+
+    async def checkpoint(*steps: dict[str, Any]) -> str:
+        return await sql.fetchval(
+            "SELECT engine.checkpoint_steps($1, $2, $3, $4::jsonb)",
+            run["id"],
+            owner,
+            run["lease_token"],
+            json.dumps(list(steps)),
+        )
+
+    failed = step(
+        "b",
+        "RETRYING",
+        attempts=2,
+        error={"type": "E", "message": "m"},
+        traceback="tb",
+        retry_at="2030-01-01T00:00:00+00:00",
+    )
+    assert await checkpoint(step("a"), failed) == "ok"
+    rows = await sql.fetch(
+        "SELECT step_key, status, output, attempts, ended_at IS NULL AS open"
+        " FROM engine.steps WHERE run_id = $1 ORDER BY step_key",
+        run["id"],
+    )
+    assert [tuple(r) for r in rows] == [
+        ("a", "COMPLETED", '{"k": "a"}', 1, False),
+        ("b", "RETRYING", '{"k": "b"}', 2, True),
+    ]
+    attempt = await sql.fetchrow("SELECT * FROM engine.step_attempts WHERE run_id = $1", run["id"])
+    assert (attempt["step_key"], attempt["attempt"], attempt["outcome"]) == ("b", 1, "RETRYING")
+    assert json.loads(attempt["error"]) == {"type": "E", "message": "m", "traceback": "tb"}
+    # a is final: refused (it keeps its output), and the answer says so
+    assert await checkpoint(step("c"), {**step("a"), "output": {"k": "again"}}) == "duplicate"
+    assert (
+        await sql.fetchval(
+            "SELECT output FROM engine.steps WHERE run_id = $1 AND step_key = 'a'", run["id"]
+        )
+        == '{"k": "a"}'
+    )
