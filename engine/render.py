@@ -459,13 +459,19 @@ _EXECUTION, _WORK, _PAUSE, _QUEUED = "━", "█", "░", "·"
 _PAUSE_STYLES = {"sleep": "blue", "backoff": "yellow", "wait": "magenta", "invoke": "magenta"}
 
 
-def timeline_spans(run: RunInfo) -> list[Span]:
+def timeline_spans(run: RunInfo, *, requeued: bool = False) -> list[Span]:
     """The bars of a run's timeline in time order: the time it was queued, each execution,
-    each step attempt, and each pause (or, for a step recorded without them, the step)."""
+    each step attempt, and each pause (or, for a step recorded without them, the step).
+
+    With ``requeued``, also the time it waited for a worker again between two executions: from
+    when it was due (a pause ended, a retry came due, it was handed back) to its next claim.
+    """
     spans: list[Span] = []
     first = run.executions[0].claimed_at if run.executions else run.started_at
     if first is not None and first > run.created_at:
         spans.append(Span("queued", run.created_at, first, _QUEUED, "dim", "queued"))
+    if requeued:
+        spans += _requeued(run)
     for execution in run.executions:
         label = f"execution {execution.number}" + (" (takeover)" if execution.taken_over else "")
         label += " ✗" if execution.error else ""
@@ -489,6 +495,28 @@ def timeline_spans(run: RunInfo) -> list[Span]:
         spans.append(Span(label, pause.began_at, pause.ended_at, _PAUSE, style, pause.kind, pause))
     order = {_QUEUED: 0, _EXECUTION: 1, _WORK: 2, _PAUSE: 3}
     return sorted(spans, key=lambda span: (span.start, order[span.glyph]))
+
+
+_HANDED_BACK = {"QUEUED", "SLEEPING", "RETRYING", "WAITING"}
+
+
+def _requeued(run: RunInfo) -> list[Span]:
+    """Between two executions, the time from when the run was due again to its claim."""
+    spans = []
+    for before, after in zip(run.executions, run.executions[1:], strict=False):
+        if before.ended_at is None or before.outcome not in _HANDED_BACK:
+            continue  # a takeover: the wait was for the lost worker's lease to expire
+        ends = [
+            p.ended_at
+            for p in run.pauses
+            if p.ended_at is not None and before.ended_at <= p.ended_at <= after.claimed_at
+        ]
+        due = max([before.ended_at, *ends])
+        if before.due_at is not None and due < before.due_at <= after.claimed_at:
+            due = before.due_at
+        if due < after.claimed_at:
+            spans.append(Span("queued", due, after.claimed_at, _QUEUED, "dim", "queued"))
+    return spans
 
 
 def _step_spans(step: StepInfo, paused: set[str | None]) -> list[Span]:

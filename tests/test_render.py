@@ -346,3 +346,12 @@ def test_executions_say_who_ran_the_run_how_it_ended_and_the_function_s_error() 
         "2", "9b7c11d2", "+40.0s", "100ms", "COMPLETED", "took", "over", "an", "expired", "lease",
     ]  # fmt: skip
     assert "execution 1 ✗" in [span.label for span in timeline_spans(run)]
+
+
+def test_the_dashboards_timeline_also_shows_the_waits_for_a_worker_between_executions() -> None:
+    """With requeued=True, the time from a pause's end to the next claim is a queued bar of
+    its own (the sleep ended at +10.36s, execution 2 claimed at +10.40s)."""
+    spans = timeline_spans(story(), requeued=True)
+    queued = [(s.start, s.end) for s in spans if s.kind == "queued"]
+    assert queued == [(T0, t(0.04)), (t(10.36), t(10.40)), (t(12.2), t(12.25))]
+    assert [s.label for s in timeline_spans(story())].count("queued") == 1  # the CLI's

@@ -53,7 +53,7 @@ class Waterfall:
 
 def waterfall(run: RunInfo, now: datetime) -> Waterfall:
     """The run's timeline from its creation to its end (``now`` while it goes on)."""
-    spans = timeline_spans(run)
+    spans = timeline_spans(run, requeued=True)
     origin = run.created_at
     latest = max((s.end or s.start for s in spans), default=origin)
     end = max(run.ended_at or now, latest, origin + timedelta(milliseconds=1))
