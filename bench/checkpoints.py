@@ -11,7 +11,8 @@ so that a slow minute of this shared machine hits every figure alike):
   each step pays when it is committed on its own;
 - for each buffer size: one run of N trivial sequential steps of a function declared with
   ``Checkpointing(buffered_steps=B, max_interval="1h")``, time per step (from the run's start to
-  its end, on the database's clock) and as a fraction of the floor of the same repeat.
+  its end, on the database's clock) and as a fraction of the floor of the same repeat, and
+  this process's CPU time per step (the engine's own Python, the server's work excluded).
 
 Step callables are async (``--sync``: plain functions, which run in the worker's thread pool):
 the figure is the engine's own cost per step. Prints medians with min and max and writes them
@@ -81,14 +82,18 @@ def declare(app: Engine, steps: int, sync: bool) -> None:
             return steps
 
 
-async def per_step(app: Engine, buffered: int, steps: int) -> float:
-    """Milliseconds per step of one run (its start to its end, on the database's clock)."""
+async def per_step(app: Engine, buffered: int, steps: int) -> tuple[float, float]:
+    """Milliseconds per step of one run (its start to its end, on the database's clock), and
+    this process's CPU time per step meanwhile (the engine's Python; the server's excluded)."""
     [event_id] = await app.send(Event(name=f"bench/steps-{buffered}"))
+    cpu = time.process_time()
     [run] = await app.runs_for_event(event_id, at_least=1)
     done = await app.wait_for_run(run.run_id, timeout=600)
+    cpu = time.process_time() - cpu
     assert done.status.value == "COMPLETED", done.error
     assert done.started_at is not None and done.ended_at is not None
-    return (done.ended_at - done.started_at).total_seconds() / steps * 1000
+    wall = (done.ended_at - done.started_at).total_seconds()
+    return wall / steps * 1000, cpu / steps * 1000
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -110,20 +115,23 @@ async def main() -> None:
     samples: dict[str, list[float]] = {"floor_ms": []}
     for b in BUFFERS:
         samples[f"step_ms_{b}"] = []
+        samples[f"step_cpu_ms_{b}"] = []
         samples[f"per_floor_{b}"] = []
     figures = ["floor", *BUFFERS]
     async with app.worker(concurrency=10):
         for n in range(args.repeat):
             order = figures[n % len(figures) :] + figures[: n % len(figures)]
             taken: dict[Any, float] = {}
+            cpu: dict[Any, float] = {}
             for figure in order:
                 if figure == "floor":
                     taken[figure] = await floor(url, args.steps)
                 else:
-                    taken[figure] = await per_step(app, int(figure), args.steps)
+                    taken[figure], cpu[figure] = await per_step(app, int(figure), args.steps)
             samples["floor_ms"].append(taken["floor"])
             for b in BUFFERS:
                 samples[f"step_ms_{b}"].append(taken[b])
+                samples[f"step_cpu_ms_{b}"].append(cpu[b])
                 samples[f"per_floor_{b}"].append(taken[b] / taken["floor"])
             print(f"repeat {n + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in taken.items()))
     await app.close()
