@@ -106,6 +106,12 @@ async def test_the_pages_render_real_runs_and_the_timeline_has_each_bar(shop_app
         assert runs.status_code == 200
         assert busy in runs.text and fragile in runs.text
         assert "WAITING" in runs.text and "FAILED" in runs.text
+        for params in (
+            {"status": "WAITING"},
+            {"status": ["QUEUED", "WAITING"], "q": "event.data.n == 1"},
+        ):
+            going = (await http.get("/runs", params=params)).text  # runs not over: their indexes
+            assert busy in going and fragile not in going, params
         page = (await http.get(f"/runs/{busy}")).text
         for label in ("flaky #1 ✗", "flaky #2 ✓", "sleep nap", "wait reply"):
             assert label in page, label

@@ -388,3 +388,22 @@ SELECT engine.next_due($1, $2::text[]) AS next_due,
        EXISTS (SELECT 1 FROM engine.runs r
                WHERE r.app_id = $1 AND r.status = 'RUNNING') AS busy,
        EXISTS (SELECT 1 FROM engine.event_queue q WHERE q.due_at <= engine.now()) AS routing
+
+-- name: dashboard_unfinished_runs
+-- dashboard_run_search for runs not over ($3 holds only such statuses): their condition, spelt
+-- out, lets the planner read the partial indexes of unfinished runs (runs_due_idx,
+-- runs_leased_idx) and sort the few it finds, where a walk of every run newest first would
+-- read past the finished ones, all of them when none matches.
+SELECT r.id, r.app_id, r.function_id, r.status, r.waiting_reason, r.created_at, r.started_at,
+       r.ended_at, e.id AS event_id, e.name AS event_name,
+       jsonb_build_object('id', e.id, 'name', e.name, 'data', e.data, 'ts', e.ts, 'v', e.v)
+           AS event
+FROM engine.runs r JOIN engine.events e ON e.seq = r.event_seq
+WHERE (r.status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING') OR r.status = 'RUNNING')
+  AND ($1::text IS NULL OR r.app_id = $1) AND ($2::text IS NULL OR r.function_id = $2)
+  AND r.status = ANY ($3::text[]) AND ($4::text IS NULL OR e.name = $4)
+  AND ($5::timestamptz IS NULL OR r.created_at >= $5)
+  AND ($6::timestamptz IS NULL OR r.created_at < $6)
+  AND ($7::timestamptz IS NULL OR (r.created_at, r.id) < ($7, $8::uuid))
+ORDER BY r.created_at DESC, r.id DESC
+LIMIT $9

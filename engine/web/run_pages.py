@@ -140,10 +140,16 @@ async def list_runs(reader: Engine, filters: RunFilters) -> RunList:
     if filters.q:
         return await _search(reader, filters, Expression(filters.q, what="search"), app_id)
     db = await reader.database()
-    rows = await db.fetch("run_summaries", app_id, *_where(filters), filters.limit + 1)
+    query = "dashboard_unfinished_runs" if _unfinished(filters) else "run_summaries"
+    rows = await db.fetch(query, app_id, *_where(filters), filters.limit + 1)
     runs = [run_summary_from_row(row) for row in rows[: filters.limit]]
     last = runs[-1] if len(rows) > filters.limit else None
     return RunList(runs, None if last is None else run_cursor(last.created_at, last.run_id))
+
+
+def _unfinished(filters: RunFilters) -> bool:
+    """True when the filters ask only for runs not over (the runs page's "what is going on")."""
+    return bool(filters.statuses) and not any(RunStatus(s).terminal for s in filters.statuses)
 
 
 def _where(filters: RunFilters) -> tuple[Any, ...]:
@@ -176,7 +182,8 @@ async def _search(
     scanned = 0
     last: RunSummary | None = None
     while scanned < SEARCH_SCAN:
-        rows = await db.fetch("dashboard_run_search", app_id, *where, SEARCH_BATCH)
+        query = "dashboard_unfinished_runs" if _unfinished(filters) else "dashboard_run_search"
+        rows = await db.fetch(query, app_id, *where, SEARCH_BATCH)
         hits = await asyncio.to_thread(_matching, check, rows)
         for row, hit in zip(rows, hits, strict=True):
             scanned += 1
