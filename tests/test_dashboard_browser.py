@@ -9,6 +9,7 @@ Skipped when /usr/bin/chromium is missing (``apt-get install chromium``), unless
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from collections.abc import AsyncIterator
@@ -18,7 +19,16 @@ from typing import Any
 import pytest
 from helpers import eventually, only_run_id
 
-from engine import Context, Engine, Event, NonRetriableError, RunStatus, TriggerEvent
+from engine import (
+    Concurrency,
+    Context,
+    Engine,
+    Event,
+    NonRetriableError,
+    RunStatus,
+    TriggerCron,
+    TriggerEvent,
+)
 from engine.web import create_app
 from engine.web.serve import start
 
@@ -232,3 +242,76 @@ async def _send_events(app: Engine, page: Page, url: str) -> None:
         return (await app.wait_for_run(run_id)).status is RunStatus.COMPLETED
 
     await eventually(done)
+
+
+# -- Functions, Workers, Bulk ----------------------------------------------------------------------
+def ops_shop(app: Engine, gate: dict[str, Any]) -> None:
+    """``hold``: one run at a time, its step held until ``gate["open"]`` is set; ``charge``:
+    only invoked, returns its event's data; ``nightly``: a cron."""
+
+    @app.create_function("hold", trigger=TriggerEvent("t/hold"), concurrency=Concurrency(limit=1))
+    async def hold(ctx: Context) -> Any:
+        return await ctx.step.run("held", gate["open"].wait)
+
+    @app.create_function("charge")
+    async def charge(ctx: Context) -> Any:
+        return ctx.event.data
+
+    @app.create_function("nightly", trigger=TriggerCron("TZ=Europe/Paris 0 3 * * *"))
+    async def nightly(ctx: Context) -> None:
+        return None
+
+
+async def test_a_person_watches_functions_and_workers_invokes_and_cancels_in_bulk(
+    make_engine: Any, browser: Browser
+) -> None:
+    """Runs parked on a concurrency limit appear live on the Functions page, the step held
+    appears live on the Workers page; a function is invoked with a payload from its page; the
+    parked runs are previewed and cancelled from the Bulk page."""
+    gate = {"open": asyncio.Event()}
+    app = make_engine("shop")
+    ops_shop(app, gate)
+    async with app.worker(poll_interval="100ms", lease="3s"):
+        served = await start(create_app(app), host="127.0.0.1", port=0, token=None)
+        try:
+            page = await browser.new_page(viewport={"width": 1400, "height": 800})
+            await page.goto(f"{served.url}/functions")
+            row = page.locator('tr[data-id="shop/hold"]')
+            await expect(row).to_be_visible()
+            await app.send([Event(name="t/hold") for _ in range(3)])
+            await expect(row.locator(".chip", has_text="concurrency 2")).to_be_visible(
+                timeout=WAIT_MS
+            )  # without a reload
+            await expect(row.locator("a.chip.s-running")).to_have_text("running 1")
+            await shot(page, "functions")
+
+            await page.keyboard.press("g")
+            await page.keyboard.press("w")
+            await expect(page).to_have_url(f"{served.url}/workers")
+            await expect(page.locator(".chip", has_text="▶ held")).to_be_visible(timeout=WAIT_MS)
+            await shot(page, "workers")
+
+            await page.goto(f"{served.url}/functions/shop/nightly")
+            await expect(page.locator("#next-fires li")).to_have_count(5)
+            await page.goto(f"{served.url}/functions/shop/charge")
+            await page.locator("#invoke-form [name=data]").fill('{"amount": 12}')
+            await shot(page, "function")
+            await page.locator("#invoke").click()
+            await expect(page.locator(".notice")).to_have_text("Invoked charge.")
+            await expect(page.locator("h1 .status")).to_have_text("COMPLETED", timeout=WAIT_MS)
+            run = await app.get_run(page.url.split("?")[0].rsplit("/", 1)[1])
+            assert run.output == {"amount": 12} and run.event.name == "engine/function.invoked"
+
+            await page.goto(f"{served.url}/bulk")
+            await page.locator("#filters [name=function]").select_option("hold")
+            await page.locator("#filters [name=status]").select_option("QUEUED")
+            await page.locator("#preview-button").click()
+            await expect(page.locator("#match-count")).to_have_text("2")
+            await shot(page, "bulk")
+            await page.locator("#bulk-cancel").click()
+            await expect(page.locator("#notice")).to_have_text("Cancelled 2 of 2 matching runs.")
+            await expect(page.locator("#match-count")).to_have_text("0")  # none QUEUED any more
+            gate["open"].set()
+            await page.close()
+        finally:
+            await served.stop()
