@@ -362,7 +362,8 @@ SELECT app_id, function_id, active FROM engine.functions ORDER BY function_id, a
 
 -- name: dashboard_event_runs
 -- The runs each listed event started (by event seq), oldest first, at most $2 in all.
-SELECT r.event_seq, r.id, r.app_id, r.function_id, r.status
+SELECT r.event_seq, r.id, r.app_id, r.function_id, r.status, r.waiting_reason, r.created_at,
+       r.started_at, r.ended_at
 FROM engine.runs r
 WHERE r.event_seq = ANY ($1::bigint[])
 ORDER BY r.event_seq DESC, r.created_at, r.id
