@@ -108,6 +108,7 @@ async def test_the_pages_render_real_runs_and_the_timeline_has_each_bar(shop_app
         assert "WAITING" in runs.text and "FAILED" in runs.text
         for params in (
             {"status": "WAITING"},
+            {"status": "going"},
             {"status": ["QUEUED", "WAITING"], "q": "event.data.n == 1"},
         ):
             going = (await http.get("/runs", params=params)).text  # runs not over: their indexes
@@ -148,6 +149,8 @@ async def test_filters_and_the_search_by_expression_choose_runs(shop_app: Engine
 
         assert await listed(function="pack") == set(packs)
         assert await listed(status="FAILED") == {fragile}
+        assert await listed(status="ended") == {*packs, fragile}
+        assert await listed(status="going") == set()
         assert await listed(event="t/fragile") == {fragile}
         assert await listed(q="event.data.n >= 3") == set(packs[3:])
         assert await listed(q="event.data.n >= 3", status="FAILED") == set()

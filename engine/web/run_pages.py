@@ -36,6 +36,11 @@ SEARCH_BATCH = 250
 SEARCH_SCAN = 1000
 VERDICTS_KEPT = 200_000
 _verdicts: dict[tuple[str, str], bool] = {}
+# The status filter's groups: runs not over, and runs that ended.
+STATUS_GROUPS = {
+    "going": [s.value for s in RunStatus if not s.terminal],
+    "ended": [s.value for s in RunStatus if s.terminal],
+}
 RANGES = {"15m": 15 * 60, "1h": 3600, "6h": 6 * 3600, "24h": 86400, "7d": 7 * 86400}
 
 
@@ -54,6 +59,10 @@ class RunFilters:
     limit: int = PAGE_SIZE
     errors: list[str] = field(default_factory=list)
 
+    def status_group(self) -> str | None:
+        """``going`` or ``ended`` when the statuses are exactly that group's."""
+        return _group_of(sorted(self.statuses, key=list(RunStatus.__members__).index))
+
     def query(self, *, cursor: str | None = None) -> str:
         """The query string of these filters (with another cursor)."""
         pairs: list[tuple[str, str]] = []
@@ -61,7 +70,8 @@ class RunFilters:
             value = getattr(self, name)
             if value:
                 pairs.append((name, value))
-        pairs += [("status", s) for s in self.statuses]
+        group = self.status_group()
+        pairs += [("status", group)] if group else [("status", s) for s in self.statuses]
         for name in ("since", "until"):
             moment = getattr(self, name)
             if moment is not None and not self.range:
@@ -71,6 +81,10 @@ class RunFilters:
         if cursor:
             pairs.append(("cursor", cursor))
         return urlencode(pairs)
+
+
+def _group_of(statuses: list[str]) -> str | None:
+    return next((g for g, members in STATUS_GROUPS.items() if members == statuses), None)
 
 
 def parse_filters(request: Request, now: datetime) -> RunFilters:
@@ -85,6 +99,8 @@ def parse_filters(request: Request, now: datetime) -> RunFilters:
     for status in params.getlist("status"):
         if status in RunStatus.__members__:
             found.statuses.append(status)
+        elif status in STATUS_GROUPS:
+            found.statuses += STATUS_GROUPS[status]
         elif status:
             found.errors.append(f"no status {status!r}")
     _parse_times(found, params.get("range"), params.get("since"), params.get("until"), now)
