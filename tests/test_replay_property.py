@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from engine import Context, Engine, Event, RunStatus, TriggerEvent
+from engine import Checkpointing, Context, Engine, Event, RunStatus, TriggerEvent
 
 EXAMPLES = int(os.environ.get("REPLAY_EXAMPLES", "12"))
 _apps = itertools.count()
@@ -213,7 +213,28 @@ def test_random_programs_replay_to_their_in_memory_result(
     asyncio.run(_check(replay_database, program, restart_after))
 
 
-async def _check(database_url: str, program: Node, restart_after: int) -> None:
+@pytest.mark.timeout(max(120, EXAMPLES * 8))
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(program=programs(), restart_after=st.integers(min_value=0, max_value=12))
+def test_random_programs_replay_with_buffered_checkpoints(
+    replay_database: str, program: Node, restart_after: int
+) -> None:
+    """The same with buffered checkpoints (three steps, or 50 ms): a worker stopped
+    gracefully commits what it buffered, so each step body still runs once per attempt."""
+    buffered = Checkpointing(buffered_steps=3, max_interval="50ms")
+    asyncio.run(_check(replay_database, program, restart_after, buffered))
+
+
+async def _check(
+    database_url: str,
+    program: Node,
+    restart_after: int,
+    checkpointing: Checkpointing | None = None,
+) -> None:
     app = Engine(f"replay-{next(_apps)}", database_url, backoff=FAST)
     key = app.app_id
 
@@ -223,7 +244,9 @@ async def _check(database_url: str, program: Node, restart_after: int) -> None:
 
     calls: Counter[str] = Counter()
 
-    @app.create_function("program", trigger=TriggerEvent(f"prop/{key}/start"))
+    @app.create_function(
+        "program", trigger=TriggerEvent(f"prop/{key}/start"), checkpointing=checkpointing
+    )
     async def run_program(ctx: Context) -> Any:
         return await Interpreter(ctx, child, calls, key).run(program)
 
