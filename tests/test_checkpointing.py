@@ -462,3 +462,43 @@ async def test_several_steps_are_recorded_in_one_statement_as_one_by_one(sql: An
         )
         == '{"k": "a"}'
     )
+
+
+async def test_a_lost_lease_drops_the_buffer_and_starts_nothing_new(make_engine: Any) -> None:
+    """Once a worker knows its lease is lost (as its heartbeat learns it), it cannot write: the
+    steps it buffered are dropped, no new step starts, and the run's next owner runs them
+    again."""
+    app = make_engine(backoff=FAST)
+    gate = asyncio.Event()
+    started = asyncio.Event()
+    calls: dict[str, int] = {}
+
+    async def body(key: str) -> str:
+        calls[key] = calls.get(key, 0) + 1
+        if key == "c" and calls[key] == 1:
+            started.set()
+            await gate.wait()
+        return key
+
+    @app.create_function("lost", trigger=TriggerEvent("t/lost"), checkpointing=MANY)
+    async def lost(ctx: Context) -> Any:
+        return [await ctx.step.run(k, body, k) for k in ("a", "b", "c", "d")]
+
+    async with app.worker(poll_interval="50ms", lease="1s") as worker:
+        [event_id] = await app.send(Event(name="t/lost"))
+        run_id = await only_run_id(app, event_id)
+        await asyncio.wait_for(started.wait(), 30)
+        [execution] = worker.executions.values()
+        execution.lost = True  # what a heartbeat that finds the lease gone sets
+        gate.set()
+
+        async def ended() -> bool:
+            return not worker.executions
+
+        await eventually(ended)
+    assert calls == {"a": 1, "b": 1, "c": 1}
+    assert await recorded(app.database_url, run_id) == []
+    async with app.worker(poll_interval="50ms", lease="1s"):  # another owner, once it expires
+        run = await app.wait_for_run(run_id, timeout=30)
+    assert run.status is RunStatus.COMPLETED and run.output == ["a", "b", "c", "d"]
+    assert calls == {"a": 2, "b": 2, "c": 2, "d": 1}
