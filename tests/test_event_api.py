@@ -384,3 +384,45 @@ async def test_the_dashboard_serves_it_past_its_login_and_csrf_checks(
         assert (await client.get("/events")).status_code == 303  # the login page
         assert (await client.options(f"/e/{key}")).status_code == 204
     assert await stored(sql) == (1, 0, 1)
+
+
+async def test_a_client_that_goes_away_mid_body_stores_nothing(
+    make_engine: Callable[..., Engine], sql: asyncpg.Connection
+) -> None:
+    """A sender that disconnects before its body ends gets a 400 (which nobody reads), not a
+    server error, and nothing of its request is stored."""
+    web = Starlette(routes=event_api_routes())
+    web.state.engine = make_engine("api")
+    path = "/e/" + (await create_key(web.state.engine, "gone")).key
+    messages = iter(
+        [
+            {"type": "http.request", "body": b'{"name": "a/b", "da', "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+    )
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json")],
+        "server": ("engine", 80),
+        "client": ("127.0.0.1", 50000),
+        "scheme": "http",
+        "root_path": "",
+    }
+    await web(scope, receive, send)
+    assert sent[0]["status"] == 400
+    assert b"went away" in sent[1]["body"]
+    assert await stored(sql) == (0, 0, 0)
