@@ -9,10 +9,10 @@ slot). Then serves the dashboard (`create_app`) with uvicorn on 127.0.0.1 in a p
 own and times pages through HTTP from this one (httpx, one connection, one request at a time):
 the Runs page (first page, a deep keyset page, by function, by status, a search by expression)
 and the Functions, Workers and Bulk (preview) pages. Each figure is p50 and p99 of `--repeat`
-requests (a tenth as many, 20 at least, for the search), after a first one that warms it
-(plans, shared buffers, and the search's verdicts, which the Runs page remembers per run: the
-first request's time is printed apart), next to its floor: the page's own SQL timed directly on
-one connection. The server and its data folder are removed at the end.
+requests (a tenth as many, 20 at least, for the search and the preview), after a first one
+that warms it (plans, shared buffers, and the search's verdicts, which the Runs page remembers
+per run: the first request's time is printed apart), next to its floor: the page's own SQL
+timed directly on one connection. The server and its data folder are removed at the end.
 """
 
 from __future__ import annotations
@@ -173,8 +173,9 @@ async def measure(url: str, runs: int, unfinished: int, repeat: int) -> None:
             cases = _cases(http, conn, cursor, deep, now)
             print(f"{'page (HTTP)':<34} {'p50 ms':>8} {'p99 ms':>8}   {'floor p50 / p99 ms':>18}")
             for name, (request, floor) in cases.items():
-                # A search evaluates CEL over 2,000 runs per page: fewer repeats of it.
-                times = max(20, repeat // 10) if "search" in name else repeat
+                # A search, and a preview counting rare matches, read many runs: fewer repeats.
+                slow = "search" in name or "preview" in name
+                times = max(20, repeat // 10) if slow else repeat
                 over_http = await timed(request, times)
                 line = f"{name:<34} {stats(over_http)}"
                 if floor is not None:

@@ -21,7 +21,7 @@ from .overview import INVOKED, FunctionOverview, function_overviews, invoke_func
 
 # The figures of every function are read again at most this often on a live page: exact counts
 # of unfinished runs (partial indexes) and a bounded sample of recent ones per function.
-LIVE_INTERVAL = 2.0
+LIVE_INTERVAL = 5.0
 NOT_OVER = [s.value for s in RunStatus if not s.terminal]
 OVER = [s.value for s in RunStatus if s.terminal]
 

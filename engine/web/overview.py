@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from ..db import Database, Record
 
 RECENT_WINDOW = timedelta(hours=24)
-RECENT_CAP = 1000
+RECENT_CAP = 500
 NEXT_FIRES = 5
 PREVIEW_CAP = 10_000
 BULK_BATCH = 500
