@@ -9,6 +9,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -541,3 +542,29 @@ def test_engine_dev_serves_the_dashboard_beside_its_worker(dev_dir: Path) -> Non
         for pipe in (process.stdout, process.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+async def test_engine_dev_goes_on_without_a_dashboard_when_the_default_port_is_taken(
+    make_engine: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another `engine dev` holds 8288: the worker runs without a dashboard and says why; a
+    port asked for with --port that is taken is an error."""
+    from engine import cli_dashboard
+    from engine.cli_common import Failure
+    from engine.web import serve
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    monkeypatch.setattr(serve, "DEFAULT_PORT", taken)
+    app = make_engine()
+    try:
+        async with cli_dashboard.dev_dashboard(app, None):
+            pass
+        assert f"no dashboard: port {taken} is taken" in capsys.readouterr().err
+        with pytest.raises(Failure, match=f"cannot serve the dashboard on port {taken}"):
+            async with cli_dashboard.dev_dashboard(app, taken):
+                pass
+    finally:
+        holder.close()
