@@ -327,6 +327,9 @@ async def test_stopping_a_worker_ends_its_pass_and_hands_the_turn_back(
     async with pruning_worker(app, batch=1, pause=3600) as worker:
         await eventually(lambda: left(sql, old, 2))
         assert await sql.fetchval("SELECT owner FROM engine.pruner") == worker.owner
+        # The turn, handed back, rests for `every` (20 ms so far): long enough to check it
+        # rests, however slow the machine.
+        worker.pruner.every = timedelta(hours=1)
     # (the block ended: the stop did not wait out the pause)
     assert await run_count(sql, old) == 2
     assert await sql.fetchval("SELECT owner FROM engine.pruner") is None
