@@ -367,6 +367,10 @@ async def test_every_action_refuses_a_cross_site_request(shop_app: Engine) -> No
 async def test_without_a_token_only_loopback_host_names_are_served(make_engine: Any) -> None:
     """A request for another host name (DNS rebinding) is refused; loopback names pass."""
     web = create_app(make_engine())
+    async with client(web) as http:
+        page = await http.get("/runs")
+        assert page.headers["x-frame-options"] == "DENY"  # no clickjacking of its buttons
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
     for base, status in [
         ("http://127.0.0.1:8288", 200),
         ("http://localhost:8288", 200),
