@@ -2,6 +2,7 @@
 measured back to back in one run (issue #17).
 
     python bench/ratios.py [--repeat 5] [--steps 1000] [--events 200] [--runs 3000]
+                           [--log-level info 2>/dev/null]
 
 These shared machines vary three- to fourfold in speed from day to day; a ratio taken in one
 run does not. Each repeat measures every floor and then every engine figure, on a fresh
@@ -19,6 +20,11 @@ Engine (the worker in this process, durable settings: fsync and synchronous_comm
   time per step (the Python the engine spends, the server's excluded);
 - start: ``app.send()`` called -> the first step's callable runs, events sent one at a time;
 - throughput: N three-step runs, one worker (concurrency 50): steps/s, and CPU time per run.
+
+CPU times are this process's (``time.process_time``: every thread of it, so the worker, its
+step threads and the sending of the events; the PostgreSQL server is another process and is
+excluded). Per step: from the first step's start to the last step's end of one run. Per run:
+from the first send to the last run completed, divided by the runs.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from core import environment, fresh_database, percentile
 from engine import Context, Engine, Event, TriggerEvent
 from engine.db import Database
 from engine.embedded import _stop_postmaster, data_directory, start
-from engine.logs import configure_logging
+from engine.logs import LEVELS, configure_logging
 
 STEP_ROW = '{"output": {"ok": true}, "step": "charge-card", "attempt": 1}'
 TPS_CLIENTS = 16
@@ -247,8 +253,15 @@ async def main() -> None:
     parser.add_argument("--events", type=int, default=200)
     parser.add_argument("--runs", type=int, default=3000)
     parser.add_argument("--database-url", help="a server to use instead of an embedded one")
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=LEVELS,
+        help="the engine's log level, configured as `engine worker` does (lines on stderr:"
+        " redirect it, e.g. 2>/dev/null; the worker's default is info)",
+    )
     args = parser.parse_args()
-    configure_logging("warning")
+    configure_logging(args.log_level)
     scratch = Path(tempfile.mkdtemp(prefix="engine-ratios-"))
     server = args.database_url or start(scratch / "pg")[0]
     try:

@@ -696,7 +696,9 @@ class Execution:
             return
         if self._first_start():
             self._count_first_start()
-        self.log.info("run.started", attempt=self.run.attempt)
+        # Per-run lines are at debug: at info, two synchronous lines a run cost a worker ~7% of
+        # its CPU (bench/README.md, "Ratios to the floor"). Failures log at warning or error.
+        self.log.debug("run.started", attempt=self.run.attempt)
         task = asyncio.create_task(self._call(make_context))
         settled = asyncio.create_task(self._settled.wait())
         try:
@@ -862,7 +864,7 @@ class Execution:
         # A cancel requested while the function ran wins (engine.finish_run): its output is gone.
         outcome = RunStatus.CANCELLED if verdict is WriteVerdict.CANCEL else status
         metrics.run_ended(self.run.function.app_id, self.fn_id, outcome.value)
-        self.log.info("run.finished", status=outcome.value)
+        self.log.debug("run.finished", status=outcome.value)
         telemetry.mark(span, outcome.value)
         self.ended = True
 
@@ -905,7 +907,7 @@ class Execution:
             raise LeaseLost(f"run {self.run.run_id}: lost before it could be suspended")
         self.let_go = True
         outcome = RunStatus.CANCELLED if verdict is WriteVerdict.CANCEL else suspension.status
-        self.log.info(
+        self.log.debug(
             "run.suspended",
             status=outcome.value,
             due=suspension.due.isoformat(),
