@@ -413,6 +413,14 @@ async def test_a_token_guards_every_page_and_sets_a_strict_cookie(make_engine: A
         bearer = {"authorization": "Bearer s3cret-token"}
         assert (await http.get("/runs", headers=bearer)).status_code == 200
         assert (await http.get("/runs", headers={"authorization": "Bearer x"})).status_code == 303
+        # 10 wrong tokens a minute at most (2 so far: "nope" and the bearer "x"), then even
+        # the right one waits.
+        for _ in range(8):
+            assert (
+                await http.post("/login", data={"csrf": token, "token": "x"})
+            ).status_code == 401
+        right = {"csrf": token, "token": "s3cret-token"}
+        assert (await http.post("/login", data=right)).status_code == 429
         redirect = await http.get("/login?next=//evil.example")
         assert redirect.status_code == 200  # the login page, whose form goes back to /runs
         assert "next=/runs" in redirect.text.replace("%2F", "/")

@@ -134,8 +134,16 @@ async def _login(request: Request) -> Response:
         if board.guard.logged_in(request):
             return redirect(request, target)
         return render(request, "login.html", {"title": "Log in", "next": target, "error": ""})
+    if not board.guard.login_allowed():
+        context = {
+            "title": "Log in",
+            "next": target,
+            "error": "Too many wrong tokens: wait a minute.",
+        }
+        return render(request, "login.html", context, status=429)
     form = await form_fields(request)
     if not board.guard.token_matches(str(form.get("token", ""))):
+        board.guard.login_failed()
         context = {"title": "Log in", "next": target, "error": "That is not the token."}
         return render(request, "login.html", context, status=401)
     response = redirect(request, target)

@@ -23,6 +23,7 @@ import hmac
 import ipaddress
 import os
 import secrets
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -33,7 +34,7 @@ TOKEN_VARIABLE = "ENGINE_DASHBOARD_TOKEN"
 SESSION_COOKIE = "engine_dashboard_session"
 CSRF_FIELD = "csrf"
 CSRF_HEADER = "x-csrf-token"
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+MAX_FAILED_LOGINS = 10  # a minute
 
 
 class BindingError(Exception):
@@ -89,6 +90,7 @@ class Guard:
     exempt: tuple[str, ...] = ()
     allowed_hosts: frozenset[str] | None = None
     _key: bytes = field(init=False, repr=False)
+    _failures: list[float] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
         # With a token, the key derives from it, so that every process serving the same
@@ -131,7 +133,23 @@ class Guard:
         if cookie and hmac.compare_digest(cookie, self.session_value):
             return True
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and self.token_matches(given)
+        if scheme.lower() != "bearer" or not self.login_allowed():
+            return False
+        if self.token_matches(given):
+            return True
+        self.login_failed()  # bearer tokens are guessed no faster than the login form's
+        return False
+
+    def login_allowed(self) -> bool:
+        """False after ``MAX_FAILED_LOGINS`` wrong tokens within a minute: guessing the token
+        takes at most that many tries a minute, from anywhere."""
+        now = time.monotonic()
+        self._failures[:] = [t for t in self._failures if now - t < 60]
+        return len(self._failures) < MAX_FAILED_LOGINS
+
+    def login_failed(self) -> None:
+        """Counts a wrong token (see :meth:`login_allowed`)."""
+        self._failures.append(time.monotonic())
 
     def token_matches(self, given: str) -> bool:
         """True if ``given`` is the token (compared in constant time)."""
