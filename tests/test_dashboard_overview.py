@@ -443,7 +443,9 @@ async def test_the_bulk_page_previews_then_cancels_and_reruns(make_engine: Any) 
     _shop(app, asyncio.Event())
     async with app.worker(poll_interval="50ms"), _client(app) as http:
         parked = await _park(app, 3)
-        page = await http.get("/bulk?function=park")
+        runs = await http.get("/runs?function=park")
+        [to_bulk] = re.findall(r'href="(/bulk\?[^"]*)"[^>]*id="to-bulk"', runs.text)
+        page = await http.get(html.unescape(to_bulk))  # the Runs page's filters, carried over
         assert page.status_code == 200
         assert re.search(r'id="match-count">3</span>', page.text)
         cancel = html.unescape(re.findall(r'action="(/bulk/cancel\?[^"]+)"', page.text)[0])
