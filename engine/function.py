@@ -28,6 +28,7 @@ from .flow import (
     check_idempotency,
 )
 from .retries import check_retries
+from .schemas import check_handler
 from .triggers import Trigger, TriggerCron, TriggerEvent, normalize_triggers
 
 Handler = Callable[[Context[Any]], Awaitable[Any]]  # Context[Model]: a typed function
@@ -150,10 +151,12 @@ def build_function(
         _check_batch_combinations(
             fn_id, cancel=cancel, debounce=debounce, singleton=singleton, priority=priority
         )
+    triggers = normalize_triggers(trigger, fn_id)
+    check_handler(fn_id, handler, triggers)
     return Function(
         fn_id=fn_id,
         handler=handler,
-        triggers=normalize_triggers(trigger, fn_id),
+        triggers=triggers,
         retries=check_retries(retries, f"function {fn_id!r}"),
         app_id=app_id,
         cancel=check_cancels(cancel, fn_id),

@@ -19,16 +19,19 @@ exactly as the first execution did while the model is unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, RootModel, ValidationError
 
+from .context import Context
 from .errors import ConfigurationError, EventSchemaError, InvalidEventError
 from .events import Event
 
 if TYPE_CHECKING:
     from .function import Function
+    from .triggers import Trigger
 
 # The event of a run started by ctx.step.invoke: its data is the invoke's data.
 INVOKED = "engine/function.invoked"
@@ -136,3 +139,36 @@ def sent_schemas(registry: Mapping[str, type[BaseModel]]) -> dict[str, list[type
     function's trigger schema types what it receives, not what the app sends: two functions
     may take two versions of one event (told apart by ``v`` in their ``if_exp``)."""
     return {name: [schema] for name, schema in registry.items()}
+
+
+def check_handler(fn_id: str, handler: Callable[..., Any], triggers: list[Trigger]) -> None:
+    """Refuses a handler declared ``Context[Model]`` whose triggers type its events otherwise:
+    mypy cannot tie the annotation to the trigger (a value), so registration does.
+
+    Raises:
+        ConfigurationError: the annotation's model is not the schema every event trigger
+            declares.
+    """
+    annotated = _annotated_schema(handler)
+    if annotated is None:
+        return
+    schemas = {t.schema for t in triggers if hasattr(t, "schema")}
+    if schemas and schemas != {annotated}:
+        declared = ", ".join(sorted(s.__name__ if s else "no schema" for s in schemas))
+        raise ConfigurationError(
+            f"function {fn_id!r} is declared Context[{annotated.__name__}] but its triggers"
+            f" declare {declared}: ctx.event.data would not be a {annotated.__name__}"
+        )
+
+
+def _annotated_schema(handler: Callable[..., Any]) -> type[BaseModel] | None:
+    """The model of a handler's ``Context[Model]`` annotation, if it can be resolved."""
+    try:
+        hints = typing.get_type_hints(handler)
+    except Exception:  # names only the handler's module knows at run time: no check
+        return None
+    params = [h for name, h in hints.items() if name != "return"]
+    if not params or typing.get_origin(params[0]) is not Context:
+        return None
+    [data] = typing.get_args(params[0])
+    return data if isinstance(data, type) and issubclass(data, BaseModel) else None

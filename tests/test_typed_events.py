@@ -309,6 +309,21 @@ def test_declaration_errors_are_caught_at_registration() -> None:
         )
         async def f(ctx: Context) -> None: ...
 
+    with pytest.raises(ConfigurationError, match=r"declared Context\[Paid\] but its triggers"):
+
+        @app.create_function("g", trigger=TriggerEvent("order/created", schema=OrderCreated))
+        async def g(ctx: Context[Paid]) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="OrderCreated, no schema"):
+
+        @app.create_function(
+            "h", trigger=[TriggerEvent("a", schema=OrderCreated), TriggerEvent("b")]
+        )
+        async def h(ctx: Context[OrderCreated]) -> None: ...
+
+    @app.create_function("fine", trigger=TriggerEvent("order/created", schema=OrderCreated))
+    async def fine(ctx: Context[OrderCreated]) -> None: ...
+
 
 async def test_a_wait_with_a_bad_schema_fails_the_run(make_engine: Any) -> None:
     app = make_engine()
