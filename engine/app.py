@@ -28,7 +28,14 @@ from .records import Limits
 from .replay_check import ReplayReport, check_replay
 from .retention import DEFAULT_RETENTION, PRUNE_EVERY, retention_option
 from .retries import Backoff
-from .runs import RunInfo, RunPage, RunStatus, run_info_from_row, run_summary_from_row
+from .runs import (
+    RunInfo,
+    RunPage,
+    RunStatus,
+    one_finished_status,
+    run_info_from_row,
+    run_summary_from_row,
+)
 from .schemas import check_registry, check_sent, sent_schemas
 from .serialization import dumps, loads
 from .telemetry import current_traceparent
@@ -362,8 +369,9 @@ class Engine:
         """
         statuses = None if status is None else _statuses(status)
         after = (None, None) if cursor is None else parse_run_cursor(cursor)
+        query = "ended_run_summaries" if one_finished_status(statuses) else "run_summaries"
         rows = await (await self.database()).fetch(
-            "run_summaries",
+            query,
             None if all_apps else self.app_id,
             fn_id,
             statuses,

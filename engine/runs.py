@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -41,6 +42,12 @@ class RunStatus(StrEnum):
 TERMINAL_STATUSES = frozenset(
     {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.SKIPPED}
 )
+
+
+def one_finished_status(statuses: Sequence[str] | None) -> bool:
+    """True when a listing filters on exactly one finished status: its query then walks the
+    index of finished runs by status (``ended_run_summaries``), not every run newest first."""
+    return statuses is not None and len(statuses) == 1 and RunStatus(statuses[0]).terminal
 
 
 class AttemptInfo(BaseModel):

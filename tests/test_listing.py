@@ -17,7 +17,7 @@ from engine import (
     RunStatus,
     TriggerEvent,
 )
-from engine.db import schema_sql
+from engine.db import queries, schema_sql
 from engine.runs import RunSummary
 
 
@@ -176,3 +176,20 @@ async def test_an_older_database_gets_function_list_with_config(sql: asyncpg.Con
     )
     assert "config" in names
     assert await sql.fetchval("SELECT engine.schema_version()") == 11
+
+
+async def test_a_finished_status_is_listed_through_its_index(sql: Any) -> None:
+    """A listing of one finished status reads the index of finished runs by status: walking
+    every run newest first past the other statuses took 525 ms with a million runs when the
+    status matched none of them. Checked on the generic plan, the one a prepared statement
+    ends up with."""
+    query = queries()["ended_run_summaries"]
+    await sql.execute("SET plan_cache_mode = force_generic_plan")
+    await sql.execute("SET enable_seqscan = off")  # an empty table: a scan would do as well
+    await sql.execute(f"PREPARE ended AS {query}")
+    plan = await sql.fetchval(
+        "EXPLAIN (FORMAT JSON) EXECUTE ended"
+        "(NULL, NULL, ARRAY['CANCELLED'], NULL, NULL, NULL, NULL, NULL, 51)"
+    )
+    assert "runs_status_created_idx" in plan, plan
+    assert '"Sort"' not in plan  # read in order: the page stops after its rows

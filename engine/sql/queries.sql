@@ -182,6 +182,22 @@ WHERE ($1::text IS NULL OR r.app_id = $1) AND ($2::text IS NULL OR r.function_id
 ORDER BY r.created_at DESC, r.id DESC
 LIMIT $9
 
+-- name: ended_run_summaries
+-- run_summaries for one finished status ($3 holds exactly one): the condition spelt out lets the
+-- planner walk runs_status_created_idx backwards from the keyset, rather than every run newest
+-- first past those of other statuses (all of them when none matches).
+SELECT r.id, r.app_id, r.function_id, r.status, r.waiting_reason, r.created_at, r.started_at,
+       r.ended_at, e.id AS event_id, e.name AS event_name
+FROM engine.runs r JOIN engine.events e ON e.seq = r.event_seq
+WHERE r.status IN ('COMPLETED', 'FAILED', 'CANCELLED', 'SKIPPED') AND r.status = ($3::text[])[1]
+  AND ($1::text IS NULL OR r.app_id = $1) AND ($2::text IS NULL OR r.function_id = $2)
+  AND ($4::text IS NULL OR e.name = $4)
+  AND ($5::timestamptz IS NULL OR r.created_at >= $5)
+  AND ($6::timestamptz IS NULL OR r.created_at < $6)
+  AND ($7::timestamptz IS NULL OR (r.created_at, r.id) < ($7, $8::uuid))
+ORDER BY r.created_at DESC, r.id DESC
+LIMIT $9
+
 -- name: event_page
 -- Stored events newest first (by seq, the order they were stored): of one name, received in a
 -- time range, before the keyset $4; or those with id $5 (a reused id: the newest first).
@@ -350,6 +366,22 @@ SELECT r.id, r.app_id, r.function_id, r.status, r.waiting_reason, r.created_at, 
 FROM engine.runs r JOIN engine.events e ON e.seq = r.event_seq
 WHERE ($1::text IS NULL OR r.app_id = $1) AND ($2::text IS NULL OR r.function_id = $2)
   AND ($3::text[] IS NULL OR r.status = ANY ($3)) AND ($4::text IS NULL OR e.name = $4)
+  AND ($5::timestamptz IS NULL OR r.created_at >= $5)
+  AND ($6::timestamptz IS NULL OR r.created_at < $6)
+  AND ($7::timestamptz IS NULL OR (r.created_at, r.id) < ($7, $8::uuid))
+ORDER BY r.created_at DESC, r.id DESC
+LIMIT $9
+
+-- name: dashboard_ended_search
+-- dashboard_run_search for one finished status (see ended_run_summaries).
+SELECT r.id, r.app_id, r.function_id, r.status, r.waiting_reason, r.created_at, r.started_at,
+       r.ended_at, e.id AS event_id, e.name AS event_name,
+       jsonb_build_object('id', e.id, 'name', e.name, 'data', e.data, 'ts', e.ts, 'v', e.v)
+           AS event
+FROM engine.runs r JOIN engine.events e ON e.seq = r.event_seq
+WHERE r.status IN ('COMPLETED', 'FAILED', 'CANCELLED', 'SKIPPED') AND r.status = ($3::text[])[1]
+  AND ($1::text IS NULL OR r.app_id = $1) AND ($2::text IS NULL OR r.function_id = $2)
+  AND ($4::text IS NULL OR e.name = $4)
   AND ($5::timestamptz IS NULL OR r.created_at >= $5)
   AND ($6::timestamptz IS NULL OR r.created_at < $6)
   AND ($7::timestamptz IS NULL OR (r.created_at, r.id) < ($7, $8::uuid))

@@ -20,7 +20,7 @@ from ..app import Engine
 from ..cursors import parse_run_cursor, run_cursor
 from ..errors import EngineError, ExpressionError, RunNotFoundError
 from ..expressions import Expression
-from ..runs import RunInfo, RunStatus, RunSummary, run_summary_from_row
+from ..runs import RunInfo, RunStatus, RunSummary, one_finished_status, run_summary_from_row
 from ..serialization import loads
 from .layout import Page, dashboard, form_fields, redirect, render, render_text
 from .timeline import waterfall
@@ -156,11 +156,19 @@ async def list_runs(reader: Engine, filters: RunFilters) -> RunList:
     if filters.q:
         return await _search(reader, filters, Expression(filters.q, what="search"), app_id)
     db = await reader.database()
-    query = "dashboard_unfinished_runs" if _unfinished(filters) else "run_summaries"
+    query = _query(filters, "ended_run_summaries", "run_summaries")
     rows = await db.fetch(query, app_id, *_where(filters), filters.limit + 1)
     runs = [run_summary_from_row(row) for row in rows[: filters.limit]]
     last = runs[-1] if len(rows) > filters.limit else None
     return RunList(runs, None if last is None else run_cursor(last.created_at, last.run_id))
+
+
+def _query(filters: RunFilters, one_finished: str, otherwise: str) -> str:
+    """The query that reads the filtered runs through an index of their status where one
+    exists (runs not over; one finished status), else by walking every run newest first."""
+    if _unfinished(filters):
+        return "dashboard_unfinished_runs"
+    return one_finished if one_finished_status(filters.statuses) else otherwise
 
 
 def _unfinished(filters: RunFilters) -> bool:
@@ -198,7 +206,7 @@ async def _search(
     scanned = 0
     last: RunSummary | None = None
     while scanned < SEARCH_SCAN:
-        query = "dashboard_unfinished_runs" if _unfinished(filters) else "dashboard_run_search"
+        query = _query(filters, "dashboard_ended_search", "dashboard_run_search")
         rows = await db.fetch(query, app_id, *where, SEARCH_BATCH)
         hits = await asyncio.to_thread(_matching, check, rows)
         for row, hit in zip(rows, hits, strict=True):
