@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from .cancellation import Cancel, Timeouts
 from .checkpointing import Checkpointing
 from .cursors import event_cursor, parse_event_cursor, parse_run_cursor, run_cursor
-from .db import Connection, Database
+from .db import STATEMENT_CACHE_SIZE, Connection, Database
 from .durations import Duration, parse_duration
 from .errors import EngineError, RunNotFoundError
 from .events import Event, EventPage, StoredEvent, stored_event_from_row, validate_outgoing
@@ -71,6 +71,18 @@ class Engine:
         event_schemas: pydantic models of events' ``data`` by event name: :meth:`send` and
             ``send_event`` steps refuse an event that does not match (see
             docs/typed-events.md).
+        read_database_url: a PostgreSQL URL for the methods that only read (a streaming
+            replica, or a role with ``default_transaction_read_only``): :meth:`list_runs`,
+            :meth:`get_run`, :meth:`list_run_summaries`, :meth:`list_events`,
+            :meth:`get_event`, :meth:`list_functions` and :meth:`runs_for_event`. Default: the
+            primary. What must see its own writes (:meth:`wait_for_run`, and everything that
+            writes) stays on ``database_url``; a replica's reads may lag behind it (see
+            docs/scaling.md).
+        listen_database_url: where the worker's LISTEN connection goes (default:
+            ``database_url``): the server itself when ``database_url`` is a pooler in
+            transaction mode, which cannot LISTEN (see ops/pgbouncer.md).
+        statement_cache_size: asyncpg's prepared statements cached per connection (default
+            100); 0 through PgBouncer before 1.21, or without its ``max_prepared_statements``.
 
     Raises:
         ConfigurationError: an option is invalid (a retention of zero or less).
@@ -90,11 +102,17 @@ class Engine:
         trace_payloads: bool = False,
         retention: Duration | None = DEFAULT_RETENTION,
         event_schemas: dict[str, type[BaseModel]] | None = None,
+        read_database_url: str | None = None,
+        listen_database_url: str | None = None,
+        statement_cache_size: int = STATEMENT_CACHE_SIZE,
     ) -> None:
         self.app_id = app_id
         self.event_schemas = check_registry(event_schemas)
         self.retention = retention_option(retention)
         self.database_url = database_url or os.environ.get("DATABASE_URL")
+        self.read_database_url = read_database_url
+        self.listen_database_url = listen_database_url
+        self._statement_cache_size = statement_cache_size
         self.functions: dict[str, Function] = {}
         self.limits = Limits(
             max_steps=max_steps,
@@ -106,6 +124,7 @@ class Engine:
         self._pool_size = pool_size
         self._command_timeout = command_timeout
         self._db: Database | None = None
+        self._read_db: Database | None = None
         self._open_lock = asyncio.Lock()
         self._registered = False
 
@@ -213,14 +232,7 @@ class Engine:
             if self._db is None:
                 if not self.database_url:
                     raise EngineError("no database: pass database_url= or set $DATABASE_URL")
-                db = Database(
-                    self.database_url,
-                    max_size=self._pool_size,
-                    command_timeout=self._command_timeout,
-                )
-                await db.open()
-                self._db = db
-                await db.fetchval("schema_version")  # a clear error if the schema is missing
+                self._db = await self._connect(self.database_url, self.listen_database_url)
             if not self._registered and not self.functions:
                 # Nothing to register (a dashboard's or a command's Engine): no write, so that
                 # an Engine may connect as a role that only reads (engine_reader).
@@ -232,6 +244,36 @@ class Engine:
                 self._registered = True
             return self._db
 
+    async def read_database(self) -> Database:
+        """The database the read-only methods use: ``read_database_url``'s, connected on first
+        use (it registers nothing: a replica takes no write), else the primary's
+        (:meth:`database`)."""
+        if self.read_database_url is None:
+            return await self.database()
+        async with self._open_lock:
+            if self._read_db is None:
+                # A standby cannot LISTEN: a reader's listener (the dashboard's) goes to the
+                # primary, or to where the primary's LISTEN goes.
+                listen = self.listen_database_url or self.database_url
+                self._read_db = await self._connect(self.read_database_url, listen)
+            return self._read_db
+
+    async def _connect(self, url: str, listen_url: str | None) -> Database:
+        db = Database(
+            url,
+            max_size=self._pool_size,
+            command_timeout=self._command_timeout,
+            listen_url=listen_url,
+            statement_cache_size=self._statement_cache_size,
+        )
+        await db.open()
+        try:
+            await db.fetchval("schema_version")  # a clear error if the schema is missing
+        except BaseException:
+            await db.close()
+            raise
+        return db
+
     @property
     def open_database(self) -> Database:
         """The database once opened (workers use it after :meth:`database`)."""
@@ -242,9 +284,11 @@ class Engine:
     async def close(self) -> None:
         """Releases the engine's connections."""
         db, self._db = self._db, None
+        read_db, self._read_db = self._read_db, None
         self._registered = False
-        if db is not None:
-            await db.close()
+        for opened in (db, read_db):
+            if opened is not None:
+                await opened.close()
 
     # -- events ----------------------------------------------------------------------------------
     async def send(
@@ -283,7 +327,7 @@ class Engine:
             ValueError: ``limit`` out of range, or ``cursor`` is not one of this listing.
         """
         before = None if cursor is None else parse_event_cursor(cursor)
-        rows = await (await self.database()).fetch(
+        rows = await (await self.read_database()).fetch(
             "event_page", name, since, until, before, None, _page_size(limit) + 1
         )
         events = [stored_event_from_row(row) for row in rows[:limit]]
@@ -293,7 +337,7 @@ class Engine:
     async def get_event(self, event_id: str) -> StoredEvent | None:
         """The stored event with this id (the newest, if the id was reused after its 24 hours),
         or None."""
-        rows = await (await self.database()).fetch(
+        rows = await (await self.read_database()).fetch(
             "event_page", None, None, None, None, event_id, 1
         )
         return stored_event_from_row(rows[0]) if rows else None
@@ -302,8 +346,11 @@ class Engine:
     async def list_functions(self, *, all_apps: bool = False) -> list[FunctionInfo]:
         """The registered functions of this app (of every app with ``all_apps=True``): their
         triggers, configuration, whether they are active, their live workers and runs by
-        status."""
-        db = await self.database()
+        status.
+
+        With ``read_database_url`` this reads the replica, and registers nothing: this
+        Engine's own functions show once a worker has registered them."""
+        db = await self.read_database()
         rows = await db.fetch("function_list", None if all_apps else self.app_id)
         return [
             FunctionInfo(
@@ -320,12 +367,12 @@ class Engine:
 
     # -- runs ------------------------------------------------------------------------------------
     async def get_run(self, run_id: str | UUID) -> RunInfo:
-        """A run with its status, output, error, timestamps and steps."""
-        db = await self.database()
-        row = await db.fetchrow("get_run", _uuid(run_id))
-        if row is None:
-            raise RunNotFoundError(f"no run {run_id}")
-        return run_info_from_row(row)
+        """A run with its status, output, error, timestamps and steps.
+
+        With ``read_database_url`` this reads the replica: a run just created (or just moved)
+        on the primary may not be there yet (or still look as before).
+        """
+        return await _fetch_run(await self.read_database(), run_id)
 
     async def list_runs(
         self,
@@ -340,7 +387,7 @@ class Engine:
         Only the runs of this Engine's ``app_id`` unless ``all_apps=True`` (then every app's on
         the database; ``fn_id`` then matches that function id in any app).
         """
-        db = await self.database()
+        db = await self.read_database()
         status_value = None if status is None else RunStatus(status).value
         app_id = None if all_apps else self.app_id
         rows = await db.fetch("list_runs", app_id, fn_id, status_value, limit)
@@ -370,7 +417,7 @@ class Engine:
         statuses = None if status is None else _statuses(status)
         after = (None, None) if cursor is None else parse_run_cursor(cursor)
         query = "ended_run_summaries" if one_finished_status(statuses) else "run_summaries"
-        rows = await (await self.database()).fetch(
+        rows = await (await self.read_database()).fetch(
             query,
             None if all_apps else self.app_id,
             fn_id,
@@ -395,13 +442,13 @@ class Engine:
         timeout: Duration = 30,  # noqa: ASYNC109 - `timeout=` as in wait_for_run
     ) -> list[RunInfo]:
         """The runs an event started; with ``at_least``, waits until that many exist (routing
-        an event takes milliseconds once a worker runs).
+        an event takes milliseconds once a worker runs; on a replica, plus its lag).
 
         Raises:
             TimeoutError: fewer than ``at_least`` runs after ``timeout``.
         """
         deadline = time.monotonic() + parse_duration(timeout, what="timeout").total_seconds()
-        db = await self.database()
+        db = await self.read_database()
         pause = 0.005
         while True:
             rows = await db.fetch("runs_for_event", event_id)
@@ -419,6 +466,9 @@ class Engine:
     ) -> RunInfo:
         """Waits until the run reaches a terminal status and returns it.
 
+        It reads the primary (never ``read_database_url``): it is called right after a send,
+        and what it returns must be the run as it ended, not a replica's older copy.
+
         Raises:
             TimeoutError: the run is still going after ``timeout``.
         """
@@ -430,7 +480,7 @@ class Engine:
             if status is None:
                 raise RunNotFoundError(f"no run {run_id}")
             if RunStatus(status).terminal:
-                return await self.get_run(run_id)
+                return await _fetch_run(db, run_id)
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"run {run_id} is still {status} after {timeout}")
             await asyncio.sleep(pause)
@@ -588,6 +638,13 @@ def _statuses(status: RunStatus | str | Sequence[RunStatus | str]) -> list[str]:
     except ValueError:
         known = ", ".join(RunStatus)
         raise ValueError(f"unknown run status in {chosen}: the statuses are {known}") from None
+
+
+async def _fetch_run(db: Database, run_id: str | UUID) -> RunInfo:
+    row = await db.fetchrow("get_run", _uuid(run_id))
+    if row is None:
+        raise RunNotFoundError(f"no run {run_id}")
+    return run_info_from_row(row)
 
 
 def _uuid(run_id: str | UUID) -> UUID:

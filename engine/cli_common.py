@@ -113,6 +113,17 @@ def database_option(
     )
 
 
+def read_database_option(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--read-database-url`` to a command that only reads: it then reads there (a
+    replica) and never connects to ``--database-url``."""
+    parser.add_argument(
+        "--read-database-url",
+        default=None,
+        help="a PostgreSQL URL to read from instead (a replica, or a read-only role);"
+        " --database-url is then not needed",
+    )
+
+
 # -- the database ----------------------------------------------------------------------------------
 def database_url(given: str | None, *, fallback: str | None = None) -> str:
     """``--database-url``, else ``fallback`` (an Engine's own), else $DATABASE_URL, else the
@@ -147,18 +158,23 @@ async def reaching(url: str, action: Awaitable[Any]) -> Any:
 
 
 def with_engine(args: argparse.Namespace, work: Callable[[Engine], Awaitable[T]]) -> T:
-    """Runs ``work`` with an Engine (of app id ``engine-cli``) on the command's database; says
-    so if it cannot be reached."""
-    url = database_url(args.database_url)
+    """Runs ``work`` with an Engine (of app id ``engine-cli``) on the command's database (its
+    reads on ``--read-database-url`` where the command has it); says so if it cannot be
+    reached."""
+    read = getattr(args, "read_database_url", None)
+    # A read-only command given a read URL needs no other: the Engine connects lazily, and
+    # its reads never open the primary.
+    url = database_url(args.database_url, fallback=read)
+    shown = read or url
 
     async def session() -> T:
-        app = Engine(CLI_APP_ID, url)
+        app = Engine(CLI_APP_ID, url, read_database_url=read)
         try:
             return await work(app)
         finally:
             await app.close()
 
-    result: T = run(reaching(url, session()))
+    result: T = run(reaching(shown, session()))
     return result
 
 

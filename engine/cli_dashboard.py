@@ -79,6 +79,8 @@ Serves the dashboard (runs, events...) for the database at --database-url, until
 It reads through --database-url, which may log in as a role granted the read-only
 engine_reader (ops/roles.sql), and acts (cancel, rerun, send, replay) through
 --actions-database-url (default: the same URL), a role that may write (engine_worker).
+With --read-database-url (a streaming replica), pages read there instead and --database-url
+is the primary: the live pages' LISTEN connection and (by default) the actions go to it.
 
 Bound to a loopback address (the default) it needs no login; bound to any other address it
 refuses to start unless $ENGINE_DASHBOARD_TOKEN holds a token, which the pages then ask for."""
@@ -91,6 +93,12 @@ refuses to start unless $ENGINE_DASHBOARD_TOKEN holds a token, which the pages t
         "--actions-database-url",
         default=None,
         help="a PostgreSQL URL to act through (cancel, rerun, send); default: --database-url",
+    )
+    parser.add_argument(
+        "--read-database-url",
+        default=None,
+        help="a PostgreSQL URL to read the pages from (a replica); --database-url is then the"
+        " primary, for LISTEN and actions",
     )
     parser.add_argument("--host", default="127.0.0.1", help="the address to listen on")
     port_option(parser, default_text="default: 8288")
@@ -106,15 +114,21 @@ def _dashboard(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     url = _database_url(args.database_url)
     actions = args.actions_database_url or url
-    code: int = run(reaching(url, _serve(url, actions, args.host, args.port, token)))
+    # The reader is an Engine on the replica whose LISTEN goes to the primary (a standby
+    # cannot LISTEN); its pages call its database() directly.
+    read = args.read_database_url
+    reader = Engine(CLI_APP_ID, read or url, listen_database_url=url if read else None)
+    serving = _serve(reader, Engine(CLI_APP_ID, actions), args.host, args.port, token)
+    code: int = run(reaching(read or url, serving))
     return code
 
 
-async def _serve(url: str, actions: str, host: str, port: int | None, token: str | None) -> int:
+async def _serve(
+    reader: Engine, writer: Engine, host: str, port: int | None, token: str | None
+) -> int:
     from .web import create_app
     from .web.serve import DEFAULT_PORT, start
 
-    reader, writer = Engine(CLI_APP_ID, url), Engine(CLI_APP_ID, actions)
     try:
         await reader.database()  # a clear error now if the database cannot be read
         try:

@@ -28,6 +28,7 @@ from .cli_common import (
     group,
     json_option,
     print_json,
+    read_database_option,
     routing_outcome,
     subcommand,
     timestamp,
@@ -111,6 +112,7 @@ def _runs_parser(commands: Any) -> None:
     )
     listing.add_argument("--event", "-e", help="runs started by events of this name")
     _page_options(listing, "runs created", parse_run_cursor)
+    read_database_option(listing)
     show = subcommand(
         runs,
         "show",
@@ -119,6 +121,7 @@ def _runs_parser(commands: Any) -> None:
     )
     show.add_argument("run_id", metavar="RUN_ID")
     json_option(show)
+    read_database_option(show)
     cancel = subcommand(
         runs, "cancel", "cancel runs (one executing ends between steps)", _runs_cancel
     )
@@ -142,9 +145,11 @@ def _events_parser(commands: Any) -> None:
     )
     listing.add_argument("--name", "-n", help="events of this name")
     _page_options(listing, "events received", parse_event_cursor)
+    read_database_option(listing)
     show = subcommand(events, "show", "an event, its data and the runs it started", _events_show)
     show.add_argument("event_id", metavar="EVENT_ID")
     json_option(show)
+    read_database_option(show)
     replay = subcommand(
         events,
         "replay",
@@ -173,6 +178,7 @@ def _functions_parser(commands: Any) -> None:
     )
     listing.add_argument("--app", default=None, help="one app's functions (default: all)")
     json_option(listing)
+    read_database_option(listing)
 
 
 # -- plumbing --------------------------------------------------------------------------------------

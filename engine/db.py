@@ -112,6 +112,9 @@ async def _keep_session(conn: asyncpg.Connection[Record]) -> None:
     """
 
 
+STATEMENT_CACHE_SIZE = 100  # asyncpg's own default
+
+
 class Database:
     """A connection pool plus the named queries.
 
@@ -119,12 +122,28 @@ class Database:
         url: a PostgreSQL URL.
         min_size: connections kept open.
         max_size: connections at most.
+        command_timeout: seconds after which a query is abandoned.
+        listen_url: where the LISTEN connection goes (default: ``url``): a server directly when
+            ``url`` is a pooler in transaction mode, the primary when ``url`` is a standby
+            (neither can LISTEN).
+        statement_cache_size: asyncpg's prepared statements cached per connection (default:
+            asyncpg's, 100); 0 behind a pooler that cannot keep named prepared statements
+            (PgBouncer before 1.21, or without ``max_prepared_statements``).
     """
 
     def __init__(
-        self, url: str, *, min_size: int = 1, max_size: int = 10, command_timeout: float = 60.0
+        self,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        command_timeout: float = 60.0,
+        listen_url: str | None = None,
+        statement_cache_size: int = STATEMENT_CACHE_SIZE,
     ) -> None:
         self.url = url
+        self.listen_url = listen_url or url
+        self._statement_cache_size = statement_cache_size
         self._min_size, self._max_size = min_size, max_size
         # A query on a half-open connection (a partition, a dead NAT entry) would wait forever:
         # past this, it fails, the connection is dropped, and the caller's retry gets a new one.
@@ -140,6 +159,7 @@ class Database:
                 max_size=self._max_size,
                 command_timeout=self._command_timeout,
                 reset=_keep_session,
+                statement_cache_size=self._statement_cache_size,
             )
 
     async def close(self) -> None:
@@ -214,8 +234,9 @@ class Database:
         await self.pool.expire_connections()
 
     async def dedicated(self) -> asyncpg.Connection[Record]:
-        """A connection outside the pool (for LISTEN: a pool would UNLISTEN it on release)."""
-        return await asyncpg.connect(self.url)
+        """A connection outside the pool (for LISTEN: a pool would UNLISTEN it on release), to
+        ``listen_url``: LISTEN needs a session of its own on a server that takes writes."""
+        return await asyncpg.connect(self.listen_url)
 
     async def apply_schema(self, *, attempts: int = 600) -> bool:
         """Applies ``schema.sql`` unless this very text was applied last; True if it ran.

@@ -57,6 +57,8 @@ GRANT EXECUTE ON FUNCTION engine.now(), engine.schema_version(), engine.run_even
 -- a worker reported executing.
 GRANT EXECUTE ON FUNCTION engine.flow_reason(engine.runs, timestamptz), engine.unserved_reason(),
     engine.executing_steps(jsonb) TO engine_reader;
+-- Engine.list_functions and `engine functions list`, which a reader (a replica's login) runs.
+GRANT EXECUTE ON FUNCTION engine.function_list(text) TO engine_reader;
 -- Of the event keys, a reader sees all but their hashes (useless without the key, but a reader
 -- has no need of them).
 REVOKE SELECT ON engine.event_keys FROM engine_reader;
