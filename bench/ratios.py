@@ -2,7 +2,7 @@
 measured back to back in one run (issue #17).
 
     python bench/ratios.py [--repeat 5] [--steps 1000] [--events 200] [--runs 3000]
-                           [--log-level info 2>/dev/null]
+                           [--log-level info 2>/dev/null] [--compare-log-level info]
 
 These shared machines vary three- to fourfold in speed from day to day; a ratio taken in one
 run does not. Each repeat measures every floor and then every engine figure, on a fresh
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -191,6 +192,23 @@ async def engine_throughput(url: str, runs: int) -> dict[str, float]:
     return {"steps_per_s": 3 * runs / elapsed, "run_cpu_ms": cpu * 1000 / runs}
 
 
+async def throughput_logging(
+    url: str, runs: int, level: str, args: argparse.Namespace
+) -> dict[str, float]:
+    """The throughput figure again with the engine's logging configured at ``level`` (as
+    ``engine worker`` does, its lines written to /dev/null), then back to ``--log-level``."""
+    saved = sys.stderr
+    with open(os.devnull, "w") as sink:  # noqa: ASYNC230 - /dev/null never blocks
+        sys.stderr = sink
+        configure_logging(level)
+        try:
+            figures = await engine_throughput(url, runs)
+        finally:
+            sys.stderr = saved
+            configure_logging(args.log_level)
+    return {f"{key}_{level}": value for key, value in figures.items()}
+
+
 # -- the run ---------------------------------------------------------------------------------------
 RATIOS = (  # (label, engine figure, floor figure, goal, True when the engine's must be lower)
     ("time per sequential step / commit", "step_ms", "commit_ms", 1.5, True),
@@ -209,6 +227,9 @@ async def one_repeat(server: str, index: int, args: argparse.Namespace) -> dict[
         ("start", lambda url: engine_start(url, args.events)),
         ("throughput", lambda url: engine_throughput(url, args.runs)),
     ]
+    if args.compare_log_level:
+        level = args.compare_log_level
+        jobs.append((f"log_{level}", lambda url: throughput_logging(url, args.runs, level, args)))
     for name, job in jobs:
         url = await fresh_database(server, f"ratio_{name}_{index}")
         await Database(url).apply_schema()
@@ -229,14 +250,18 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):,.3g} ({min(values):,.3g} - {max(values):,.3g})"
 
 
-def report(repeats: list[dict[str, float]]) -> dict[str, Any]:
+def report(repeats: list[dict[str, float]], log_level: str | None) -> dict[str, Any]:
     print(f"\n{len(repeats)} repeats; median (min - max)")
     for key in repeats[0]:
         print(f"  {key:16} {spread([r[key] for r in repeats])}")
     print("\n| figure | engine / floor, median (min - max) | goal | met |")
     print("|---|---|---|---|")
     summary: dict[str, Any] = {}
-    for label, mine, floor, goal, lower in RATIOS:
+    ratios_here = list(RATIOS)
+    if log_level:  # the throughput at that level over the one at --log-level
+        label = f"steps/s with logging at {log_level} / without"
+        ratios_here.append((label, f"steps_per_s_{log_level}", "steps_per_s", 0.95, False))
+    for label, mine, floor, goal, lower in ratios_here:
         ratios = [r[mine] / r[floor] for r in repeats]
         middle = statistics.median(ratios)
         met = middle <= goal if lower else middle >= goal
@@ -260,6 +285,12 @@ async def main() -> None:
         help="the engine's log level, configured as `engine worker` does (lines on stderr:"
         " redirect it, e.g. 2>/dev/null; the worker's default is info)",
     )
+    parser.add_argument(
+        "--compare-log-level",
+        choices=LEVELS,
+        help="also measure the throughput with logging at this level (to /dev/null), in the"
+        " same repeats: the cost of logging (e.g. info, the worker's default)",
+    )
     args = parser.parse_args()
     configure_logging(args.log_level)
     scratch = Path(tempfile.mkdtemp(prefix="engine-ratios-"))
@@ -269,7 +300,7 @@ async def main() -> None:
         for index in range(args.repeat):
             repeats.append(await one_repeat(server, index, args))
             print(f"repeat {index + 1}: {json.dumps(repeats[-1])}", flush=True)
-        summary = report(repeats)
+        summary = report(repeats, args.compare_log_level)
         out = Path(__file__).parent / "results"
         out.mkdir(exist_ok=True)
         result = {**await environment(server), "repeats": repeats, "ratios": summary}
