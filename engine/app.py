@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -584,6 +585,7 @@ class Engine:
         inactive_after: Duration | None = None,
         threads: int | None = None,
         prune_every: Duration = PRUNE_EVERY,
+        alive_file: str | Path | None = None,
     ) -> AsyncIterator[Worker]:
         """Runs a worker in the background while the block runs; stops it gracefully after.
 
@@ -604,6 +606,7 @@ class Engine:
             inactive_after=inactive_after,
             threads=threads,
             prune_every=prune_every,
+            alive_file=alive_file,
         )
         task = asyncio.create_task(worker.run(), name=f"worker {self.app_id}")
         # A worker that cannot start (no database, no schema) says why here, at once.

@@ -251,6 +251,13 @@ def _worker_options(parser: argparse.ArgumentParser) -> None:
         help="sync step calls run at once, in the worker's own threads (default: --concurrency)",
     )
     parser.add_argument(
+        "--alive-file",
+        default=None,
+        metavar="PATH",
+        help="rewrite this file at each heartbeat that reached the database (every lease): a"
+        " liveness probe checks its age (ops/k8s)",
+    )
+    parser.add_argument(
         "--retention",
         type=_retention,
         default=None,
@@ -360,6 +367,7 @@ async def _run_worker(
                 grace=args.grace,
                 listen_check=args.listen_check,
                 threads=args.threads,
+                alive_file=args.alive_file,
             ) as worker,
             _serving(app, args, dashboard),
         ):

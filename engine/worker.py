@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import UUID, uuid4
 
@@ -70,6 +71,9 @@ class Worker:
         prune_every: how often the worker prunes history older than the Engine's ``retention``
             (the first pass comes shortly after start; one worker of a database prunes at a
             time; see ``engine.retention``). No pruning when the retention is ``None``.
+        alive_file: a file rewritten (with this worker's id) at each heartbeat that reached
+            the database, every third of ``inactive_after``: a liveness probe checks its age
+            (ops/k8s).
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class Worker:
         inactive_after: Duration | None = None,
         threads: int | None = None,
         prune_every: Duration = PRUNE_EVERY,
+        alive_file: str | Path | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -101,7 +106,8 @@ class Worker:
             raise ValueError("lease must be at least 300ms")
         self.executions: dict[UUID, Execution] = {}
         ttl = self.lease * 3 if inactive_after is None else parse_duration(inactive_after)
-        self._presence = Presence(engine.app_id, self.owner, list(engine.functions), ttl)
+        alive = None if alive_file is None else Path(alive_file)
+        self._presence = Presence(engine.app_id, self.owner, list(engine.functions), ttl, alive)
         self.pruner = (
             None
             if engine.retention is None
