@@ -14,17 +14,28 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import asyncpg
+import httpx
 import pytest
-from helpers import engine_command, eventually, only_run_id, remove_folder, scratch_dir
+from helpers import (
+    dev_environment,
+    engine_command,
+    eventually,
+    only_run_id,
+    remove_folder,
+    scratch_dir,
+)
 from test_security import ROLES_SQL, as_user
 
 from engine import Context, Engine, Event, RunNotFoundError, RunStatus, TriggerEvent
@@ -166,8 +177,6 @@ async def test_the_dashboard_reads_the_replica_and_listens_on_the_primary(
     """The dashboard's reader Engine (as `engine dashboard --read-database-url` builds it)
     renders the replica's runs, and its live pages wake on the primary's NOTIFY (a standby
     cannot LISTEN)."""
-    import httpx
-
     reader = Engine("engine-cli", replica["url"], listen_database_url=database_url)
     writer = Engine("engine-cli", database_url)
     live = Live(reader, interval=600)
@@ -188,6 +197,32 @@ async def test_the_dashboard_reads_the_replica_and_listens_on_the_primary(
         await live.close()
         await reader.close()
         await writer.close()
+
+
+async def test_engine_dashboard_reads_pages_from_read_database_url(
+    database_url: str, replica: dict[str, Any]
+) -> None:
+    """`engine dashboard --read-database-url` serves the replica's runs (not the primary's)."""
+    _, new_run = await one_run(database_url, 2)
+    command = [sys.executable, "-m", "engine", "dashboard", "--port", "0"]
+    command += ["--database-url", database_url, "--read-database-url", replica["url"]]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=dev_environment())
+    try:
+        line = await asyncio.to_thread(process.stderr.readline)  # type: ignore[union-attr]
+        url = re.search(r"serving at (http://127\.0\.0\.1:\d+)", line)
+        assert url, line
+        async with httpx.AsyncClient(base_url=url.group(1)) as http:
+            page = await http.get("/runs")
+        assert page.status_code == 200
+        assert replica["old_run"] in page.text and new_run not in page.text
+        process.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(process.wait, 30) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
 
 
 # -- a real streaming standby --------------------------------------------------------------------
