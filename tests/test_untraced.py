@@ -1,6 +1,7 @@
 """Without a tracer provider, the engine builds no spans (a fast path), yet a run still carries
 its trace context: its sends and its log lines name the run's trace, as with the API's no-op
-tracer. The test session configures an SDK provider, so the fast path is forced here."""
+tracer. The test session configures an SDK provider, so the fast path is forced here. And a log
+line below the configured level costs no logger."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from typing import Any
 
 import asyncpg
 import pytest
+import structlog
 from helpers import only_run_id
 from structlog.contextvars import get_contextvars
 
 from engine import Context, Event, TriggerEvent, telemetry
+from engine.logs import configure_logging, engine_logger
 
 
 @pytest.fixture
@@ -75,3 +78,29 @@ async def test_an_untraced_failed_step_is_retried_with_its_attempt_bound(
     assert run.status.value == "COMPLETED", run.error
     assert [b["attempt"] for b in bound] == attempts == [0, 1]
     assert all(b["step_id"] == "once" and b["trace_id"] == run.trace_id for b in bound)
+
+
+def test_a_line_below_the_configured_level_binds_nothing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """At the worker's default level (info), the engine's debug lines (one per run start and
+    end) cost no logger: nothing is bound or rendered for them; lines at the level still are."""
+    saved = structlog.get_config()
+    configure_logging("info")
+    try:
+        made: list[str] = []
+        real = structlog.get_logger
+
+        def counting(*args: Any) -> Any:
+            made.append(args[0] if args else "")
+            return real(*args)
+
+        monkeypatch.setattr(structlog, "get_logger", counting)
+        log = engine_logger().bind(run_id="r1")
+        log.debug("quiet.line", attempt=0)
+        assert made == []
+        log.info("loud.line", attempt=0)
+        assert made == ["engine"]
+    finally:
+        structlog.configure(**saved)
+    assert "loud.line" in capsys.readouterr().err
