@@ -26,7 +26,6 @@ import asyncio
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,11 +33,10 @@ from typing import Any
 import asyncpg
 
 sys.path.insert(0, str(Path(__file__).parent))
-from core import environment, fresh_database
+from core import environment, fresh_database, scratch_server
 
 from engine import Checkpointing, Context, Engine, Event, TriggerEvent
 from engine.db import Database
-from engine.embedded import start
 from engine.logs import configure_logging
 
 BUFFERS = (1, 10, 100)
@@ -110,44 +108,44 @@ async def main() -> None:
     parser.add_argument("--sync", action="store_true", help="sync step callables (a thread each)")
     args = parser.parse_args()
     configure_logging("warning")
-    server_url, _server = start(Path(tempfile.mkdtemp(prefix="engine-bench-")) / "pg")
-    url = await fresh_database(server_url, "bench_checkpoints")
-    await Database(url).apply_schema()
-    app = Engine("bench-checkpoints", url, max_steps=args.steps + 1)
-    declare(app, args.steps, args.sync)
-    samples: dict[str, list[float]] = {"floor_ms": []}
-    for b in BUFFERS:
-        samples[f"step_ms_{b}"] = []
-        samples[f"step_cpu_ms_{b}"] = []
-        samples[f"per_floor_{b}"] = []
-    figures = ["floor", *BUFFERS]
-    async with app.worker(concurrency=10):
-        for n in range(args.repeat):
-            order = figures[n % len(figures) :] + figures[: n % len(figures)]
-            taken: dict[Any, float] = {}
-            cpu: dict[Any, float] = {}
-            for figure in order:
-                if figure == "floor":
-                    taken[figure] = await floor(url, args.steps)
-                else:
-                    taken[figure], cpu[figure] = await per_step(app, int(figure), args.steps)
-            samples["floor_ms"].append(taken["floor"])
-            for b in BUFFERS:
-                samples[f"step_ms_{b}"].append(taken[b])
-                samples[f"step_cpu_ms_{b}"].append(cpu[b])
-                samples[f"per_floor_{b}"].append(taken[b] / taken["floor"])
-            print(f"repeat {n + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in taken.items()))
-    await app.close()
-    result = {
-        **await environment(url),
-        "args": vars(args),
-        "figures": {key: summary(values) for key, values in samples.items()},
-    }
-    for key, value in result["figures"].items():
-        print(f"{key}: {value['median']:.3f} ({value['min']:.3f}-{value['max']:.3f})")
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "checkpoints.json").write_text(json.dumps(result, indent=2))
+    with scratch_server("engine-bench-") as server_url:  # stopped and removed at the end
+        url = await fresh_database(server_url, "bench_checkpoints")
+        await Database(url).apply_schema()
+        app = Engine("bench-checkpoints", url, max_steps=args.steps + 1)
+        declare(app, args.steps, args.sync)
+        samples: dict[str, list[float]] = {"floor_ms": []}
+        for b in BUFFERS:
+            samples[f"step_ms_{b}"] = []
+            samples[f"step_cpu_ms_{b}"] = []
+            samples[f"per_floor_{b}"] = []
+        figures = ["floor", *BUFFERS]
+        async with app.worker(concurrency=10):
+            for n in range(args.repeat):
+                order = figures[n % len(figures) :] + figures[: n % len(figures)]
+                taken: dict[Any, float] = {}
+                cpu: dict[Any, float] = {}
+                for figure in order:
+                    if figure == "floor":
+                        taken[figure] = await floor(url, args.steps)
+                    else:
+                        taken[figure], cpu[figure] = await per_step(app, int(figure), args.steps)
+                samples["floor_ms"].append(taken["floor"])
+                for b in BUFFERS:
+                    samples[f"step_ms_{b}"].append(taken[b])
+                    samples[f"step_cpu_ms_{b}"].append(cpu[b])
+                    samples[f"per_floor_{b}"].append(taken[b] / taken["floor"])
+                print(f"repeat {n + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in taken.items()))
+        await app.close()
+        result = {
+            **await environment(url),
+            "args": vars(args),
+            "figures": {key: summary(values) for key, values in samples.items()},
+        }
+        for key, value in result["figures"].items():
+            print(f"{key}: {value['median']:.3f} ({value['min']:.3f}-{value['max']:.3f})")
+        out = Path(__file__).parent / "results"
+        out.mkdir(exist_ok=True)
+        (out / "checkpoints.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
