@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from ..app import Engine
@@ -102,11 +102,7 @@ async def events_stream(request: Request) -> Response:
         context = await _events_context(request, first_page=True)
         return render_text(request, "event_rows.html", context)
 
-    return StreamingResponse(
-        board.live.stream(rows, interval=max(board.live.interval, LIVE_INTERVAL)),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return board.live.response(rows, interval=max(board.live.interval, LIVE_INTERVAL))
 
 
 def parse_event(name: str, data: str, event_id: str) -> Event:

@@ -9,7 +9,7 @@ from urllib.parse import urlencode
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from .. import render as text_render
@@ -59,11 +59,7 @@ async def functions_stream(request: Request) -> Response:
     async def rows() -> str:
         return render_text(request, "function_rows.html", await _rows_context(request))
 
-    return StreamingResponse(
-        board.live.stream(rows, interval=max(board.live.interval, LIVE_INTERVAL)),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return board.live.response(rows, interval=max(board.live.interval, LIVE_INTERVAL))
 
 
 async def _function(request: Request) -> FunctionOverview:

@@ -16,6 +16,8 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from starlette.responses import StreamingResponse
+
 from ..app import Engine
 from ..listener import Listener
 from ..logs import engine_logger
@@ -75,6 +77,16 @@ class Live:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    def response(
+        self, rows: Callable[[], Awaitable[str]], *, interval: float | None = None
+    ) -> StreamingResponse:
+        """The HTTP answer of a live page's stream (:meth:`stream`), unbuffered by proxies."""
+        return StreamingResponse(
+            self.stream(rows, interval=interval),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     async def stream(
         self,

@@ -13,7 +13,7 @@ from uuid import UUID
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from ..app import Engine
@@ -290,11 +290,7 @@ async def runs_stream(request: Request) -> Response:
         context = await _rows_context(request)
         return render_text(request, "run_rows.html", context)
 
-    return StreamingResponse(
-        board.live.stream(rows),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return board.live.response(rows)
 
 
 async def run_page(request: Request) -> Response:
@@ -336,11 +332,7 @@ async def run_stream(request: Request) -> Response:
     async def signature() -> str:
         return moved(await board.reader.get_run(run_id))
 
-    return StreamingResponse(
-        board.live.stream(signature),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return board.live.response(signature)
 
 
 async def cancel_run(request: Request) -> Response:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from .layout import Page, dashboard, render, render_text
@@ -33,11 +33,7 @@ async def workers_stream(request: Request) -> Response:
     async def rows() -> str:
         return render_text(request, "worker_rows.html", await _rows_context(request))
 
-    return StreamingResponse(
-        board.live.stream(rows, interval=max(board.live.interval, LIVE_INTERVAL)),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return board.live.response(rows, interval=max(board.live.interval, LIVE_INTERVAL))
 
 
 def routes() -> list[BaseRoute]:
