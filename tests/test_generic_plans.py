@@ -1,0 +1,191 @@
+"""The lease-guarded writes of one run find it by primary key, whatever the statistics say.
+
+A checkpoint, a run's end and a note of the steps executing each lock or update one run, checked
+against the caller's lease. Written with ``status = 'RUNNING'`` in the WHERE clause, such a
+statement may be planned on ``runs_leased_idx`` (the partial index of RUNNING runs): after an
+ANALYZE taken while few runs were RUNNING, that plan reads every RUNNING run's index entry for
+each write, and a worker's connection keeps its cached plan. These tests take exactly that
+moment (statistics with almost no RUNNING run, generic plans forced) and read the plans
+PostgreSQL chose for the statements inside the engine's functions (auto_explain, nested
+statements, sent to this session as LOG messages).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+OWNER = uuid.UUID(int=7)
+
+FILL = """
+INSERT INTO engine.events (id, name, data, ts, received_at)
+SELECT 'e-' || g, 'plan/event', '{}', now(), now() FROM generate_series(1, 3000) g;
+INSERT INTO engine.runs (app_id, function_id, status, event_seq, due_at, created_at, updated_at,
+                         ended_at)
+SELECT 'plans', 'fn', 'COMPLETED', e.seq, e.ts, e.ts, e.ts, e.ts FROM engine.events e;
+ANALYZE engine.runs;
+"""
+
+
+@pytest.fixture
+async def explained(sql: asyncpg.Connection) -> AsyncIterator[tuple[asyncpg.Connection, list[str]]]:
+    """A session whose statements (nested ones included) log their generic plans to it."""
+    if not await sql.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+        pytest.skip("LOAD 'auto_explain' needs a superuser")
+    await sql.execute(FILL)
+    plans: list[str] = []
+    sql.add_log_listener(lambda _conn, message: plans.append(message.message))
+    for setting in (
+        "LOAD 'auto_explain'",
+        "SET auto_explain.log_min_duration = 0",
+        "SET auto_explain.log_nested_statements = on",
+        "SET client_min_messages = log",
+        "SET plan_cache_mode = force_generic_plan",
+    ):
+        await sql.execute(setting)
+    yield sql, plans
+
+
+async def _leased_run(sql: asyncpg.Connection) -> uuid.UUID:
+    """A RUNNING run leased to OWNER (token 1), inserted after the ANALYZE."""
+    run_id: uuid.UUID = await sql.fetchval(
+        """
+        INSERT INTO engine.runs (app_id, function_id, status, event_seq, due_at, lease_owner,
+                                 lease_token, lease_expires_at, started_at, created_at, updated_at)
+        SELECT 'plans', 'fn', 'RUNNING', min(seq), now(), $1, 1, now() + interval '1 minute',
+               now(), now(), now()
+        FROM engine.events
+        RETURNING id
+        """,
+        OWNER,
+    )
+    return run_id
+
+
+def _runs_plans(plans: list[str]) -> list[str]:
+    return [plan for plan in plans if "on runs" in plan]
+
+
+async def test_a_checkpoint_finds_its_run_by_primary_key(
+    explained: tuple[asyncpg.Connection, list[str]],
+) -> None:
+    sql, plans = explained
+    run_id = await _leased_run(sql)
+    step = '[{"key": "a", "position": 0, "kind": "run", "status": "COMPLETED", "attempts": 1}]'
+    plans.clear()
+    verdict = await sql.fetchval(
+        "SELECT engine.checkpoint_steps($1, $2, 1, $3::jsonb)", run_id, OWNER, step
+    )
+    assert verdict == "ok"
+    assert any("hold_lease" in p or "FOR KEY SHARE" in p for p in plans), plans
+    runs = _runs_plans(plans)
+    assert runs and all("runs_leased_idx" not in p for p in runs), runs
+    assert any("runs_pkey" in p for p in runs), runs
+
+
+async def test_a_run_end_and_a_note_find_the_run_by_primary_key(
+    explained: tuple[asyncpg.Connection, list[str]],
+) -> None:
+    sql, plans = explained
+    run_id = await _leased_run(sql)
+    plans.clear()
+    noted = await sql.fetchval(
+        "SELECT engine.note_executing($1, $2, 1, $3::jsonb)",
+        run_id,
+        OWNER,
+        '{"token": 1, "v": 1, "steps": []}',
+    )
+    ended = await sql.fetchval(
+        "SELECT engine.finish_run($1, $2, 1, 'COMPLETED', '1'::jsonb, NULL, 0)", run_id, OWNER
+    )
+    assert (noted, ended) == ("ok", "ok")
+    runs = [p for p in _runs_plans(plans) if "Update on runs" in p]
+    assert len(runs) >= 2, plans
+    assert all("runs_leased_idx" not in p for p in runs), runs
+    assert all("runs_pkey" in p for p in runs), runs
+
+
+async def test_a_stale_lease_is_still_refused(
+    explained: tuple[asyncpg.Connection, list[str]],
+) -> None:
+    """Moving the lease check out of the WHERE clause changed no verdict."""
+    sql, _plans = explained
+    run_id = await _leased_run(sql)
+    other = uuid.UUID(int=8)
+    step = '[{"key": "a", "position": 0, "kind": "run", "status": "COMPLETED", "attempts": 1}]'
+    assert await sql.fetchval("SELECT engine.hold_lease($1, $2, 1)", run_id, other) is None
+    assert await sql.fetchval("SELECT engine.hold_lease($1, $2, 2)", run_id, OWNER) is None
+    assert (
+        await sql.fetchval("SELECT engine.checkpoint_steps($1, $2, 2, $3::jsonb)", run_id, OWNER, step)
+        == "lost"
+    )
+    assert (
+        await sql.fetchval(
+            "SELECT engine.finish_run($1, $2, 1, 'COMPLETED', '1'::jsonb, NULL, 0)", run_id, other
+        )
+        == "lost"
+    )
+    assert (
+        await sql.fetchval(
+            "SELECT engine.note_executing($1, $2, 2, $3::jsonb)", run_id, OWNER, '{"v": 1}'
+        )
+        == "lost"
+    )
+    assert await sql.fetchval("SELECT status FROM engine.runs WHERE id = $1", run_id) == "RUNNING"
+
+
+CLAIMABLE = """
+INSERT INTO engine.runs (app_id, function_id, status, event_seq, due_at, created_at, updated_at)
+SELECT 'plans', 'fn', 'QUEUED', e.seq, now() - interval '1 second', now(), now()
+FROM engine.events e ORDER BY e.seq LIMIT $1
+"""
+
+STEPS = """
+INSERT INTO engine.steps (run_id, step_key, position, kind, status, attempts, output, bytes,
+                          started_at, ended_at, created_at)
+SELECT r.id, 's' || g, g, 'run', 'COMPLETED', 1, '{"ok": true}', 20, now(), now(), now()
+FROM engine.runs r, generate_series(1, 3) g
+"""
+
+
+async def test_a_claim_reads_no_other_runs_steps_with_plans_cached_on_empty_tables(
+    sql: asyncpg.Connection,
+) -> None:
+    """A worker's connection caches the generic plans of the claim's statements when it first
+    claims, on a new database: tables nearly empty. Those plans serve it while the tables grow
+    (only an ANALYZE replans them): checking the claimed runs' timeouts and state sizes must
+    not read every step of the database then."""
+    if not await sql.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+        pytest.skip("LOAD 'auto_explain' needs a superuser")
+    plans: list[str] = []
+    sql.add_log_listener(lambda _conn, message: plans.append(message.message))
+    for setting in (
+        "SET plan_cache_mode = force_generic_plan",
+        "SET client_min_messages = log",
+        "LOAD 'auto_explain'",
+        "SET auto_explain.log_min_duration = 0",
+        "SET auto_explain.log_nested_statements = on",
+    ):
+        await sql.execute(setting)
+    await sql.execute(
+        "INSERT INTO engine.events (id, name, data, ts, received_at)"
+        " SELECT 'e-' || g, 'plan/event', '{}', now(), now() FROM generate_series(1, 3000) g"
+    )
+    claim = "SELECT id FROM engine.claim_runs('plans', '{fn}', $1, interval '1 minute', 5)"
+    await sql.execute(CLAIMABLE, 5)
+    assert len(await sql.fetch(claim, OWNER)) == 5  # plans cached: steps and runs near empty
+    await sql.execute("UPDATE engine.runs SET status = 'COMPLETED', ended_at = now()")
+    await sql.execute(
+        "INSERT INTO engine.runs (app_id, function_id, status, event_seq, due_at, created_at,"
+        " updated_at, ended_at) SELECT 'plans', 'old', 'COMPLETED', e.seq, now(), now(), now(),"
+        " now() FROM engine.events e"
+    )
+    await sql.execute(STEPS)
+    await sql.execute(CLAIMABLE.replace("ORDER BY e.seq", "ORDER BY e.seq DESC"), 5)
+    plans.clear()
+    assert len(await sql.fetch(claim, OWNER)) == 5
+    scans = [p for p in plans if "Seq Scan on steps" in p or "Seq Scan on runs" in p]
+    assert not scans, "\n-----\n".join(scans)
