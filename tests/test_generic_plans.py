@@ -119,7 +119,9 @@ async def test_a_stale_lease_is_still_refused(
     assert await sql.fetchval("SELECT engine.hold_lease($1, $2, 1)", run_id, other) is None
     assert await sql.fetchval("SELECT engine.hold_lease($1, $2, 2)", run_id, OWNER) is None
     assert (
-        await sql.fetchval("SELECT engine.checkpoint_steps($1, $2, 2, $3::jsonb)", run_id, OWNER, step)
+        await sql.fetchval(
+            "SELECT engine.checkpoint_steps($1, $2, 2, $3::jsonb)", run_id, OWNER, step
+        )
         == "lost"
     )
     assert (
