@@ -25,6 +25,7 @@ from .events import Event, EventPage, StoredEvent, stored_event_from_row, valida
 from .expressions import Expression
 from .flow import Batch, Concurrency, Debounce, Priority, RateLimit, Singleton, Throttle
 from .function import Function, FunctionInfo, Handler, build_function
+from .pg_schema import DEFAULT_SCHEMA, check_schema_name
 from .records import Limits
 from .replay_check import ReplayReport, check_replay
 from .retention import DEFAULT_RETENTION, PRUNE_EVERY, retention_option
@@ -84,9 +85,15 @@ class Engine:
             transaction mode, which cannot LISTEN (see ops/pgbouncer.md).
         statement_cache_size: asyncpg's prepared statements cached per connection (default
             100); 0 through PgBouncer before 1.21, or without its ``max_prepared_statements``.
+        schema: the PostgreSQL schema of the engine's tables and functions (default
+            ``engine``): apps given different schemas share a database and nothing else (not
+            their events, runs, workers or wake-ups), each migrated with ``engine migrate
+            --schema NAME``. A lowercase identifier (letters, digits, ``_``; at most 56
+            characters). See docs/scaling.md.
 
     Raises:
-        ConfigurationError: an option is invalid (a retention of zero or less).
+        ConfigurationError: an option is invalid (a retention of zero or less, a schema name
+            that is not a plain lowercase identifier).
     """
 
     def __init__(
@@ -106,8 +113,10 @@ class Engine:
         read_database_url: str | None = None,
         listen_database_url: str | None = None,
         statement_cache_size: int = STATEMENT_CACHE_SIZE,
+        schema: str = DEFAULT_SCHEMA,
     ) -> None:
         self.app_id = app_id
+        self.schema = check_schema_name(schema)
         self.event_schemas = check_registry(event_schemas)
         self.retention = retention_option(retention)
         self.database_url = database_url or os.environ.get("DATABASE_URL")
@@ -266,6 +275,7 @@ class Engine:
             command_timeout=self._command_timeout,
             listen_url=listen_url,
             statement_cache_size=self._statement_cache_size,
+            schema=self.schema,
         )
         await db.open()
         try:
@@ -274,6 +284,18 @@ class Engine:
             await db.close()
             raise
         return db
+
+    async def migrate(self) -> bool:
+        """Creates this engine's schema in the database, or upgrades it, as ``engine migrate
+        --schema`` does (idempotent: an unchanged schema is left alone, without a lock);
+        True if it applied the schema. It needs a role that may create the schema's objects.
+
+        Raises:
+            EngineError: no database (no ``database_url`` and no ``$DATABASE_URL``).
+        """
+        if not self.database_url:
+            raise EngineError("no database: pass database_url= or set $DATABASE_URL")
+        return await Database(self.database_url, schema=self.schema).apply_schema()
 
     @property
     def open_database(self) -> Database:
@@ -622,7 +644,8 @@ class Engine:
             await task
 
     def __repr__(self) -> str:
-        return f"Engine(app_id={self.app_id!r}, functions={sorted(self.functions)})"
+        schema = "" if self.schema == DEFAULT_SCHEMA else f", schema={self.schema!r}"
+        return f"Engine(app_id={self.app_id!r}{schema}, functions={sorted(self.functions)})"
 
 
 MAX_PAGE = 1000

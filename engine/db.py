@@ -20,11 +20,11 @@ import structlog
 from asyncpg.pool import PoolConnectionProxy
 
 from .errors import SQLSTATE_ERRORS, EngineError, SchemaMissingError
+from .pg_schema import DEFAULT_SCHEMA, check_schema_name, render, wakeup_channel
 
 Record = asyncpg.Record
 # A caller's own connection, or one borrowed from the pool.
 Connection: TypeAlias = "asyncpg.Connection[Record] | PoolConnectionProxy[Record]"
-NOTIFY_CHANNEL = "engine_wakeup"
 log = structlog.get_logger("engine")
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
@@ -32,17 +32,27 @@ _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 _MISSING_SCHEMA = {"3F000", "42883", "42P01"}
 
 
+def queries(schema: str = DEFAULT_SCHEMA) -> dict[str, str]:
+    """All named queries of ``sql/queries.sql``, for the engine in ``schema`` (rendered once
+    per name, see :mod:`engine.pg_schema`; a :class:`Database` keeps its schema's)."""
+    return _queries(schema)
+
+
 @cache
-def queries() -> dict[str, str]:
-    """All named queries of ``sql/queries.sql``."""
-    text = resources.files("engine").joinpath("sql/queries.sql").read_text()
+def _queries(schema: str) -> dict[str, str]:
+    text = render(resources.files("engine").joinpath("sql/queries.sql").read_text(), schema)
     parts = _NAME.split(text)
     return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
-def schema_sql() -> str:
-    """The text of ``schema.sql`` as shipped in the package."""
-    return resources.files("engine").joinpath("schema.sql").read_text()
+def schema_sql(schema: str = DEFAULT_SCHEMA) -> str:
+    """The text of ``schema.sql`` as shipped in the package, for the engine in ``schema``."""
+    return _schema_sql(schema)
+
+
+@cache
+def _schema_sql(schema: str) -> str:
+    return render(resources.files("engine").joinpath("schema.sql").read_text(), schema)
 
 
 # Errors that say the connection or the server went away (a restart, a partition, a query that
@@ -89,17 +99,22 @@ def is_infrastructure_error(exc: BaseException) -> bool:
     return state[:2] in _INFRASTRUCTURE_CLASSES or state in _INFRASTRUCTURE_STATES
 
 
-def translate(exc: asyncpg.PostgresError) -> Exception:
+def translate(exc: asyncpg.PostgresError, schema: str = DEFAULT_SCHEMA) -> Exception:
     """Maps a database error to the engine error it means (or returns it unchanged)."""
     state = getattr(exc, "sqlstate", None)
     error_class = SQLSTATE_ERRORS.get(state or "")
     if error_class is not None:
         return error_class(getattr(exc, "message", str(exc)))
-    if state in _MISSING_SCHEMA and "engine" in str(exc):
+    if state in _MISSING_SCHEMA and schema in str(exc):
         return SchemaMissingError(
-            f"the database has no engine schema ({exc}); run `engine migrate` or apply schema.sql"
+            f"the database has no engine schema {schema!r} ({exc}); run"
+            f" `{_migrate_command(schema)}` or apply schema.sql"
         )
     return exc
+
+
+def _migrate_command(schema: str) -> str:
+    return "engine migrate" + ("" if schema == DEFAULT_SCHEMA else f" --schema {schema}")
 
 
 async def _keep_session(conn: asyncpg.Connection[Record]) -> None:
@@ -129,6 +144,11 @@ class Database:
         statement_cache_size: asyncpg's prepared statements cached per connection (default:
             asyncpg's, 100); 0 behind a pooler that cannot keep named prepared statements
             (PgBouncer before 1.21, or without ``max_prepared_statements``).
+        schema: the PostgreSQL schema the engine lives in (see :mod:`engine.pg_schema`): its
+            queries, :meth:`apply_schema` and the NOTIFY :attr:`channel` are that schema's.
+
+    Raises:
+        ConfigurationError: ``schema`` is not a valid schema name.
     """
 
     def __init__(
@@ -140,8 +160,13 @@ class Database:
         command_timeout: float = 60.0,
         listen_url: str | None = None,
         statement_cache_size: int = STATEMENT_CACHE_SIZE,
+        schema: str = DEFAULT_SCHEMA,
     ) -> None:
         self.url = url
+        self.schema = check_schema_name(schema)
+        self.channel = wakeup_channel(schema)
+        """The channel the schema's triggers NOTIFY and the worker's listener LISTENs to."""
+        self._queries = queries(schema)  # rendered once per schema name: no cost per query
         self.listen_url = listen_url or url
         self._statement_cache_size = statement_cache_size
         self._min_size, self._max_size = min_size, max_size
@@ -183,19 +208,21 @@ class Database:
 
     async def fetch(self, query: str, *args: Any, conn: Connection | None = None) -> list[Record]:
         """Runs a named query and returns its rows."""
-        rows: list[Record] = await self._call(lambda c: c.fetch(queries()[query], *args), conn)
+        rows: list[Record] = await self._call(lambda c: c.fetch(self._queries[query], *args), conn)
         return rows
 
     async def fetchrow(
         self, query: str, *args: Any, conn: Connection | None = None
     ) -> Record | None:
         """Runs a named query and returns its first row."""
-        row: Record | None = await self._call(lambda c: c.fetchrow(queries()[query], *args), conn)
+        row: Record | None = await self._call(
+            lambda c: c.fetchrow(self._queries[query], *args), conn
+        )
         return row
 
     async def fetchval(self, query: str, *args: Any, conn: Connection | None = None) -> Any:
         """Runs a named query and returns the first column of its first row."""
-        return await self._call(lambda c: c.fetchval(queries()[query], *args), conn)
+        return await self._call(lambda c: c.fetchval(self._queries[query], *args), conn)
 
     async def _call(
         self, action: Callable[[Connection], Awaitable[Any]], conn: Connection | None
@@ -211,7 +238,7 @@ class Database:
                         await self._connection_failed(pooled)
                     raise
         except asyncpg.PostgresError as exc:
-            raise translate(exc) from exc
+            raise translate(exc, self.schema) from exc
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
@@ -239,22 +266,24 @@ class Database:
         return await asyncpg.connect(self.listen_url)
 
     async def apply_schema(self, *, attempts: int = 600) -> bool:
-        """Applies ``schema.sql`` unless this very text was applied last; True if it ran.
+        """Applies ``schema.sql`` (rendered for :attr:`schema`, which it creates if need be)
+        unless this very text was applied last; True if it ran.
 
-        Re-applying an unchanged schema takes no lock at all (the text's hash is kept in
-        ``engine.meta``). A change that needs a lock behind open application transactions waits
-        at most ``MIGRATE_LOCK_TIMEOUT`` for it (sends queue behind a waiting DDL lock, so never
-        longer), then rolls back and tries again with backoff, up to ``attempts`` times.
+        Re-applying an unchanged schema takes no lock at all (the text's hash is kept in the
+        schema's own ``meta`` table). A change that needs a lock behind open application
+        transactions waits at most ``MIGRATE_LOCK_TIMEOUT`` for it (sends queue behind a waiting
+        DDL lock, so never longer), then rolls back and tries again with backoff, up to
+        ``attempts`` times.
         """
-        text = schema_sql()
+        text = schema_sql(self.schema)
         digest = hashlib.sha256(text.encode()).hexdigest()
         conn = await asyncpg.connect(self.url)
         try:
-            if await _applied_hash(conn) == digest:
+            if await _applied_hash(conn, self._queries) == digest:
                 return False
             await conn.execute(f"SET lock_timeout = '{MIGRATE_LOCK_TIMEOUT}'")
             await _apply_with_retries(conn, text, attempts)
-            await conn.execute(queries()["set_schema_hash"], digest)
+            await conn.execute(self._queries["set_schema_hash"], digest)
             return True
         finally:
             await conn.close()
@@ -263,9 +292,9 @@ class Database:
 MIGRATE_LOCK_TIMEOUT = "200ms"
 
 
-async def _applied_hash(conn: asyncpg.Connection[Record]) -> str | None:
+async def _applied_hash(conn: asyncpg.Connection[Record], named: dict[str, str]) -> str | None:
     try:
-        value: str | None = await conn.fetchval(queries()["schema_hash"])
+        value: str | None = await conn.fetchval(named["schema_hash"])
     except (asyncpg.InvalidSchemaNameError, asyncpg.UndefinedTableError):
         return None  # a database without the schema
     return value

@@ -12,14 +12,15 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from .db import NOTIFY_CHANNEL, Database
+from .db import Database
 from .logs import engine_logger
 
 log = engine_logger()
 
 
 class Listener:
-    """Calls ``wake()`` on every notification and after every (re)connect."""
+    """Calls ``wake()`` on every notification of the database's schema (its
+    :attr:`~engine.db.Database.channel`) and after every (re)connect."""
 
     def __init__(
         self,
@@ -59,7 +60,7 @@ class Listener:
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _conn: lost.set())
         try:
-            await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+            await conn.add_listener(self._db.channel, self._on_notify)  # the schema's own
             self._connected = True
             log.debug("listener.connected")
             self._wake()  # catch up on whatever happened while not listening

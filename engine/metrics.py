@@ -9,7 +9,9 @@ Counters and histograms are recorded where things happen (an execution, a step a
 claim). The gauges of what the database holds (backlog, its oldest due run, runs waiting on flow
 control, paused runs) come from one snapshot query shared by every worker of the database
 (``engine.gauges``): each worker asks for it once per export interval, and only one of them per
-interval scans the unfinished runs. A worker reports the gauges of its own app.
+interval scans the unfinished runs. A worker reports the gauges of its own app. The gauges of an
+app in a schema other than ``engine`` (``Engine(schema=...)``) also carry ``engine.schema``, so
+that two apps of the same id in two schemas are told apart.
 
 Without a configured ``MeterProvider`` every instrument is a no-op and no snapshot is taken.
 """
@@ -24,6 +26,7 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from ._version import __version__
+from .pg_schema import DEFAULT_SCHEMA
 
 meter = metrics.get_meter("engine", __version__)
 
@@ -73,8 +76,8 @@ def step_attempted(app_id: str, function_id: str, outcome: str, seconds: float) 
     step_duration.record(seconds, labels(app_id, function_id, **{"engine.step.outcome": outcome}))
 
 
-# The latest snapshot of engine.gauges, per app whose worker asked for it.
-_snapshots: dict[str, list[dict[str, Any]]] = {}
+# The latest snapshot of engine.gauges, per (schema, app) whose worker asked for it.
+_snapshots: dict[tuple[str, str], list[dict[str, Any]]] = {}
 
 DEFAULT_INTERVAL = 60.0  # seconds; OTEL_METRIC_EXPORT_INTERVAL (milliseconds) overrides it
 
@@ -95,14 +98,21 @@ def export_interval() -> float:
         return DEFAULT_INTERVAL
 
 
-def keep_snapshot(app_id: str, rows: list[dict[str, Any]]) -> None:
-    """Keeps the rows of ``engine.gauges`` that concern ``app_id`` for the next export."""
-    _snapshots[app_id] = [row for row in rows if row["app_id"] == app_id]
+def keep_snapshot(app_id: str, rows: list[dict[str, Any]], schema: str = DEFAULT_SCHEMA) -> None:
+    """Keeps the rows of ``engine.gauges`` (of ``schema``) that concern ``app_id`` for the next
+    export."""
+    kept = [{**row, "schema": schema} for row in rows if row["app_id"] == app_id]
+    _snapshots[(schema, app_id)] = kept
 
 
-def forget(app_id: str) -> None:
-    """Stops reporting gauges for ``app_id`` (its worker stopped)."""
-    _snapshots.pop(app_id, None)
+def forget(app_id: str, schema: str = DEFAULT_SCHEMA) -> None:
+    """Stops reporting gauges for ``app_id`` in ``schema`` (its worker stopped)."""
+    _snapshots.pop((schema, app_id), None)
+
+
+def _group(row: dict[str, Any], extra: str = "") -> tuple[str, ...]:
+    """What a gauge row is reported under: its app, function, schema and ``extra``."""
+    return (row["app_id"], row["function_id"], row["schema"], extra)
 
 
 def _sum_by(key: str, value: str, only: Any = None) -> dict[tuple[str, ...], float]:
@@ -112,15 +122,17 @@ def _sum_by(key: str, value: str, only: Any = None) -> dict[tuple[str, ...], flo
         for row in rows:
             if only is not None and not only(row):
                 continue
-            group = (row["app_id"], row["function_id"], str(row.get(key) or ""))
+            group = _group(row, str(row.get(key) or ""))
             totals[group] = totals.get(group, 0) + float(row[value] or 0)
     return totals
 
 
 def _observe(totals: dict[tuple[str, ...], float], attribute: str | None) -> list[Observation]:
     observations = []
-    for (app_id, function_id, extra), value in totals.items():
+    for (app_id, function_id, schema, extra), value in totals.items():
         labels = {"engine.app_id": app_id, "engine.function_id": function_id}
+        if schema != DEFAULT_SCHEMA:
+            labels["engine.schema"] = schema
         if attribute is not None:
             labels[attribute] = extra
         observations.append(Observation(value, labels))
@@ -137,7 +149,7 @@ def _backlog_age(options: CallbackOptions) -> Iterable[Observation]:
         for row in rows:
             age = row.get("oldest_due_age")
             if age is not None:
-                group = (row["app_id"], row["function_id"], "")
+                group = _group(row)
                 oldest[group] = max(oldest.get(group, 0.0), float(age))
     return _observe(oldest, None)
 

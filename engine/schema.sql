@@ -1,7 +1,10 @@
 -- engine: durable functions on PostgreSQL. This file is the whole database contract.
 --
 -- Apply it with `psql -f schema.sql` (or `engine migrate`). It is idempotent: applying it
--- again upgrades functions in place and leaves data alone. Everything lives in schema `engine`.
+-- again upgrades functions in place and leaves data alone. Everything lives in schema `engine`;
+-- for an Engine(schema="engine_billing") the engine rewrites the schema's name where it
+-- qualifies an object (engine.runs), in `SCHEMA engine` and in the channel `engine_wakeup`
+-- (engine/pg_schema.py): name the schema only in these forms here.
 --
 -- How data flows
 -- --------------
@@ -1791,10 +1794,12 @@ END $$;
 -- elsewhere; and, salted with engine.run_id_salt(), different from every id another database
 -- gives (event sequence numbers restart at 1 in each). Each name is prefixed with its length:
 -- ids may hold any character ('/', ':', '|'), and no two (app, function) pairs read alike.
+-- ('engine' || '.run' is a constant of the derivation, the same whatever the engine's schema is
+-- named: engine/pg_schema.py rewrites every engine.name of this file for another schema.)
 CREATE OR REPLACE FUNCTION engine.event_run_id(
     p_salt text, p_app text, p_function text, p_seq bigint)
 RETURNS uuid LANGUAGE sql IMMUTABLE AS $$
-    SELECT md5(format('engine.run|%s|%s:%s|%s:%s|event:%s', p_salt, length(p_app), p_app,
+    SELECT md5(format('engine' || '.run|%s|%s:%s|%s:%s|event:%s', p_salt, length(p_app), p_app,
                       length(p_function), p_function, p_seq))::uuid
 $$;
 

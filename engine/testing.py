@@ -30,6 +30,7 @@ from .durations import Duration, parse_duration
 from .errors import EngineError
 from .events import Event
 from .function import Function, Handler
+from .pg_schema import DEFAULT_SCHEMA
 from .runs import RunInfo, RunStatus
 from .steps import Steps
 
@@ -94,6 +95,7 @@ async def run_function(
     events: Mapping[str, Event[Any] | None] | None = None,
     functions: Sequence[Function] = (),
     database_url: str | None = None,
+    schema: str = DEFAULT_SCHEMA,
     timeout: float = 60.0,  # noqa: ASYNC109 - real seconds this call may take, not durable time
 ) -> RunInfo:
     """Runs ``fn`` for ``event`` to its end, in this process, on a test database; returns the run.
@@ -117,6 +119,9 @@ async def run_function(
         functions: other functions of the app the run invokes (run for real).
         database_url: the database; by default the test's (the ``engine_database_url``
             fixture). Its durable time moves forward: never give it a production database.
+        schema: the engine's schema in that database, as the app's ``Engine(schema=...)``
+            (the test databases hold ``engine``; create another one first with
+            ``await Engine(..., schema=...).migrate()``).
         timeout: real seconds after which the call gives up (a run stuck in a loop).
 
     Raises:
@@ -132,7 +137,7 @@ async def run_function(
         )
     if not any(t.matches(event.model_dump(mode="json")) for t in fn.event_triggers):
         raise EngineError(f"event {event.name!r} does not trigger function {fn.fn_id!r}")
-    app = Engine(fn.app_id, url, retention=None)
+    app = Engine(fn.app_id, url, retention=None, schema=schema)
     mocked = dataclasses.replace(fn, handler=_mocking(fn.handler, steps or {}, events or {}))
     for function in (mocked, *functions):
         app.functions[function.fn_id] = function

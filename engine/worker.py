@@ -516,14 +516,13 @@ class Worker:
                     # A little younger than the interval: the snapshot another worker took
                     # just before counts, so one scan serves them all.
                     max_age = timedelta(seconds=interval * 0.9)
-                    metrics.keep_snapshot(
-                        self.engine.app_id, loads(await db.fetchval("gauges", max_age))
-                    )
+                    rows = loads(await db.fetchval("gauges", max_age))
+                    metrics.keep_snapshot(self.engine.app_id, rows, self.engine.schema)
                 except Exception as exc:
                     log.warning("worker.gauges_failed", error=str(exc) or repr(exc))
                 await asyncio.sleep(interval)
         finally:
-            metrics.forget(self.engine.app_id)
+            metrics.forget(self.engine.app_id, self.engine.schema)
 
     def _enforce_deadline(self, ex: Execution) -> None:
         """The run's finish timeout passed while it executes: it starts no new step; a step
