@@ -8,6 +8,9 @@ on stderr; --debug adds its traceback.
 
 Without --database-url or $DATABASE_URL, the commands use the database of the `engine dev`
 running in this folder (it writes where it listens to .engine/url).
+
+The engine lives in the PostgreSQL schema `engine` unless --schema NAME (or $ENGINE_SCHEMA)
+names another: one schema per app sharing a database, created by `engine migrate --schema NAME`.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from .cli_common import database_url as _database_url
 from .cli_common import duration as _duration
 from .cli_common import reaching as _reaching
 from .cli_common import run as _run
+from .cli_common import schema_name as _schema_name
+from .cli_common import schema_option as _schema_option
 from .cli_common import timestamp as _timestamp
 from .db import Database
 from .errors import ConfigurationError, InvalidEventError, SchemaMissingError
@@ -118,8 +123,14 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND", dest="command")
     _dev_parser(commands)
     _worker_parser(commands)
-    migrate = _command(commands, "migrate", "apply the engine's schema (idempotent)", _migrate)
+    migrate = _command(
+        commands,
+        "migrate",
+        "create or upgrade the engine's schema (idempotent: nothing to do when it is current)",
+        _migrate,
+    )
     _database_option(migrate)
+    _schema_option(migrate)
     cli_runs.add_commands(commands)  # runs, events, functions
     cli_keys.add_commands(commands)  # keys
     cli_replay.add_commands(commands, load_target)  # check-replay
@@ -153,6 +164,7 @@ http://127.0.0.1:8288 (--port to change it)."""
         "--serve", action="store_true", help="keep the worker running after demo() returns"
     )
     cli_dashboard.port_option(dev, default_text="default: 8288 (if taken, no dashboard)")
+    _schema_option(dev, of_engine=True)
     _worker_options(dev)
 
 
@@ -160,6 +172,7 @@ def _worker_parser(commands: Any) -> None:
     worker = _command(commands, "worker", "run a worker for module:app", _worker)
     worker.add_argument("target", help="module:attribute naming an Engine (or a file path)")
     _database_option(worker, "the Engine's database_url, else $DATABASE_URL, else engine dev's")
+    _schema_option(worker, of_engine=True)
     _worker_options(worker)
 
 
@@ -183,6 +196,7 @@ def _send_parser(commands: Any) -> None:
         help="how long to wait for a worker to route the event, to say which runs it started",
     )
     _database_option(send)
+    _schema_option(send)
 
 
 def _prune_parser(commands: Any) -> None:
@@ -201,6 +215,7 @@ def _prune_parser(commands: Any) -> None:
         "--batch", type=_positive_int, default=retention.PRUNE_BATCH, help="rows per batch"
     )
     _database_option(prune)
+    _schema_option(prune)
 
 
 def _retention(text: str) -> str:
@@ -328,6 +343,7 @@ def _dev(args: argparse.Namespace) -> int:
     try:
         print(f"engine dev: PostgreSQL at {url} (state in {args.data_dir})", file=sys.stderr)
         app.database_url = url
+        app.schema = _schema_name(args.schema, engine_schema=app.schema)
         code: int = _run(_dev_session(app, args, getattr(module, "demo", None)))
         return code
     finally:
@@ -335,13 +351,14 @@ def _dev(args: argparse.Namespace) -> int:
 
 
 async def _dev_session(app: Engine, args: argparse.Namespace, demo: Any) -> int:
-    await Database(str(app.database_url)).apply_schema()
+    await Database(str(app.database_url), schema=app.schema).apply_schema()
     return await _run_worker(app, args, demo, dashboard=True)
 
 
 def _worker(args: argparse.Namespace) -> int:
     _module, app = load_target(args.target)
     app.database_url = _database_url(args.database_url, fallback=app.database_url)
+    app.schema = _schema_name(args.schema, engine_schema=app.schema)
     code: int = _run(_reaching(app.database_url, _run_worker(app, args)))
     return code
 
@@ -408,8 +425,9 @@ async def _demo(app: Engine, demo: Callable[[Engine], Awaitable[Any]]) -> None:
 
 def _migrate(args: argparse.Namespace) -> int:
     url = _database_url(args.database_url)
-    applied = _run(_reaching(url, Database(url).apply_schema()))
-    done = "schema applied" if applied else "schema unchanged, nothing to do"
+    schema = _schema_name(args.schema)
+    applied = _run(_reaching(url, Database(url, schema=schema).apply_schema()))
+    done = f"schema {schema} applied" if applied else f"schema {schema} unchanged, nothing to do"
     print(f"engine migrate: {done}", file=sys.stderr)
     return 0
 
@@ -421,7 +439,8 @@ def _prune(args: argparse.Namespace) -> int:
     assert age is not None
     url = _database_url(args.database_url)
     started = time.monotonic()
-    counts = _run(_reaching(url, _prune_database(url, age, args.batch)))
+    schema = _schema_name(args.schema)
+    counts = _run(_reaching(url, _prune_database(url, schema, age, args.batch)))
     for kind, deleted in counts.items():
         print(f"{kind:<20} {deleted:>12}")
     total = sum(counts.values())
@@ -431,8 +450,8 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _prune_database(url: str, age: timedelta, batch: int) -> dict[str, int]:
-    db = Database(url, max_size=1)
+async def _prune_database(url: str, schema: str, age: timedelta, batch: int) -> dict[str, int]:
+    db = Database(url, max_size=1, schema=schema)
     await db.open()
     try:
         await db.fetchval("schema_version")  # a clear error if the schema is missing
@@ -453,7 +472,8 @@ def _send(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise InvalidEventError(_first_reason(error)) from None
     url = _database_url(args.database_url)
-    event_id, outcome = _run(_reaching(url, _send_and_follow(url, event, args.wait)))
+    app = Engine(CLI_APP_ID, url, schema=_schema_name(args.schema))
+    event_id, outcome = _run(_reaching(url, _send_and_follow(app, event, args.wait)))
     print(event_id)
     print(f"engine send: {outcome}", file=sys.stderr)
     return 0
@@ -467,9 +487,9 @@ def _first_reason(error: ValueError) -> str:
     return str(error)
 
 
-async def _send_and_follow(url: str, event: Event, wait: str) -> tuple[str, str]:
-    """Sends ``event``; says whether it was deduplicated, and which runs it started."""
-    app = Engine(CLI_APP_ID, url)
+async def _send_and_follow(app: Engine, event: Event, wait: str) -> tuple[str, str]:
+    """Sends ``event`` through ``app``; says whether it was deduplicated, and which runs it
+    started."""
     try:
         db = await app.database()
         known = event.id is not None and await db.fetchval("event_id_known", event.id)

@@ -18,7 +18,9 @@ from typing import Any, TypeVar
 from . import embedded
 from .app import Engine
 from .durations import parse_duration
+from .errors import ConfigurationError
 from .events import Event
+from .pg_schema import DEFAULT_SCHEMA, check_schema_name
 
 T = TypeVar("T")
 
@@ -91,6 +93,7 @@ def subcommand(
     parser = command(group, name, summary, handler)
     parser.set_defaults(command=parser.prog.removeprefix("engine "))
     database_option(parser)
+    schema_option(parser)
     return parser
 
 
@@ -111,6 +114,51 @@ def database_option(
     parser.add_argument(
         "--database-url", default=None, help=f"a PostgreSQL URL; default: {default}"
     )
+
+
+SCHEMA_VARIABLE = "ENGINE_SCHEMA"
+"""The environment variable naming the engine's schema when a command is given no ``--schema``."""
+
+
+def schema_option(parser: argparse.ArgumentParser, *, of_engine: bool = False) -> None:
+    """Adds ``--schema``: the PostgreSQL schema the engine lives in (``Engine(schema=...)``);
+    ``of_engine`` for a command that loads the user's Engine, whose own schema comes first."""
+    default = f"${SCHEMA_VARIABLE}, else {DEFAULT_SCHEMA}"
+    if of_engine:
+        default = f"the Engine's schema= (if not {DEFAULT_SCHEMA}), else {default}"
+    parser.add_argument(
+        "--schema",
+        type=_schema_argument,
+        default=None,
+        metavar="NAME",
+        help=f"the PostgreSQL schema of the engine's tables (one per app sharing the database,"
+        f" created by engine migrate --schema NAME); default: {default}",
+    )
+
+
+def _schema_argument(text: str) -> str:
+    try:
+        return check_schema_name(text)
+    except ConfigurationError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def schema_name(given: str | None, *, engine_schema: str = DEFAULT_SCHEMA) -> str:
+    """``--schema``, else ``engine_schema`` (a loaded Engine's own) unless it is the default,
+    else $ENGINE_SCHEMA, else ``engine``.
+
+    Raises:
+        UsageError: $ENGINE_SCHEMA is not a valid schema name.
+    """
+    if given is not None:
+        return given
+    if engine_schema != DEFAULT_SCHEMA:
+        return engine_schema
+    variable = os.environ.get(SCHEMA_VARIABLE) or DEFAULT_SCHEMA
+    try:
+        return check_schema_name(variable)
+    except ConfigurationError as error:
+        raise UsageError(f"${SCHEMA_VARIABLE}: {error}") from None
 
 
 def read_database_option(parser: argparse.ArgumentParser) -> None:
@@ -158,17 +206,18 @@ async def reaching(url: str, action: Awaitable[Any]) -> Any:
 
 
 def with_engine(args: argparse.Namespace, work: Callable[[Engine], Awaitable[T]]) -> T:
-    """Runs ``work`` with an Engine (of app id ``engine-cli``) on the command's database (its
-    reads on ``--read-database-url`` where the command has it); says so if it cannot be
-    reached."""
+    """Runs ``work`` with an Engine (of app id ``engine-cli``) on the command's database and
+    schema (its reads on ``--read-database-url`` where the command has it); says so if it
+    cannot be reached."""
     read = getattr(args, "read_database_url", None)
     # A read-only command given a read URL needs no other: the Engine connects lazily, and
     # its reads never open the primary.
     url = database_url(args.database_url, fallback=read)
     shown = read or url
+    schema = schema_name(args.schema)
 
     async def session() -> T:
-        app = Engine(CLI_APP_ID, url, read_database_url=read)
+        app = Engine(CLI_APP_ID, url, read_database_url=read, schema=schema)
         try:
             return await work(app)
         finally:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from .app import Engine
-from .cli_common import CLI_APP_ID, Failure, UsageError, reaching, run
+from .cli_common import CLI_APP_ID, Failure, UsageError, reaching, run, schema_name, schema_option
 from .cli_common import command as _command
 from .cli_common import database_url as _database_url
 from .logs import engine_logger
@@ -100,6 +100,7 @@ refuses to start unless $ENGINE_DASHBOARD_TOKEN holds a token, which the pages t
         help="a PostgreSQL URL to read the pages from (a replica); --database-url is then the"
         " primary, for LISTEN and actions",
     )
+    schema_option(parser)
     parser.add_argument("--host", default="127.0.0.1", help="the address to listen on")
     port_option(parser, default_text="default: 8288")
 
@@ -117,8 +118,12 @@ def _dashboard(args: argparse.Namespace) -> int:
     # The reader is an Engine on the replica whose LISTEN goes to the primary (a standby
     # cannot LISTEN); its pages call its database() directly.
     read = args.read_database_url
-    reader = Engine(CLI_APP_ID, read or url, listen_database_url=url if read else None)
-    serving = _serve(reader, Engine(CLI_APP_ID, actions), args.host, args.port, token)
+    schema = schema_name(args.schema)
+    reader = Engine(
+        CLI_APP_ID, read or url, listen_database_url=url if read else None, schema=schema
+    )
+    writer = Engine(CLI_APP_ID, actions, schema=schema)
+    serving = _serve(reader, writer, args.host, args.port, token)
     code: int = run(reaching(read or url, serving))
     return code
 

@@ -25,6 +25,8 @@ from .cli_common import (
     duration,
     reaching,
     run,
+    schema_name,
+    schema_option,
 )
 from .errors import EngineError
 from .replay_check import ReplayReport
@@ -56,11 +58,13 @@ def add_commands(commands: Any, load_target: LoadTarget) -> None:
     parser.add_argument("--function", default=None, help="only this function's runs")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     database_option(parser, "the Engine's database_url, else $DATABASE_URL, else engine dev's")
+    schema_option(parser, of_engine=True)
 
 
 def _check_replay(args: argparse.Namespace, load_target: LoadTarget) -> int:
     _module, app = load_target(args.target)
     app.database_url = database_url(args.database_url, fallback=app.database_url)
+    app.schema = schema_name(args.schema, engine_schema=app.schema)
     report: ReplayReport = run(reaching(app.database_url, _report(app, args)))
     if args.json:
         print(json.dumps(report.model_dump(mode="json"), indent=2))

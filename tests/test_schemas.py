@@ -6,6 +6,7 @@ the schemas ``engine_billing`` and ``engine_shop`` of one test database (whose d
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -16,10 +17,11 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from helpers import FAST, eventually, only_run_id
+from helpers import FAST, engine_command, eventually, only_run_id, start_worker_process
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from starlette.applications import Starlette
 from test_metrics import value_of
+from test_security import as_user
 
 from engine import (
     ConfigurationError,
@@ -29,6 +31,7 @@ from engine import (
     RunNotFoundError,
     RunStatus,
     TriggerEvent,
+    cli,
 )
 from engine.db import Database, queries, schema_sql
 from engine.keys import create_key
@@ -136,14 +139,19 @@ def test_schema_sql_is_cached_per_schema() -> None:
         *["pg_engine", "public", "information_schema", "engine billing", "engine.x"],
     ],
 )
-def test_an_invalid_schema_name_is_refused(name: str) -> None:
+def test_an_invalid_schema_name_is_refused(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Only a plain lowercase identifier is taken (so it can go into SQL text as it is), by
-    the Engine and the database layer alike."""
+    the Engine, the database layer and the command line alike (exit status 2, before
+    connecting)."""
     url = "postgresql://nowhere.invalid/x"
     with pytest.raises(ConfigurationError, match="schema"):
         Engine("x", url, schema=name)
     with pytest.raises(ConfigurationError, match="schema"):
         Database(url, schema=name)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["migrate", "--schema", name, "--database-url", url])
+    assert exited.value.code == 2
+    assert "argument --schema: schema" in capsys.readouterr().err
     check_schema_name("x" * 56)  # the longest name leaves room for its channel's suffix
 
 
@@ -321,6 +329,86 @@ async def test_an_engine_in_a_schema_not_migrated_says_which_command_creates_it(
         await app.close()
 
 
+def test_engine_migrate_and_the_commands_take_schema_and_engine_schema(
+    database_url: str,
+) -> None:
+    """``engine migrate --schema`` creates a working schema (again: nothing to do);
+    ``$ENGINE_SCHEMA`` is the default of every command; ``engine send`` and ``engine runs
+    list`` use the schema they are given."""
+    url = ["--database-url", database_url]
+    first = engine_command("migrate", "--schema", "engine_cli", *url, cwd=ROOT)
+    assert first.returncode == 0 and "schema engine_cli applied" in first.stderr, first.stderr
+    again = engine_command("migrate", "--schema", "engine_cli", *url, cwd=ROOT)
+    assert "schema engine_cli unchanged" in again.stderr, again.stderr
+    by_variable = engine_command("migrate", *url, cwd=ROOT, env={"ENGINE_SCHEMA": "engine_env"})
+    assert "schema engine_env applied" in by_variable.stderr, by_variable.stderr
+
+    sent = engine_command(
+        "send", "cli/hello", "--wait", "0s", "--schema", "engine_cli", *url, cwd=ROOT
+    )
+    assert sent.returncode == 0, sent.stderr
+    listed = engine_command(
+        "events", "list", "--json", *url, cwd=ROOT, env={"ENGINE_SCHEMA": "engine_cli"}
+    )
+    assert listed.returncode == 0 and sent.stdout.strip() in listed.stdout, listed.stderr
+    elsewhere = engine_command("events", "list", "--json", "--schema", "engine_env", *url, cwd=ROOT)
+    assert elsewhere.returncode == 0 and sent.stdout.strip() not in elsewhere.stdout
+
+    bad = engine_command("runs", "list", *url, cwd=ROOT, env={"ENGINE_SCHEMA": "Bad-Name"})
+    assert bad.returncode == 2 and "$ENGINE_SCHEMA" in bad.stderr, bad.stderr
+    missing = engine_command("runs", "list", "--schema", "engine_nowhere", *url, cwd=ROOT)
+    assert missing.returncode == 1
+    assert "engine migrate --schema engine_nowhere" in missing.stderr, missing.stderr
+
+
+async def test_engine_worker_serves_the_schema_it_is_given(
+    database_url: str, sql: asyncpg.Connection
+) -> None:
+    """``engine worker --schema`` runs the loaded Engine's functions on that schema (the
+    Engine itself names none), and ``$ENGINE_SCHEMA`` does the same."""
+    for schema, options, env in (
+        ("engine_w_option", ("--schema", "engine_w_option"), {}),
+        ("engine_w_env", (), {"ENGINE_SCHEMA": "engine_w_env"}),
+    ):
+        sender = Engine("sender", database_url, schema=schema)
+        await sender.migrate()
+        worker = start_worker_process("dev_app:app", database_url, *options, env=env)
+        try:
+            [event_id] = await sender.send(Event(name="dev/hello"))
+            [run] = await sender.runs_for_event(event_id, at_least=1, timeout=60)
+            assert (await sender.wait_for_run(run.run_id, timeout=60)).output == "hello"
+        finally:
+            worker.terminate()
+            worker.wait(timeout=30)
+            await sender.close()
+    assert await _count(sql, DEFAULT_SCHEMA, "functions") == 0
+
+
+def test_the_help_of_every_command_that_connects_offers_schema(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    commands = [
+        ["migrate"],
+        ["worker"],
+        ["dev"],
+        ["send"],
+        ["prune"],
+        ["dashboard"],
+        ["check-replay"],
+        ["runs", "list"],
+        ["runs", "cancel"],
+        ["events", "list"],
+        ["functions", "list"],
+        ["keys", "create"],
+    ]
+    for command in commands:
+        with pytest.raises(SystemExit) as exited:
+            cli.main([*command, "--help"])
+        shown = capsys.readouterr().out
+        assert exited.value.code == 0 and "--schema NAME" in shown, command
+        assert "ENGINE_SCHEMA" in shown, command
+
+
 # -- the rest of what an Engine does -------------------------------------------------------------
 async def test_run_function_runs_in_the_given_schema(
     apps: dict[str, Engine], sql: asyncpg.Connection
@@ -399,3 +487,39 @@ async def test_the_gauges_of_each_schema_are_told_apart(
             return paused == {SCHEMAS[0]: 1, SCHEMAS[1]: 2}
 
         await eventually(each_its_own, timeout=20)
+
+
+# -- roles -----------------------------------------------------------------------------------------
+async def test_roles_sql_grants_another_schema_to_its_own_roles(
+    apps: dict[str, Engine], sql: asyncpg.Connection, database_url: str
+) -> None:
+    """ops/roles.sql with ``engine.schema`` set grants the schema to ``<schema>_sender``,
+    ``_worker`` and ``_reader``: a worker login runs the app there and cannot read another
+    schema."""
+    schema = SCHEMAS[0]
+    await sql.execute(f"SET engine.schema = '{schema}'")
+    await sql.execute(ROLES_SQL.read_text())
+    await sql.execute("RESET engine.schema")
+    user = f"schemas_worker_{os.getpid()}"
+    await sql.execute(f"DROP ROLE IF EXISTS {user}")
+    await sql.execute(f"CREATE ROLE {user} LOGIN IN ROLE {schema}_worker")
+    try:
+        login = as_user(database_url, user)
+        app = Engine("shop", login, schema=schema, backoff=FAST)
+        _declare(app, schema)
+        try:
+            async with app.worker(poll_interval="50ms"):
+                [event_id] = await app.send(Event(name="order/created", data={"n": 3}))
+                run = await app.wait_for_run(await only_run_id(app, event_id))
+            assert run.output == {"schema": schema, "n": 3}
+        finally:
+            await app.close()
+        conn = await asyncpg.connect(login)
+        try:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.fetchval(f"SELECT count(*) FROM {SCHEMAS[1]}.runs")
+        finally:
+            await conn.close()
+    finally:
+        await sql.execute(f"DROP OWNED BY {user}")
+        await sql.execute(f"DROP ROLE {user}")
