@@ -647,6 +647,14 @@ CREATE TABLE IF NOT EXISTS engine.matchers (
 );
 SELECT engine.ensure_index('matchers_name_idx', $index$
 CREATE INDEX IF NOT EXISTS matchers_name_idx ON engine.matchers (event_name)$index$);
+-- An event finds the matchers it may resolve by their match= value (engine.matcher_candidates),
+-- and those without one by name: neither reads the other matchers of the name. A hash index:
+-- a value may be any JSON, larger than a btree entry may be.
+SELECT engine.ensure_index('matchers_value_idx', $index$
+CREATE INDEX IF NOT EXISTS matchers_value_idx ON engine.matchers USING hash (match_value)$index$);
+SELECT engine.ensure_index('matchers_unmatched_idx', $index$
+CREATE INDEX IF NOT EXISTS matchers_unmatched_idx ON engine.matchers (event_name)
+    WHERE match_path IS NULL$index$);
 -- Whether some run awaits an event name N is asked as `(SELECT m.event_name FROM
 -- engine.matchers m WHERE m.event_name >= N ORDER BY m.event_name LIMIT 1) IS NOT DISTINCT
 -- FROM N` (the first awaited name from N on is N), never as EXISTS (... = N): when most matchers
@@ -1609,17 +1617,31 @@ END $$;
 
 -- The live matchers that the claimed events p_seqs may resolve, filtered by name, match= and
 -- age in SQL; the router evaluates the CEL expressions (`if_exp`) of what is left.
+-- A matcher with match= is found by its value: the value at its path in the event is one of the
+-- event's values (jsonb_path_query '$.**': every value at every depth of its data, or null for
+-- a path it lacks), so the candidates are looked up in matchers_value_idx by those few values,
+-- then compared at their path. Reading every matcher of the name and comparing each, as this
+-- did, read all 10,000 runs waiting for `shop/paid` to resume one (160-180 ms an event on the
+-- loaded 2-core machine; tests/test_plans.py).
 CREATE OR REPLACE FUNCTION engine.matcher_candidates(p_seqs bigint[])
 RETURNS TABLE (event_seq bigint, run_id uuid, key text, kind text, expression text, trigger jsonb)
 LANGUAGE sql STABLE AS $$
     SELECT e.seq, m.run_id, m.key, m.kind, m.expression,
            CASE WHEN m.expression IS NOT NULL THEN engine.run_event(r.event_seq) END
     FROM engine.events e
-    JOIN engine.matchers m ON m.event_name = e.name AND m.since_seq < e.seq
+    CROSS JOIN LATERAL (
+        SELECT w.run_id, w.key, w.kind, w.expression, w.since_seq, w.expires_at
+        FROM engine.matchers w
+        WHERE w.event_name = e.name AND w.match_path IS NULL
+        UNION ALL
+        SELECT w.run_id, w.key, w.kind, w.expression, w.since_seq, w.expires_at
+        FROM engine.matchers w
+        WHERE w.match_value = ANY (ARRAY(SELECT jsonb_path_query(e.data, 'strict $.**'))
+                                   || 'null'::jsonb)
+          AND w.event_name = e.name AND w.match_path IS NOT NULL
+          AND coalesce(e.data #> w.match_path, 'null') = w.match_value) m
     JOIN engine.runs r ON r.id = m.run_id
-    WHERE e.seq = ANY (p_seqs)
-      AND m.expires_at > engine.now()
-      AND (m.match_path IS NULL OR coalesce(e.data #> m.match_path, 'null') = m.match_value)
+    WHERE e.seq = ANY (p_seqs) AND m.since_seq < e.seq AND m.expires_at > engine.now()
     ORDER BY e.seq, m.run_id, m.key
 $$;
 
@@ -1730,12 +1752,18 @@ END $$;
 
 -- Events that arrived after the run's trigger and may resolve one of its matchers: due, of the
 -- right name, passing match=, and not already consumed by another wait of the same run.
+-- The range since the trigger is written on (name, seq), the columns of events_name_idx, which
+-- the primary key cannot serve: as `e.seq > m.since_seq` the planner could walk every event
+-- since the trigger in seq order (events_pkey) and filter them on the name, which it did on a
+-- loaded database (120,000 events read for a wait registered after 120,000 others; none now,
+-- tests/test_plans.py).
 CREATE OR REPLACE FUNCTION engine.lookback(p_run uuid, p_key text, p_limit int)
 RETURNS TABLE (seq bigint)
 LANGUAGE sql STABLE AS $$
     SELECT e.seq
     FROM engine.matchers m
-    JOIN engine.events e ON e.name = m.event_name AND e.seq > m.since_seq
+    JOIN engine.events e
+      ON e.name = m.event_name AND (e.name, e.seq) > (m.event_name, m.since_seq)
     WHERE m.run_id = p_run AND m.key = p_key
       AND (m.match_path IS NULL OR coalesce(e.data #> m.match_path, 'null') = m.match_value)
       AND NOT EXISTS (SELECT 1 FROM engine.steps s WHERE s.run_id = p_run AND s.event_seq = e.seq)

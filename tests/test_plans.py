@@ -141,18 +141,23 @@ class Session:
         against the rules every hot statement keeps (see :func:`check`)."""
         self.plans.scans.clear()
         rows = await self.conn.fetch(queries()[query], *args)
-        await asyncio.sleep(0)  # the listener is called soon after the notices arrive
+        await self._close_portal()
         scans = list(self.plans.scans)
         check(scans)
         return rows, scans
 
     async def setup(self, statement: str, *args: Any) -> list[asyncpg.Record]:
-        """Sets a scene (its plans are not checked); the rows it returns. (fetch, never
-        fetchrow: a portal read in part ends, and reports its plan, with the next statement.)"""
+        """Sets a scene (its plans are not checked); the rows it returns."""
         rows = await self.conn.fetch(statement, *args)
-        await asyncio.sleep(0)
+        await self._close_portal()
         self.plans.scans.clear()
         return rows
+
+    async def _close_portal(self) -> None:
+        """Ends the last statement's portal, which reports its plan then: asyncpg leaves it open
+        until the next statement (a simple query replaces it)."""
+        await self.conn.execute("SELECT 1")
+        await asyncio.sleep(0)  # the listener is called soon after the notices arrive
 
 
 def check(scans: list[Scan]) -> None:
@@ -309,6 +314,62 @@ async def test_due_sleepers_are_claimed_through_the_index_of_due_runs(session: S
     uses(scans, "runs_pkey")
     _rows, scans = await session.call("heartbeat", owner, LEASE, [r["id"] for r in claimed], "{}")
     uses(scans, "runs_pkey")
+
+
+async def test_an_event_resumes_its_waiter_through_indexes(session: Session) -> None:
+    """The event one waiter (of 10,000 waiting for the same name) waits for: routing claims it,
+    finds that waiter's matcher without reading the others', and resumes it by key."""
+    await _send(session, fill.PAID, {"order": 7})
+    events, scans = await session.call("claim_events", EVENT_BATCH)
+    assert len(events) == 1 and events[0]["awaited"]
+    candidates, scans = await session.call("matcher_candidates", [events[0]["seq"]])
+    assert len(candidates) == 1
+    matchers = [s for s in scans if s.relation == "matchers" or "matchers" in (s.index or "")]
+    assert max(s.rows_read for s in matchers) <= 10, "\n".join(map(str, matchers))
+    uses(scans, "matchers_value_idx")
+    match = [{"run_id": str(candidates[0]["run_id"]), "key": "paid", "event_seq": events[0]["seq"]}]
+    resolved, scans = await session.call("resolve_matches", json.dumps(match))
+    assert resolved[0][0] == 1
+    uses(scans, "matchers_pkey")
+    uses(scans, "steps_pkey")
+
+
+async def test_a_new_wait_looks_back_through_the_events_by_name(session: Session) -> None:
+    """A run waits again, long after its trigger: registering its matcher looks for events of
+    that name since the trigger through events_name_idx, not by reading every event since."""
+    owner = uuid4()
+    [(run, token)] = await session.setup(
+        "WITH oldest AS (SELECT run_id FROM engine.matchers ORDER BY since_seq LIMIT 1),"
+        " gone AS (DELETE FROM engine.matchers m USING oldest o WHERE m.run_id = o.run_id),"
+        " step AS (DELETE FROM engine.steps s USING oldest o"
+        "          WHERE s.run_id = o.run_id AND s.step_key = 'paid')"
+        " UPDATE engine.runs r SET status = 'RUNNING', lease_owner = $1,"
+        "        lease_token = r.lease_token + 1, lease_expires_at = now() + interval '30s'"
+        " FROM oldest o WHERE r.id = o.run_id RETURNING r.id, r.lease_token",
+        owner,
+    )
+    [[newer]] = await session.setup(
+        "SELECT count(*) FROM engine.events WHERE seq > (SELECT event_seq FROM engine.runs"
+        " WHERE id = $1)",
+        run,
+    )
+    expires = (datetime.now(UTC) + timedelta(days=30)).isoformat()
+    matcher = {
+        "key": "paid",
+        "kind": "wait",
+        "event_name": fill.PAID,
+        "match_path": ["order"],
+        "match_value": 123456,
+        "expression": None,
+        "expires_at": expires,
+        "on_timeout": {"status": "COMPLETED", "output": None},
+    }
+    steps = [_step("paid", 1, StepStatus.WAITING, StepKind.WAIT)]
+    args = (run, owner, token, f"[{','.join(steps)}]", json.dumps([matcher]))
+    found, scans = await session.call("register_matchers", *args)
+    assert found == []
+    events = [s for s in scans if s.relation == "events" or s.index == "events_name_idx"]
+    assert newer > 10_000 and max(s.rows_read for s in events) <= 10, "\n".join(map(str, events))
 
 
 async def test_the_sweep_reads_only_runs_with_a_deadline(session: Session) -> None:
