@@ -197,8 +197,9 @@ def start_engine_dev(
 
 
 def dev_environment() -> dict[str, str]:
-    """The environment of a newcomer's shell: no $DATABASE_URL."""
-    return {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "ENGINE_LOG_LEVEL")}
+    """The environment of a newcomer's shell: no $DATABASE_URL (nor $ENGINE_SCHEMA)."""
+    unset = ("DATABASE_URL", "ENGINE_LOG_LEVEL", "ENGINE_SCHEMA")
+    return {k: v for k, v in os.environ.items() if k not in unset}
 
 
 def wait_until(check: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from importlib import resources
@@ -17,7 +18,15 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from helpers import FAST, engine_command, eventually, only_run_id, start_worker_process
+from helpers import (
+    FAST,
+    engine_command,
+    eventually,
+    only_run_id,
+    start_engine_dev,
+    start_worker_process,
+    wait_until,
+)
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from starlette.applications import Starlette
 from test_metrics import value_of
@@ -117,6 +126,9 @@ def test_the_rendered_sql_names_no_engine_object_for_another_schema(name: str) -
         assert allowed, f"{before}>>engine<<{code[word.end() : word.end() + 30]}"
     assert original.count("engine/") == rendered.count("engine/")
     if name == "schema.sql":
+        # SECURITY DEFINER functions keep their pinned search_path and name objects in full.
+        definers = rendered.count("SECURITY DEFINER SET search_path = pg_catalog, pg_temp")
+        assert definers == code.count("SECURITY DEFINER") >= 2
         assert "CREATE SCHEMA IF NOT EXISTS zz_other;" in rendered
         assert "hashtext('zz_other.schema')" in rendered  # the migration's advisory lock key
         assert "pg_notify('zz_other_wakeup'" in rendered
@@ -384,6 +396,26 @@ async def test_engine_worker_serves_the_schema_it_is_given(
     assert await _count(sql, DEFAULT_SCHEMA, "functions") == 0
 
 
+def test_engine_dev_runs_the_app_in_the_schema_it_is_given(dev_dir: Path) -> None:
+    """``engine dev --schema`` creates that schema on its embedded server and serves it;
+    ``engine send`` in the folder reaches it with the same ``--schema``, and without it says
+    that the default schema is not there."""
+    dev = start_engine_dev(ROOT / "tests" / "apps" / "dev_app.py", dev_dir, "--schema", "dev_x")
+    try:
+        wait_until((dev_dir / ".engine" / "url").exists, 60, "engine dev wrote its URL")
+        sent = engine_command("send", "dev/hello", "--schema", "dev_x", cwd=dev_dir)
+        assert "engine send: started 1 run(s): dev-hello " in sent.stderr, sent.stderr
+        default = engine_command("send", "dev/hello", cwd=dev_dir)
+        assert default.returncode == 1 and "engine migrate" in default.stderr, default.stderr
+        dev.send_signal(signal.SIGINT)
+        _, stderr = dev.communicate(timeout=15)
+        assert dev.returncode == 130, stderr
+    finally:
+        if dev.poll() is None:
+            dev.kill()
+            dev.communicate(timeout=15)
+
+
 def test_the_help_of_every_command_that_connects_offers_schema(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -495,7 +527,7 @@ async def test_roles_sql_grants_another_schema_to_its_own_roles(
 ) -> None:
     """ops/roles.sql with ``engine.schema`` set grants the schema to ``<schema>_sender``,
     ``_worker`` and ``_reader``: a worker login runs the app there and cannot read another
-    schema."""
+    schema; a sender login sends there only."""
     schema = SCHEMAS[0]
     await sql.execute(f"SET engine.schema = '{schema}'")
     await sql.execute(ROLES_SQL.read_text())
@@ -518,6 +550,17 @@ async def test_roles_sql_grants_another_schema_to_its_own_roles(
         try:
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await conn.fetchval(f"SELECT count(*) FROM {SCHEMAS[1]}.runs")
+        finally:
+            await conn.close()
+        await sql.execute(f"GRANT {schema}_sender TO {user}")
+        await sql.execute(f"REVOKE {schema}_worker FROM {user}")
+        conn = await asyncpg.connect(login)
+        try:  # a sender: its schema's send_event (SECURITY DEFINER) and nothing else
+            assert await conn.fetchval(f"SELECT {schema}.send_event('order/created', '{{}}')")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.fetchval(f"SELECT count(*) FROM {schema}.events")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.fetchval(f"SELECT {SCHEMAS[1]}.send_event('order/created', '{{}}')")
         finally:
             await conn.close()
     finally:
