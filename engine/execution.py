@@ -21,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
 from uuid import UUID
@@ -271,24 +271,22 @@ class Execution:
         if self.in_flight == 0 and (self.suspensions or stopped):
             self._settled.set()
 
-    @asynccontextmanager
-    async def executing(self) -> AsyncIterator[None]:
+    def executing(self) -> AbstractAsyncContextManager[None]:
         """Marks a step as executing: the run does not settle until the block ends."""
-        self.in_flight += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
-            self.maybe_settle()
+        return _Executing(self)
 
-    @asynccontextmanager
-    async def running_step(
-        self, plan: StepPlan, attempt: int, *, final: bool
-    ) -> AsyncIterator[None]:
+    def running_step(
+        self, plan: StepPlan, attempt: int, *, final: bool, started_at: datetime | None = None
+    ) -> AbstractAsyncContextManager[None]:
         """Marks a step as executing user code: heartbeats report it, so that a takeover of the
         run (its lease expired meanwhile) counts it as a failed attempt (``final``: the last
         one allowed). In a run that was itself taken over, it is recorded before the step
-        starts (one round trip): a step that blocks the event loop at once is counted too."""
+        starts (one round trip): a step that blocks the event loop at once is counted too.
+        ``started_at``: when the attempt started (``db_now()`` when not given)."""
+        return _RunningStep(self, plan, attempt, final, started_at or self.db_now())
+
+    def _step_began(self, plan: StepPlan, attempt: int, final: bool, started_at: datetime) -> None:
+        # Kept as given; the heartbeat renders the report (executing_report), not every step.
         self.steps_executing[plan.key] = {
             "key": plan.key,
             "position": plan.position,
@@ -296,18 +294,15 @@ class Execution:
             "follows": plan.follows,
             "attempt": attempt,
             "final": final,
-            "started_at": self.db_now().isoformat(),
+            "started_at": started_at,
         }
         self._executing_changes += 1
-        try:
-            if self.run.taken_over:
-                await self._note_executing()
-            yield
-        finally:
-            del self.steps_executing[plan.key]
-            self._executing_changes += 1
-            # A step that blocked the loop has ended by the time the late heartbeat runs.
-            self.steps_ended = [*self.steps_ended[-7:], (time.monotonic(), plan.key)]
+
+    def _step_ended(self, key: str) -> None:
+        del self.steps_executing[key]
+        self._executing_changes += 1
+        # A step that blocked the loop has ended by the time the late heartbeat runs.
+        self.steps_ended = [*self.steps_ended[-7:], (time.monotonic(), key)]
 
     def steps_since(self, since: float) -> list[str]:
         """The steps executing now or ended after ``since`` (monotonic time)."""
@@ -322,7 +317,10 @@ class Execution:
         return {
             "token": self.run.lease_token,
             "v": self._executing_changes,
-            "steps": list(self.steps_executing.values()),
+            "steps": [
+                {**step, "started_at": step["started_at"].isoformat()}
+                for step in self.steps_executing.values()
+            ],
         }
 
     async def _note_executing(self) -> None:
@@ -940,3 +938,44 @@ def _merge(suspensions: list[Suspension]) -> Suspension:
     steps = [step for s in suspensions for step in s.steps]
     awaited = [key for s in suspensions for key in s.awaited]
     return Suspension(first.due, first.status, reasons, steps, awaited)
+
+
+class _Executing(AbstractAsyncContextManager[None]):
+    """The block of :meth:`Execution.executing` (a plain class: it wraps every step)."""
+
+    __slots__ = ("_ex",)
+
+    def __init__(self, ex: Execution) -> None:
+        self._ex = ex
+
+    async def __aenter__(self) -> None:
+        self._ex.in_flight += 1
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self._ex.in_flight -= 1
+        self._ex.maybe_settle()
+
+
+class _RunningStep(AbstractAsyncContextManager[None]):
+    """The block of :meth:`Execution.running_step` (a plain class: it wraps every step)."""
+
+    __slots__ = ("_attempt", "_ex", "_final", "_plan", "_started_at")
+
+    def __init__(
+        self, ex: Execution, plan: StepPlan, attempt: int, final: bool, started_at: datetime
+    ) -> None:
+        self._ex, self._plan, self._attempt = ex, plan, attempt
+        self._final, self._started_at = final, started_at
+
+    async def __aenter__(self) -> None:
+        ex = self._ex
+        ex._step_began(self._plan, self._attempt, self._final, self._started_at)
+        if ex.run.taken_over:
+            try:
+                await ex._note_executing()
+            except BaseException:
+                ex._step_ended(self._plan.key)
+                raise
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self._ex._step_ended(self._plan.key)

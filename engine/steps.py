@@ -78,7 +78,7 @@ class StepHost(Protocol):
     async def gate(self, *, flush: bool = True, buffered: bool = False) -> None: ...
     def executing(self) -> AbstractAsyncContextManager[None]: ...
     def running_step(
-        self, plan: StepPlan, attempt: int, *, final: bool
+        self, plan: StepPlan, attempt: int, *, final: bool, started_at: datetime | None = None
     ) -> AbstractAsyncContextManager[None]: ...
     def will_wait(self, suspension: Suspension) -> None: ...
     async def block(self) -> None: ...
@@ -146,9 +146,13 @@ class Steps:
             raise _step_error(plan.key, record.error)
         await ex.gate(buffered=True)
         attempt = record.attempts if record is not None else 0
+        started_at = ex.db_now()
         async with ex.executing():
-            async with ex.running_step(plan, attempt, final=attempt >= allowed):
-                outcome = await self._attempt(plan, attempt, fn, args, kwargs, allowed=allowed)
+            final = attempt >= allowed
+            async with ex.running_step(plan, attempt, final=final, started_at=started_at):
+                outcome = await self._attempt(
+                    plan, attempt, fn, args, kwargs, allowed=allowed, started_at=started_at
+                )
             if outcome.wait is not None:  # registered before the run can settle
                 ex.will_wait(outcome.wait)
         if outcome.wait is not None:
@@ -166,11 +170,11 @@ class Steps:
         kwargs: dict[str, Any],
         *,
         allowed: int,
+        started_at: datetime,
     ) -> _Outcome:
         """Executes one attempt and records it before the function goes on."""
         ex = self._ex
         began = time.monotonic()
-        started_at = ex.db_now()
         labels = ex.labels
         with telemetry.step_span(
             run_id=labels.run_id, function_id=labels.function_id, step_key=plan.key, attempt=attempt
