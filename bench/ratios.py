@@ -45,6 +45,7 @@ from typing import Any
 import asyncpg
 
 sys.path.insert(0, str(Path(__file__).parent))
+import breakdown
 from core import environment, fresh_database, percentile
 
 from engine import Context, Engine, Event, TriggerEvent
@@ -217,6 +218,10 @@ RATIOS = (  # (label, engine figure, floor figure, goal, True when the engine's 
 )
 
 
+# What each engine scenario is counted in, for --breakdown: (figure key of the count, unit).
+UNITS = {"steps": ("steps", "step"), "start": ("events", "event"), "throughput": ("runs", "run")}
+
+
 async def one_repeat(server: str, index: int, args: argparse.Namespace) -> dict[str, float]:
     figures: dict[str, float] = {}
     jobs: list[tuple[str, Callable[[str], Awaitable[dict[str, float]]]]] = [
@@ -231,10 +236,48 @@ async def one_repeat(server: str, index: int, args: argparse.Namespace) -> dict[
         level = args.compare_log_level
         jobs.append((f"log_{level}", lambda url: throughput_logging(url, args.runs, level, args)))
     for name, job in jobs:
-        url = await fresh_database(server, f"ratio_{name}_{index}")
+        database = f"ratio_{name}_{index}"
+        url = await fresh_database(server, database)
         await Database(url).apply_schema()
-        figures.update(await job(url))
-        await _drop(server, f"ratio_{name}_{index}")
+        if args.breakdown is not None and name in UNITS:
+            figures.update(
+                await _broken_down(name, job, server=server, database=database, url=url, args=args)
+            )
+        else:
+            figures.update(await job(url))
+        await _drop(server, database)
+    return figures
+
+
+async def _broken_down(
+    name: str,
+    job: Callable[[str], Awaitable[dict[str, float]]],
+    *,
+    server: str,
+    database: str,
+    url: str,
+    args: argparse.Namespace,
+) -> dict[str, float]:
+    """Runs ``job`` with the server's CPU and its time per engine function measured (see
+    bench/breakdown.py); adds ``<name>_server_cpu_ms`` per unit to the figures and prints the
+    functions that took the most server time."""
+    await breakdown.track_functions(server, database)
+    probe = breakdown.Probe(args.breakdown)
+    probe.start()
+    figures = await job(url)
+    server_cpu, _mine = probe.stop()
+    units = {"steps": args.steps, "start": args.events, "throughput": args.runs}[name]
+    unit = UNITS[name][1]
+    figures[f"{name}_server_cpu_ms"] = server_cpu * 1000 / units
+    print(
+        f"  {name}: server CPU {server_cpu * 1000 / units:.3f} ms per {unit}; engine functions,"
+        f" ms per {unit} (own time / with what they call, calls):"
+    )
+    for row in await breakdown.function_times(url, units):
+        print(
+            f"    {row['function']:24} {row['self_ms_per_unit']:8.3f} /"
+            f" {row['total_ms_per_unit']:8.3f}  x{row['calls_per_unit']:.2f}"
+        )
     return figures
 
 
@@ -291,10 +334,21 @@ async def main() -> None:
         help="also measure the throughput with logging at this level (to /dev/null), in the"
         " same repeats: the cost of logging (e.g. info, the worker's default)",
     )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also measure the server's CPU per step, event and run, and the time spent in"
+        " each engine SQL function (track_functions; embedded server only): bench/breakdown.py",
+    )
     args = parser.parse_args()
     configure_logging(args.log_level)
     scratch = Path(tempfile.mkdtemp(prefix="engine-ratios-"))
     server = args.database_url or start(scratch / "pg")[0]
+    if args.breakdown and args.database_url is not None:
+        parser.error("--breakdown reads the embedded server's processes: drop --database-url")
+    args.breakdown = (
+        breakdown.server_pid(data_directory(scratch / "pg")) if args.breakdown else None
+    )
     try:
         repeats = []
         for index in range(args.repeat):

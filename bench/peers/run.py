@@ -15,7 +15,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -24,7 +23,6 @@ sys.path.insert(0, str(HERE.parent))
 import core  # noqa: E402 - bench/core.py, next to this folder
 
 from engine.db import Database  # noqa: E402
-from engine.embedded import start  # noqa: E402
 from engine.logs import configure_logging  # noqa: E402
 
 PEERS = {
@@ -85,9 +83,15 @@ async def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     configure_logging("warning")
-    url, _server = start(Path(tempfile.mkdtemp(prefix="engine-peers-")) / "pg")
+    with core.scratch_server("engine-bench-peers-") as url:  # stopped and removed at the end
+        await measure(url, args.repeat)
+
+
+async def measure(url: str, repeat: int) -> None:
+    """Every peer and the engine, ``repeat`` times, on the server of ``url``; prints the table
+    and writes bench/results/peers.json."""
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in [*PEERS, "engine"]}
-    for _ in range(args.repeat):
+    for _ in range(repeat):
         for name, script in PEERS.items():
             peer_url = await core.fresh_database(url, f"bench_{name}")
             samples[name].append(await asyncio.to_thread(run_peer, script, peer_url))
@@ -107,7 +111,7 @@ async def main() -> None:
             f"{key.split('_')[0]} clients {value['median']:.0f}" for key, value in pgbench.items()
         )
     )
-    result = {**await core.environment(url), "repeat": args.repeat, "figures": figures}
+    result = {**await core.environment(url), "repeat": repeat, "figures": figures}
     out = HERE.parent / "results"
     out.mkdir(exist_ok=True)
     (out / "peers.json").write_text(json.dumps(result, indent=2))
