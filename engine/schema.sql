@@ -234,6 +234,8 @@ END IF; END $$;
 SELECT engine.ensure_column('runs', 'executing', 'jsonb');
 SELECT engine.drop_without_argument('{claim_runs}', 'taken_over');
 SELECT engine.drop_without_argument('{heartbeat}', 'timed_out');
+-- claim_runs learns whether its caller replays ctx.patched markers (below, engine.claim_runs).
+SELECT engine.drop_without_argument('{claim_runs}', 'p_replays_patches');
 
 -- v10 (run history, #14): each step keeps its final attempt's start and worker, failed attempts
 -- and executions get tables of their own, and each run its own trace context. record_step,
@@ -2169,9 +2171,12 @@ FROM engine.runs r$view$);
 -- and state_bytes, the size of those steps (engine.steps.bytes). A due run past one of its
 -- timeouts is cancelled instead of claimed; one whose steps hold more than p_max_state bytes
 -- fails instead (engine.enforce_state_limit).
+-- p_replays_patches: the caller's code replays ctx.patched markers (steps of kind 'patch').
+-- Workers from before them call without it: they would fail a run holding one as unreadable,
+-- so during a deploy such runs wait for a newer worker instead (tests/test_deploys.py).
 CREATE OR REPLACE FUNCTION engine.claim_runs(
     p_app text, p_functions text[], p_owner uuid, p_lease interval, p_limit int,
-    p_max_state bigint DEFAULT 32 * 1024 * 1024)
+    p_max_state bigint DEFAULT 32 * 1024 * 1024, p_replays_patches boolean DEFAULT false)
 RETURNS TABLE (id uuid, function_id text, lease_token bigint, attempt int, log_lines int,
                cancel_requested boolean, traceparent text, created_at timestamptz,
                claimed_at timestamptz, event jsonb, steps jsonb, events jsonb, state_bytes bigint,
@@ -2216,6 +2221,11 @@ BEGIN
         SELECT * FROM expired UNION ALL SELECT * FROM due
     LOOP
         EXIT WHEN cardinality(v_ids) >= p_limit;
+        -- A run holding a ctx.patched marker is not for a worker from before them. Looked up
+        -- here, for those callers only, through steps_patch_idx: in the queries above, a NOT
+        -- EXISTS would be planned as a hash of every marker at each claim.
+        CONTINUE WHEN NOT p_replays_patches AND EXISTS (
+            SELECT 1 FROM engine.steps s WHERE s.run_id = v_run.id AND s.kind = 'patch');
         -- Throttled functions: a first start waits for its turn (the row is locked until commit).
         v_throttled := v_run.throttle IS NOT NULL AND v_run.started_at IS NULL;
         IF v_throttled THEN
@@ -3233,6 +3243,11 @@ CREATE INDEX IF NOT EXISTS runs_ended_idx ON engine.runs (ended_at)
 SELECT engine.ensure_index('runs_status_created_idx', $index$
 CREATE INDEX IF NOT EXISTS runs_status_created_idx ON engine.runs (status, created_at, id)
     WHERE status IN ('COMPLETED', 'FAILED', 'CANCELLED', 'SKIPPED')$index$);
+
+-- The ctx.patched markers, by run: a claim for a worker from before them (claim_runs with
+-- p_replays_patches false) skips the runs that hold one, reading only these few entries.
+SELECT engine.ensure_index('steps_patch_idx', $index$
+CREATE INDEX IF NOT EXISTS steps_patch_idx ON engine.steps (run_id) WHERE kind = 'patch'$index$);
 
 -- Which worker prunes: one at a time per database. A worker takes the turn for a pass and renews
 -- it at each batch (a lease in real time, so a dead worker's turn passes on); at the end of its

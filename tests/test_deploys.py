@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -234,3 +235,44 @@ async def test_migrate_that_needs_a_lock_retries_instead_of_blocking_sends(
     finally:
         await holder.close()
     assert await sql.fetchval("SELECT count(*) FROM engine.meta WHERE key LIKE 'trigger:%'") == 4
+
+
+async def test_a_worker_from_before_patches_leaves_runs_holding_a_patch_marker(
+    make_engine: Any, sql: Any
+) -> None:
+    """A worker of a version without ctx.patched cannot read a run that recorded a patch
+    marker (it would fail it as unreadable). Its claim, as it calls it (claim_runs without
+    p_replays_patches), skips such runs and takes the others; a current worker finishes them."""
+    app: Engine = make_engine("shop")
+
+    @app.create_function("patched", trigger=TriggerEvent("order/placed"))
+    async def patched(ctx: Context) -> str:
+        path = "new" if ctx.patched("v2") else "old"
+        await ctx.step.sleep("nap", "1h")
+        return path
+
+    @app.create_function("plain", trigger=TriggerEvent("order/placed"))
+    async def plain(ctx: Context) -> str:
+        await ctx.step.sleep("nap", "1h")
+        return "plain"
+
+    async with app.worker(poll_interval="50ms"):
+        [event_id] = await app.send(Event(name="order/placed"))
+
+        async def both_sleeping() -> bool:
+            runs = await app.runs_for_event(event_id)
+            return len(runs) == 2 and all(r.status is RunStatus.SLEEPING for r in runs)
+
+        await eventually(both_sleeping)
+    runs = {r.function_id: r.run_id for r in await app.runs_for_event(event_id)}
+    await move_clock(sql, timedelta(hours=2))
+    old_claim = "SELECT function_id FROM engine.claim_runs('shop', $1, $2, '1 minute', 10)"
+    claimed = await sql.fetch(old_claim, ["patched", "plain"], uuid.uuid4())
+    assert [row["function_id"] for row in claimed] == ["plain"]
+    await sql.execute(
+        "UPDATE engine.runs SET status = 'QUEUED', lease_owner = NULL WHERE id = $1",
+        runs["plain"],
+    )
+    async with app.worker(poll_interval="50ms"):
+        done = {fn: await app.wait_for_run(run_id, timeout=30) for fn, run_id in runs.items()}
+    assert {fn: run.output for fn, run in done.items()} == {"patched": "new", "plain": "plain"}
