@@ -1,7 +1,7 @@
 """What buffered checkpoints save: time per step with buffered_steps 1, 10 and 100, against the
 commit floor measured in the same run.
 
-    python bench/checkpoints.py [--steps 1000] [--repeat 5] [--sync]
+    python bench/checkpoints.py [--steps 1000] [--repeat 5] [--sync] [--no-step-input]
 
 One embedded PostgreSQL with durable settings (fsync and synchronous_commit on), one fresh
 database. Each repeat measures, in an order rotated from one repeat to the next (interleaved,
@@ -15,7 +15,9 @@ so that a slow minute of this shared machine hits every figure alike):
   this process's CPU time per step (the engine's own Python, the server's work excluded).
 
 Step callables are async (``--sync``: plain functions, which run in the worker's thread pool):
-the figure is the engine's own cost per step. Prints medians with min and max and writes them
+the figure is the engine's own cost per step. Each step is given one argument, recorded as its
+input (``--no-step-input``: ``Engine(record_step_input=False)``, to see what recording costs).
+Prints medians with min and max and writes them
 as JSON to bench/results/checkpoints.json.
 """
 
@@ -106,12 +108,18 @@ async def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--sync", action="store_true", help="sync step callables (a thread each)")
+    parser.add_argument("--no-step-input", action="store_true", help="record no step input")
     args = parser.parse_args()
     configure_logging("warning")
     with scratch_server("engine-bench-") as server_url:  # stopped and removed at the end
         url = await fresh_database(server_url, "bench_checkpoints")
         await Database(url).apply_schema()
-        app = Engine("bench-checkpoints", url, max_steps=args.steps + 1)
+        app = Engine(
+            "bench-checkpoints",
+            url,
+            max_steps=args.steps + 1,
+            record_step_input=not args.no_step_input,
+        )
         declare(app, args.steps, args.sync)
         samples: dict[str, list[float]] = {"floor_ms": []}
         for b in BUFFERS:
@@ -145,7 +153,8 @@ async def main() -> None:
             print(f"{key}: {value['median']:.3f} ({value['min']:.3f}-{value['max']:.3f})")
         out = Path(__file__).parent / "results"
         out.mkdir(exist_ok=True)
-        (out / "checkpoints.json").write_text(json.dumps(result, indent=2))
+        name = "checkpoints-no-input.json" if args.no_step_input else "checkpoints.json"
+        (out / name).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

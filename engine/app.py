@@ -90,6 +90,10 @@ class Engine:
             their events, runs, workers or wake-ups), each migrated with ``engine migrate
             --schema NAME``. A lowercase identifier (letters, digits, ``_``; at most 56
             characters). See docs/scaling.md.
+        record_step_input: keep each ``step.run`` step's arguments (its input, as JSON, up to
+            64 KiB) in the run's history, shown by the dashboard and :meth:`get_run` (default
+            True). False for an app whose step arguments hold secrets; a function can decide
+            for itself (``create_function(record_step_input=...)``).
 
     Raises:
         ConfigurationError: an option is invalid (a retention of zero or less, a schema name
@@ -114,6 +118,7 @@ class Engine:
         listen_database_url: str | None = None,
         statement_cache_size: int = STATEMENT_CACHE_SIZE,
         schema: str = DEFAULT_SCHEMA,
+        record_step_input: bool = True,
     ) -> None:
         self.app_id = app_id
         self.schema = check_schema_name(schema)
@@ -130,6 +135,7 @@ class Engine:
             max_state_bytes=max_state_bytes,
         )
         self.trace_payloads = trace_payloads
+        self.record_step_input = record_step_input
         self.backoff = backoff or Backoff()
         self._pool_size = pool_size
         self._command_timeout = command_timeout
@@ -157,6 +163,7 @@ class Engine:
         debounce: Debounce | None = None,
         batch_events: Batch | None = None,
         checkpointing: Checkpointing | None = None,
+        record_step_input: bool | None = None,
     ) -> Callable[[Handler], Function]:
         """Declares a durable function.
 
@@ -179,6 +186,8 @@ class Engine:
             batch_events: a :class:`Batch`: one run for up to ``max_size`` events.
             checkpointing: a :class:`Checkpointing`: completed steps are committed together
                 (fewer commits; a crash runs the uncommitted ones again).
+            record_step_input: keep its ``step.run`` steps' arguments in the run's history
+                (default: the Engine's ``record_step_input``); False when they hold secrets.
 
         Raises:
             ConfigurationError: an invalid id, option or expression; the message says which.
@@ -202,6 +211,9 @@ class Engine:
                 debounce=debounce,
                 batch_events=batch_events,
                 checkpointing=checkpointing,
+                record_step_input=(
+                    self.record_step_input if record_step_input is None else record_step_input
+                ),
             )
             failure = None if on_failure is None else self._failure_handler(fn_id, on_failure)
             for declared in (function, failure):
@@ -224,7 +236,14 @@ class Engine:
             f"event.data.function_id == {json.dumps(fn_id)}"
         )
         trigger = TriggerEvent("engine/function.failed", condition)
-        return build_function(f"{fn_id}-failure", handler, trigger, 0, app_id=self.app_id)
+        return build_function(
+            f"{fn_id}-failure",
+            handler,
+            trigger,
+            0,
+            app_id=self.app_id,
+            record_step_input=self.record_step_input,
+        )
 
     def sent_schemas(self) -> dict[str, list[type[BaseModel]]]:
         """The schemas the events this app sends are checked against, by event name (its

@@ -152,6 +152,11 @@ class Execution:
         return self.run.function.retries
 
     @property
+    def records_input(self) -> bool:
+        """Whether a ``run`` step's arguments go with its record (``record_step_input``)."""
+        return self.run.function.record_step_input
+
+    @property
     def trigger(self) -> Event:
         """The run's (first) triggering event."""
         return self.run.events[0]

@@ -58,6 +58,7 @@ class Function:
     debounce: Debounce | None = None
     batch_events: Batch | None = None
     checkpointing: Checkpointing | None = None  # buffered checkpoints (engine.checkpointing)
+    record_step_input: bool = True  # step.run arguments kept in the history (engine.step_input)
 
     async def __call__(self, ctx: Context[Any]) -> Any:
         return await self.handler(ctx)
@@ -109,6 +110,8 @@ class Function:
         config.update(self.flow())
         if self.checkpointing is not None:
             config["checkpointing"] = self.checkpointing.to_json()
+        if not self.record_step_input:
+            config["record_step_input"] = False
         return {
             "function_id": self.fn_id,
             "triggers": [t.to_json() for t in self.triggers],
@@ -138,6 +141,7 @@ def build_function(
     debounce: Debounce | None = None,
     batch_events: Batch | None = None,
     checkpointing: Checkpointing | None = None,
+    record_step_input: bool = True,
 ) -> Function:
     """Validates a declaration; raises :class:`ConfigurationError` with what is wrong."""
     if not isinstance(fn_id, str) or not _FN_ID.match(fn_id):
@@ -170,6 +174,7 @@ def build_function(
         debounce=_typed(debounce, Debounce, "debounce", fn_id),
         batch_events=batch,
         checkpointing=check_checkpointing(checkpointing, fn_id),
+        record_step_input=_flag(record_step_input, "record_step_input", fn_id),
     )
 
 
@@ -186,6 +191,12 @@ def _check_batch_combinations(fn_id: str, **options: Any) -> None:
 def _typed(value: Any, kind: type, option: str, fn_id: str) -> Any:
     if value is not None and not isinstance(value, kind):
         raise ConfigurationError(f"function {fn_id!r}: {option}= expects {kind.__name__}(...)")
+    return value
+
+
+def _flag(value: Any, option: str, fn_id: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"function {fn_id!r}: {option}= expects True or False")
     return value
 
 

@@ -109,6 +109,7 @@ class StepRecord:
     ended_at: datetime | None = None
     traceback: str | None = None
     retry_at: datetime | None = None
+    input_json: str | None = None  # a `run` step's arguments, encoded (engine.step_input)
 
     def to_json(self, output_json: str | None = None) -> str:
         """The JSON argument of ``engine.checkpoint_step``; ``output_json`` is pre-encoded."""
@@ -129,7 +130,8 @@ class StepRecord:
                 "retry_at": _iso(self.retry_at),
             }
         )
-        return f'{head[:-1]},"output":{output_json or "null"}}}'
+        given = "" if self.input_json is None else f',"input":{self.input_json}'
+        return f'{head[:-1]}{given},"output":{output_json or "null"}}}'
 
 
 def _iso(moment: datetime | None) -> str | None:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict
 
 from .events import Event, event_from_row
 from .serialization import loads, loads_or_none
+from .step_input import StepInput
 
 
 class RunStatus(StrEnum):
@@ -68,6 +69,9 @@ class AttemptInfo(BaseModel):
     """``{"type", "message", "traceback"}`` for a failed attempt."""
     retry_at: datetime | None = None
     """When the next attempt was due (``RETRYING``)."""
+    input: StepInput | None = None
+    """The arguments its callable was given; None without arguments, or when the function
+    does not record them (``record_step_input=False``)."""
 
 
 class PauseInfo(BaseModel):
@@ -136,6 +140,10 @@ class StepInfo(BaseModel):
     """Every attempt of a ``run`` step, oldest first."""
     output: Any = None
     error: dict[str, Any] | None = None
+    input: StepInput | None = None
+    """A ``run`` step's input: the arguments its callable was given (its last attempt's);
+    None without arguments, or when the function does not record them
+    (``record_step_input=False``)."""
     wake_at: datetime | None = None
     created_at: datetime | None = None
     ended_at: datetime | None = None
@@ -204,6 +212,7 @@ def _step_info(step: dict[str, Any]) -> StepInfo:
         attempts=[AttemptInfo.model_validate(a) for a in step.get("attempt_list") or []],
         output=step["output"],
         error=step["error"],
+        input=step.get("input"),
         wake_at=step["wake_at"],
         created_at=step.get("created_at"),
         ended_at=step.get("ended_at"),

@@ -278,6 +278,11 @@ DO $$ BEGIN
     END IF;
 END $$;
 
+-- v11 (step input, #15): a `run` step's arguments (engine/step_input.py), kept with the step and
+-- with each failed attempt, for the history only. Checked in the catalog: no version bump.
+SELECT engine.ensure_column('steps', 'input', 'jsonb');
+SELECT engine.ensure_column('step_attempts', 'input', 'jsonb');
+
 -- v11 (HTTP event API, #15): event keys (engine.event_keys) and the functions that create, list,
 -- revoke and send with them; new objects only, created below (CREATE ... IF NOT EXISTS, CREATE
 -- OR REPLACE): nothing of version 10 changes.
@@ -546,6 +551,7 @@ CREATE TABLE IF NOT EXISTS engine.steps (
     bytes      bigint,                       -- JSON size of output and error (a run's state)
     started_at timestamptz,                  -- when its last attempt started (a `run` step)
     worker     uuid,                         -- the worker (lease owner) that recorded it
+    input      jsonb,   -- a `run` step's arguments {args, kwargs} (NULL: none, or not kept)
     PRIMARY KEY (run_id, step_key)
 );
 
@@ -565,6 +571,7 @@ CREATE TABLE IF NOT EXISTS engine.step_attempts (
     worker     uuid,
     error      jsonb,                        -- {type, message, traceback}
     retry_at   timestamptz,
+    input      jsonb,                        -- its arguments, as engine.steps.input
     PRIMARY KEY (run_id, step_key, attempt)
 );
 
@@ -798,12 +805,12 @@ LANGUAGE sql STABLE AS $$
         SELECT f.attempt, jsonb_build_object(
                    'attempt', f.attempt, 'outcome', f.outcome, 'started_at', f.started_at,
                    'ended_at', f.ended_at, 'worker', f.worker, 'error', f.error,
-                   'retry_at', f.retry_at) AS entry
+                   'retry_at', f.retry_at, 'input', f.input) AS entry
         FROM engine.step_attempts f WHERE f.run_id = s.run_id AND f.step_key = s.step_key
         UNION ALL
         SELECT s.attempts - 1, jsonb_build_object(
                    'attempt', s.attempts - 1, 'outcome', 'COMPLETED', 'started_at', s.started_at,
-                   'ended_at', s.ended_at, 'worker', s.worker)
+                   'ended_at', s.ended_at, 'worker', s.worker, 'input', s.input)
         WHERE s.status = 'COMPLETED'
     ) a
 $$;
@@ -818,6 +825,7 @@ LANGUAGE sql STABLE AS $$
                'attempts', s.attempts,
                'output', CASE WHEN p_payloads THEN s.output END,
                'error', CASE WHEN p_payloads THEN s.error END,
+               'input', CASE WHEN p_payloads THEN s.input END,
                'omitted', NOT p_payloads, 'wake_at', s.wake_at, 'created_at', s.created_at,
                'ended_at', s.ended_at,
                'attempt_list', CASE WHEN s.kind = 'run' THEN engine.step_attempt_list(s) END)
@@ -2606,7 +2614,7 @@ LANGUAGE sql IMMUTABLE AS $$
 $$;
 
 -- Records a step (p_step: {key, position, kind, status, attempts, output, error, wake_at, id,
--- follows, started_at, ended_at, traceback, retry_at}) recorded by p_worker; false if the step
+-- follows, started_at, ended_at, traceback, retry_at, input}) recorded by p_worker; false if the step
 -- is final already. A failed attempt of a `run` step is also kept in engine.step_attempts, with
 -- its traceback. The times come from the worker (its estimate of engine.now() when the attempt
 -- started and ended): a completed step is committed with the next write, not when it ended.
@@ -2621,27 +2629,29 @@ DECLARE
 BEGIN
     INSERT INTO engine.steps AS s (run_id, step_key, position, kind, status, attempts, output,
                                    error, wake_at, created_at, ended_at, step_id, follows, bytes,
-                                   started_at, worker)
+                                   started_at, worker, input)
     VALUES (p_run, p_step ->> 'key', (p_step ->> 'position')::int, p_step ->> 'kind',
             v_status, (p_step ->> 'attempts')::int, p_step -> 'output', p_step -> 'error',
             (p_step ->> 'wake_at')::timestamptz, v_now,
             CASE WHEN v_status IN ('COMPLETED', 'FAILED') THEN v_ended END,
             p_step ->> 'id', p_step ->> 'follows',
-            engine.step_bytes(p_step -> 'output', p_step -> 'error'), v_started, p_worker)
+            engine.step_bytes(p_step -> 'output', p_step -> 'error'), v_started, p_worker,
+            p_step -> 'input')
     ON CONFLICT (run_id, step_key) DO UPDATE
         SET status = excluded.status, attempts = excluded.attempts, output = excluded.output,
             error = excluded.error, wake_at = excluded.wake_at, ended_at = excluded.ended_at,
-            bytes = excluded.bytes, started_at = excluded.started_at, worker = excluded.worker
+            bytes = excluded.bytes, started_at = excluded.started_at, worker = excluded.worker,
+            input = excluded.input
         WHERE s.status NOT IN ('COMPLETED', 'FAILED')
     RETURNING true INTO v_ok;
     IF v_ok AND p_step ->> 'kind' = 'run' AND v_status IN ('RETRYING', 'FAILED') THEN
         INSERT INTO engine.step_attempts (run_id, step_key, attempt, outcome, started_at, ended_at,
-                                          worker, error, retry_at)
+                                          worker, error, retry_at, input)
         VALUES (p_run, p_step ->> 'key', (p_step ->> 'attempts')::int - 1, v_status, v_started,
                 v_ended, p_worker,
                 coalesce(p_step -> 'error', '{}') || jsonb_strip_nulls(jsonb_build_object(
                     'traceback', p_step -> 'traceback')),
-                (p_step ->> 'retry_at')::timestamptz)
+                (p_step ->> 'retry_at')::timestamptz, p_step -> 'input')
         ON CONFLICT DO NOTHING;
     END IF;
     RETURN coalesce(v_ok, false);
@@ -2661,28 +2671,29 @@ RETURNS bigint LANGUAGE sql AS $$
     ), written AS (
         INSERT INTO engine.steps AS s (run_id, step_key, position, kind, status, attempts, output,
                                        error, wake_at, created_at, ended_at, step_id, follows,
-                                       bytes, started_at, worker)
+                                       bytes, started_at, worker, input)
         SELECT p_run, g.key, (g.x ->> 'position')::int, g.x ->> 'kind', g.status,
                (g.x ->> 'attempts')::int, g.x -> 'output', g.x -> 'error',
                (g.x ->> 'wake_at')::timestamptz, engine.now(),
                CASE WHEN g.status IN ('COMPLETED', 'FAILED') THEN g.ended END,
                g.x ->> 'id', g.x ->> 'follows', engine.step_bytes(g.x -> 'output', g.x -> 'error'),
-               g.started, p_worker
+               g.started, p_worker, g.x -> 'input'
         FROM given g
         ON CONFLICT (run_id, step_key) DO UPDATE
             SET status = excluded.status, attempts = excluded.attempts, output = excluded.output,
                 error = excluded.error, wake_at = excluded.wake_at, ended_at = excluded.ended_at,
-                bytes = excluded.bytes, started_at = excluded.started_at, worker = excluded.worker
+                bytes = excluded.bytes, started_at = excluded.started_at, worker = excluded.worker,
+                input = excluded.input
             WHERE s.status NOT IN ('COMPLETED', 'FAILED')
         RETURNING s.step_key
     ), attempts AS (
         INSERT INTO engine.step_attempts (run_id, step_key, attempt, outcome, started_at,
-                                          ended_at, worker, error, retry_at)
+                                          ended_at, worker, error, retry_at, input)
         SELECT p_run, g.key, (g.x ->> 'attempts')::int - 1, g.status, g.started, g.ended,
                p_worker,
                coalesce(g.x -> 'error', '{}') || jsonb_strip_nulls(jsonb_build_object(
                    'traceback', g.x -> 'traceback')),
-               (g.x ->> 'retry_at')::timestamptz
+               (g.x ->> 'retry_at')::timestamptz, g.x -> 'input'
         FROM given g JOIN written w ON w.step_key = g.key
         WHERE g.x ->> 'kind' = 'run' AND g.status IN ('RETRYING', 'FAILED')
         ON CONFLICT DO NOTHING

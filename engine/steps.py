@@ -39,6 +39,7 @@ from .runlocal import current_attempt, current_step
 from .runs import RunStatus
 from .schemas import check_schema, check_sent, mismatch, typed
 from .serialization import loads, restore
+from .step_input import encode_input
 
 if TYPE_CHECKING:
     from .errors import NestedStepError
@@ -65,6 +66,8 @@ class StepHost(Protocol):
 
     @property
     def default_retries(self) -> int: ...
+    @property
+    def records_input(self) -> bool: ...
     @property
     def trigger(self) -> Event: ...
     @property
@@ -147,11 +150,19 @@ class Steps:
         await ex.gate(buffered=True)
         attempt = record.attempts if record is not None else 0
         started_at = ex.db_now()
+        given = encode_input(args, kwargs) if ex.records_input else None
         async with ex.executing():
             final = attempt >= allowed
             async with ex.running_step(plan, attempt, final=final, started_at=started_at):
                 outcome = await self._attempt(
-                    plan, attempt, fn, args, kwargs, allowed=allowed, started_at=started_at
+                    plan,
+                    attempt,
+                    fn,
+                    args,
+                    kwargs,
+                    allowed=allowed,
+                    started_at=started_at,
+                    given=given,
                 )
             if outcome.wait is not None:  # registered before the run can settle
                 ex.will_wait(outcome.wait)
@@ -171,8 +182,10 @@ class Steps:
         *,
         allowed: int,
         started_at: datetime,
+        given: str | None,
     ) -> _Outcome:
-        """Executes one attempt and records it before the function goes on."""
+        """Executes one attempt and records it (with ``given``, its input as JSON) before the
+        function goes on."""
         ex = self._ex
         began = time.monotonic()
         labels = ex.labels
@@ -187,7 +200,7 @@ class Steps:
                 if ex.failed:  # a limit or a nested step: the run fails as a whole
                     raise
                 telemetry.record_error(span, error)
-                outcome = await self._failed(plan, attempt, allowed, error, started_at)
+                outcome = await self._failed(plan, attempt, allowed, error, started_at, given=given)
                 self._measure("failed" if outcome.error else "retrying", began)
                 return outcome
             # Committed before the next step starts, or with the run's end (see Execution.defer).
@@ -197,6 +210,7 @@ class Steps:
                 attempts=attempt + 1,
                 started_at=started_at,
                 ended_at=ex.db_now(),
+                input_json=given,
             )
             ex.defer(completed, output)
             telemetry.payload(span, "engine.step.output", output, labels.trace_payloads)
@@ -209,7 +223,14 @@ class Steps:
         metrics.step_attempted(labels.app_id, labels.function_id, outcome, time.monotonic() - began)
 
     async def _failed(
-        self, plan: StepPlan, attempt: int, allowed: int, error: Exception, started_at: datetime
+        self,
+        plan: StepPlan,
+        attempt: int,
+        allowed: int,
+        error: Exception,
+        started_at: datetime,
+        *,
+        given: str | None,
     ) -> _Outcome:
         ex = self._ex
         final = isinstance(error, NonRetriableError | SerializationError) or attempt >= allowed
@@ -226,6 +247,7 @@ class Steps:
             ended_at=now,
             traceback=error_traceback(error),
             retry_at=None if final else due,
+            input_json=given,
         )
         await ex.checkpoint(record)
         ex.log.warning(

@@ -48,12 +48,12 @@ def shop(app: Engine) -> None:
 
     @app.create_function("busy", trigger=TriggerEvent("t/busy"), retries=2)
     async def busy(ctx: Context) -> Any:
-        def flaky() -> str:
+        def flaky(n: int, *, unit: str) -> str:
             if ctx.attempt < 1:
                 raise ValueError("the first try fails")
-            return "ok"
+            return f"ok {n} {unit}"
 
-        await ctx.step.run("flaky", flaky)
+        await ctx.step.run("flaky", flaky, ctx.event.data.get("n"), unit="parcel")
         await ctx.step.sleep("nap", "30ms")
         return await ctx.step.wait_for_event("reply", event="t/reply", timeout="1h")
 
@@ -118,6 +118,9 @@ async def test_the_pages_render_real_runs_and_the_timeline_has_each_bar(shop_app
         for label in ("flaky #1 ✗", "flaky #2 ✓", "sleep nap", "wait reply"):
             assert label in page, label
         assert "the first try fails" in page and "Traceback" in page  # the failed attempt
+        # Each attempt's input (its arguments), the failed one's too: two blocks.
+        assert page.count("<h4>input</h4>") == 2
+        assert "&#34;unit&#34;: &#34;parcel&#34;" in page
         assert 'id="cancel"' in page
         failed = (await http.get(f"/runs/{fragile}")).text
         assert "second step refuses" in failed and "NonRetriableError" in failed

@@ -64,12 +64,12 @@ def shop(app: Engine, broken: dict[str, bool]) -> None:
 
     @app.create_function("busy", trigger=TriggerEvent("t/busy"), retries=2)
     async def busy(ctx: Context) -> Any:
-        def flaky() -> str:
+        def flaky(customer: str) -> str:
             if ctx.attempt < 1:
                 raise ValueError("the first try fails")
-            return "ok"
+            return f"ok {customer}"
 
-        await ctx.step.run("flaky", flaky)
+        await ctx.step.run("flaky", flaky, ctx.event.data.get("customer", "anyone"))
         await ctx.step.sleep("nap", "50ms")
         return await ctx.step.wait_for_event("reply", event="t/reply", timeout="1h")
 
@@ -167,6 +167,8 @@ async def _watch_a_run_appear_and_open_it(app: Engine, page: Page, url: str) -> 
     await expect(detail).to_have_count(1)
     await expect(detail).to_contain_text("the first try fails")
     await expect(detail).to_contain_text("Traceback")
+    await expect(detail.locator("h4", has_text="input")).to_have_count(1)
+    await expect(detail).to_contain_text(re.compile(r'"args":\s*\[\s*"ada"\s*\]'))  # its argument
     run = await app.get_run(run_id)
     assert run.trace_id
     await expect(detail).to_contain_text(run.trace_id)

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..render import Span, ended_by, error_text, timeline_spans, took
 from ..runs import AttemptInfo, ExecutionInfo, PauseInfo, RunInfo, StepInfo
+from ..step_input import MAX_INPUT_BYTES, StepInput
 
 TICKS = 5
 
@@ -131,6 +132,19 @@ def _error_blocks(error: dict[str, Any] | None) -> list[tuple[str, str]]:
     return blocks
 
 
+def _input_blocks(given: StepInput | None) -> list[tuple[str, str]]:
+    """The input block of a ``run`` step's attempt: its arguments, or why they are missing."""
+    if given is None:
+        return []
+    if given.omitted_bytes is not None:
+        size, limit = given.omitted_bytes, MAX_INPUT_BYTES // 1024
+        return [("input", f"(not recorded: {size:,} bytes of JSON, over the {limit} KiB limit)")]
+    shown: dict[str, Any] = {"args": given.args}
+    if given.kwargs:
+        shown["kwargs"] = given.kwargs
+    return [("input", _value(shown))]
+
+
 def _value(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False, default=str)
 
@@ -144,10 +158,10 @@ def _attempt(attempt: AttemptInfo, step: StepInfo | None) -> Details:
     ]
     if attempt.retry_at is not None:
         fields.append(("retry due", attempt.retry_at.isoformat()))
-    blocks = _error_blocks(attempt.error)
+    blocks = _input_blocks(attempt.input) + _error_blocks(attempt.error)
     if attempt.outcome == "COMPLETED" and step is not None:
         output = "(too large to load)" if step.output_omitted else _value(step.output)
-        blocks.insert(0, ("output", output))
+        blocks.append(("output", output))
     return fields, blocks, []
 
 
@@ -182,7 +196,7 @@ def _pause(pause: PauseInfo) -> Details:
 
 def _step(step: StepInfo) -> Details:
     fields = [("step", step.step_id), ("kind", step.kind), ("status", step.status)]
-    blocks = _error_blocks(step.error)
+    blocks = _input_blocks(step.input) + _error_blocks(step.error)
     if step.output is not None:
-        blocks.insert(0, ("output", _value(step.output)))
+        blocks.append(("output", _value(step.output)))
     return fields, blocks, []
