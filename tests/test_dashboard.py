@@ -192,24 +192,54 @@ async def test_pages_follow_each_other_by_keyset(shop_app: Engine) -> None:
 async def test_a_search_reads_a_bounded_number_of_runs_per_page(
     shop_app: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A search that finds nothing among the runs it may read per page says how many it read
-    and offers the older ones; the next page goes on from there and finds the match."""
+    """A search that finds nothing among the runs it may evaluate per page (an expression with
+    no prefilter: each run read is evaluated), or read (with one), says how many it read and
+    offers the older ones; the next page goes on from there and finds the match."""
     from engine.web import run_pages
 
     monkeypatch.setattr(run_pages, "SEARCH_BATCH", 2)
     monkeypatch.setattr(run_pages, "SEARCH_SCAN", 4)
+    monkeypatch.setattr(run_pages, "PREFILTERED_BATCH", 2)
+    monkeypatch.setattr(run_pages, "SEARCH_READ", 4)
     app = shop_app
     packs = [await run_of(app, Event(name="t/pack", data={"n": n})) for n in range(6)]
     for run_id in packs:
         await app.wait_for_run(run_id)
     async with client(create_app(app)) as http:
-        first = (await http.get("/runs", params={"q": "event.data.n == 0"})).text
-        assert "The search read 4 runs" in first and "No runs among the 4 read" in first
-        older = re.search(r'href="([^"]+)" id="older"', first)
-        assert older
-        second = (await http.get(older.group(1).replace("&amp;", "&"))).text
-        assert re.findall(r'<tr data-id="([0-9a-f-]{36})"', second) == [packs[0]]
-        assert 'id="older"' not in second
+        for search in ("!(event.data.n > 0)", "event.data.n == 0"):
+            first = (await http.get("/runs", params={"q": search})).text
+            assert "The search read 4 runs" in first and "No runs among the 4 read" in first
+            older = re.search(r'href="([^"]+)" id="older"', first)
+            assert older, search
+            second = (await http.get(older.group(1).replace("&amp;", "&"))).text
+            assert re.findall(r'<tr data-id="([0-9a-f-]{36})"', second) == [packs[0]], search
+            assert 'id="older"' not in second
+
+
+async def test_a_search_evaluates_only_the_runs_its_prefilter_keeps(shop_app: Engine) -> None:
+    """PostgreSQL drops the runs whose event cannot match the translatable part of the
+    expression: CEL evaluates the one run that matches it, not the other five; an untranslated
+    expression evaluates every run it reads."""
+    from engine.web import run_pages
+
+    app = shop_app
+    packs = [await run_of(app, Event(name="t/pack", data={"n": n})) for n in range(6)]
+    for run_id in packs:
+        await app.wait_for_run(run_id)
+    async with client(create_app(app)) as http:
+        search = "event.data.n == 4 && event.data.n % 2 == 0"
+        page = (await http.get("/runs", params={"q": search})).text
+        assert re.findall(r'<tr data-id="([0-9a-f-]{36})"', page) == [packs[4]]
+        assert "The search read 6 runs" in page
+        assert len(_verdicts_of(run_pages, search, packs)) == 1
+        untranslated = "event.data.n % 3 == 1"  # the verdicts are the process's: a new one
+        page = (await http.get("/runs", params={"q": untranslated})).text
+        assert len(_verdicts_of(run_pages, untranslated, packs)) == 6
+
+
+def _verdicts_of(run_pages: Any, search: str, runs: list[str]) -> list[str]:
+    """The runs among ``runs`` whose verdict the dashboard remembers for ``search``."""
+    return [run for run in runs if (search, run) in run_pages._verdicts]
 
 
 async def test_the_pages_read_through_the_engine_reader_role(

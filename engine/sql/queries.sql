@@ -357,36 +357,84 @@ SELECT r.id, r.status, r.waiting_reason
 FROM engine.insert_run($1, $2, $3, NULL, NULL, $4, $5::jsonb, engine.now()) r
 
 -- name: dashboard_run_search
--- The dashboard's search by an expression: a batch of runs newest first with their events
--- (evaluated in Python), with the filters and keyset of run_summaries.
-SELECT r.id, r.app_id, r.function_id, r.status, r.waiting_reason, r.created_at, r.started_at,
-       r.ended_at, e.id AS event_id, e.name AS event_name,
-       jsonb_build_object('id', e.id, 'name', e.name, 'data', e.data, 'ts', e.ts, 'v', e.v)
-           AS event
-FROM engine.runs r JOIN engine.events e ON e.seq = r.event_seq
-WHERE ($1::text IS NULL OR r.app_id = $1) AND ($2::text IS NULL OR r.function_id = $2)
-  AND ($3::text[] IS NULL OR r.status = ANY ($3)) AND ($4::text IS NULL OR e.name = $4)
-  AND ($5::timestamptz IS NULL OR r.created_at >= $5)
-  AND ($6::timestamptz IS NULL OR r.created_at < $6)
-  AND ($7::timestamptz IS NULL OR (r.created_at, r.id) < ($7, $8::uuid))
-ORDER BY r.created_at DESC, r.id DESC
-LIMIT $9
+-- The dashboard's search by an expression: the next $9 runs newest first (the filters and keyset
+-- of run_summaries), of which only those whose event matches the prefilter $10 (a SQL/JSON path
+-- predicate that keeps every run the expression matches, engine/web/prefilter.py; NULL: all)
+-- come back, with their events for the expression itself (evaluated in Python), and the last
+-- run read (where the next batch starts). place: the run's place among the runs read (1, 2...);
+-- scanned: how many were read.
+SELECT c.* FROM (
+    SELECT s.*, coalesce($10::jsonpath IS NULL OR s.event @@ $10::jsonpath, false) AS candidate,
+           row_number() OVER (ORDER BY s.created_at DESC, s.id DESC) AS place,
+           count(*) OVER () AS scanned
+    FROM (
+        SELECT r.id, r.app_id, r.function_id, r.status, r.waiting_reason, r.created_at,
+               r.started_at, r.ended_at, e.id AS event_id, e.name AS event_name,
+               jsonb_build_object('id', e.id, 'name', e.name, 'data', e.data, 'ts', e.ts, 'v', e.v)
+                   AS event
+        FROM engine.runs r JOIN engine.events e ON e.seq = r.event_seq
+        WHERE ($1::text IS NULL OR r.app_id = $1) AND ($2::text IS NULL OR r.function_id = $2)
+          AND ($3::text[] IS NULL OR r.status = ANY ($3)) AND ($4::text IS NULL OR e.name = $4)
+          AND ($5::timestamptz IS NULL OR r.created_at >= $5)
+          AND ($6::timestamptz IS NULL OR r.created_at < $6)
+          AND ($7::timestamptz IS NULL OR (r.created_at, r.id) < ($7, $8::uuid))
+        ORDER BY r.created_at DESC, r.id DESC
+        LIMIT $9
+    ) s
+) c
+WHERE c.candidate OR c.place = c.scanned
+ORDER BY c.created_at DESC, c.id DESC
 
 -- name: dashboard_ended_search
 -- dashboard_run_search for one finished status (see ended_run_summaries).
-SELECT r.id, r.app_id, r.function_id, r.status, r.waiting_reason, r.created_at, r.started_at,
-       r.ended_at, e.id AS event_id, e.name AS event_name,
-       jsonb_build_object('id', e.id, 'name', e.name, 'data', e.data, 'ts', e.ts, 'v', e.v)
-           AS event
-FROM engine.runs r JOIN engine.events e ON e.seq = r.event_seq
-WHERE r.status IN ('COMPLETED', 'FAILED', 'CANCELLED', 'SKIPPED') AND r.status = ($3::text[])[1]
-  AND ($1::text IS NULL OR r.app_id = $1) AND ($2::text IS NULL OR r.function_id = $2)
-  AND ($4::text IS NULL OR e.name = $4)
-  AND ($5::timestamptz IS NULL OR r.created_at >= $5)
-  AND ($6::timestamptz IS NULL OR r.created_at < $6)
-  AND ($7::timestamptz IS NULL OR (r.created_at, r.id) < ($7, $8::uuid))
-ORDER BY r.created_at DESC, r.id DESC
-LIMIT $9
+SELECT c.* FROM (
+    SELECT s.*, coalesce($10::jsonpath IS NULL OR s.event @@ $10::jsonpath, false) AS candidate,
+           row_number() OVER (ORDER BY s.created_at DESC, s.id DESC) AS place,
+           count(*) OVER () AS scanned
+    FROM (
+        SELECT r.id, r.app_id, r.function_id, r.status, r.waiting_reason, r.created_at,
+               r.started_at, r.ended_at, e.id AS event_id, e.name AS event_name,
+               jsonb_build_object('id', e.id, 'name', e.name, 'data', e.data, 'ts', e.ts, 'v', e.v)
+                   AS event
+        FROM engine.runs r JOIN engine.events e ON e.seq = r.event_seq
+        WHERE r.status IN ('COMPLETED', 'FAILED', 'CANCELLED', 'SKIPPED')
+          AND r.status = ($3::text[])[1]
+          AND ($1::text IS NULL OR r.app_id = $1) AND ($2::text IS NULL OR r.function_id = $2)
+          AND ($4::text IS NULL OR e.name = $4)
+          AND ($5::timestamptz IS NULL OR r.created_at >= $5)
+          AND ($6::timestamptz IS NULL OR r.created_at < $6)
+          AND ($7::timestamptz IS NULL OR (r.created_at, r.id) < ($7, $8::uuid))
+        ORDER BY r.created_at DESC, r.id DESC
+        LIMIT $9
+    ) s
+) c
+WHERE c.candidate OR c.place = c.scanned
+ORDER BY c.created_at DESC, c.id DESC
+
+-- name: dashboard_unfinished_search
+-- dashboard_run_search for runs not over (see dashboard_unfinished_runs).
+SELECT c.* FROM (
+    SELECT s.*, coalesce($10::jsonpath IS NULL OR s.event @@ $10::jsonpath, false) AS candidate,
+           row_number() OVER (ORDER BY s.created_at DESC, s.id DESC) AS place,
+           count(*) OVER () AS scanned
+    FROM (
+        SELECT r.id, r.app_id, r.function_id, r.status, r.waiting_reason, r.created_at,
+               r.started_at, r.ended_at, e.id AS event_id, e.name AS event_name,
+               jsonb_build_object('id', e.id, 'name', e.name, 'data', e.data, 'ts', e.ts, 'v', e.v)
+                   AS event
+        FROM engine.runs r JOIN engine.events e ON e.seq = r.event_seq
+        WHERE (r.status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING') OR r.status = 'RUNNING')
+          AND ($1::text IS NULL OR r.app_id = $1) AND ($2::text IS NULL OR r.function_id = $2)
+          AND r.status = ANY ($3::text[]) AND ($4::text IS NULL OR e.name = $4)
+          AND ($5::timestamptz IS NULL OR r.created_at >= $5)
+          AND ($6::timestamptz IS NULL OR r.created_at < $6)
+          AND ($7::timestamptz IS NULL OR (r.created_at, r.id) < ($7, $8::uuid))
+        ORDER BY r.created_at DESC, r.id DESC
+        LIMIT $9
+    ) s
+) c
+WHERE c.candidate OR c.place = c.scanned
+ORDER BY c.created_at DESC, c.id DESC
 
 -- name: dashboard_function_names
 -- The functions the dashboard's filters offer (the registry is small).

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
-from uuid import UUID
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -23,17 +22,22 @@ from ..expressions import Expression
 from ..runs import RunInfo, RunStatus, RunSummary, one_finished_status, run_summary_from_row
 from ..serialization import loads
 from .layout import Page, dashboard, form_fields, redirect, render, render_text
+from .prefilter import prefilter
 from .timeline import waterfall
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
-# A search by expression reads runs in batches of SEARCH_BATCH and stops a page after
-# SEARCH_SCAN runs whatever it found: a page answers in bounded time, and its cursor goes on
-# from the last run read. cel-python evaluates an expression in about a millisecond, so a
-# run's verdict is remembered (its event never changes): a live page or the next page evaluates
-# only the runs it has not seen.
-SEARCH_BATCH = 250
+# A search by expression reads runs newest first in batches and evaluates the expression in
+# Python (cel-python: about a millisecond a run) on those its prefilter keeps: PostgreSQL first
+# checks each run's event against the translatable part of the expression (a SQL/JSON path
+# predicate, engine/web/prefilter.py, which never drops a match). A page stops once it has
+# evaluated SEARCH_SCAN runs or read SEARCH_READ, whatever it found: it answers in bounded
+# time, and its cursor goes on from the last run read. A run's verdict is remembered (its
+# event never changes): a live page or the next page evaluates only the runs it has not seen.
+SEARCH_BATCH = 250  # runs read per query without a prefilter (each is evaluated)
+PREFILTERED_BATCH = 2000  # runs read per query with one (PostgreSQL drops most)
 SEARCH_SCAN = 1000
+SEARCH_READ = 20_000
 VERDICTS_KEPT = 200_000
 _verdicts: dict[tuple[str, str], bool] = {}
 # The status filter's groups: runs not over, and runs that ended.
@@ -195,46 +199,84 @@ async def _app_of(reader: Engine, function: str | None) -> str | None:
     return apps.pop() if len(apps) == 1 else None
 
 
+@dataclass
+class _Scan:
+    """Where a search's page stands: what it found, read and evaluated, and its last run."""
+
+    limit: int
+    matched: list[RunSummary] = field(default_factory=list)
+    read: int = 0
+    evaluated: int = 0
+    last: RunSummary | None = None
+
+    def over(self) -> bool:
+        """True once the page is full or has spent its budget."""
+        full = len(self.matched) >= self.limit
+        return full or self.evaluated >= SEARCH_SCAN or self.read >= SEARCH_READ
+
+    def page(self, more: bool) -> RunList:
+        """The page, with a cursor after the last run read when ``more`` may match."""
+        last = self.last
+        cursor = run_cursor(last.created_at, last.run_id) if more and last else None
+        return RunList(self.matched, cursor, self.read)
+
+
 async def _search(
     reader: Engine, filters: RunFilters, check: Expression, app_id: str | None
 ) -> RunList:
-    """Runs whose event matches ``check``, read in keyset batches of the filtered runs, at most
-    ``SEARCH_SCAN`` per page."""
+    """Runs whose event matches ``check``, read in keyset batches of the filtered runs that its
+    prefilter keeps, within the page's budget (``SEARCH_SCAN`` evaluated, ``SEARCH_READ``
+    read)."""
     db = await reader.database()
     where = list(_where(filters))
-    matched: list[RunSummary] = []
-    scanned = 0
-    last: RunSummary | None = None
-    while scanned < SEARCH_SCAN:
-        query = _query(filters, "dashboard_ended_search", "dashboard_run_search")
-        rows = await db.fetch(query, app_id, *where, SEARCH_BATCH)
-        hits = await asyncio.to_thread(_matching, check, rows)
-        for row, hit in zip(rows, hits, strict=True):
-            scanned += 1
-            last = run_summary_from_row(row)
-            if hit:
-                matched.append(last)
-                if len(matched) == filters.limit:
-                    return RunList(matched, run_cursor(last.created_at, last.run_id), scanned)
-        if len(rows) < SEARCH_BATCH or last is None:
-            return RunList(matched, None, scanned)
-        where[-2:] = [last.created_at, UUID(last.run_id)]
-    cursor = None if last is None else run_cursor(last.created_at, last.run_id)
-    return RunList(matched, cursor, scanned)
+    path = prefilter(check.source)
+    batch = SEARCH_BATCH if path is None else PREFILTERED_BATCH
+    query = _search_query(filters)
+    scan = _Scan(filters.limit)
+    while True:
+        rows = await db.fetch(query, app_id, *where, batch, path)
+        if await asyncio.to_thread(_take, scan, check, rows):
+            return scan.page(more=True)
+        if not rows or rows[-1]["scanned"] < batch:
+            return scan.page(more=False)
+        where[-2:] = [rows[-1]["created_at"], rows[-1]["id"]]
 
 
-def _matching(check: Expression, rows: list[Any]) -> list[bool]:
-    """Which rows' events match (evaluated in a thread: a batch may take a quarter second)."""
+def _take(scan: _Scan, check: Expression, rows: list[Any]) -> bool:
+    """Adds a batch's runs to the page in order, evaluating those the prefilter kept (in a
+    thread: a batch may take a quarter second); True once the page is over."""
     if len(_verdicts) > VERDICTS_KEPT:
         _verdicts.clear()
-    found = []
+    before = scan.read
     for row in rows:
-        key = (check.source, str(row["id"]))
-        verdict = _verdicts.get(key)
-        if verdict is None:
-            verdict = _verdicts[key] = check.matches({"event": loads(row["event"])})
-        found.append(verdict)
-    return found
+        summary = run_summary_from_row(row)
+        if row["candidate"]:
+            scan.evaluated += 1
+            if _verdict(check, row):
+                scan.matched.append(summary)
+        scan.last = summary
+        scan.read = before + row["place"]
+        if scan.over():
+            return True
+    return False
+
+
+def _verdict(check: Expression, row: Any) -> bool:
+    """Whether a run's event matches, remembered per expression and run."""
+    key = (check.source, str(row["id"]))
+    verdict = _verdicts.get(key)
+    if verdict is None:
+        verdict = _verdicts[key] = check.matches({"event": loads(row["event"])})
+    return verdict
+
+
+def _search_query(filters: RunFilters) -> str:
+    """The search's query: through an index of the runs' status where one exists."""
+    if _unfinished(filters):
+        return "dashboard_unfinished_search"
+    if one_finished_status(filters.statuses):
+        return "dashboard_ended_search"
+    return "dashboard_run_search"
 
 
 async def _function_names(reader: Engine) -> list[str]:
