@@ -340,6 +340,51 @@ FROM (
     ORDER BY r.created_at DESC, r.id DESC
     LIMIT $7) m
 
+-- name: bulk_preview_ended
+-- bulk_preview for one finished status ($3 holds exactly one): through runs_status_created_idx,
+-- as ended_run_summaries (a rare status is counted without reading the other runs).
+SELECT count(*) AS runs, 0::bigint AS not_over
+FROM (
+    SELECT 1 FROM engine.runs r JOIN engine.events e ON e.seq = r.event_seq
+    WHERE r.status IN ('COMPLETED', 'FAILED', 'CANCELLED', 'SKIPPED')
+      AND r.status = ($3::text[])[1]
+      AND ($1::text IS NULL OR r.app_id = $1) AND ($2::text IS NULL OR r.function_id = $2)
+      AND ($4::text IS NULL OR e.name = $4)
+      AND ($5::timestamptz IS NULL OR r.created_at >= $5)
+      AND ($6::timestamptz IS NULL OR r.created_at < $6)
+    ORDER BY r.created_at DESC, r.id DESC
+    LIMIT $7) m
+
+-- name: bulk_preview_unfinished
+-- bulk_preview for runs not over ($3 holds only such statuses): through the partial indexes of
+-- unfinished runs, as dashboard_unfinished_runs.
+SELECT count(*) AS runs, count(*) AS not_over
+FROM (
+    SELECT 1 FROM engine.runs r JOIN engine.events e ON e.seq = r.event_seq
+    WHERE (r.status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING') OR r.status = 'RUNNING')
+      AND r.status = ANY ($3::text[])
+      AND ($1::text IS NULL OR r.app_id = $1) AND ($2::text IS NULL OR r.function_id = $2)
+      AND ($4::text IS NULL OR e.name = $4)
+      AND ($5::timestamptz IS NULL OR r.created_at >= $5)
+      AND ($6::timestamptz IS NULL OR r.created_at < $6)
+    ORDER BY r.created_at DESC, r.id DESC
+    LIMIT $7) m
+
+-- name: bulk_unfinished_runs
+-- run_summaries for runs not over ($3 holds only such statuses), as dashboard_unfinished_runs
+-- without the events: the pages of a bulk action on runs not over.
+SELECT r.id, r.app_id, r.function_id, r.status, r.waiting_reason, r.created_at, r.started_at,
+       r.ended_at, e.id AS event_id, e.name AS event_name
+FROM engine.runs r JOIN engine.events e ON e.seq = r.event_seq
+WHERE (r.status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING') OR r.status = 'RUNNING')
+  AND ($1::text IS NULL OR r.app_id = $1) AND ($2::text IS NULL OR r.function_id = $2)
+  AND r.status = ANY ($3::text[]) AND ($4::text IS NULL OR e.name = $4)
+  AND ($5::timestamptz IS NULL OR r.created_at >= $5)
+  AND ($6::timestamptz IS NULL OR r.created_at < $6)
+  AND ($7::timestamptz IS NULL OR (r.created_at, r.id) < ($7, $8::uuid))
+ORDER BY r.created_at DESC, r.id DESC
+LIMIT $9
+
 -- name: rerun_many
 SELECT engine.rerun(r, NULL) AS id FROM unnest($1::uuid[]) WITH ORDINALITY AS x (r, n) ORDER BY n
 

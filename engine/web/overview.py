@@ -396,6 +396,17 @@ class RunFilter(_Frozen):
         until = as_of if self.until is None else min(self.until, as_of)
         return self.model_copy(update={"until": until})
 
+    def through(self, one_finished: str, unfinished: str, otherwise: str) -> str:
+        """Which of three forms of a query reads these runs through an index of their status:
+        ``one_finished`` for one finished status (runs_status_created_idx), ``unfinished`` for
+        statuses of runs not over only (the partial indexes of unfinished runs), else
+        ``otherwise`` (every run newest first, or a function's runs with its app)."""
+        if len(self.statuses) == 1 and self.statuses[0].terminal:
+            return one_finished
+        if self.statuses and not any(s.terminal for s in self.statuses):
+            return unfinished
+        return otherwise
+
     def arguments(self) -> tuple[Any, ...]:
         """The filter's arguments of the ``run_summaries`` and ``bulk_preview`` queries."""
         statuses = [s.value for s in self.statuses] or None
@@ -423,10 +434,13 @@ class BulkPreview(_Frozen):
 
 
 async def bulk_preview(engine: Engine, run_filter: RunFilter) -> BulkPreview:
-    """Counts the runs ``run_filter`` matches (up to ``PREVIEW_CAP``), as of now."""
+    """Counts the runs ``run_filter`` matches (up to ``PREVIEW_CAP``), as of now. The filter it
+    returns also names the function's app when only one app has that function (its runs are
+    then read through the function's index)."""
     db = await engine.database()
-    bounded = run_filter.bounded(await db.fetchval("now"))
-    row = await db.fetchrow("bulk_preview", *bounded.arguments(), PREVIEW_CAP + 1)
+    bounded = await with_app(db, run_filter.bounded(await db.fetchval("now")))
+    query = bounded.through("bulk_preview_ended", "bulk_preview_unfinished", "bulk_preview")
+    row = await db.fetchrow(query, *bounded.arguments(), PREVIEW_CAP + 1)
     assert row is not None
     runs = min(row["runs"], PREVIEW_CAP)
     return BulkPreview(
@@ -512,18 +526,30 @@ async def bulk_rerun(
     )
 
 
+async def with_app(db: Database, run_filter: RunFilter) -> RunFilter:
+    """The filter with its function's app when it names a function without one and a single
+    app has that function: runs_function_idx leads with the app, so without it a rare match
+    is looked for among every run."""
+    if run_filter.function_id is None or run_filter.app_id is not None:
+        return run_filter
+    rows = await db.fetch("dashboard_function_names")
+    apps = {row["app_id"] for row in rows if row["function_id"] == run_filter.function_id}
+    return run_filter.model_copy(update={"app_id": apps.pop()}) if len(apps) == 1 else run_filter
+
+
 async def _batches(
     db: Database, run_filter: RunFilter, cursor: str | None, batch: int, max_runs: int
 ) -> AsyncIterator[tuple[list[UUID], list[str], str | None]]:
     """Pages of matching runs newest first: ``(ids, statuses, cursor)``; the cursor is where
     the next page would start, None after the last page."""
     seen = 0
+    query = run_filter.through("ended_run_summaries", "bulk_unfinished_runs", "run_summaries")
     after: tuple[datetime | None, UUID | None] = (
         (None, None) if cursor is None else parse_run_cursor(cursor)
     )
     while seen < max_runs:
         size = min(batch, max_runs - seen)
-        rows = await db.fetch("run_summaries", *run_filter.arguments(), *after, size)
+        rows = await db.fetch(query, *run_filter.arguments(), *after, size)
         seen += len(rows)
         more = len(rows) == size
         next_cursor = run_cursor(rows[-1]["created_at"], str(rows[-1]["id"])) if more else None
