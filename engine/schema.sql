@@ -3474,6 +3474,36 @@ BEGIN
 END $$;
 
 -- ---------------------------------------------------------------------------------------------
+-- Bulk actions (#15): "cancel (or rerun) every run matching" as a durable job, started from the
+-- dashboard's Bulk page and carried out in batches by a task of the dashboard process
+-- (engine/web/bulk_jobs.py), each batch one transaction that acts on the next runs and moves the
+-- cursor, so a restart resumes where the last committed batch ended and no run is acted on
+-- twice. The id is the request's own (an idempotency key: a form posted twice starts one job).
+-- ---------------------------------------------------------------------------------------------
+CREATE TABLE IF NOT EXISTS engine.bulk_actions (
+    id         uuid PRIMARY KEY,
+    action     text NOT NULL CONSTRAINT bulk_actions_action_check
+                   CHECK (action IN ('cancel', 'rerun')),
+    filter     jsonb NOT NULL,              -- the previewed filter (engine.web.overview.RunFilter)
+    expected   bigint NOT NULL,             -- the runs the preview counted (at most its cap)
+    state      text NOT NULL DEFAULT 'running' CONSTRAINT bulk_actions_state_check
+                   CHECK (state IN ('running', 'done', 'stopped', 'failed')),
+    after_at   timestamptz,                 -- the keyset cursor: the last run looked at
+    after_id   uuid,
+    matched    bigint NOT NULL DEFAULT 0,   -- matching runs looked at
+    acted      bigint NOT NULL DEFAULT 0,   -- of those, cancelled (or rerun)
+    error      text,                        -- why it failed
+    created_at timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL,
+    ended_at   timestamptz
+);
+SELECT engine.ensure_index('bulk_actions_running_idx', $index$
+CREATE INDEX IF NOT EXISTS bulk_actions_running_idx ON engine.bulk_actions (created_at)
+    WHERE state = 'running'$index$);
+SELECT engine.ensure_index('bulk_actions_created_idx', $index$
+CREATE INDEX IF NOT EXISTS bulk_actions_created_idx ON engine.bulk_actions (created_at DESC)$index$);
+
+-- ---------------------------------------------------------------------------------------------
 -- The worker's hot path plans without sequential scans. A connection caches the generic plan of
 -- each statement inside these functions the first times it calls them, and keeps it until an
 -- ANALYZE of the table replans it. On a new database those first calls see nearly empty tables,

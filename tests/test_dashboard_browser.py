@@ -311,7 +311,14 @@ async def test_a_person_watches_functions_and_workers_invokes_and_cancels_in_bul
             await expect(page.locator("#match-count")).to_have_text("2")
             await shot(page, "bulk")
             await page.locator("#bulk-cancel").click()
-            await expect(page.locator("#notice")).to_have_text("Cancelled 2 of 2 matching runs.")
+            await expect(page.locator("#notice")).to_have_text(
+                "Cancelling the matching runs in the background."
+            )
+            job = page.locator("#jobs tbody tr").first  # followed live
+            await expect(job).to_have_class(re.compile(r"\bjob-done\b"))
+            await expect(job.locator(".job-acted")).to_have_text("2")
+            await shot(page, "bulk-done")
+            await page.locator("#preview-button").click()
             await expect(page.locator("#match-count")).to_have_text("0")  # none QUEUED any more
             gate["open"].set()
             await page.close()

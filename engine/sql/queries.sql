@@ -533,3 +533,45 @@ WHERE (r.status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING') OR r.status = '
   AND ($7::timestamptz IS NULL OR (r.created_at, r.id) < ($7, $8::uuid))
 ORDER BY r.created_at DESC, r.id DESC
 LIMIT $9
+
+-- name: bulk_action_start
+-- A bulk action as a job (engine/web/bulk_jobs.py). $1 is the request's idempotency key: posting
+-- the same form twice starts one job (the existing one is returned).
+INSERT INTO engine.bulk_actions AS b (id, action, filter, expected, created_at, updated_at)
+VALUES ($1, $2, $3::jsonb, $4, engine.now(), engine.now())
+ON CONFLICT (id) DO UPDATE SET id = b.id
+RETURNING b.id, (xmax = 0) AS created
+
+-- name: bulk_action_take
+-- The job to advance by one batch, locked until the batch commits; nothing when it is over or
+-- another process holds it (its batch is in flight).
+SELECT id, action, filter, after_at, after_id
+FROM engine.bulk_actions
+WHERE id = $1 AND state = 'running'
+FOR UPDATE SKIP LOCKED
+
+-- name: bulk_action_advance
+-- Records a batch: the cursor after its last run, what it looked at and did; done when the batch
+-- was the last.
+UPDATE engine.bulk_actions
+SET after_at = $2, after_id = $3, matched = matched + $4, acted = acted + $5,
+    state = CASE WHEN $6 THEN 'done' ELSE state END,
+    ended_at = CASE WHEN $6 THEN engine.now() END, updated_at = engine.now()
+WHERE id = $1
+
+-- name: bulk_action_end
+-- Ends a job that is still running: stopped by a person, or failed ($3: why).
+UPDATE engine.bulk_actions
+SET state = $2, error = $3, ended_at = engine.now(), updated_at = engine.now()
+WHERE id = $1 AND state = 'running'
+RETURNING id
+
+-- name: bulk_actions_running
+-- The jobs to carry on, oldest first (bulk_actions_running_idx).
+SELECT id FROM engine.bulk_actions WHERE state = 'running' ORDER BY created_at LIMIT $1
+
+-- name: bulk_actions_recent
+-- The newest jobs, for the Bulk page (bulk_actions_created_idx).
+SELECT id, action, filter, expected, state, matched, acted, error, created_at, updated_at,
+       ended_at
+FROM engine.bulk_actions ORDER BY created_at DESC LIMIT $1

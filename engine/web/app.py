@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..app import Engine
 from . import bulk_pages, event_pages, function_pages, run_pages, security, worker_pages
+from .bulk_jobs import BulkRunner
 from .event_api import event_api_routes
 from .layout import (
     Dashboard,
@@ -78,6 +79,7 @@ def create_app(
         templates=templates(),
         live=Live(reader or engine, interval=live_interval),
         pages=pages,
+        bulk=BulkRunner(engine),
     )
     routes: list[BaseRoute] = [
         Route("/", _home),
@@ -91,7 +93,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        board.bulk.start()  # carries on the bulk actions an earlier process left running
         yield
+        await board.bulk.close()
         await board.live.close()
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: _not_found})

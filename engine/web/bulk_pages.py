@@ -1,10 +1,12 @@
 """The Bulk page: the Runs page's filters, a preview of how many runs they match, then cancel
-every match not over or rerun every match that is over, in batches.
+every match not over or rerun every match that is over, as a job that goes on by itself.
 
 The preview bounds the filter by its own time (``until``): the action's form carries that
 bound, so the action applies to the runs the preview counted (less those that changed since),
 never to runs created after it, nor to the runs a rerun creates. An action without a bound (a
-request that skipped the preview) is refused.
+request that skipped the preview) is refused. An action only records its job
+(engine.web.bulk_jobs) and answers: the dashboard's :class:`~engine.web.bulk_jobs.BulkRunner`
+carries it out in batches, and the page follows its progress live.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
+from uuid import UUID, uuid4
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -19,22 +22,12 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from ..runs import RunStatus
-from .layout import Page, dashboard, form_fields, redirect, render
-from .overview import (
-    BulkPreview,
-    BulkResult,
-    RunFilter,
-    bulk_cancel,
-    bulk_preview,
-    bulk_rerun,
-)
+from .bulk_jobs import ACTIONS, bulk_actions, start_bulk_action, stop_bulk_action
+from .layout import Page, dashboard, form_fields, redirect, render, render_text
+from .overview import BulkPreview, RunFilter, bulk_preview, with_app
 from .run_pages import RANGES, RunFilters, parse_filters
 
-# Runs one click acts on at most (then the page offers to go on): each batch is a transaction
-# of its own, and a request should answer within seconds (cancelling 5,000 took 14 s with 1M
-# runs on a loaded 2-core machine: bench/dashboard.py).
-MAX_PER_REQUEST = 2000
-ACTIONS = {"cancel": bulk_cancel, "rerun": bulk_rerun}
+JOBS_SHOWN = 10  # the newest bulk actions listed, with their progress
 
 
 def run_filter(filters: RunFilters) -> RunFilter:
@@ -89,15 +82,30 @@ async def bulk_page(request: Request) -> Response:
         "errors": errors,
         "preview": preview,
         "query": "" if preview is None else action_query(preview.filter),
+        "key": str(uuid4()),  # the actions' idempotency key: a form posted twice starts one job
         "functions": await _function_names(request),
         "statuses": list(RunStatus),
         "ranges": list(RANGES),
         "notice": request.query_params.get("notice", ""),
-        "resume": request.query_params.get("resume", ""),
-        "resume_action": request.query_params.get("action", ""),
-        "max_per_request": MAX_PER_REQUEST,
+        **await _jobs_context(request),
     }
     return render(request, "bulk.html", context, status=400 if errors else 200)
+
+
+async def _jobs_context(request: Request) -> dict[str, Any]:
+    board = dashboard(request)
+    board.bulk.start()  # an app mounted without its lifespan starts its runner here
+    return {"jobs": await bulk_actions(board.reader, JOBS_SHOWN)}
+
+
+async def bulk_stream(request: Request) -> Response:
+    """``/bulk/stream``: server-sent events with the bulk actions whenever they move."""
+    board = dashboard(request)
+
+    async def rows() -> str:
+        return render_text(request, "bulk_rows.html", await _jobs_context(request))
+
+    return board.live.response(rows)
 
 
 async def _function_names(request: Request) -> list[str]:
@@ -106,8 +114,9 @@ async def _function_names(request: Request) -> list[str]:
 
 
 async def bulk_action(request: Request) -> Response:
-    """``POST /bulk/{cancel|rerun}?<previewed filter>``: acts on up to ``MAX_PER_REQUEST``
-    matching runs, then shows the preview again with what was done (and a way to go on)."""
+    """``POST /bulk/{cancel|rerun}?<previewed filter>``: records the action as a job (its form's
+    ``key`` is the job's id, so posting it twice starts one) and shows the page, where the job's
+    progress follows live."""
     board = dashboard(request)
     action = request.path_params["action"]
     if action not in ACTIONS:
@@ -116,40 +125,50 @@ async def bulk_action(request: Request) -> Response:
     errors = _errors(filters)
     if filters.until is None:
         errors.append("preview the runs first: an action applies to the runs a preview counted")
+    form = await form_fields(request)
+    key = _uuid(str(form.get("key") or "")) or uuid4()
+    expected = str(form.get("expected") or "0")
     if errors:
         return _refused(request, "; ".join(errors))
-    resume = (await form_fields(request)).get("resume") or None
-    try:
-        result = await ACTIONS[action](
-            board.engine, run_filter(filters), cursor=resume, max_runs=MAX_PER_REQUEST
-        )
-    except ValueError as error:  # a resume cursor that is not one
-        return _refused(request, str(error))
-    pairs = [("notice", _notice(result))]
-    if result.cursor:
-        pairs += [("resume", result.cursor), ("action", action)]
+    chosen = await with_app(await board.engine.database(), run_filter(filters))
+    job_id, new = await start_bulk_action(
+        board.engine, action, chosen, key=key, expected=int(expected) if expected.isdigit() else 0
+    )
+    board.bulk.wake()
+    verb = "Cancelling" if action == "cancel" else "Rerunning"
+    notice = f"{verb} the matching runs in the background." if new else "Already started."
+    pairs = [("notice", notice), ("job", str(job_id))]
     return redirect(request, f"/bulk?{action_query(run_filter(filters))}&{urlencode(pairs)}")
+
+
+async def stop_job(request: Request) -> Response:
+    """``POST /bulk/jobs/{id}/stop``: stops a bulk action between two batches."""
+    board = dashboard(request)
+    job_id = _uuid(request.path_params["job_id"])
+    if job_id is None:
+        raise HTTPException(404, "no such bulk action")
+    stopped = await stop_bulk_action(board.engine, job_id)
+    notice = "Stopped." if stopped else "That bulk action was not running."
+    return redirect(request, f"/bulk?{urlencode({'notice': notice})}")
+
+
+def _uuid(text: str) -> UUID | None:
+    try:
+        return UUID(text)
+    except ValueError:
+        return None
 
 
 def _refused(request: Request, message: str) -> Response:
     return render(request, "error.html", {"title": "Bulk", "message": message}, status=400)
 
 
-def _notice(result: BulkResult) -> str:
-    done = "Cancelled" if result.action == "cancel" else "Reran"
-    left = "already over" if result.action == "cancel" else "not over yet"
-    text = f"{done} {result.acted:,} of {result.matched:,} matching runs"
-    if result.skipped:
-        text += f" ({result.skipped:,} {left}, left alone)"
-    if result.cursor:
-        text += f"; stopped after {result.matched:,}: more match, go on below"
-    return text + "."
-
-
 def routes() -> list[BaseRoute]:
     """The Bulk page's routes."""
     return [
         Route("/bulk", bulk_page),
+        Route("/bulk/stream", bulk_stream),
+        Route("/bulk/jobs/{job_id}/stop", stop_job, methods=["POST"]),
         Route("/bulk/{action:str}", bulk_action, methods=["POST"]),
     ]
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import jinja2
@@ -21,6 +21,9 @@ from .. import render as text_render
 from ..app import Engine
 from .live import Live
 from .security import Guard
+
+if TYPE_CHECKING:
+    from .bulk_jobs import BulkRunner
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class Dashboard:
     templates: jinja2.Environment
     live: Live
     pages: list[Page]
+    bulk: BulkRunner  # carries out the Bulk page's actions (engine.web.bulk_jobs)
 
 
 def dashboard(request: Request) -> Dashboard:
