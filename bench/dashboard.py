@@ -13,7 +13,8 @@ requests (a tenth as many, 20 at least, for the search and the preview), after a
 that warms it (plans, shared buffers, and the search's verdicts, which the Runs page remembers
 per run: the first request's time is printed apart), next to its floor: the page's own SQL
 timed directly on one connection. Last, a bulk cancel of the 5,000 runs not over, as a job
-(recorded, then carried out in batches), timed once. The server and its data folder are removed at the end.
+(recorded, then carried out in batches), timed once. The server and its data folder are removed
+at the end.
 """
 
 from __future__ import annotations
@@ -238,7 +239,7 @@ def _cases(
         ),
         "bulk preview: one function, CANCELLED": (
             page(http, "/bulk?function=fn-7&status=CANCELLED"),
-            sql(conn, "bulk_preview_ended", "shop", "fn-7", ["CANCELLED"], *[None, now], 10_001),
+            sql(conn, "bulk_preview_ended", "shop", "fn-7", ["CANCELLED"], None, None, now, 10_001),
         ),
         "bulk preview: every run, QUEUED": (
             page(http, "/bulk?status=QUEUED"),

@@ -342,14 +342,16 @@ FROM (
 
 -- name: bulk_preview_ended
 -- bulk_preview for one finished status ($3 holds exactly one): through runs_status_created_idx,
--- as ended_run_summaries (a rare status is counted without reading the other runs).
+-- as ended_run_summaries (a rare status is counted without reading the other runs). The preview
+-- queries read a run's event only to filter on its name.
 SELECT count(*) AS runs, 0::bigint AS not_over
 FROM (
-    SELECT 1 FROM engine.runs r JOIN engine.events e ON e.seq = r.event_seq
+    SELECT 1 FROM engine.runs r
     WHERE r.status IN ('COMPLETED', 'FAILED', 'CANCELLED', 'SKIPPED')
       AND r.status = ($3::text[])[1]
       AND ($1::text IS NULL OR r.app_id = $1) AND ($2::text IS NULL OR r.function_id = $2)
-      AND ($4::text IS NULL OR e.name = $4)
+      AND ($4::text IS NULL OR EXISTS (SELECT 1 FROM engine.events e
+                                         WHERE e.seq = r.event_seq AND e.name = $4))
       AND ($5::timestamptz IS NULL OR r.created_at >= $5)
       AND ($6::timestamptz IS NULL OR r.created_at < $6)
     ORDER BY r.created_at DESC, r.id DESC
@@ -360,14 +362,31 @@ FROM (
 -- unfinished runs, as dashboard_unfinished_runs.
 SELECT count(*) AS runs, count(*) AS not_over
 FROM (
-    SELECT 1 FROM engine.runs r JOIN engine.events e ON e.seq = r.event_seq
+    SELECT 1 FROM engine.runs r
     WHERE (r.status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING') OR r.status = 'RUNNING')
       AND r.status = ANY ($3::text[])
       AND ($1::text IS NULL OR r.app_id = $1) AND ($2::text IS NULL OR r.function_id = $2)
-      AND ($4::text IS NULL OR e.name = $4)
+      AND ($4::text IS NULL OR EXISTS (SELECT 1 FROM engine.events e
+                                         WHERE e.seq = r.event_seq AND e.name = $4))
       AND ($5::timestamptz IS NULL OR r.created_at >= $5)
       AND ($6::timestamptz IS NULL OR r.created_at < $6)
     ORDER BY r.created_at DESC, r.id DESC
+    LIMIT $7) m
+
+-- name: bulk_preview_function
+-- bulk_preview for one function of a known app ($1 and $2 given): through runs_function_idx,
+-- spelt out so that a generic plan uses it too.
+SELECT count(*) AS runs,
+       count(*) FILTER (WHERE m.status IN ('QUEUED', 'RUNNING', 'SLEEPING', 'RETRYING',
+                                           'WAITING')) AS not_over
+FROM (
+    SELECT r.status FROM engine.runs r
+    WHERE r.app_id = $1 AND r.function_id = $2
+      AND ($3::text[] IS NULL OR r.status = ANY ($3)) AND ($4::text IS NULL OR EXISTS (SELECT 1 FROM engine.events e
+                                         WHERE e.seq = r.event_seq AND e.name = $4))
+      AND ($5::timestamptz IS NULL OR r.created_at >= $5)
+      AND ($6::timestamptz IS NULL OR r.created_at < $6)
+    ORDER BY r.created_at DESC
     LIMIT $7) m
 
 -- name: bulk_unfinished_runs

@@ -440,6 +440,8 @@ async def bulk_preview(engine: Engine, run_filter: RunFilter) -> BulkPreview:
     db = await engine.database()
     bounded = await with_app(db, run_filter.bounded(await db.fetchval("now")))
     query = bounded.through("bulk_preview_ended", "bulk_preview_unfinished", "bulk_preview")
+    if query == "bulk_preview" and bounded.app_id and bounded.function_id:
+        query = "bulk_preview_function"  # spelt out: a generic plan keeps runs_function_idx
     row = await db.fetchrow(query, *bounded.arguments(), PREVIEW_CAP + 1)
     assert row is not None
     runs = min(row["runs"], PREVIEW_CAP)

@@ -24,6 +24,7 @@ more.
 
 from __future__ import annotations
 
+import functools
 import json
 import operator
 import re
@@ -59,6 +60,7 @@ _PLAIN_TEXT = re.compile(r"[A-Za-z0-9 _\-./:@#]*")
 _NO_LITERAL = object()
 
 
+@functools.lru_cache(maxsize=256)  # a live search asks again every second
 def prefilter(source: str) -> str | None:
     """The SQL/JSON path predicate over a run's event (``{id, name, data, ts, v}``) that keeps
     every event ``source`` matches; None when nothing of it can be translated (or it does not
