@@ -14,14 +14,17 @@ import random
 import shutil
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 from playwright.async_api import Page, async_playwright
 
-from engine import Context, Engine, Event, NonRetriableError, TriggerEvent
+from engine import Context, Engine, Event, NonRetriableError, RunStatus, TriggerEvent
 from engine.db import Database
 from engine.web import create_app
+from engine.web.bulk_jobs import advance, start_bulk_action
+from engine.web.overview import RunFilter, bulk_preview
 from engine.web.serve import start
 
 OUT = Path(__file__).parent / "img"
@@ -47,12 +50,12 @@ def shop(app: Engine) -> None:
     async def process_order(ctx: Context) -> Any:
         user = await ctx.step.run("get-user", lambda: {"id": ctx.event.data["user"]})
 
-        def charge() -> dict[str, Any]:
+        def charge(total: int, *, currency: str) -> dict[str, Any]:
             if ctx.event.data.get("flaky") and ctx.attempt < 2:
                 raise ConnectionError("card service timed out")
-            return {"charged": ctx.event.data["total"]}
+            return {"charged": total, "currency": currency}
 
-        receipt = await ctx.step.run("charge", charge)
+        receipt = await ctx.step.run("charge", charge, ctx.event.data["total"], currency="EUR")
         await ctx.step.sleep("cool-off", "400ms")
         paid = await ctx.step.wait_for_event(
             "payment",
@@ -124,6 +127,29 @@ async def photograph(url: str, run_id: str, pages: list[str]) -> None:
         await browser.close()
 
 
+async def bulk_cancel_done(app: Engine) -> str:
+    """Cancels the orders still waiting for payment as the Bulk page does (a job, carried out
+    here a batch at a time); returns the Bulk page's path with those filters."""
+    waiting = RunFilter(function_id="process-order", statuses=[RunStatus.WAITING])
+    preview = await bulk_preview(app, waiting)
+    job, _ = await start_bulk_action(
+        app, "cancel", preview.filter, key=uuid.uuid4(), expected=preview.runs
+    )
+    while await advance(app, job):
+        pass
+    return "/bulk?function=process-order&status=WAITING"
+
+
+async def photograph_bulk(url: str, path: str) -> None:
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = await browser.new_page(viewport={"width": 1360, "height": 560})
+        for scheme in ("light", "dark"):
+            await page.emulate_media(color_scheme=scheme)
+            await _shoot(page, f"{url}{path}", f"bulk-done-{scheme}")
+        await browser.close()
+
+
 async def _shoot(page: Page, url: str, name: str) -> None:
     await page.goto(url)
     await page.screenshot(path=OUT / f"dashboard-{name}.png")
@@ -149,6 +175,7 @@ async def main() -> None:
                     p.path for p in web.state.dashboard.pages if p.key not in ("runs", "events")
                 ]
                 await photograph(served.url, run_id, others)
+                await photograph_bulk(served.url, await bulk_cancel_done(app))
             finally:
                 await served.stop()
         await app.close()
