@@ -34,7 +34,7 @@ from .logs import engine_logger
 from .presence import Presence
 from .records import ClaimedRun
 from .retention import PRUNE_EVERY, Pruner
-from .router import RoutedRun, Router
+from .router import EVENT_BATCH, RoutedRun, Router
 from .runs import RunStatus
 from .schemas import typed_events
 from .serialization import dumps, loads
@@ -137,6 +137,7 @@ class Worker:
         self._cron_check_at = 0.0  # monotonic time at which a cron schedule may be due
         # A tick or an execution failed: some run may be leased to us that we do not execute.
         self._may_have_orphans = False
+        self._slots_were_short = True  # the last tick used every free slot (see _tick_after_end)
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -216,7 +217,7 @@ class Worker:
         failures = 0
         while not self._stopping.is_set():
             try:
-                progressed = await self._tick()
+                progressed, more = await self._tick()
                 failures = 0
             except Exception as exc:
                 # The database is restarting or unreachable: look again soon (0.1 s, doubling
@@ -235,8 +236,13 @@ class Worker:
                 continue
             if progressed:
                 self._empty_wakes = 0
-            else:
-                await self._sleep_until_woken()
+            if more:
+                continue
+            # Nothing left that this tick could see: wait for a NOTIFY, a freed slot, the timer
+            # (armed by the tick) or the poll. A tick that found work used to be followed by
+            # another at once, which found nothing: three round trips per event.
+            await self._sleep_until_woken()
+            if not progressed:
                 await self._pace_notified()
 
     async def _pace_notified(self) -> None:
@@ -259,8 +265,10 @@ class Worker:
         self._wake.clear()
         self._notified_only = False
 
-    async def _tick(self) -> bool:
-        """Routes due events and claims due runs up to the free slots; True if it found work.
+    async def _tick(self) -> tuple[bool, bool]:
+        """Routes due events and claims due runs up to the free slots. Returns whether it found
+        work, and whether more may be waiting at once: a full batch of events routed, or every
+        free slot filled (otherwise the timer is armed for what comes due next).
 
         Events are routed even when every slot is busy, so that their runs exist (visible,
         claimable by other workers, subject to their timeouts) as soon as possible.
@@ -277,9 +285,13 @@ class Worker:
             await self._start_readable(partial(self._routed, routed_run), routed_run.row)
         free -= len(mine)
         claimed = await self._claim(free) if free > 0 else 0
-        if routed == 0 and claimed < free:
+        # Every slot was taken: work may be left for the next slot a run frees.
+        self._slots_were_short = free <= 0 or claimed >= free
+        progressed = routed > 0 or claimed > 0 or fired > 0
+        more = routed >= EVENT_BATCH or (progressed and self._slots_were_short)
+        if not more:
             await self._arm_timer()
-        return routed > 0 or claimed > 0 or fired > 0
+        return progressed, more
 
     async def _release_orphans(self) -> None:
         """Queues again the runs leased to this worker that it does not execute (see
@@ -449,7 +461,23 @@ class Worker:
                 self._may_have_orphans = True
             if ex.next_due is not None:
                 self._note_due((ex.next_due - ex.db_now()).total_seconds())
-            self.wake()
+            if self._tick_after_end(ex):
+                self.wake()
+
+    def _tick_after_end(self, ex: Execution) -> bool:
+        """Whether a run's end calls for a tick now. It frees a slot, which matters when the
+        last tick left work for want of slots; a run of a function with flow control releases
+        permits that may unpark other runs (no NOTIFY says so); a run released with a due time
+        moves the timer; one left leased to us must be released. Otherwise nothing became
+        claimable that a NOTIFY or the poll will not announce, and three round trips (routing,
+        claim, timer) would find nothing: on the way of the next event's routing."""
+        return (
+            self._slots_were_short
+            or self._may_have_orphans
+            or ex.next_due is not None
+            or bool(ex.run.function.flow())
+            or self._stopping.is_set()
+        )
 
     async def _heartbeat(self) -> None:
         interval = self.lease.total_seconds() / 3
