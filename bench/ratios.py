@@ -112,7 +112,8 @@ async def floor_tps(url: str, seconds: float = 3.0) -> dict[str, float]:
 
     began = time.perf_counter()
     counts = await asyncio.gather(*(client() for _ in range(TPS_CLIENTS)))
-    return {"tps": sum(counts) / (time.perf_counter() - began)}
+    elapsed = time.perf_counter() - began
+    return {"tps": sum(counts) / elapsed, "tps_seconds": elapsed}
 
 
 # -- the engine ------------------------------------------------------------------------------------
@@ -239,13 +240,30 @@ async def one_repeat(server: str, index: int, args: argparse.Namespace) -> dict[
         database = f"ratio_{name}_{index}"
         url = await fresh_database(server, database)
         await Database(url).apply_schema()
-        if args.breakdown is not None and name in UNITS:
+        if args.breakdown is not None and name == "floor_tps":
+            figures.update(await _floor_server_cpu(job, url, args.breakdown))
+        elif args.breakdown is not None and name in UNITS:
             figures.update(
                 await _broken_down(name, job, server=server, database=database, url=url, args=args)
             )
         else:
             figures.update(await job(url))
         await _drop(server, database)
+    return figures
+
+
+async def _floor_server_cpu(
+    job: Callable[[str], Awaitable[dict[str, float]]], url: str, postmaster: int
+) -> dict[str, float]:
+    """The 16-client floor with the server's CPU per transaction: what one step-shaped commit
+    costs the server, next to what a step of the engine does (``*_server_cpu_ms``)."""
+    probe = breakdown.Probe(postmaster)
+    probe.start()
+    figures = await job(url)
+    server_cpu, _mine = probe.stop()
+    transactions = figures["tps"] * figures["tps_seconds"]
+    figures["tps_server_cpu_ms"] = server_cpu * 1000 / transactions
+    print(f"  floor_tps: server CPU {figures['tps_server_cpu_ms']:.3f} ms per transaction")
     return figures
 
 
