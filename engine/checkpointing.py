@@ -33,8 +33,10 @@ class Checkpointing:
             ``timedelta``, seconds; more than 0, at most one hour): a step that runs long does
             not hold the results before it uncommitted.
 
-    A crash (a worker killed, its lease lost) loses the steps in memory: the run's next
-    execution runs them again, with the same idempotency keys.
+    A full buffer (of 2 or more) is committed beside the steps that follow, one such commit at
+    a time. A crash (a worker killed, its lease lost) loses the steps not yet committed (at
+    most ``2 * buffered_steps - 1``): the run's next execution runs them again, with the same
+    idempotency keys.
     """
 
     buffered_steps: int = 10

@@ -244,6 +244,17 @@ class Execution:
             await self.block()
         if buffered and len(self._unsaved) < self._buffer:
             flush = False
+        elif buffered and self._buffer > 1 and len(self._unsaved) < 2 * self._buffer:
+            # A full buffer is committed beside the steps that follow, one such commit at a
+            # time: buffering hides the commit's wait as well as its cost. The steps completed
+            # meanwhile go with the next commit, and a second full buffer waits for the first:
+            # at most 2 x buffered_steps - 1 steps are uncommitted (docs/checkpointing.md).
+            if self._timed_flush is None or self._timed_flush.done():
+                self._timed_flush = asyncio.create_task(self._flush_on_time())
+                # Its round trip starts now, not when a step first waits: steps that never
+                # yield (CPU only) would otherwise reach the second full buffer first.
+                await asyncio.sleep(0)
+            flush = False
         if flush and not self._settled.is_set():
             # Counted as executing: a stop or a suspension settling the run meanwhile must not
             # cancel this write half way (the records it carries would be lost with it).
@@ -410,7 +421,8 @@ class Execution:
         self._timed_flush = asyncio.create_task(self._flush_on_time())
 
     async def _flush_on_time(self) -> None:
-        """The timed commit of the buffer, beside the executing steps. It counts as executing:
+        """A commit of the buffer beside the executing steps (its ``max_interval`` passed, or it
+        is full: see :meth:`gate`). It counts as executing:
         the run does not settle while it is in flight. A refusal or a cut-off stops the
         execution as any write does (the flags are set by :meth:`_fenced` and :meth:`_accept`)."""
         try:

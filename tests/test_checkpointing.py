@@ -60,8 +60,9 @@ def test_options_are_checked() -> None:
 
 
 async def test_steps_are_committed_when_the_buffer_is_full(make_engine: Any) -> None:
-    """With buffered_steps=3, each step sees the steps before it committed three at a time,
-    and the run's end commits the rest."""
+    """With buffered_steps=3, the steps are committed three at a time, in order, beside the
+    steps that follow (never more than 2 x 3 - 1 uncommitted when a step starts), and the
+    run's end commits the rest."""
     app = make_engine()
     dsn = app.database_url
     seen: dict[str, list[str]] = {}
@@ -80,10 +81,55 @@ async def test_steps_are_committed_when_the_buffer_is_full(make_engine: Any) -> 
 
     run = await run_once(app, "t/count")
     assert run.status is RunStatus.COMPLETED
-    assert [len(seen[f"s{i}"]) for i in range(8)] == [0, 0, 0, 3, 3, 3, 6, 6]
-    assert seen["s6"] == ["s0", "s1", "s2", "s3", "s4", "s5"]
+    committed = [len(seen[f"s{i}"]) for i in range(8)]
+    assert committed == sorted(committed), committed  # commits only add, in order
+    for i, count in enumerate(committed):
+        assert seen[f"s{i}"] == [f"s{j}" for j in range(count)]  # a prefix, three at a time
+        assert count % 3 == 0 and i - 5 <= count <= i - i % 3, committed
     assert [s.step_id for s in run.steps] == [f"s{i}" for i in range(8)]
     assert run.output == [f"s{i}" for i in range(8)]
+
+
+async def test_a_full_buffer_commits_beside_the_next_steps(make_engine: Any) -> None:
+    """The commit of a full buffer does not hold the next step: while it waits (here on a lock
+    the test holds on the run's row), the next step runs."""
+    app = make_engine()
+    dsn = app.database_url
+    locker: list[asyncpg.Connection] = []
+    next_step_ran = asyncio.Event()
+
+    async def lock_the_run(run_id: str) -> None:  # the commit of s0 and s1 will wait on it
+        conn = await asyncpg.connect(dsn)
+        locker.append(conn)
+        await conn.execute("BEGIN")
+        await conn.execute("SELECT 1 FROM engine.runs WHERE id = $1 FOR UPDATE", run_id)
+
+    async def mark() -> None:
+        next_step_ran.set()
+
+    @app.create_function(
+        "beside",
+        trigger=TriggerEvent("t/beside"),
+        checkpointing=Checkpointing(buffered_steps=2, max_interval="1h"),
+    )
+    async def beside(ctx: Context) -> str:
+        await ctx.step.run("s0", lambda: 0)
+        await ctx.step.run("s1", lock_the_run, ctx.run_id)
+        await ctx.step.run("s2", mark)
+        return "done"
+
+    async with app.worker(poll_interval="50ms"):
+        [event_id] = await app.send(Event(name="t/beside"))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(next_step_ran.wait(), 5)
+        ran_while_locked = next_step_ran.is_set()
+        await eventually(lambda: asyncio.sleep(0, bool(locker)), timeout=30)
+        await locker[0].execute("ROLLBACK")
+        await locker[0].close()
+        run = await app.wait_for_run(await only_run_id(app, event_id), timeout=30)
+    assert ran_while_locked
+    assert run.status is RunStatus.COMPLETED
+    assert [s.step_id for s in run.steps] == ["s0", "s1", "s2"]
 
 
 async def test_without_the_option_each_step_is_committed_before_the_next(
@@ -379,10 +425,15 @@ async def test_a_crash_runs_again_only_the_steps_not_committed(
             return await sql.fetchval("SELECT count(*) FROM effects WHERE step = 'five'") == 1
 
         await eventually(in_fifth_step, timeout=30)
+        run_id = await only_run_id(app, event_id)
+
+        async def first_three_committed() -> bool:  # a full buffer commits beside the steps
+            return await recorded(database_url, run_id) == ["one", "two", "three"]
+
+        await eventually(first_three_committed, timeout=30)
     finally:
         worker.send_signal(signal.SIGKILL)
         worker.wait()
-    run_id = await only_run_id(app, event_id)
     assert await recorded(database_url, run_id) == ["one", "two", "three"]
     worker = start_worker_process("buffered:app", database_url, "--lease", "1s")
     try:
