@@ -178,8 +178,10 @@ class Pruner:
     async def _give_turn_back(self, db: Database) -> None:
         """Ends the turn: no pass starts anywhere for ``every``. Bounded, and never raises: a
         stopping worker must not wait on a database that does not answer (the turn's lease
-        then ends by itself)."""
+        then ends by itself). Bounded with ``asyncio.timeout``, not ``wait_for``: this runs in
+        the ``finally`` of a pass that a stopping worker cancels, and on Python 3.11
+        ``wait_for`` loses a cancellation that arrives as its call completes; the pruner then
+        went on pruning and the worker's stop waited for it forever."""
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                db.fetchval("prune_rest", self.owner, self.every), RELEASE_TIMEOUT
-            )
+            async with asyncio.timeout(RELEASE_TIMEOUT):
+                await db.fetchval("prune_rest", self.owner, self.every)
