@@ -292,14 +292,14 @@ class Execution:
         return _Executing(self)
 
     def running_step(
-        self, plan: StepPlan, attempt: int, *, final: bool, started_at: datetime | None = None
+        self, plan: StepPlan, attempt: int, *, final: bool, started_at: datetime
     ) -> AbstractAsyncContextManager[None]:
         """Marks a step as executing user code: heartbeats report it, so that a takeover of the
         run (its lease expired meanwhile) counts it as a failed attempt (``final``: the last
         one allowed). In a run that was itself taken over, it is recorded before the step
         starts (one round trip): a step that blocks the event loop at once is counted too.
-        ``started_at``: when the attempt started (``db_now()`` when not given)."""
-        return _RunningStep(self, plan, attempt, final, started_at or self.db_now())
+        ``started_at``: when the attempt started (the same moment its record carries)."""
+        return _RunningStep(self, plan, attempt, final, started_at)
 
     def _step_began(self, plan: StepPlan, attempt: int, final: bool, started_at: datetime) -> None:
         # Kept as given; the heartbeat renders the report (executing_report), not every step.
