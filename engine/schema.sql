@@ -3522,9 +3522,11 @@ BEGIN
         SELECT p.oid::regprocedure FROM pg_proc p
         WHERE p.pronamespace = (SELECT c.relnamespace FROM pg_class c
                                 WHERE c.oid = 'engine.runs'::regclass)
+          -- The entry points only: the functions they call per item (checkpoint_steps,
+          -- finish_run, suspend_run) run under the caller's setting, without a save and
+          -- restore of it per item.
           AND p.proname IN ('claim_runs', 'claim_events', 'route_simple', 'create_runs',
-                            'checkpoint_many', 'checkpoint_steps', 'checkpoint_step',
-                            'finish_many', 'finish_run', 'suspend_many', 'suspend_run',
+                            'checkpoint_many', 'finish_many', 'suspend_many',
                             'heartbeat', 'note_executing', 'register_matchers',
                             'resolve_matches', 'matcher_candidates', 'send_step', 'invoke',
                             'release_orphans', 'next_due')
