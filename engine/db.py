@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from functools import cache
@@ -30,6 +31,7 @@ log = structlog.get_logger("engine")
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 # SQLSTATEs meaning the engine schema (or one of its functions) is not there.
 _MISSING_SCHEMA = {"3F000", "42883", "42P01"}
+HELD_IDLE = 0.2  # seconds a held connection stays out of the pool unused (see HeldConnection)
 
 
 def queries(schema: str = DEFAULT_SCHEMA) -> dict[str, str]:
@@ -174,6 +176,8 @@ class Database:
         # past this, it fails, the connection is dropped, and the caller's retry gets a new one.
         self._command_timeout = command_timeout
         self._pool: asyncpg.Pool | None = None
+        # Given back before the pool closes: a closing pool takes no connection back.
+        self._held: weakref.WeakSet[HeldConnection] = weakref.WeakSet()
 
     async def open(self) -> None:
         """Opens the pool (idempotent)."""
@@ -190,9 +194,12 @@ class Database:
     async def close(self) -> None:
         """Closes the pool and every connection in it. Connections that cannot be closed
         politely (the server is gone, or silent) are dropped: closing never fails."""
-        pool, self._pool = self._pool, None
-        if pool is None:
+        if self._pool is None:
             return
+        for held in list(self._held):
+            with suppress(Exception):  # a connection that cannot be given back is closed below
+                await held.close()
+        pool, self._pool = self._pool, None
         try:
             await asyncio.wait_for(pool.close(), self._command_timeout)
         except Exception as exc:
@@ -260,6 +267,13 @@ class Database:
             conn.terminate()
         await self.pool.expire_connections()
 
+    def held(self, idle: float = HELD_IDLE) -> HeldConnection:
+        """A pool connection for a caller that makes one round trip at a time, back to back
+        (see :class:`HeldConnection`)."""
+        held = HeldConnection(self, idle)
+        self._held.add(held)
+        return held
+
     async def dedicated(self) -> asyncpg.Connection[Record]:
         """A connection outside the pool (for LISTEN: a pool would UNLISTEN it on release), to
         ``listen_url``: LISTEN needs a session of its own on a server that takes writes."""
@@ -290,6 +304,94 @@ class Database:
 
 
 MIGRATE_LOCK_TIMEOUT = "200ms"
+
+
+class HeldConnection:
+    """A pool connection kept checked out between the back-to-back round trips of one caller
+    that makes them one at a time (a worker's step checkpoints: ``engine.group_commit``).
+
+    Taking a connection from the pool and giving it back costs a task, a shield and a queue
+    operation each way: about a twelfth of a step's time, when a step is one round trip. Held,
+    the connection goes back to the pool once unused for ``idle`` seconds (an idle worker keeps
+    none), after any error (a connection error expires the pool's connections, as any query
+    does), and at :meth:`close`.
+    """
+
+    def __init__(self, db: Database, idle: float) -> None:
+        self._db = db
+        self._idle = idle
+        self._conn: PoolConnectionProxy[Record] | None = None
+        self._busy = False
+        self._closing = False  # close() was called during a round trip: give back at its end
+        self._last_used = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._returning: set[asyncio.Task[None]] = set()
+
+    async def fetch(self, query: str, *args: Any) -> list[Record]:
+        """Runs a named query on the held connection (taken from the pool if none is held)."""
+        if self._busy:
+            raise RuntimeError("a HeldConnection makes one round trip at a time")
+        self._busy = True
+        try:
+            conn = await self._connection()
+            try:
+                rows: list[Record] = await self._db.fetch(query, *args, conn=conn)
+            except BaseException as exc:
+                self._conn = None
+                if isinstance(exc, Exception) and is_connection_error(exc):
+                    await self._db._connection_failed(conn)
+                await self._db.pool.release(conn)
+                raise
+        finally:
+            self._busy = False
+            self._last_used = asyncio.get_running_loop().time()
+        if self._closing:  # closed while this round trip was in flight
+            await self.close()
+        return rows
+
+    async def close(self) -> None:
+        """Gives the connection back to the pool, now or, if a round trip is in flight, when
+        it ends (waits for any give-back under way). The next round trip takes one again."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._closing = self._busy
+        if self._conn is not None and not self._busy:
+            conn, self._conn = self._conn, None
+            await self._db.pool.release(conn)
+        if self._returning:
+            await asyncio.gather(*self._returning, return_exceptions=True)
+
+    async def _connection(self) -> PoolConnectionProxy[Record]:
+        conn = self._conn
+        if conn is not None and conn.is_closed():  # the server dropped it meanwhile
+            self._conn = None
+            await self._db.pool.release(conn)
+            conn = None
+        if conn is None:
+            conn = self._conn = await self._db.pool.acquire()
+            self._arm_timer()
+        return conn
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(self._idle, self._give_back_if_idle)
+
+    def _give_back_if_idle(self) -> None:
+        self._timer = None
+        if self._conn is None:
+            return
+        unused = asyncio.get_running_loop().time() - self._last_used
+        if self._busy or unused < self._idle:
+            self._timer = asyncio.get_running_loop().call_later(
+                self._idle - unused if not self._busy else self._idle, self._give_back_if_idle
+            )
+            return
+        conn, self._conn = self._conn, None
+        task = asyncio.create_task(self._db.pool.release(conn))
+        self._returning.add(task)
+        task.add_done_callback(self._returning.discard)
 
 
 async def _applied_hash(conn: asyncpg.Connection[Record], named: dict[str, str]) -> str | None:

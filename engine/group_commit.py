@@ -27,7 +27,7 @@ class GroupCommitter:
     """Groups calls of one ``*_many`` query; :meth:`call` returns that item's result."""
 
     def __init__(self, db: Database, query: str) -> None:
-        self._db = db
+        self._conn = db.held()  # one round trip in flight at a time, back to back
         self._query = query
         self._queue: list[tuple[str, str, asyncio.Future[str]]] = []  # (key, item, future)
         self._busy = False  # a round trip of this committer is in flight
@@ -84,8 +84,12 @@ class GroupCommitter:
         for (_, _, future), result in zip(batch, results, strict=True):
             _settle(future, result)
 
+    async def close(self) -> None:
+        """Gives the held connection back to the pool (the worker stopped)."""
+        await self._conn.close()
+
     async def _send(self, items: list[str]) -> list[str]:
-        rows = await self._db.fetch(self._query, "[" + ",".join(items) + "]")
+        rows = await self._conn.fetch(self._query, "[" + ",".join(items) + "]")
         return [row["result"] for row in rows]
 
 
@@ -105,3 +109,8 @@ class GroupCommit:
         self.checkpoint = GroupCommitter(db, "checkpoint_many")
         self.finish = GroupCommitter(db, "finish_many")
         self.suspend = GroupCommitter(db, "suspend_many")
+
+    async def close(self) -> None:
+        """Gives the connections the committers hold back to the pool."""
+        for committer in (self.checkpoint, self.finish, self.suspend):
+            await committer.close()

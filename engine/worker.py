@@ -169,20 +169,23 @@ class Worker:
             functions=self._fn_ids,
             concurrency=self.concurrency,
         )
-        async with asyncio.TaskGroup() as group:
-            side = [
-                group.create_task(self._listener(db).run(), name="listener"),
-                group.create_task(self._heartbeat(), name="heartbeat"),
-                group.create_task(self._presence.run(db), name="presence"),
-            ]
-            if metrics.enabled():
-                side.append(group.create_task(self._sample_gauges(), name="gauges"))
-            if self.pruner is not None:
-                side.append(group.create_task(self.pruner.run(db), name="pruner"))
-            await self._loop()
-            await self._drain()
-            for task in side:
-                task.cancel()
+        try:
+            async with asyncio.TaskGroup() as group:
+                side = [
+                    group.create_task(self._listener(db).run(), name="listener"),
+                    group.create_task(self._heartbeat(), name="heartbeat"),
+                    group.create_task(self._presence.run(db), name="presence"),
+                ]
+                if metrics.enabled():
+                    side.append(group.create_task(self._sample_gauges(), name="gauges"))
+                if self.pruner is not None:
+                    side.append(group.create_task(self.pruner.run(db), name="pruner"))
+                await self._loop()
+                await self._drain()
+                for task in side:
+                    task.cancel()
+        finally:
+            await self._group_commit.close()  # its connections go back to the pool
         await self._presence.leave(db)
         log.info("worker.stopped", owner=str(self.owner))
 

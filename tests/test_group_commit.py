@@ -9,7 +9,10 @@ from typing import Any
 
 import asyncpg
 import pytest
+from helpers import eventually, only_run_id
 
+from engine import Context, Event, RunStatus, TriggerEvent
+from engine.db import is_connection_error
 from engine.group_commit import GroupCommitter
 
 
@@ -57,3 +60,75 @@ async def test_a_lone_call_is_sent_at_once(make_engine: Any) -> None:
     with pytest.raises(asyncpg.DataError):
         await committer.call(checkpoint_item("nope"), "nope")
     assert await committer.call(checkpoint_item(run), run) == "lost"  # still usable
+
+
+def in_use(app: Any) -> int:
+    """Connections of the app's pool checked out right now."""
+    pool = app.open_database.pool
+    return int(pool.get_size() - pool.get_idle_size())
+
+
+async def test_a_held_connection_stays_out_between_round_trips_until_idle(
+    make_engine: Any,
+) -> None:
+    """Back-to-back round trips (a run's step checkpoints) keep one connection instead of taking
+    it from the pool and giving it back each time; unused for `idle`, it goes back."""
+    app = make_engine()
+    db = await app.database()
+    kept = db.held(idle=60)
+    await kept.fetch("now")
+    await kept.fetch("now")
+    assert in_use(app) == 1  # kept between the two round trips, and after them
+    await kept.close()
+    assert in_use(app) == 0
+
+    brief = db.held(idle=0.05)
+    await brief.fetch("now")
+
+    async def given_back() -> bool:
+        return in_use(app) == 0
+
+    await eventually(given_back)  # no close: the idle timer gave it back
+    await brief.fetch("now")  # and takes one again when needed
+    await brief.close()
+    assert in_use(app) == 0
+
+
+async def test_a_held_connection_that_fails_is_given_back_and_replaced(
+    make_engine: Any, sql: asyncpg.Connection
+) -> None:
+    """A held connection the server dropped (a restart, a failover) fails that round trip
+    only: it goes back to the pool (which drops it), and the next round trip gets a live one."""
+    app = make_engine()
+    db = await app.database()
+    held = db.held(idle=60)
+    await held.fetch("now")
+    await sql.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    try:
+        await held.fetch("now")  # unless the pool saw it closed before: then it replaced it
+    except Exception as exc:
+        assert is_connection_error(exc), exc
+    assert in_use(app) == 0
+    assert await held.fetch("now") is not None
+    await held.close()
+
+
+async def test_a_stopped_worker_holds_no_connection(make_engine: Any) -> None:
+    """A worker's group committers hold their connections while steps follow each other; when
+    the worker stops, every connection is back in the pool (closing it does not wait)."""
+    app = make_engine()
+
+    @app.create_function("steps", trigger=TriggerEvent("t/steps"))
+    async def steps(ctx: Context) -> int:
+        for i in range(5):
+            await ctx.step.run(f"s{i}", lambda: None)
+        return 5
+
+    async with app.worker():
+        [event_id] = await app.send(Event(name="t/steps"))
+        run = await app.wait_for_run(await only_run_id(app, event_id))
+        assert run.status is RunStatus.COMPLETED
+    assert in_use(app) == 0
