@@ -314,7 +314,8 @@ class HeldConnection:
     operation each way: about a twelfth of a step's time, when a step is one round trip. Held,
     the connection goes back to the pool once unused for ``idle`` seconds (an idle worker keeps
     none), after any error (a connection error expires the pool's connections, as any query
-    does), and at :meth:`close`.
+    does), after a round trip that left the pool without a free connection (someone may be
+    waiting for one), and at :meth:`close`.
     """
 
     def __init__(self, db: Database, idle: float) -> None:
@@ -345,9 +346,16 @@ class HeldConnection:
         finally:
             self._busy = False
             self._last_used = asyncio.get_running_loop().time()
-        if self._closing:  # closed while this round trip was in flight
+        if self._closing or self._pool_exhausted():
+            # Closed while this round trip was in flight; or the pool has no connection left
+            # to give, and another caller may be waiting for one (a heartbeat must never wait
+            # behind a stream of checkpoints).
             await self.close()
         return rows
+
+    def _pool_exhausted(self) -> bool:
+        pool = self._db.pool
+        return pool.get_idle_size() == 0 and pool.get_size() >= pool.get_max_size()
 
     async def close(self) -> None:
         """Gives the connection back to the pool, now or, if a round trip is in flight, when

@@ -132,3 +132,16 @@ async def test_a_stopped_worker_holds_no_connection(make_engine: Any) -> None:
         run = await app.wait_for_run(await only_run_id(app, event_id))
         assert run.status is RunStatus.COMPLETED
     assert in_use(app) == 0
+
+
+async def test_held_connections_never_starve_the_pool(make_engine: Any) -> None:
+    """With every connection of a small pool taken, a held connection goes back after its
+    round trip: other callers (a heartbeat, a claim) never wait behind a stream of steps."""
+    app = make_engine(pool_size=2)
+    db = await app.database()
+    first, second = db.held(idle=60), db.held(idle=60)
+    await first.fetch("now")
+    await second.fetch("now")  # the pool's last connection: given back at once
+    assert await asyncio.wait_for(db.fetchval("now"), 10) is not None
+    await first.close()
+    await second.close()
