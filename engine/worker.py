@@ -286,6 +286,8 @@ class Worker:
         routed, mine = await self._router.route(self.owner, self.lease, free)
         for routed_run in mine:
             await self._start_readable(partial(self._routed, routed_run), routed_run.row)
+        if mine:
+            await _let_started_runs_begin()
         free -= len(mine)
         claimed = await self._claim(free) if free > 0 else 0
         # Every slot was taken: work may be left for the next slot a run frees.
@@ -584,6 +586,15 @@ class Worker:
         if pending:
             await asyncio.wait(pending, timeout=1.0)
             log.warning("worker.abandoned_runs", runs=len(pending))
+
+
+async def _let_started_runs_begin() -> None:
+    """Lets the runs a tick just started reach their first step before its next round trip (the
+    claim): the step's callable then runs while the claim is in flight, not after the claim's
+    Python (about 0.3 ms of the time from an event to its first step). A run needs two turns of
+    the event loop for that: its execution's task starts the function's task."""
+    for _ in range(2):
+        await asyncio.sleep(0)
 
 
 def _make_context(ex: Execution, schemas: dict[str, list[type[BaseModel]]]) -> Context[Any]:

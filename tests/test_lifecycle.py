@@ -197,3 +197,40 @@ async def test_advance_clock_moves_leases_along(make_engine: Any) -> None:
     assert passes == {"held": 1}
     with pytest.raises(ValueError, match="negative"):
         await advance_clock(app, timedelta(seconds=-1))
+
+
+async def test_a_routed_run_reaches_its_first_step_before_the_tick_claims_more(
+    make_engine: Any,
+) -> None:
+    """A run the tick created leased to this worker starts its first step before the tick's
+    claim round trip: the step's code runs while the claim is in flight, not after its Python."""
+    app = make_engine()
+    order: list[str] = []
+
+    @app.create_function("first-step", trigger=TriggerEvent("t/first-step"))
+    async def first_step(ctx: Context) -> None:
+        async def step() -> None:
+            order.append("step")
+
+        await ctx.step.run("one", step)
+
+    async with app.worker() as worker:
+        claim, route = worker._claim, worker._router.route  # type: ignore[union-attr]
+
+        async def noting_claim(limit: int) -> int:
+            order.append("claim")
+            return await claim(limit)
+
+        async def noting_route(*args: Any) -> Any:
+            routed, mine = await route(*args)
+            if mine:
+                order.append("routed here")
+            return routed, mine
+
+        worker._claim = noting_claim  # type: ignore[method-assign]
+        worker._router.route = noting_route  # type: ignore[method-assign,union-attr]
+        [event_id] = await app.send(Event(name="t/first-step"))
+        run = await app.wait_for_run(await only_run_id(app, event_id))
+    assert run.status is RunStatus.COMPLETED
+    after = order[order.index("routed here") :]
+    assert after[:3] == ["routed here", "step", "claim"], order
