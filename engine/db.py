@@ -201,7 +201,8 @@ class Database:
                 await held.close()
         pool, self._pool = self._pool, None
         try:
-            await asyncio.wait_for(pool.close(), self._command_timeout)
+            async with asyncio.timeout(self._command_timeout):
+                await pool.close()
         except Exception as exc:
             if not is_connection_error(exc):
                 raise

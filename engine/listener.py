@@ -65,10 +65,12 @@ class Listener:
             log.debug("listener.connected")
             self._wake()  # catch up on whatever happened while not listening
             while not lost.is_set():
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(lost.wait(), self._health_interval)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._health_interval):
+                        await lost.wait()
                 if not lost.is_set():
-                    await asyncio.wait_for(conn.fetchval("SELECT 1"), self._health_timeout)
+                    async with asyncio.timeout(self._health_timeout):
+                        await conn.fetchval("SELECT 1")
             raise ConnectionError("the listening connection was closed")
         finally:
             conn.terminate()

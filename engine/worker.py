@@ -261,7 +261,8 @@ class Worker:
         while self._notified_only and (remaining := deadline - time.monotonic()) > 0:
             self._wake.clear()  # more notifications: the tick to come covers them too
             try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._wake.wait()
             except TimeoutError:
                 break
         # Any other wake (a freed slot, stop) ended the wait; the tick to come covers them all.
@@ -423,7 +424,8 @@ class Worker:
         longest = self.poll_interval if longest is None else longest
         timeout = min(longest, max(self._timer_at - time.monotonic(), 0.0))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
         self._wake.clear()
         if self._timer_at <= time.monotonic():
             self._timer_at = float("inf")

@@ -203,7 +203,8 @@ class BulkRunner:
             if not busy:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll)
+                    async with asyncio.timeout(self.poll):
+                        await self._wake.wait()
 
     async def run_once(self) -> bool:
         """Advances every running job by one batch; True when some job has more to do."""
