@@ -290,13 +290,16 @@ class Worker:
         if mine:
             await _let_started_runs_begin()
         free -= len(mine)
-        claimed = await self._claim(free) if free > 0 else 0
+        claimed, due = await self._claim(free) if free > 0 else (0, None)
         # Every slot was taken: work may be left for the next slot a run frees.
         self._slots_were_short = free <= 0 or claimed >= free
         progressed = routed > 0 or claimed > 0 or fired > 0
         more = routed >= EVENT_BATCH or (progressed and self._slots_were_short)
         if not more:
-            await self._arm_timer()
+            if due is None:
+                await self._arm_timer()
+            else:  # the claim's round trip brought it
+                self._note_next_due(due)
         return progressed, more
 
     async def _release_orphans(self) -> None:
@@ -346,10 +349,12 @@ class Worker:
                 fired += run_id is not None
         return fired
 
-    async def _claim(self, limit: int) -> int:
+    async def _claim(self, limit: int) -> tuple[int, Record]:
+        """Claims due runs up to ``limit`` and starts them; returns how many, and the row that
+        says when the next work comes due after this claim (see ``_note_next_due``)."""
         db = await self.engine.database()
-        rows = await db.fetch(
-            "claim_runs",
+        *rows, due = await db.fetch(
+            "claim_runs_then_next_due",
             self.engine.app_id,
             self._fn_ids,
             self.owner,
@@ -362,7 +367,7 @@ class Worker:
             if row["taken_over"]:
                 metrics.lease_takeovers.add(1, metrics.labels(function.app_id, function.fn_id))
             await self._start_readable(partial(ClaimedRun.from_row, row, function), row)
-        return len(rows)
+        return len(rows), due
 
     async def _start_readable(self, read: Callable[[], ClaimedRun], row: Record) -> None:
         """Starts a run leased to us, unless its event or recorded steps cannot be read in
@@ -414,7 +419,12 @@ class Worker:
     async def _arm_timer(self) -> None:
         db = await self.engine.database()
         row = await db.fetchrow("next_due", self.engine.app_id, self._fn_ids)
-        if row is not None and row["next_due"] is not None:
+        if row is not None:
+            self._note_next_due(row)
+
+    def _note_next_due(self, row: Record) -> None:
+        """Arms the timer for the earliest due work a row of ``engine.next_due`` gives."""
+        if row["next_due"] is not None:
             self._note_due((row["next_due"] - row["now"]).total_seconds())
 
     def _note_due(self, seconds_from_now: float) -> None:

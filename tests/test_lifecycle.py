@@ -7,6 +7,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 from helpers import eventually, move_clock, only_run_id
 
@@ -217,7 +218,7 @@ async def test_a_routed_run_reaches_its_first_step_before_the_tick_claims_more(
     async with app.worker() as worker:
         claim, route = worker._claim, worker._router.route  # type: ignore[union-attr]
 
-        async def noting_claim(limit: int) -> int:
+        async def noting_claim(limit: int) -> Any:
             order.append("claim")
             return await claim(limit)
 
@@ -234,3 +235,32 @@ async def test_a_routed_run_reaches_its_first_step_before_the_tick_claims_more(
     assert run.status is RunStatus.COMPLETED
     after = order[order.index("routed here") :]
     assert after[:3] == ["routed here", "step", "claim"], order
+
+
+async def test_the_claim_tells_when_the_work_it_left_comes_due(
+    make_engine: Any, sql: asyncpg.Connection
+) -> None:
+    """A tick's claim brings, in the same round trip, when the next work is due: computed after
+    the claim, so that a run it just took is not that next work (the timer would fire at once)."""
+    app = make_engine("naps")
+
+    @app.create_function("nap", trigger=TriggerEvent("t/nap"))
+    async def nap(ctx: Context) -> None:
+        await ctx.step.sleep("nap", ctx.event.data["for"])
+
+    async with app.worker(poll_interval="50ms"):
+        ids = await app.send([Event(name="t/nap", data={"for": d}) for d in ("1h", "3h")])
+
+        async def sleeping() -> bool:
+            runs = [r for i in ids for r in await app.runs_for_event(i)]
+            return len(runs) == 2 and all(r.status is RunStatus.SLEEPING for r in runs)
+
+        await eventually(sleeping)
+    await move_clock(sql, timedelta(hours=2))  # the 1h nap is due, the 3h one in an hour
+    rows = await sql.fetch(
+        "SELECT id, next_due, now FROM engine.claim_runs_then_next_due("
+        "'naps', '{nap}', gen_random_uuid(), '2 hours', 10, 1000000, true)"
+    )
+    *claimed, due = rows
+    assert len(claimed) == 1 and due["id"] is None
+    assert timedelta(minutes=59) < due["next_due"] - due["now"] <= timedelta(hours=1)

@@ -97,6 +97,12 @@ SELECT id, function_id, lease_token, attempt, log_lines, cancel_requested, trace
        log_places
 FROM engine.claim_runs($1, $2::text[], $3::uuid, $4::interval, $5, $6, true)
 
+-- name: claim_runs_then_next_due
+SELECT id, function_id, lease_token, attempt, log_lines, cancel_requested, traceparent,
+       created_at, claimed_at, event, steps, events, state_bytes, taken_over, trace_context,
+       log_places, next_due, now
+FROM engine.claim_runs_then_next_due($1, $2::text[], $3::uuid, $4::interval, $5, $6, true)
+
 -- name: next_due
 SELECT engine.next_due($1, $2::text[]) AS next_due, engine.now() AS now
 
