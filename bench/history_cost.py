@@ -8,9 +8,13 @@ settings), and runs the same measurement against each version's own code and sch
 database each time, interleaved (before, after, before, after...):
 
 - floor: a one-client commit of a step-shaped transaction (an INSERT of a JSON row);
-- step: one run of N trivial sequential steps, time per step (and as a multiple of the floor);
+- step: one run of N trivial sequential steps, time per step (and as a multiple of the floor),
+  and this process's CPU per step (the worker's Python; the server is another process);
+- start: ``app.send()`` called -> the first step's code runs, p50 of 100 events sent one at a
+  time (the worker in this process);
 - retried step: one run of N steps that each fail once (a retry writes an attempt's history);
-- throughput: N events each starting a 3-step function, runs/s (one worker, concurrency 50).
+- throughput: N events each starting a 3-step function, runs/s (one worker, concurrency 50),
+  and this process's CPU per run.
 
 Prints the medians with min and max, and after/before (x) for each figure.
 """
@@ -55,13 +59,33 @@ async def floor() -> float:
     return took
 
 
-async def one_run(app: Engine, name: str) -> float:
+async def one_run(app: Engine, name: str) -> tuple[float, float]:
+    # Wall and CPU time (this process: the worker) of one run, from its creation.
     [event_id] = await app.send(Event(name=name))
     [run] = await app.runs_for_event(event_id, at_least=1)
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     done = await app.wait_for_run(run.run_id, timeout=600)
     assert done.status.value == "COMPLETED", done.error
-    return time.perf_counter() - began
+    return time.perf_counter() - began, time.process_time() - cpu
+
+
+ARRIVED = {}
+
+
+async def arrive(i: int) -> None:
+    ARRIVED.setdefault(i, time.perf_counter())
+
+
+async def starts(app: Engine, events: int) -> float:
+    # app.send() called -> the first step's code runs, p50 (ms), events one at a time.
+    samples = []
+    for i in range(events):
+        began = time.perf_counter()
+        await app.send(Event(name="b/first", data={"i": i}))
+        while i not in ARRIVED:
+            await asyncio.sleep(0.0002)
+        samples.append((ARRIVED[i] - began) * 1000)
+    return sorted(samples)[len(samples) // 2]
 
 
 async def main() -> None:
@@ -83,6 +107,10 @@ async def main() -> None:
             await ctx.step.run(f"r{i}", once)
         return STEPS // 10
 
+    @app.create_function("first", trigger=TriggerEvent("b/first"))
+    async def first(ctx: Context) -> None:
+        await ctx.step.run("arrive", arrive, ctx.event.data["i"])
+
     @app.create_function("three", trigger=TriggerEvent("b/three"))
     async def three(ctx: Context) -> int:
         for i in range(3):
@@ -91,14 +119,19 @@ async def main() -> None:
 
     result = {"engine": engine.__file__, "floor_ms": await floor() * 1000}
     async with app.worker(concurrency=50):
-        result["step_ms"] = await one_run(app, "b/steps") / STEPS * 1000
-        result["retried_step_ms"] = await one_run(app, "b/retried") / (STEPS // 10) * 1000
-        began = time.perf_counter()
+        wall, cpu = await one_run(app, "b/steps")
+        result["step_ms"], result["step_cpu_ms"] = wall / STEPS * 1000, cpu / STEPS * 1000
+        wall, _ = await one_run(app, "b/retried")
+        result["retried_step_ms"] = wall / (STEPS // 10) * 1000
+        await asyncio.sleep(0.5)
+        result["start_p50_ms"] = await starts(app, 100)
+        began, cpu = time.perf_counter(), time.process_time()
         ids = await app.send([Event(name="b/three") for _ in range(RUNS)])
         runs = [r for i in ids for r in await app.runs_for_event(i, at_least=1)]
         for run in runs:
             await app.wait_for_run(run.run_id, timeout=600)
         result["runs_per_s"] = RUNS / (time.perf_counter() - began)
+        result["run_cpu_ms"] = (time.process_time() - cpu) / RUNS * 1000
     await app.close()
     print(json.dumps(result))
 
@@ -187,7 +220,15 @@ def main() -> None:
         _stop_postmaster(data_directory(scratch / "pg"))
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"\nbefore = {args.before}, after = {args.after}; median (min - max) of {args.repeat}")
-    for figure in ("floor_ms", "step_ms", "retried_step_ms", "runs_per_s"):
+    for figure in (
+        "floor_ms",
+        "step_ms",
+        "step_cpu_ms",
+        "retried_step_ms",
+        "start_p50_ms",
+        "runs_per_s",
+        "run_cpu_ms",
+    ):
         before = [r[figure] for r in results["before"]]
         after = [r[figure] for r in results["after"]]
         ratio = statistics.median(after) / statistics.median(before)

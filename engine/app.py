@@ -59,7 +59,10 @@ class Engine:
         max_state_bytes: JSON bytes a run may hold in all: its event, every step's output and
             its own output (default 32 MiB, at most 128 MiB).
         backoff: the wait between failed attempts (durable).
-        pool_size: connections this process opens at most.
+        pool_size: connections this process opens at most. A busy worker keeps up to three
+            of them between the back-to-back writes of its runs (checkpoints, ends,
+            suspensions: one each), and gives them back when idle for 0.2 s or when the pool
+            has no other free connection.
         command_timeout: seconds after which a query is abandoned (a half-open connection would
             otherwise hang it forever); the work it belonged to is retried.
         trace_payloads: put the triggering event's data, step outputs and the run's output
