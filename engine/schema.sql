@@ -3372,7 +3372,8 @@ END $$;
 
 -- One batch of the bookkeeping no live work needs any more, at most p_batch rows of each kind:
 -- expired event ids and idempotency keys, rate-limit entries older than every rate period (and
--- p_age), matchers of ended runs, expired workers, functions inactive for longer than p_age with
+-- p_age), bulk actions that ended longer ago than p_age, matchers of ended runs, expired
+-- workers, functions inactive for longer than p_age with
 -- no run left in flight (with their cron schedules), event-name and flow lock rows nobody uses,
 -- throttles back at rest and idle concurrency slots. The lock rows a router or a claim may
 -- need come last, so the transaction holds them only until its commit, just after.
@@ -3402,6 +3403,13 @@ BEGIN
         LIMIT p_batch FOR UPDATE SKIP LOCKED);
     GET DIAGNOSTICS v_count = ROW_COUNT;
     v_counts := v_counts || jsonb_build_object('rate_log', v_count);
+    -- The dashboard's bulk actions that ended longer ago (a running one is never deleted).
+    DELETE FROM engine.bulk_actions b WHERE b.id IN (
+        SELECT x.id FROM engine.bulk_actions x
+        WHERE x.state <> 'running' AND x.ended_at < v_now - p_age
+        LIMIT p_batch FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    v_counts := v_counts || jsonb_build_object('bulk_actions', v_count);
     RETURN v_counts || engine.prune_registry(p_age, p_batch) || engine.prune_locks(p_age, p_batch);
 END $$;
 

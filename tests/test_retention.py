@@ -106,6 +106,23 @@ async def test_prune_keeps_what_live_work_needs(make_engine: Any, sql: Any) -> N
         assert (await app.wait_for_run(run.run_id)).status.value == "COMPLETED"
 
 
+async def test_prune_deletes_bulk_actions_that_ended_longer_ago(sql: Any) -> None:
+    """The dashboard's bulk actions go when they ended longer ago than the retention; one that
+    ended since, and one still running however old, stay."""
+    insert = (
+        "INSERT INTO engine.bulk_actions (id, action, filter, expected, state, created_at,"
+        " updated_at, ended_at) VALUES (gen_random_uuid(), 'cancel', '{}', 1, $1,"
+        " engine.now(), engine.now(), CASE WHEN $1 <> 'running' THEN engine.now() END)"
+    )
+    for state in ("done", "stopped", "failed", "running"):
+        await sql.execute(insert, state)
+    await move_clock(sql, timedelta(days=2))
+    await sql.execute(insert, "done")  # ended just now
+    await sql.execute("CALL engine.prune_all('1 day')")
+    left = await sql.fetch("SELECT state FROM engine.bulk_actions ORDER BY state")
+    assert [row["state"] for row in left] == ["done", "running"]
+
+
 async def _counts(sql: Any) -> dict[str, int]:
     return {t: await sql.fetchval(f"SELECT count(*) FROM engine.{t}") for t in BOOKKEEPING}
 
