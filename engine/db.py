@@ -176,7 +176,7 @@ class Database:
         # past this, it fails, the connection is dropped, and the caller's retry gets a new one.
         self._command_timeout = command_timeout
         self._pool: asyncpg.Pool | None = None
-        # Given back before the pool closes: a closing pool takes no connection back.
+        # Given back before the pool closes (its close waits for every checked-out connection).
         self._held: weakref.WeakSet[HeldConnection] = weakref.WeakSet()
 
     async def open(self) -> None:
@@ -196,9 +196,8 @@ class Database:
         politely (the server is gone, or silent) are dropped: closing never fails."""
         if self._pool is None:
             return
-        for held in list(self._held):
-            with suppress(Exception):  # a connection that cannot be given back is closed below
-                await held.close()
+        for held in list(self._held):  # else pool.close() would wait for them
+            await held.close()
         pool, self._pool = self._pool, None
         try:
             async with asyncio.timeout(self._command_timeout):
@@ -342,7 +341,7 @@ class HeldConnection:
                 self._conn = None
                 if isinstance(exc, Exception) and is_connection_error(exc):
                     await self._db._connection_failed(conn)
-                await self._db.pool.release(conn)
+                await self._give_back(conn)
                 raise
         finally:
             self._busy = False
@@ -367,7 +366,7 @@ class HeldConnection:
         self._closing = self._busy
         if self._conn is not None and not self._busy:
             conn, self._conn = self._conn, None
-            await self._db.pool.release(conn)
+            await self._give_back(conn)
         if self._returning:
             await asyncio.gather(*self._returning, return_exceptions=True)
 
@@ -375,12 +374,20 @@ class HeldConnection:
         conn = self._conn
         if conn is not None and conn.is_closed():  # the server dropped it meanwhile
             self._conn = None
-            await self._db.pool.release(conn)
+            await self._give_back(conn)
             conn = None
         if conn is None:
             conn = self._conn = await self._db.pool.acquire()
             self._arm_timer()
         return conn
+
+    async def _give_back(self, conn: PoolConnectionProxy[Record]) -> None:
+        """Releases ``conn`` to the pool. Never raises: a connection the pool cannot reset is
+        terminated by the pool itself (and replaced when next needed)."""
+        try:
+            await self._db.pool.release(conn)
+        except Exception as exc:
+            log.debug("db.release_failed", error=f"{type(exc).__name__}: {exc}")
 
     def _arm_timer(self) -> None:
         if self._timer is not None:
@@ -398,7 +405,7 @@ class HeldConnection:
             )
             return
         conn, self._conn = self._conn, None
-        task = asyncio.create_task(self._db.pool.release(conn))
+        task = asyncio.create_task(self._give_back(conn))
         self._returning.add(task)
         task.add_done_callback(self._returning.discard)
 
