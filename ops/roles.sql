@@ -87,8 +87,10 @@ BEGIN
     -- runs.
     EXECUTE format('GRANT EXECUTE ON FUNCTION %1$I.function_list(text) TO %2$I', s, v_reader);
     -- Bulk actions (bulk_actions, the Bulk page's background jobs): the dashboard's acting
-    -- login (the worker role) starts and advances them; a reader only follows their progress.
-    EXECUTE format('GRANT SELECT, INSERT, UPDATE ON %I.bulk_actions TO %I', s, v_worker);
+    -- login (the worker role) starts and advances them, and a worker's retention deletes the
+    -- ended ones; a reader only follows their progress.
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %I.bulk_actions TO %I',
+                   s, v_worker);
     EXECUTE format('GRANT SELECT ON %I.bulk_actions TO %I', s, v_reader);
     -- Of the event keys, a reader sees all but their hashes (useless without the key, but a
     -- reader has no need of them).
