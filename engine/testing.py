@@ -279,12 +279,15 @@ class _Driver:
     async def _move_time(self, run: RunInfo) -> bool:
         """Moves durable time to the next due work when nothing executes; True if it did."""
         db = await self.app.database()
-        row = await db.fetchrow("testing_due", self.app.app_id, self.fn_ids)
+        row = await db.fetchrow("testing_due", self.app.app_id, self.fn_ids, self.run_id)
         assert row is not None
         due, now = row["next_due"], row["now"]
         if row["busy"] or row["routing"] or (due is not None and due <= now):
             return False  # a worker has work now
-        if run.status is RunStatus.RUNNING:
+        status = RunStatus(row["run_status"])  # `run` was read before: it may have ended since
+        if status.terminal:
+            return False  # finish() returns it
+        if status is RunStatus.RUNNING:
             return False  # between its claim and its first write
         if due is None or due.year >= NEVER_YEAR:
             raise EngineError(

@@ -26,7 +26,7 @@ from engine import (
     Throttle,
     TriggerEvent,
 )
-from engine.testing import advance_clock, run_function
+from engine.testing import _Driver, advance_clock, run_function
 
 # -- the app under test: declared once, as in a user's code ----------------------------------------
 shop = Engine("shop")
@@ -318,3 +318,27 @@ def test_the_plugin_in_a_users_project(tmp_path: Path, server_url: str) -> None:
     used = pytest_in_project("-o", "asyncio_mode=auto", "test_user.py")
     assert used.returncode == 0, used.stdout + used.stderr
     assert "1 passed" in used.stdout
+
+
+async def test_a_run_that_ended_since_it_was_read_is_not_reported_stuck(
+    engine_database_url: str,
+) -> None:
+    """The driver decides on the run's status read with the due times, in one snapshot: a run
+    read as waiting that ended just after (its invoke resolved and it completed) leaves nothing
+    due, and must not be reported as waiting for something nothing will bring."""
+    app = Engine("ended", engine_database_url)
+
+    @app.create_function("quick", trigger=TriggerEvent("ended/go"))
+    async def quick(ctx: Context) -> str:
+        return "done"
+
+    run = await run_function(quick, Event(name="ended/go"))
+    assert run.status is RunStatus.COMPLETED
+    stale = run.model_copy(
+        update={"status": RunStatus.WAITING, "waiting_reason": "resumed by event x"}
+    )
+    driver = _Driver(app, run.run_id, {})
+    try:
+        assert await driver._move_time(stale) is False
+    finally:
+        await app.close()
