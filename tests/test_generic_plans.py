@@ -12,11 +12,16 @@ statements, sent to this session as LOG messages).
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
 
 import asyncpg
 import pytest
+
+from engine.db import queries, schema_sql
 
 OWNER = uuid.UUID(int=7)
 
@@ -191,3 +196,130 @@ async def test_a_claim_reads_no_other_runs_steps_with_plans_cached_on_empty_tabl
     assert len(await sql.fetch(claim, OWNER)) == 5
     scans = [p for p in plans if "Seq Scan on steps" in p or "Seq Scan on runs" in p]
     assert not scans, "\n-----\n".join(scans)
+
+
+async def _analyzed_plans(sql: asyncpg.Connection) -> list[dict[str, Any]]:
+    """Makes this session report, as JSON, the plan with actual row counts of every statement it
+    runs (nested ones included) under generic plans; returns the list they are collected in."""
+    if not await sql.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+        pytest.skip("LOAD 'auto_explain' needs a superuser")
+    plans: list[dict[str, Any]] = []
+
+    def collect(_conn: object, message: asyncpg.PostgresLogMessage) -> None:
+        text = message.message
+        if "{" in text:
+            plans.append(json.loads(text[text.index("{") :]))
+
+    sql.add_log_listener(collect)
+    for setting in (
+        "SET plan_cache_mode = force_generic_plan",
+        "SET client_min_messages = log",
+        "LOAD 'auto_explain'",
+        "SET auto_explain.log_min_duration = 0",
+        "SET auto_explain.log_nested_statements = on",
+        "SET auto_explain.log_analyze = on",
+        "SET auto_explain.log_timing = off",
+        "SET auto_explain.log_format = json",
+    ):
+        await sql.execute(setting)
+    return plans
+
+
+def _rows_read(plans: list[dict[str, Any]], table: str) -> list[tuple[float, str]]:
+    """(rows, statement) of every scan of ``table`` in ``plans``, rows counted over all loops."""
+    read: list[tuple[float, str]] = []
+
+    def walk(node: dict[str, Any], statement: str) -> None:
+        if node.get("Relation Name") == table and "Scan" in node["Node Type"]:
+            rows = node.get("Actual Rows", 0) * node.get("Actual Loops", 0)
+            read.append((rows + node.get("Rows Removed by Filter", 0), statement))
+        for child in node.get("Plans", []):
+            walk(child, statement)
+
+    for plan in plans:
+        walk(plan["Plan"], " ".join(plan["Query Text"].split())[:160])
+    return read
+
+
+async def test_a_claim_takes_its_few_runs_of_a_batch_without_reading_the_batch(
+    sql: asyncpg.Connection,
+) -> None:
+    """Runs routed from one batch of events share their due time; the claim takes them in event
+    order. With an index of (app_id, due_at) alone, each claim read and sorted the whole batch
+    to take five of them: draining a batch of N runs cost N^2 rows read."""
+    await sql.execute(
+        "INSERT INTO engine.events (id, name, data, ts, received_at)"
+        " SELECT 'e-' || g, 'plan/event', '{}', now(), now() FROM generate_series(1, 1000) g"
+    )
+    await sql.execute(CLAIMABLE, 1000)  # one due time for all (now() is the transaction's)
+    await sql.execute("ANALYZE engine.runs")
+    plans = await _analyzed_plans(sql)
+    claim = "SELECT id FROM engine.claim_runs('plans', '{fn}', $1, interval '1 minute', 5)"
+    claimed = await sql.fetch(claim, OWNER)
+    first = await sql.fetchval("SELECT min(event_seq) FROM engine.runs")
+    assert len(claimed) == 5
+    assert {
+        r["event_seq"]
+        for r in await sql.fetch("SELECT event_seq FROM engine.runs WHERE status = 'RUNNING'")
+    } == set(range(first, first + 5))  # still the first five events, in order
+    due = [(rows, s) for rows, s in _rows_read(plans, "runs") if "WITH due AS" in s]
+    assert due and max(rows for rows, _ in due) <= 5 + 32 + 5, due  # the limit and its room
+
+
+async def test_routing_reads_each_event_by_its_key_with_plans_cached_on_small_tables(
+    sql: asyncpg.Connection,
+) -> None:
+    """Routing's statements that look up the events of the runs they create must not be
+    planned as a hash of the whole events table: a worker's connection keeps the generic plan
+    made while the table was small, and every routing then read every event."""
+    await sql.execute(
+        "INSERT INTO engine.events (id, name, data, ts, received_at)"
+        " SELECT 'e-' || g, 'plan/event', '{}', now(), now() FROM generate_series(1, 3000) g"
+    )
+    await sql.execute("ANALYZE engine.events")
+    version = await sql.fetchval(
+        "SELECT value::bigint FROM engine.meta WHERE key = 'registry_version'"
+    )
+    simple = json.dumps(
+        [{"app_id": "plans", "function_id": "fn", "event": "plan/new", "local": True}]
+    )
+    plans = await _analyzed_plans(sql)
+    for i in range(3):  # the first executions of a PL/pgSQL statement are planned anew
+        await sql.execute(
+            "SELECT engine.send_events($1::jsonb)",
+            f'[{{"name": "plan/new", "data": {{"i": {i}}}}}]',
+        )
+        plans.clear()
+        rows = await sql.fetch(
+            queries()["route_simple"],
+            10,
+            simple,
+            [],
+            version,
+            "plans",
+            OWNER,
+            timedelta(minutes=1),
+            10,
+        )
+        assert rows[0]["routed"] == 1 and len(rows) == 2, rows
+        assert json.loads(rows[1]["event"])["data"] == {"i": i}
+    read = _rows_read(plans, "events")
+    assert read and max(rows for rows, _ in read) <= 1, read
+
+
+async def test_migrate_replaces_the_claim_index_of_an_earlier_build(
+    sql: asyncpg.Connection,
+) -> None:
+    """A database migrated by an earlier build has runs_due_idx on (app_id, due_at) only:
+    applying schema.sql replaces it, and applying it again leaves it alone."""
+    await sql.execute(
+        "DROP INDEX engine.runs_due_idx;"
+        " CREATE INDEX runs_due_idx ON engine.runs (app_id, due_at)"
+        " WHERE status IN ('QUEUED', 'SLEEPING', 'RETRYING', 'WAITING')"
+    )
+    definition = "SELECT pg_get_indexdef('engine.runs_due_idx'::regclass)"
+    await sql.execute(schema_sql())
+    assert "(app_id, due_at, event_seq) WHERE" in await sql.fetchval(definition)
+    oid = await sql.fetchval("SELECT 'engine.runs_due_idx'::regclass::oid")
+    await sql.execute(schema_sql())
+    assert await sql.fetchval("SELECT 'engine.runs_due_idx'::regclass::oid") == oid
