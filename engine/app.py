@@ -144,6 +144,9 @@ class Engine:
         self._command_timeout = command_timeout
         self._db: Database | None = None
         self._read_db: Database | None = None
+        # A worker of this Engine running in this process: app.send routes through it (see
+        # Worker.send_and_start).
+        self._sends_worker: Worker | None = None
         self._open_lock = asyncio.Lock()
         self._registered = False
 
@@ -350,10 +353,24 @@ class Engine:
         """
         payloads = validate_outgoing(events)
         check_sent(payloads, self.sent_schemas())
-        payload = dumps(payloads)
+        worker = self._sends_worker
+        if connection is None and worker is not None and worker.takes_sends():
+            # A worker of this app runs here: its runs start in the send's own transaction.
+            return await worker.send_and_start(payloads, current_traceparent())
         db = await self.database()
-        rows = await db.fetch("send_events", payload, current_traceparent(), False, conn=connection)
+        rows = await db.fetch(
+            "send_events", dumps(payloads), current_traceparent(), False, conn=connection
+        )
         return [row["id"] for row in rows]
+
+    def serve_sends(self, worker: Worker) -> None:
+        """Internal: ``worker`` (running in this process) routes this Engine's sends."""
+        self._sends_worker = worker
+
+    def stop_serving_sends(self, worker: Worker) -> None:
+        """Internal: ``worker`` stops; sends are stored and left to the routers again."""
+        if self._sends_worker is worker:
+            self._sends_worker = None
 
     async def list_events(
         self,

@@ -9,6 +9,7 @@ created already leased to it when it has room, which saves a round trip before t
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -78,6 +79,7 @@ class Router:
         self._compiled: dict[str, tuple[TriggerEvent, ...]] = {}
         self._simple = "[]"  # plain triggers, for engine.route_simple (see _split_registry)
         self._complex: list[str] = []
+        self._local_simple: Counter[str] = Counter()  # plain local triggers by event name
 
     async def route(
         self, owner: UUID, lease: timedelta, capacity: int
@@ -115,6 +117,52 @@ class Router:
         mine = [RoutedRun(row, row["event"], row["traceparent"]) for row in created]
         return summary["routed"], mine, summary["deferred"]
 
+    async def load_registry(self) -> None:
+        """Loads the registry now, rather than with the first event routed: a send in this
+        process can then be routed in its own transaction from the start."""
+        async with self._db.transaction() as conn:
+            # The version first: if the registry moves in between, the one loaded is newer
+            # than the version noted, which only makes the next routing load it again.
+            version = await self._db.fetchval("registry_version", conn=conn)
+            await self._load_registry(conn)
+        self._version = version
+        self._split_registry()
+
+    async def send_and_route(
+        self,
+        payload: str,
+        traceparent: str | None,
+        owner: UUID,
+        lease: timedelta,
+        capacity: int,
+    ) -> tuple[list[str], list[RoutedRun]]:
+        """Stores the events of ``payload`` and routes, in the same transaction, those that need
+        no Python (see ``engine.send_and_route``); returns their ids and the runs leased here.
+
+        Before the registry is loaded (no routing yet), nothing is routed here: the events wait
+        for the routers, as any sent event does.
+        """
+        rows = await self._db.fetch(
+            "send_and_route",
+            payload,
+            traceparent,
+            self._simple,
+            self._complex,
+            -1 if self._version is None else self._version,  # matches no registry version
+            self._app_id,
+            owner,
+            lease,
+            capacity,
+        )
+        summary, created = rows[0], rows[1:]
+        mine = [RoutedRun(row, row["event"], row["traceparent"]) for row in created]
+        return list(summary["ids"] or ()), mine
+
+    def most_runs_here(self, names: list[str]) -> int:
+        """The most runs that events of these names may start leased to this worker when routed
+        in SQL: one per plain trigger of a local function on each name."""
+        return sum(self._local_simple.get(name, 0) for name in names)
+
     def _split_registry(self) -> None:
         """Sorts the registry's event triggers: plain ones (no expression, on a function with no
         flow control) can be routed in SQL; any other trigger makes its event name complex."""
@@ -134,6 +182,12 @@ class Router:
                     complex_names.add(trigger.event)
         self._simple = dumps(simple)
         self._complex = sorted(complex_names)
+        self._local_simple = Counter(
+            trigger.event
+            for fn in self._own
+            for trigger in fn.triggers
+            if trigger.if_exp is None and not fn.flow
+        )
 
     async def _route_full(
         self, owner: UUID, lease: timedelta, capacity: int

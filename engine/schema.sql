@@ -925,7 +925,12 @@ $$;
 CREATE OR REPLACE FUNCTION engine.notify_events() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('engine_wakeup', 'events');
+    -- Not for events that engine.send_and_route stores: it routes them itself, and wakes the
+    -- routers for those it leaves. (A sender that sets this in its own transaction delays only
+    -- its own events, to the routers' next poll.)
+    IF current_setting('engine.routes_inline', true) IS DISTINCT FROM 'on' THEN
+        PERFORM pg_notify('engine_wakeup', 'events');
+    END IF;
     RETURN NULL;
 END $$;
 
@@ -1067,10 +1072,12 @@ BEGIN
     RETURN v_ts;
 END $$;
 
--- p_events: a JSON array of {name, data, id?, ts?, v?}. Returns the event ids in order.
-CREATE OR REPLACE FUNCTION engine.send_events(
-    p_events jsonb, p_traceparent text DEFAULT NULL, p_system boolean DEFAULT false)
-RETURNS SETOF text LANGUAGE plpgsql AS $$
+-- p_events: a JSON array of {name, data, id?, ts?, v?}. Returns the event ids in order, each
+-- with the sequence number of the event stored (NULL: the id was seen inside its 24 hours).
+CREATE OR REPLACE FUNCTION engine.store_events(
+    p_events jsonb, p_traceparent text, p_system boolean)
+RETURNS TABLE (id text, seq bigint) LANGUAGE plpgsql AS $$
+#variable_conflict use_column
 DECLARE
     v_now   timestamptz := engine.now();
     v_event jsonb;
@@ -1103,7 +1110,9 @@ BEGIN
                 WHERE known.expires_at <= v_now
             RETURNING true INTO v_fresh;
             IF v_fresh IS NULL THEN  -- seen inside its 24-hour window: stored once, starts nothing
-                RETURN NEXT v_id;
+                id := v_id;
+                seq := NULL;
+                RETURN NEXT;
                 CONTINUE;
             END IF;
         ELSE
@@ -1114,9 +1123,18 @@ BEGIN
         RETURNING seq INTO v_seq;
         UPDATE engine.event_ids SET seq = v_seq WHERE id = v_id AND v_event ->> 'id' IS NOT NULL;
         INSERT INTO engine.event_queue (seq, due_at) VALUES (v_seq, greatest(v_ts, v_now));
-        RETURN NEXT v_id;
+        id := v_id;
+        seq := v_seq;
+        RETURN NEXT;
     END LOOP;
 END $$;
+
+-- p_events: a JSON array of {name, data, id?, ts?, v?}. Returns the event ids in order.
+CREATE OR REPLACE FUNCTION engine.send_events(
+    p_events jsonb, p_traceparent text DEFAULT NULL, p_system boolean DEFAULT false)
+RETURNS SETOF text LANGUAGE sql AS $$
+    SELECT s.id FROM engine.store_events(p_events, p_traceparent, p_system) s
+$$;
 
 -- The one entry point a sending role needs (ops/roles.sql grants it alone): it runs with its
 -- owner's rights, so a sender needs no privilege on the tables, and it cannot send `engine/`
@@ -1575,8 +1593,6 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_claimed bigint[];
-    v_fast    bigint[];
-    v_plan    jsonb;
 BEGIN
     IF (SELECT m.value::bigint FROM engine.meta m WHERE m.key = 'registry_version')
        IS DISTINCT FROM p_version THEN
@@ -1601,11 +1617,29 @@ BEGIN
                             NULL::timestamptz, NULL::jsonb, NULL::text, NULL::text;
         RETURN;
     END IF;
+    RETURN QUERY SELECT * FROM engine.route_events(v_claimed, p_simple, p_complex, p_app, p_owner,
+                                                   p_lease, p_capacity);
+END $$;
+
+-- Routes the claimed due events p_seqs that need no Python (route_simple's second half, shared
+-- with send_and_route): the first row is the summary, the others the runs leased to p_owner.
+CREATE OR REPLACE FUNCTION engine.route_events(
+    p_seqs bigint[], p_simple jsonb, p_complex text[], p_app text, p_owner uuid,
+    p_lease interval, p_capacity int)
+RETURNS TABLE (routed int, deferred boolean, id uuid, function_id text, event_seq bigint,
+               lease_token bigint, created_at timestamptz, event jsonb, traceparent text,
+               trace_context text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_fast    bigint[];
+    v_plan    jsonb;
+BEGIN
     -- As in claim_events: no matcher of these names is half-registered while they are routed.
     PERFORM engine.lock_event_names(
-        ARRAY(SELECT e.name FROM engine.events e WHERE e.seq = ANY (v_claimed)), false);
+        ARRAY(SELECT e.name FROM engine.events e WHERE e.seq = ANY (p_seqs)), false);
     SELECT array_agg(e.seq) INTO v_fast FROM engine.events e
-    WHERE e.seq = ANY (v_claimed) AND e.name <> ALL (p_complex)
+    WHERE e.seq = ANY (p_seqs) AND e.name <> ALL (p_complex)
       AND (SELECT m.event_name FROM engine.matchers m WHERE m.event_name >= e.name
            ORDER BY m.event_name LIMIT 1) IS DISTINCT FROM e.name;  -- see matchers_name_idx
     IF v_fast IS NULL THEN
@@ -1626,7 +1660,7 @@ BEGIN
                AS t(app_id text, function_id text, event text, local boolean)
             ON t.event = e.name
           WHERE e.seq = ANY (v_fast)) p;
-    RETURN QUERY SELECT cardinality(v_fast), cardinality(v_fast) < cardinality(v_claimed),
+    RETURN QUERY SELECT cardinality(v_fast), cardinality(v_fast) < cardinality(p_seqs),
                         NULL::uuid, NULL::text, NULL::bigint, NULL::bigint, NULL::timestamptz,
                         NULL::jsonb, NULL::text, NULL::text;
     -- The event's traceparent by a lookup per run, never a join: a join of the runs created
@@ -1638,6 +1672,62 @@ BEGIN
            (SELECT e.traceparent FROM engine.events e WHERE e.seq = c.event_seq), c.trace_context
     FROM engine.create_runs(v_fast, v_plan, p_owner, p_lease) c
     WHERE c.lease_token > 0;
+END $$;
+
+-- Sends events (as send_events) and routes, in the same transaction, those due that need no
+-- Python (as route_simple), for a worker in the sender's process: the runs it has room for come
+-- back leased to it (p_owner), and their first step starts without waiting for a NOTIFY and a
+-- routing transaction of its own. Routing never fails the send: an event it cannot route
+-- (the registry moved, a name with CEL triggers or waiting runs, a routing error) stays on the
+-- queue for the routers, woken as for any send. The first row carries the ids (as send_events)
+-- and the routing summary; the others are the runs leased to p_owner, as route_simple's.
+CREATE OR REPLACE FUNCTION engine.send_and_route(
+    p_events jsonb, p_traceparent text, p_simple jsonb, p_complex text[], p_version bigint,
+    p_app text, p_owner uuid, p_lease interval, p_capacity int)
+RETURNS TABLE (ids text[], routed int, deferred boolean, id uuid, function_id text,
+               event_seq bigint, lease_token bigint, created_at timestamptz, event jsonb,
+               traceparent text, trace_context text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_ids    text[];
+    v_stored bigint[];
+    v_due    bigint[];
+    v_routed boolean := false;
+BEGIN
+    -- No wake-up for the events stored here (engine.notify_events): the ones routed need none,
+    -- and the others get theirs below.
+    PERFORM set_config('engine.routes_inline', 'on', true);
+    SELECT array_agg(s.id), array_agg(s.seq) FILTER (WHERE s.seq IS NOT NULL)
+    INTO v_ids, v_stored
+    FROM engine.store_events(p_events, p_traceparent, false) s;
+    PERFORM set_config('engine.routes_inline', 'off', true);
+    -- Only events due now (not those sent with a later ts), and only with the registry the
+    -- caller routes with.
+    SELECT array_agg(q.seq) INTO v_due FROM engine.event_queue q
+    WHERE q.seq = ANY (v_stored) AND q.due_at <= engine.now();
+    IF v_due IS NOT NULL AND (SELECT m.value::bigint FROM engine.meta m
+                              WHERE m.key = 'registry_version') = p_version THEN
+        BEGIN
+            -- One query: its rows are returned whole, or not at all if it fails.
+            RETURN QUERY SELECT CASE WHEN r.id IS NULL THEN v_ids END, r.*
+                         FROM engine.route_events(v_due, p_simple, p_complex, p_app, p_owner,
+                                                  p_lease, p_capacity) r;
+            v_routed := true;
+        EXCEPTION WHEN OTHERS THEN
+            -- Whatever it did is undone; the events wait on the queue for a router, which
+            -- routes them (or sets aside the one that cannot be) as it does any event.
+            RAISE WARNING 'engine: routing events in their send failed (% %): left to the routers',
+                SQLSTATE, SQLERRM;
+        END;
+    END IF;
+    IF NOT v_routed THEN
+        RETURN QUERY SELECT v_ids, 0, true, NULL::uuid, NULL::text, NULL::bigint, NULL::bigint,
+                            NULL::timestamptz, NULL::jsonb, NULL::text, NULL::text;
+    END IF;
+    IF EXISTS (SELECT 1 FROM engine.event_queue q WHERE q.seq = ANY (v_stored)) THEN
+        PERFORM pg_notify('engine_wakeup', 'events');
+    END IF;
 END $$;
 
 -- The live matchers that the claimed events p_seqs may resolve, filtered by name, match= and
@@ -3577,7 +3667,7 @@ BEGIN
           -- finish_run, suspend_run) run under the caller's setting, without a save and
           -- restore of it per item.
           AND p.proname IN ('claim_runs', 'claim_runs_then_next_due', 'claim_events',
-                            'route_simple', 'create_runs',
+                            'route_simple', 'send_and_route', 'create_runs',
                             'checkpoint_many', 'finish_many', 'suspend_many',
                             'heartbeat', 'note_executing', 'register_matchers',
                             'resolve_matches', 'matcher_candidates', 'send_step', 'invoke',

@@ -138,6 +138,9 @@ class Worker:
         # A tick or an execution failed: some run may be leased to us that we do not execute.
         self._may_have_orphans = False
         self._slots_were_short = True  # the last tick used every free slot (see _tick_after_end)
+        # Slots held for runs that sends in this process are routing (see send_and_start).
+        self._reserved = 0
+        self._loop_running: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -159,9 +162,12 @@ class Worker:
     async def _run(self) -> None:
         db = await self.engine.database()
         await self._presence.beat(db)  # before routing: other workers route to us at once
-        self._started.set()
         self._router = Router(db, self.engine.app_id, self.engine.functions)
         self._group_commit = GroupCommit(db)
+        await self._router.load_registry()
+        self._loop_running = asyncio.get_running_loop()
+        self.engine.serve_sends(self)
+        self._started.set()
         log.info(
             "worker.started",
             owner=str(self.owner),
@@ -185,6 +191,7 @@ class Worker:
                 for task in side:
                     task.cancel()
         finally:
+            self.engine.stop_serving_sends(self)
             await self._group_commit.close()  # its connections go back to the pool
         await self._presence.leave(db)
         log.info("worker.stopped", owner=str(self.owner))
@@ -203,6 +210,48 @@ class Worker:
     async def stopped(self) -> None:
         """Waits until :meth:`stop` has been called, or the worker ended by itself."""
         await self._stopping.wait()
+
+    # -- sends in this process -------------------------------------------------------------
+    def takes_sends(self) -> bool:
+        """Whether a send made now, in this event loop, may route its events here."""
+        return (
+            self._router is not None
+            and not self._stopping.is_set()
+            and self._loop_running is asyncio.get_running_loop()
+        )
+
+    async def send_and_start(
+        self, payload: list[dict[str, Any]], traceparent: str | None
+    ) -> list[str]:
+        """Sends events (``app.send``) and starts at once the runs they create here.
+
+        The events are stored and routed in one transaction (``engine.send_and_route``): the
+        runs this worker has room for come back leased to it and start without a NOTIFY, a
+        wake-up and a routing transaction between the send and their first step. The others
+        are routed and claimed as usual. Returns the event ids.
+        """
+        assert self._router is not None
+        wanted = self._router.most_runs_here([event["name"] for event in payload])
+        capacity = min(max(self._free_slots(), 0), wanted)
+        self._reserved += capacity
+        try:
+            ids, mine = await self._router.send_and_route(
+                dumps(payload), traceparent, self.owner, self.lease, capacity
+            )
+        except BaseException:
+            # The transaction may have committed unheard: its runs would be leased to us and
+            # executed by nobody until we release them.
+            self._may_have_orphans = True
+            self.wake()
+            raise
+        finally:
+            self._reserved -= capacity
+        for routed_run in mine:
+            await self._start_readable(partial(self._routed, routed_run), routed_run.row)
+        return ids
+
+    def _free_slots(self) -> int:
+        return self.concurrency - len(self.executions) - self._reserved
 
     def wake(self) -> None:
         """Makes the loop look for work now."""
@@ -282,7 +331,7 @@ class Worker:
         if self._may_have_orphans:
             await self._release_orphans()
         fired = await self._fire_crons() if self._crons else 0
-        free = max(self.concurrency - len(self.executions), 0)
+        free = max(self._free_slots(), 0)
         assert self._router is not None
         routed, mine = await self._router.route(self.owner, self.lease, free)
         for routed_run in mine:

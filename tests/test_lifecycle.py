@@ -204,8 +204,10 @@ async def test_a_routed_run_reaches_its_first_step_before_the_tick_claims_more(
     make_engine: Any,
 ) -> None:
     """A run the tick created leased to this worker starts its first step before the tick's
-    claim round trip: the step's code runs while the claim is in flight, not after its Python."""
-    app = make_engine()
+    claim round trip: the step's code runs while the claim is in flight, not after its Python.
+    (The event comes from another process, here an Engine with no worker: a send beside a
+    running worker is routed in its own transaction, tests/test_send_routing.py.)"""
+    app, sender = make_engine(), make_engine()
     order: list[str] = []
 
     @app.create_function("first-step", trigger=TriggerEvent("t/first-step"))
@@ -230,7 +232,7 @@ async def test_a_routed_run_reaches_its_first_step_before_the_tick_claims_more(
 
         worker._claim = noting_claim  # type: ignore[method-assign]
         worker._router.route = noting_route  # type: ignore[method-assign,union-attr]
-        [event_id] = await app.send(Event(name="t/first-step"))
+        [event_id] = await sender.send(Event(name="t/first-step"))
         run = await app.wait_for_run(await only_run_id(app, event_id))
     assert run.status is RunStatus.COMPLETED
     after = order[order.index("routed here") :]

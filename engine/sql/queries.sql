@@ -17,6 +17,9 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value
 -- name: registry
 SELECT app_id, function_id, triggers, config FROM engine.functions WHERE active
 
+-- name: registry_version
+SELECT value::bigint FROM engine.meta WHERE key = 'registry_version'
+
 -- name: worker_beat
 SELECT engine.worker_beat($1::uuid, $2, $3::text[], $4::interval)
 
@@ -58,6 +61,11 @@ SELECT engine.dead_letter($1::jsonb)
 SELECT routed, deferred, id, function_id, event_seq, lease_token, created_at, event, traceparent,
        trace_context
 FROM engine.route_simple($1, $2::jsonb, $3::text[], $4, $5, $6::uuid, $7::interval, $8)
+
+-- name: send_and_route
+SELECT ids, routed, deferred, id, function_id, event_seq, lease_token, created_at, event,
+       traceparent, trace_context
+FROM engine.send_and_route($1::jsonb, $2, $3::jsonb, $4::text[], $5, $6, $7::uuid, $8::interval, $9)
 
 -- name: matcher_candidates
 SELECT event_seq, run_id, key, kind, expression, trigger FROM engine.matcher_candidates($1::bigint[])

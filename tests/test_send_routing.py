@@ -1,0 +1,224 @@
+"""Sends routed in their own transaction (``engine.send_and_route``): with a worker of the app
+running in the sender's process, ``app.send`` stores the events and creates the runs they start
+in one transaction, leased to that worker, which starts them without a NOTIFY, a wake-up and a
+routing transaction of its own. What the routers do must not change otherwise: capacity, other
+apps, names that need Python, scheduled events, a routing that fails, a stopped worker."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+from helpers import eventually, only_run_id
+
+from engine import Context, Event, RunStatus, TriggerEvent
+
+SLOW_POLL = "60s"  # longer than any test: only a NOTIFY (or the send itself) starts a run
+
+
+async def _created_with_event(sql: asyncpg.Connection, event_id: str) -> list[Any]:
+    """The runs of the event: whether each was created by the statement that stored it, and the
+    worker its first execution was leased to at creation (routers lease runs to themselves)."""
+    return list(
+        await sql.fetch(
+            "SELECT r.function_id, r.status, r.created_at = e.received_at AS inline,"
+            " (SELECT x.worker FROM engine.run_executions x WHERE x.run_id = r.id"
+            "  AND x.claimed_at = r.created_at) AS leased_to"
+            " FROM engine.runs r JOIN engine.events e ON e.seq = r.event_seq"
+            " WHERE e.id = $1 ORDER BY r.function_id",
+            event_id,
+        )
+    )
+
+
+async def test_a_send_creates_its_run_leased_to_the_worker_in_the_same_statement(
+    make_engine: Any, sql: asyncpg.Connection
+) -> None:
+    app = make_engine()
+    started = asyncio.Event()
+
+    @app.create_function("greet", trigger=TriggerEvent("user/signup"))
+    async def greet(ctx: Context) -> str:
+        started.set()
+        return await ctx.step.run("hello", lambda: "hi " + ctx.event.data["name"])
+
+    async with app.worker(poll_interval=SLOW_POLL) as worker:
+        [event_id] = await app.send(Event(name="user/signup", data={"name": "ada"}))
+        [run] = await _created_with_event(sql, event_id)
+        assert run["inline"] and run["leased_to"] == worker.owner, run
+        assert await sql.fetchval("SELECT count(*) FROM engine.event_queue") == 0
+        await asyncio.wait_for(started.wait(), 10)
+        done = await app.wait_for_run(await only_run_id(app, event_id))
+    assert done.status is RunStatus.COMPLETED and done.output == "hi ada"
+
+
+async def test_runs_past_the_free_slots_are_queued_and_claimed(
+    make_engine: Any, sql: asyncpg.Connection
+) -> None:
+    app = make_engine()
+    gate = asyncio.Event()
+
+    async def held() -> int:
+        await gate.wait()
+        return 1
+
+    @app.create_function("one-at-a-time", trigger=TriggerEvent("job/go"))
+    async def job(ctx: Context) -> int:
+        return await ctx.step.run("held", held)
+
+    async with app.worker(concurrency=2, poll_interval="100ms") as worker:
+        ids = await app.send([Event(name="job/go") for _ in range(5)])
+        rows = [row for event_id in ids for row in await _created_with_event(sql, event_id)]
+        assert all(row["inline"] for row in rows), rows
+        leased = [row for row in rows if row["leased_to"] == worker.owner]
+        assert len(leased) == 2 and {r["status"] for r in leased} == {"RUNNING"}, rows
+        assert [row["status"] for row in rows if row not in leased] == ["QUEUED"] * 3
+        gate.set()
+        runs = [await app.wait_for_run(await only_run_id(app, i)) for i in ids]
+    assert [run.status for run in runs] == [RunStatus.COMPLETED] * 5
+
+
+async def test_events_left_to_the_routers_wake_them(
+    make_engine: Any, sql: asyncpg.Connection
+) -> None:
+    """A name with a CEL trigger is routed in Python: the send leaves it queued and wakes the
+    routers itself (its own NOTIFY is held back for the events it routes)."""
+    app = make_engine()
+
+    @app.create_function("big-orders", trigger=TriggerEvent("shop/order", "event.data.total > 100"))
+    async def big(ctx: Context) -> str:
+        return "big"
+
+    @app.create_function("all-orders", trigger=TriggerEvent("shop/order"))
+    async def every(ctx: Context) -> str:
+        return "any"
+
+    async with app.worker(poll_interval=SLOW_POLL):
+        [event_id] = await app.send(Event(name="shop/order", data={"total": 500}))
+
+        async def both_done() -> bool:
+            runs = await app.runs_for_event(event_id)
+            return len(runs) == 2 and all(r.status is RunStatus.COMPLETED for r in runs)
+
+        await eventually(both_done)
+    assert [r["inline"] for r in await _created_with_event(sql, event_id)] == [False, False]
+
+
+async def test_another_apps_runs_are_created_queued_for_its_workers(
+    make_engine: Any, sql: asyncpg.Connection
+) -> None:
+    web, billing = make_engine("web"), make_engine("billing")
+
+    @web.create_function("welcome", trigger=TriggerEvent("user/signup"))
+    async def welcome(ctx: Context) -> str:
+        return "welcome"
+
+    @billing.create_function("open-account", trigger=TriggerEvent("user/signup"))
+    async def open_account(ctx: Context) -> str:
+        return "account"
+
+    async with billing.worker(poll_interval=SLOW_POLL), web.worker(poll_interval=SLOW_POLL) as w:
+        [event_id] = await web.send(Event(name="user/signup"))
+        rows = await _created_with_event(sql, event_id)
+        assert [(r["function_id"], r["inline"]) for r in rows] == [
+            ("open-account", True),
+            ("welcome", True),
+        ]
+        assert rows[0]["leased_to"] is None and rows[1]["leased_to"] == w.owner
+
+        async def both_done() -> bool:
+            runs = await web.runs_for_event(event_id)
+            return len(runs) == 2 and all(r.status is RunStatus.COMPLETED for r in runs)
+
+        await eventually(both_done)
+
+
+async def test_a_scheduled_event_waits_for_its_time(
+    make_engine: Any, sql: asyncpg.Connection
+) -> None:
+    app = make_engine()
+
+    @app.create_function("later", trigger=TriggerEvent("remind/me"))
+    async def later(ctx: Context) -> str:
+        return "now"
+
+    async with app.worker(poll_interval="100ms"):
+        when = datetime.now(UTC) + timedelta(hours=1)
+        [event_id] = await app.send(Event(name="remind/me", ts=when))
+        assert await _created_with_event(sql, event_id) == []
+        assert await sql.fetchval("SELECT count(*) FROM engine.event_queue") == 1
+
+
+async def test_a_routing_that_fails_never_fails_the_send(
+    make_engine: Any, sql: asyncpg.Connection
+) -> None:
+    """The first run insert fails (a trigger raises once): the send still stores its event and
+    returns its id; the routers route it afterwards."""
+    await sql.execute(
+        """
+        CREATE SEQUENCE public.fail_once;  -- not transactional: counts the rolled-back try too
+        CREATE FUNCTION public.fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF nextval('public.fail_once') = 1 THEN
+                RAISE EXCEPTION 'routing broke' USING ERRCODE = 'XX000';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER fail_once BEFORE INSERT ON engine.runs
+            FOR EACH ROW EXECUTE FUNCTION public.fail_once();
+        """
+    )
+    app = make_engine()
+
+    @app.create_function("sturdy", trigger=TriggerEvent("try/it"))
+    async def sturdy(ctx: Context) -> str:
+        return "ok"
+
+    async with app.worker(poll_interval=SLOW_POLL):
+        [event_id] = await app.send(Event(name="try/it"))
+        assert await sql.fetchval("SELECT last_value FROM public.fail_once") == 1  # it failed
+        run = await app.wait_for_run(await only_run_id(app, event_id))
+    assert run.status is RunStatus.COMPLETED
+    assert [r["inline"] for r in await _created_with_event(sql, event_id)] == [False]
+
+
+async def test_sends_after_the_worker_stopped_are_only_stored(
+    make_engine: Any, sql: asyncpg.Connection
+) -> None:
+    app = make_engine()
+
+    @app.create_function("noop", trigger=TriggerEvent("t/noop"))
+    async def noop(ctx: Context) -> None:
+        return None
+
+    async with app.worker():
+        pass
+    [event_id] = await app.send(Event(name="t/noop"))
+    assert await _created_with_event(sql, event_id) == []
+    assert await sql.fetchval("SELECT count(*) FROM engine.event_queue") == 1
+
+
+async def test_a_send_in_the_callers_transaction_is_left_to_the_routers(
+    make_engine: Any, sql: asyncpg.Connection, database_url: str
+) -> None:
+    """With ``connection=``, the runs could not start before the caller commits: nothing is
+    routed in that transaction."""
+    app = make_engine()
+
+    @app.create_function("noop", trigger=TriggerEvent("t/noop"))
+    async def noop(ctx: Context) -> None:
+        return None
+
+    async with app.worker(poll_interval="100ms"):
+        conn = await asyncpg.connect(database_url)
+        try:
+            async with conn.transaction():
+                [event_id] = await app.send(Event(name="t/noop"), connection=conn)
+                assert await conn.fetchval("SELECT count(*) FROM engine.runs") == 0
+        finally:
+            await conn.close()
+        run = await app.wait_for_run(await only_run_id(app, event_id))
+    assert run.status is RunStatus.COMPLETED
+    assert [r["inline"] for r in await _created_with_event(sql, event_id)] == [False]
