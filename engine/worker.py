@@ -246,6 +246,11 @@ class Worker:
             raise
         finally:
             self._reserved -= capacity
+        if self._stopping.is_set():
+            # The worker began stopping during the round trip: its drain no longer waits for
+            # new executions. The runs keep their lease until it expires, then any worker
+            # takes them over, as it does the runs of a worker that died.
+            return ids
         for routed_run in mine:
             await self._start_readable(partial(self._routed, routed_run), routed_run.row)
         return ids

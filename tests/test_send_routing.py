@@ -222,3 +222,34 @@ async def test_a_send_in_the_callers_transaction_is_left_to_the_routers(
         run = await app.wait_for_run(await only_run_id(app, event_id))
     assert run.status is RunStatus.COMPLETED
     assert [r["inline"] for r in await _created_with_event(sql, event_id)] == [False]
+
+
+async def test_runs_routed_as_the_worker_stops_are_left_to_their_lease(
+    make_engine: Any, sql: asyncpg.Connection
+) -> None:
+    """A send whose round trip ends after the worker began stopping does not start the runs
+    it leased here (the drain would not wait for them): their lease expires, and a worker
+    takes them over."""
+    app = make_engine()
+    calls: list[str] = []
+
+    @app.create_function("late", trigger=TriggerEvent("t/late"))
+    async def late(ctx: Context) -> str:
+        calls.append("ran")
+        return "done"
+
+    async with app.worker(lease="1s") as worker:
+        route = worker._router.send_and_route  # type: ignore[union-attr]
+
+        async def stopping_meanwhile(*args: Any) -> Any:
+            answer = await route(*args)
+            worker.stop()
+            return answer
+
+        worker._router.send_and_route = stopping_meanwhile  # type: ignore[method-assign,union-attr]
+        [event_id] = await app.send(Event(name="t/late"))
+    [row] = await _created_with_event(sql, event_id)
+    assert row["leased_to"] == worker.owner and calls == []
+    async with app.worker(lease="1s"):
+        run = await app.wait_for_run(await only_run_id(app, event_id))
+    assert run.status is RunStatus.COMPLETED and calls == ["ran"]
