@@ -113,8 +113,7 @@ class Router:
             lease,
             capacity,
         )
-        summary, created = rows[0], rows[1:]
-        mine = [RoutedRun(row, row["event"], row["traceparent"]) for row in created]
+        summary, mine = _summary_and_runs(rows)
         return summary["routed"], mine, summary["deferred"]
 
     async def load_registry(self) -> None:
@@ -154,8 +153,7 @@ class Router:
             lease,
             capacity,
         )
-        summary, created = rows[0], rows[1:]
-        mine = [RoutedRun(row, row["event"], row["traceparent"]) for row in created]
+        summary, mine = _summary_and_runs(rows)
         return list(summary["ids"] or ()), mine
 
     def most_runs_here(self, names: list[str]) -> int:
@@ -354,3 +352,9 @@ class Router:
             except EngineError:
                 self._compiled[text] = ()  # registered by a newer engine we cannot read: skip
         return self._compiled[text]
+
+
+def _summary_and_runs(rows: list[Record]) -> tuple[Record, list[RoutedRun]]:
+    """The rows of a routing in SQL (route_simple, send_and_route): its summary first, then the
+    runs it leased to this worker, with their events as JSON text."""
+    return rows[0], [RoutedRun(row, row["event"], row["traceparent"]) for row in rows[1:]]

@@ -144,6 +144,15 @@ async def test_a_stale_lease_is_still_refused(
     assert await sql.fetchval("SELECT status FROM engine.runs WHERE id = $1", run_id) == "RUNNING"
 
 
+# A session whose statements, nested ones included, report their generic plans to it.
+GENERIC_PLANS_EXPLAINED = (
+    "SET plan_cache_mode = force_generic_plan",
+    "SET client_min_messages = log",
+    "LOAD 'auto_explain'",
+    "SET auto_explain.log_min_duration = 0",
+    "SET auto_explain.log_nested_statements = on",
+)
+
 CLAIMABLE = """
 INSERT INTO engine.runs (app_id, function_id, status, event_seq, due_at, created_at, updated_at)
 SELECT 'plans', 'fn', 'QUEUED', e.seq, now() - interval '1 second', now(), now()
@@ -169,13 +178,7 @@ async def test_a_claim_reads_no_other_runs_steps_with_plans_cached_on_empty_tabl
         pytest.skip("LOAD 'auto_explain' needs a superuser")
     plans: list[str] = []
     sql.add_log_listener(lambda _conn, message: plans.append(message.message))
-    for setting in (
-        "SET plan_cache_mode = force_generic_plan",
-        "SET client_min_messages = log",
-        "LOAD 'auto_explain'",
-        "SET auto_explain.log_min_duration = 0",
-        "SET auto_explain.log_nested_statements = on",
-    ):
+    for setting in GENERIC_PLANS_EXPLAINED:
         await sql.execute(setting)
     await sql.execute(
         "INSERT INTO engine.events (id, name, data, ts, received_at)"
@@ -212,11 +215,7 @@ async def _analyzed_plans(sql: asyncpg.Connection) -> list[dict[str, Any]]:
 
     sql.add_log_listener(collect)
     for setting in (
-        "SET plan_cache_mode = force_generic_plan",
-        "SET client_min_messages = log",
-        "LOAD 'auto_explain'",
-        "SET auto_explain.log_min_duration = 0",
-        "SET auto_explain.log_nested_statements = on",
+        *GENERIC_PLANS_EXPLAINED,
         "SET auto_explain.log_analyze = on",
         "SET auto_explain.log_timing = off",
         "SET auto_explain.log_format = json",
