@@ -1698,9 +1698,9 @@ BEGIN
     -- No wake-up for the events stored here (engine.notify_events): the ones routed need none,
     -- and the others get theirs below.
     PERFORM set_config('engine.routes_inline', 'on', true);
-    SELECT array_agg(s.id), array_agg(s.seq) FILTER (WHERE s.seq IS NOT NULL)
+    SELECT array_agg(s.id ORDER BY s.n), array_agg(s.seq) FILTER (WHERE s.seq IS NOT NULL)
     INTO v_ids, v_stored
-    FROM engine.store_events(p_events, p_traceparent, false) s;
+    FROM engine.store_events(p_events, p_traceparent, false) WITH ORDINALITY AS s(id, seq, n);
     PERFORM set_config('engine.routes_inline', 'off', true);
     -- Only events due now (not those sent with a later ts), and only with the registry the
     -- caller routes with.
