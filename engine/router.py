@@ -164,10 +164,11 @@ class Router:
     def _split_registry(self) -> None:
         """Sorts the registry's event triggers: plain ones (no expression, on a function with no
         flow control) can be routed in SQL; any other trigger makes its event name complex."""
-        simple, complex_names = [], set()
+        simple, complex_names, local_simple = [], set(), Counter[str]()
         for fn in (*self._own, *self._others):
             for trigger in fn.triggers:
                 if trigger.if_exp is None and not fn.flow:
+                    local_simple[trigger.event] += fn.local
                     simple.append(
                         {
                             "app_id": fn.app_id,
@@ -180,12 +181,7 @@ class Router:
                     complex_names.add(trigger.event)
         self._simple = dumps(simple)
         self._complex = sorted(complex_names)
-        self._local_simple = Counter(
-            trigger.event
-            for fn in self._own
-            for trigger in fn.triggers
-            if trigger.if_exp is None and not fn.flow
-        )
+        self._local_simple = local_simple
 
     async def _route_full(
         self, owner: UUID, lease: timedelta, capacity: int

@@ -214,11 +214,7 @@ class Worker:
     # -- sends in this process -------------------------------------------------------------
     def takes_sends(self) -> bool:
         """Whether a send made now, in this event loop, may route its events here."""
-        return (
-            self._router is not None
-            and not self._stopping.is_set()
-            and self._loop_running is asyncio.get_running_loop()
-        )
+        return not self._stopping.is_set() and self._loop_running is asyncio.get_running_loop()
 
     async def send_and_start(
         self, payload: list[dict[str, Any]], traceparent: str | None

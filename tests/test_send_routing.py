@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 from helpers import eventually, only_run_id
 
-from engine import Context, Event, RunStatus, TriggerEvent
+from engine import Context, Engine, Event, RunStatus, TriggerEvent
 
 SLOW_POLL = "60s"  # longer than any test: only a NOTIFY (or the send itself) starts a run
 
@@ -31,6 +31,12 @@ async def _created_with_event(sql: asyncpg.Connection, event_id: str) -> list[An
             event_id,
         )
     )
+
+
+async def _completed(app: Engine, event_id: str, *, runs: int) -> bool:
+    """Whether the event started ``runs`` runs and all of them completed."""
+    found = await app.runs_for_event(event_id)
+    return len(found) == runs and all(r.status is RunStatus.COMPLETED for r in found)
 
 
 async def test_a_send_creates_its_run_leased_to_the_worker_in_the_same_statement(
@@ -98,11 +104,7 @@ async def test_events_left_to_the_routers_wake_them(
     async with app.worker(poll_interval=SLOW_POLL):
         [event_id] = await app.send(Event(name="shop/order", data={"total": 500}))
 
-        async def both_done() -> bool:
-            runs = await app.runs_for_event(event_id)
-            return len(runs) == 2 and all(r.status is RunStatus.COMPLETED for r in runs)
-
-        await eventually(both_done)
+        await eventually(lambda: _completed(app, event_id, runs=2))
     assert [r["inline"] for r in await _created_with_event(sql, event_id)] == [False, False]
 
 
@@ -128,11 +130,7 @@ async def test_another_apps_runs_are_created_queued_for_its_workers(
         ]
         assert rows[0]["leased_to"] is None and rows[1]["leased_to"] == w.owner
 
-        async def both_done() -> bool:
-            runs = await web.runs_for_event(event_id)
-            return len(runs) == 2 and all(r.status is RunStatus.COMPLETED for r in runs)
-
-        await eventually(both_done)
+        await eventually(lambda: _completed(web, event_id, runs=2))
 
 
 async def test_a_scheduled_event_waits_for_its_time(
