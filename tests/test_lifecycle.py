@@ -266,3 +266,35 @@ async def test_the_claim_tells_when_the_work_it_left_comes_due(
     *claimed, due = rows
     assert len(claimed) == 1 and due["id"] is None
     assert timedelta(minutes=59) < due["next_due"] - due["now"] <= timedelta(hours=1)
+
+
+async def test_a_claim_that_fills_its_slots_does_not_compute_when_work_comes_due(
+    make_engine: Any, sql: asyncpg.Connection
+) -> None:
+    """A claim that took as many runs as it was allowed leaves the worker no free slot: it
+    claims again at once, so the claim skips engine.next_due (a scan of the due and leased runs
+    at each tick of a busy worker) and says NULL, although work is still due."""
+    app = make_engine("naps")
+
+    @app.create_function("nap", trigger=TriggerEvent("t/nap"))
+    async def nap(ctx: Context) -> None:
+        await ctx.step.sleep("nap", "1h")
+
+    async with app.worker(poll_interval="50ms"):
+        ids = await app.send([Event(name="t/nap") for _ in range(3)])
+
+        async def sleeping() -> bool:
+            runs = [r for i in ids for r in await app.runs_for_event(i)]
+            return len(runs) == 3 and all(r.status is RunStatus.SLEEPING for r in runs)
+
+        await eventually(sleeping)
+    await move_clock(sql, timedelta(hours=2))  # all three naps are due
+    claim = (
+        "SELECT id, next_due, now FROM engine.claim_runs_then_next_due("
+        "'naps', '{nap}', gen_random_uuid(), '2 hours', $1, 1000000, true)"
+    )
+    *claimed, due = await sql.fetch(claim, 2)
+    assert len(claimed) == 2 and due["id"] is None and due["next_due"] is None
+    assert due["now"] is not None
+    *claimed, due = await sql.fetch(claim, 2)  # the last one: a slot is left
+    assert len(claimed) == 1 and due["next_due"] is not None
