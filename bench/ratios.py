@@ -46,7 +46,7 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).parent))
 import breakdown
-from core import environment, fresh_database, percentile
+from core import Countdown, all_completed, environment, fresh_database, percentile
 
 from engine import Context, Engine, Event, TriggerEvent
 from engine.db import Database
@@ -172,21 +172,21 @@ async def _nothing() -> None:
 
 async def engine_throughput(url: str, runs: int) -> dict[str, float]:
     app = Engine("ratio-throughput", url, pool_size=20)
+    returned = Countdown(runs)
 
     @app.create_function("three-steps", trigger=TriggerEvent("ratio/throughput"))
     async def three_steps(ctx: Context) -> None:
         for name in ("a", "b", "c"):
             await ctx.step.run(name, _nothing)
+        returned.count(ctx.run_id)
 
     conn = await asyncpg.connect(url)
-    done = "SELECT count(*) FROM engine.runs WHERE status = 'COMPLETED'"
     try:
         async with app.worker(concurrency=50):
             cpu, began = time.process_time(), time.perf_counter()
             for offset in range(0, runs, 1000):
                 await app.send([Event(name="ratio/throughput")] * min(1000, runs - offset))
-            while await conn.fetchval(done) < runs:  # noqa: ASYNC110 - polls the database
-                await asyncio.sleep(0.02)
+            await all_completed(conn, returned, runs, "ratio-throughput")
             elapsed, cpu = time.perf_counter() - began, time.process_time() - cpu
     finally:
         await conn.close()
