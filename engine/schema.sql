@@ -2426,8 +2426,8 @@ END $$;
 -- took as RUNNING), engine.next_due: a worker needs both when the claim left slots free, and
 -- two round trips cost it twice the client and server time of one. The claimed runs come
 -- first; the last row has a NULL id and carries next_due and now. A claim that took p_limit
--- runs leaves no slot free: the worker claims again at once, and next_due (a fifth of a
--- run's server time under load, mostly spent on this) is not computed: NULL.
+-- runs leaves the worker no free slot: it ticks again when one of its runs ends, not at a due
+-- time, so next_due is not computed (NULL).
 CREATE OR REPLACE FUNCTION engine.claim_runs_then_next_due(
     p_app text, p_functions text[], p_owner uuid, p_lease interval, p_limit int,
     p_max_state bigint, p_replays_patches boolean)
