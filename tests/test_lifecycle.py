@@ -298,3 +298,34 @@ async def test_a_claim_that_fills_its_slots_does_not_compute_when_work_comes_due
     assert due["now"] is not None
     *claimed, due = await sql.fetch(claim, 2)  # the last one: a slot is left
     assert len(claimed) == 1 and due["next_due"] is not None
+
+
+async def test_a_worker_with_every_slot_busy_waits_for_a_run_to_end(make_engine: Any) -> None:
+    """Runs due that a busy worker has no slot for do not make it tick until one of its runs
+    ends: no timer is armed for them (it would fire at once and again after every tick, two
+    round trips each, for as long as the slots stay full). The run's end then starts the next,
+    without waiting for the poll."""
+    app = make_engine("busy")
+    release = asyncio.Event()
+
+    async def held() -> None:
+        await release.wait()
+
+    @app.create_function("hold", trigger=TriggerEvent("t/hold"))
+    async def hold(ctx: Context) -> str:
+        await ctx.step.run("held", held)
+        return "done"
+
+    async with app.worker(concurrency=1, poll_interval="30s") as worker:
+        first = await app.send(Event(name="t/hold"))
+        await eventually(lambda: asyncio.sleep(0, len(worker.executions) == 1))
+        others = await app.send([Event(name="t/hold") for _ in range(3)])
+        runs = [await only_run_id(app, i) for i in (*first, *others)]
+        await asyncio.sleep(0.1)  # the NOTIFY of the queued runs has had its tick
+        ticks = worker.ticks
+        await asyncio.sleep(0.5)
+        idle_ticks = worker.ticks - ticks
+        release.set()
+        for run_id in runs:  # well before the 30 s poll
+            assert (await app.wait_for_run(run_id, timeout=10)).output == "done"
+    assert idle_ticks <= 2, idle_ticks  # spinning, it made hundreds
