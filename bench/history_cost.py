@@ -137,7 +137,9 @@ async def main() -> None:
         # The database is read once every body has returned (the last ends are a commit away),
         # not all along: reading it would take the server's CPU from the worker measured.
         await asyncio.wait_for(all_returned.wait(), 600)
-        count = "SELECT count(*) FROM engine.runs WHERE function_id = 'three' AND status = 'COMPLETED'"
+        count = (
+            "SELECT count(*) FROM engine.runs WHERE function_id = 'three' AND status = 'COMPLETED'"
+        )
         conn = await asyncpg.connect(URL)
         while await conn.fetchval(count) < RUNS:
             await asyncio.sleep(0.005)
