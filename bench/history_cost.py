@@ -14,7 +14,7 @@ database each time, interleaved (before, after, before, after...):
   time (the worker in this process);
 - retried step: one run of N steps that each fail once (a retry writes an attempt's history);
 - throughput: N events each starting a 3-step function, runs/s (one worker, concurrency 50),
-  and this process's CPU per run.
+  this process's CPU per run, and the worker's ticks (routing and claiming rounds) per run.
 
 Prints the medians with min and max, and after/before (x) for each figure.
 """
@@ -125,14 +125,14 @@ async def main() -> None:
         return 3
 
     result = {"engine": engine.__file__, "floor_ms": await floor() * 1000}
-    async with app.worker(concurrency=50):
+    async with app.worker(concurrency=50) as worker:
         wall, cpu = await one_run(app, "b/steps")
         result["step_ms"], result["step_cpu_ms"] = wall / STEPS * 1000, cpu / STEPS * 1000
         wall, _ = await one_run(app, "b/retried")
         result["retried_step_ms"] = wall / (STEPS // 10) * 1000
         await asyncio.sleep(0.5)
         result["start_p50_ms"] = await starts(app, 100)
-        began, cpu = time.perf_counter(), time.process_time()
+        began, cpu, ticks = time.perf_counter(), time.process_time(), worker.ticks
         await app.send([Event(name="b/three") for _ in range(RUNS)])
         # The database is read once every body has returned (the last ends are a commit away),
         # not all along: reading it would take the server's CPU from the worker measured.
@@ -146,6 +146,7 @@ async def main() -> None:
         await conn.close()
         result["runs_per_s"] = RUNS / (time.perf_counter() - began)
         result["run_cpu_ms"] = (time.process_time() - cpu) / RUNS * 1000
+        result["ticks_per_run"] = (worker.ticks - ticks) / RUNS
     await app.close()
     print(json.dumps(result))
 
@@ -242,6 +243,7 @@ def main() -> None:
         "start_p50_ms",
         "runs_per_s",
         "run_cpu_ms",
+        "ticks_per_run",
     ):
         before = [r[figure] for r in results["before"]]
         after = [r[figure] for r in results["after"]]
