@@ -12,9 +12,18 @@ from typing import Any
 
 import asyncpg
 import psutil
-from helpers import APPS, engine_command, eventually, run_engine_dev, start_engine_dev, wait_until
+from helpers import (
+    APPS,
+    engine_command,
+    eventually,
+    run_engine_dev,
+    start_engine_dev,
+    start_worker_process,
+    wait_until,
+)
 
 import engine
+from engine import Event
 
 ROOT = Path(__file__).parent.parent
 
@@ -297,3 +306,24 @@ async def test_functions_list_shows_the_registry(database_url: str, make_engine:
     line = next(x for x in listing().splitlines() if x.startswith("shop/notify"))
     assert line.split()[:3] == ["shop/notify", "inactive", "0"]
     assert json.loads(listing("--json", "--app", "nobody")) == []
+
+
+async def test_the_worker_command_keeps_its_loaded_code_out_of_the_collectors_reach(
+    database_url: str, make_engine: Any
+) -> None:
+    """`engine worker` freezes what it loaded before it starts (gc.freeze): full collections,
+    each a pause of the event loop, then walk only what the runs allocate."""
+    worker = start_worker_process("heap_app:app", database_url)
+    try:
+        app = make_engine("heap-app")
+        [event_id] = await app.send(Event(name="heap/frozen"))
+
+        async def routed() -> Any:
+            return await app.runs_for_event(event_id)
+
+        [run] = await eventually(routed, timeout=30)
+        frozen = (await app.wait_for_run(run.run_id, timeout=30)).output
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    assert frozen > 10_000, frozen  # the engine, the app and their imports
