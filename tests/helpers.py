@@ -24,6 +24,7 @@ from engine import (
     Engine,
     Event,
     NonRetriableError,
+    RunInfo,
     Throttle,
     TriggerEvent,
 )
@@ -212,27 +213,54 @@ def wait_until(check: Callable[[], Any], timeout: float = 30.0, what: str = "") 
     return result
 
 
-async def run_traced_worker(
-    database_url: str, make_engine: Any, env: dict[str, str], exit_within: float = 30
-) -> tuple[str, int]:
-    """Runs tests/apps/traced_app.py's function under `engine worker` with ``env``, stops the
-    worker with SIGTERM once the run ended, and returns the run id and the worker's exit code
-    (the worker must exit within ``exit_within`` seconds)."""
-    worker = start_worker_process(
-        "traced_app:app", database_url, env={"OTEL_BSP_SCHEDULE_DELAY": "50", **env}
-    )
+async def run_in_worker_process(
+    target: str,
+    database_url: str,
+    make_engine: Any,
+    event: Event,
+    *,
+    env: dict[str, str] | None = None,
+    exit_within: float = 30,
+) -> tuple[RunInfo, int]:
+    """Runs `engine worker TARGET` (an app under tests/apps), sends ``event`` from an Engine of
+    the same app id, waits for the run it starts to end, stops the worker with SIGTERM and
+    returns the run and the worker's exit code (the worker must exit within ``exit_within``
+    seconds)."""
+    worker = start_worker_process(target, database_url, env=env)
     try:
-        app = make_engine("traced-app")
-        [event_id] = await app.send(Event(name="traced/go"))
+        app = make_engine(_app_id(target))
+        [event_id] = await app.send(event)
 
         async def routed() -> Any:
             return await app.runs_for_event(event_id)
 
         [run] = await eventually(routed, timeout=30)
-        await app.wait_for_run(run.run_id, timeout=30)
+        run = await app.wait_for_run(run.run_id, timeout=30)
     finally:
         worker.terminate()
         code = worker.wait(timeout=exit_within)
+    return run, code
+
+
+def _app_id(target: str) -> str:
+    """The app id of an app under tests/apps: its module's name, with dashes ("traced_app:app"
+    -> "traced-app")."""
+    return target.partition(":")[0].replace("_", "-")
+
+
+async def run_traced_worker(
+    database_url: str, make_engine: Any, env: dict[str, str], exit_within: float = 30
+) -> tuple[str, int]:
+    """Runs tests/apps/traced_app.py's function under `engine worker` with ``env`` (see
+    run_in_worker_process): the run id and the worker's exit code."""
+    run, code = await run_in_worker_process(
+        "traced_app:app",
+        database_url,
+        make_engine,
+        Event(name="traced/go"),
+        env={"OTEL_BSP_SCHEDULE_DELAY": "50", **env},
+        exit_within=exit_within,
+    )
     return str(run.run_id), code
 
 

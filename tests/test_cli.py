@@ -17,8 +17,8 @@ from helpers import (
     engine_command,
     eventually,
     run_engine_dev,
+    run_in_worker_process,
     start_engine_dev,
-    start_worker_process,
     wait_until,
 )
 
@@ -313,17 +313,8 @@ async def test_the_worker_command_keeps_its_loaded_code_out_of_the_collectors_re
 ) -> None:
     """`engine worker` freezes what it loaded before it starts (gc.freeze): full collections,
     each a pause of the event loop, then walk only what the runs allocate."""
-    worker = start_worker_process("heap_app:app", database_url)
-    try:
-        app = make_engine("heap-app")
-        [event_id] = await app.send(Event(name="heap/frozen"))
-
-        async def routed() -> Any:
-            return await app.runs_for_event(event_id)
-
-        [run] = await eventually(routed, timeout=30)
-        frozen = (await app.wait_for_run(run.run_id, timeout=30)).output
-    finally:
-        worker.terminate()
-        worker.wait(timeout=30)
+    run, _code = await run_in_worker_process(
+        "heap_app:app", database_url, make_engine, Event(name="heap/frozen")
+    )
+    frozen = run.output
     assert frozen > 10_000, frozen  # the engine, the app and their imports
