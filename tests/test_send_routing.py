@@ -39,6 +39,17 @@ async def _completed(app: Engine, event_id: str, *, runs: int) -> bool:
     return len(found) == runs and all(r.status is RunStatus.COMPLETED for r in found)
 
 
+def _noop_app(make_engine: Any) -> Engine:
+    """An app whose one function, on t/noop, does nothing."""
+    app: Engine = make_engine()
+
+    @app.create_function("noop", trigger=TriggerEvent("t/noop"))
+    async def noop(ctx: Context) -> None:
+        return None
+
+    return app
+
+
 async def test_a_send_creates_its_run_leased_to_the_worker_in_the_same_statement(
     make_engine: Any, sql: asyncpg.Connection
 ) -> None:
@@ -184,11 +195,7 @@ async def test_a_routing_that_fails_never_fails_the_send(
 async def test_sends_after_the_worker_stopped_are_only_stored(
     make_engine: Any, sql: asyncpg.Connection
 ) -> None:
-    app = make_engine()
-
-    @app.create_function("noop", trigger=TriggerEvent("t/noop"))
-    async def noop(ctx: Context) -> None:
-        return None
+    app = _noop_app(make_engine)
 
     async with app.worker():
         pass
@@ -202,11 +209,7 @@ async def test_a_send_in_the_callers_transaction_is_left_to_the_routers(
 ) -> None:
     """With ``connection=``, the runs could not start before the caller commits: nothing is
     routed in that transaction."""
-    app = make_engine()
-
-    @app.create_function("noop", trigger=TriggerEvent("t/noop"))
-    async def noop(ctx: Context) -> None:
-        return None
+    app = _noop_app(make_engine)
 
     async with app.worker(poll_interval="100ms"):
         conn = await asyncpg.connect(database_url)
