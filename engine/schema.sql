@@ -3685,4 +3685,82 @@ BEGIN
     END LOOP;
 END $$;
 
+
+-- ---------------------------------------------------------------------------------------------
+-- Least-privilege roles (ops/roles.sql): <schema>_sender, <schema>_worker and <schema>_reader
+-- get exactly their rights on this schema's objects, and PUBLIC none. ops/roles.sql creates the
+-- roles, notes it in engine.meta ('roles') and calls this; applying this file calls it again
+-- (below), so that the tables and functions an upgrade adds are the worker's at once and no
+-- new function is left to PUBLIC (which may execute any function it is not refused). Before,
+-- an upgrade left the worker without rights on a new table until roles.sql was run again.
+-- A role missing (dropped since) is skipped with a warning, never a failed migration.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION engine.grant_roles() RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    s        text := 'engine'::regnamespace::text;
+    v_sender text := s || '_sender';
+    v_worker text := s || '_worker';
+    v_reader text := s || '_reader';
+    v_role   text;
+BEGIN
+    -- Nothing for PUBLIC: every right below is granted on purpose.
+    EXECUTE format('REVOKE ALL ON SCHEMA %I FROM PUBLIC', s);
+    EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA %I FROM PUBLIC', s);
+    EXECUTE format('REVOKE ALL ON ALL SEQUENCES IN SCHEMA %I FROM PUBLIC', s);
+    EXECUTE format('REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA %I FROM PUBLIC', s);
+    FOREACH v_role IN ARRAY ARRAY[v_sender, v_worker, v_reader] LOOP
+        IF to_regrole(v_role) IS NULL THEN
+            RAISE WARNING 'engine: role % does not exist: its rights on schema % were not '
+                'granted (run ops/roles.sql again to create it)', v_role, s;
+        END IF;
+    END LOOP;
+
+    IF to_regrole(v_sender) IS NOT NULL THEN
+        EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', s, v_sender);
+        -- One function (SECURITY DEFINER, see send_event), and the HTTP event API's one call
+        -- (SECURITY DEFINER too): a live key and names within its prefixes.
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %1$I.send_event(text, jsonb, text, timestamptz,'
+                       ' text) TO %2$I', s, v_sender);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %1$I.send_events_with_key(text, jsonb, text)'
+                       ' TO %2$I', s, v_sender);
+    END IF;
+
+    IF to_regrole(v_worker) IS NOT NULL THEN
+        -- The tables and every function but this one.
+        EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', s, v_worker);
+        EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA %I TO %I',
+                       s, v_worker);
+        EXECUTE format('GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA %I TO %I', s, v_worker);
+        EXECUTE format('GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA %I TO %I', s, v_worker);
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %I.grant_roles() FROM %I', s, v_worker);
+    END IF;
+
+    IF to_regrole(v_reader) IS NOT NULL THEN
+        -- Tables and views, and the pure functions the views and dashboards call.
+        EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', s, v_reader);
+        EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA %I TO %I', s, v_reader);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %1$I.now(), %1$I.schema_version(),'
+                       ' %1$I.run_event(bigint), %1$I.run_steps(uuid), %1$I.batch_of(uuid),'
+                       ' %1$I.run_history(uuid), %1$I.execution_history(uuid),'
+                       ' %1$I.pause_history(uuid), %1$I.list_event_keys(),'
+                       ' %1$I.step_history(uuid, boolean), %1$I.step_attempt_list(%1$I.steps)'
+                       ' TO %2$I', s, v_reader);
+        -- The dashboard's Functions and Workers pages (queries overview_*): why runs wait, and
+        -- the steps a worker reported executing.
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %1$I.flow_reason(%1$I.runs, timestamptz),'
+                       ' %1$I.unserved_reason(), %1$I.executing_steps(jsonb) TO %2$I',
+                       s, v_reader);
+        -- Engine.list_functions and `engine functions list`, which a reader (a replica's
+        -- login) runs.
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %1$I.function_list(text) TO %2$I', s, v_reader);
+        -- Of the event keys, a reader sees all but their hashes (useless without the key, but
+        -- a reader has no need of them).
+        EXECUTE format('REVOKE SELECT ON %I.event_keys FROM %I', s, v_reader);
+        EXECUTE format('GRANT SELECT (name, prefixes, created_at, revoked_at) ON %I.event_keys'
+                       ' TO %I', s, v_reader);
+    END IF;
+END $$;
+
+SELECT engine.grant_roles() FROM engine.meta m WHERE m.key = 'roles';
+
 COMMIT;

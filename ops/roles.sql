@@ -1,6 +1,8 @@
--- Least-privilege roles for engine. Apply after schema.sql, as the owner of schema `engine`
--- (psql -f ops/roles.sql), and again after each schema upgrade; then grant the roles to login
--- roles: GRANT engine_sender TO my_web_app; GRANT engine_worker TO my_worker; ...
+-- Least-privilege roles for engine. Apply once after schema.sql, as the owner of schema
+-- `engine` (psql -f ops/roles.sql); then grant the roles to login roles: GRANT engine_sender TO
+-- my_web_app; GRANT engine_worker TO my_worker; ... Every later migration (engine migrate, or
+-- schema.sql applied by psql) grants the roles their rights on what it adds: nothing to re-apply
+-- after an upgrade.
 --
 --   engine_sender  may send events through engine.send_event(), and with an event key through
 --                  engine.send_events_with_key() (what the HTTP event API calls), and do
@@ -43,60 +45,22 @@ BEGIN
     IF to_regnamespace(s) IS NULL THEN
         RAISE EXCEPTION 'schema % does not exist: run engine migrate --schema % first', s, s;
     END IF;
+    IF to_regprocedure(s || '.grant_roles()') IS NULL THEN
+        RAISE EXCEPTION 'schema % is older than this file: run engine migrate --schema % first',
+            s, s;
+    END IF;
     FOREACH v_role IN ARRAY ARRAY[v_sender, v_worker, v_reader] LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = v_role) THEN
             EXECUTE format('CREATE ROLE %I NOLOGIN', v_role);
         END IF;
     END LOOP;
 
-    -- Nothing for PUBLIC: every right below is granted on purpose.
-    EXECUTE format('REVOKE ALL ON SCHEMA %I FROM PUBLIC', s);
-    EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA %I FROM PUBLIC', s);
-    EXECUTE format('REVOKE ALL ON ALL SEQUENCES IN SCHEMA %I FROM PUBLIC', s);
-    EXECUTE format('REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA %I FROM PUBLIC', s);
-
-    EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I, %I, %I', s, v_sender, v_worker, v_reader);
-
-    -- Sender: one function (SECURITY DEFINER, see schema.sql).
-    EXECUTE format('GRANT EXECUTE ON FUNCTION %1$I.send_event(text, jsonb, text, timestamptz, text)'
-                   ' TO %2$I', s, v_sender);
-    -- The HTTP event API's one call (SECURITY DEFINER too): a live key and names within its
-    -- prefixes.
-    EXECUTE format('GRANT EXECUTE ON FUNCTION %1$I.send_events_with_key(text, jsonb, text)'
-                   ' TO %2$I', s, v_sender);
-
-    -- Worker: the tables and every function.
-    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA %I TO %I',
-                   s, v_worker);
-    EXECUTE format('GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA %I TO %I', s, v_worker);
-    EXECUTE format('GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA %I TO %I', s, v_worker);
-
-    -- Reader: tables and views, and the pure functions the views and dashboards call.
-    EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA %I TO %I', s, v_reader);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION %1$I.now(), %1$I.schema_version(),'
-                   ' %1$I.run_event(bigint), %1$I.run_steps(uuid), %1$I.batch_of(uuid),'
-                   ' %1$I.run_history(uuid), %1$I.execution_history(uuid),'
-                   ' %1$I.pause_history(uuid), %1$I.list_event_keys(),'
-                   ' %1$I.step_history(uuid, boolean), %1$I.step_attempt_list(%1$I.steps)'
-                   ' TO %2$I', s, v_reader);
-    -- The dashboard's Functions and Workers pages (queries overview_*): why runs wait, and the
-    -- steps a worker reported executing.
-    EXECUTE format('GRANT EXECUTE ON FUNCTION %1$I.flow_reason(%1$I.runs, timestamptz),'
-                   ' %1$I.unserved_reason(), %1$I.executing_steps(jsonb) TO %2$I', s, v_reader);
-    -- Engine.list_functions and `engine functions list`, which a reader (a replica's login)
-    -- runs.
-    EXECUTE format('GRANT EXECUTE ON FUNCTION %1$I.function_list(text) TO %2$I', s, v_reader);
-    -- Bulk actions (bulk_actions, the Bulk page's background jobs): the dashboard's acting
-    -- login (the worker role) starts and advances them, and a worker's retention deletes the
-    -- ended ones; a reader only follows their progress.
-    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %I.bulk_actions TO %I',
-                   s, v_worker);
-    EXECUTE format('GRANT SELECT ON %I.bulk_actions TO %I', s, v_reader);
-    -- Of the event keys, a reader sees all but their hashes (useless without the key, but a
-    -- reader has no need of them).
-    EXECUTE format('REVOKE SELECT ON %I.event_keys FROM %I', s, v_reader);
-    EXECUTE format('GRANT SELECT (name, prefixes, created_at, revoked_at) ON %I.event_keys'
-                   ' TO %I', s, v_reader);
+    -- The rights themselves are granted by the schema's grant_roles() (schema.sql), which every
+    -- migration calls again once this note is there: roles set up once stay right across
+    -- upgrades.
+    EXECUTE format('INSERT INTO %I.meta (key, value) VALUES (''roles'', ''on'')'
+                   ' ON CONFLICT (key) DO NOTHING', s);
+    EXECUTE format('SELECT %I.grant_roles()', s);
 END $$;
 
 COMMIT;

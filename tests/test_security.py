@@ -14,6 +14,7 @@ import pytest
 from helpers import eventually, only_run_id
 
 from engine import Context, Engine, Event, TriggerEvent
+from engine.db import schema_sql
 
 ROLES_SQL = Path(__file__).parent.parent / "ops" / "roles.sql"
 
@@ -176,3 +177,48 @@ async def test_a_notify_flood_keeps_an_idle_workers_ticks_bounded(logins: dict[s
     finally:
         await sender.close()
         await app.close()
+
+
+async def test_a_migration_grants_the_roles_what_it_adds(logins: dict[str, str], sql: Any) -> None:
+    """Roles set up once stay right across upgrades: applying the schema again (what an upgrade
+    does) grants the worker and the reader their rights on the tables and functions it finds
+    without them, and leaves no function to PUBLIC, whom the sender is."""
+    # As an upgrade would leave them: a table and a function the roles have no rights on.
+    await sql.execute("CREATE TABLE engine.added_by_upgrade (id int)")
+    await sql.execute(
+        "CREATE FUNCTION engine.added_by_upgrade() RETURNS int LANGUAGE sql AS 'SELECT 1'"
+    )
+    await sql.execute("REVOKE ALL ON engine.steps FROM engine_worker, engine_reader")
+    privileges = """
+        SELECT has_table_privilege('engine_worker', 'engine.added_by_upgrade', 'INSERT'),
+               has_table_privilege('engine_worker', 'engine.steps', 'UPDATE'),
+               has_table_privilege('engine_reader', 'engine.steps', 'SELECT'),
+               has_function_privilege('engine_worker', 'engine.added_by_upgrade()', 'EXECUTE'),
+               has_function_privilege('engine_sender', 'engine.added_by_upgrade()', 'EXECUTE'),
+               has_table_privilege('engine_reader', 'engine.added_by_upgrade', 'INSERT'),
+               has_function_privilege('engine_worker', 'engine.grant_roles()', 'EXECUTE')
+    """
+    assert tuple(await sql.fetchrow(privileges)) == (False, False, False, True, True, False, False)
+
+    await sql.execute(schema_sql())
+
+    assert tuple(await sql.fetchrow(privileges)) == (True, True, True, True, False, False, False)
+    worker = await asyncpg.connect(logins["worker"])
+    try:
+        await worker.execute("INSERT INTO engine.added_by_upgrade VALUES (1)")
+    finally:
+        await worker.close()
+
+
+async def test_a_migration_leaves_a_database_without_roles_as_it_was(sql: Any) -> None:
+    """Without ops/roles.sql, applying the schema again grants and revokes nothing: PUBLIC keeps
+    PostgreSQL's defaults (a database that never opted into roles keeps working as before)."""
+    await sql.execute("SELECT engine.now()")
+    public_may = (
+        "SELECT bool_and(has_function_privilege('public', p.oid, 'EXECUTE'))"
+        " FROM pg_proc p WHERE p.pronamespace = 'engine'::regnamespace"
+    )
+    assert await sql.fetchval(public_may)
+    await sql.execute(schema_sql())
+    assert await sql.fetchval(public_may)
+    assert not await sql.fetchval("SELECT count(*) FROM engine.meta WHERE key = 'roles'")
