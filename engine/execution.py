@@ -69,6 +69,7 @@ from .replay import History, Recorded, start_branch
 from .retries import Backoff
 from .runlocal import RunLogger, current_step, structlog_logger
 from .runs import RunStatus, run_info_from_row
+from .schemas import INVOKED
 from .serialization import NotSerializable, dumps, dumps_plain, loads, stored_size, text_problem
 from .threads import StepThreads
 
@@ -566,7 +567,7 @@ class Execution:
 
         Returns the step as recorded: FAILED if the child's flow control skipped it.
         """
-        event = {"name": "engine/function.invoked", "data": data}
+        event = {"name": INVOKED, "data": data}
         with self._fenced():
             row = await self.db.fetchrow(
                 "invoke",

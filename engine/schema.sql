@@ -1517,6 +1517,40 @@ BEGIN
     RETURN v_run;
 END $$;
 
+-- Starts one run of p_function outside routing, with the event a cron tick or a step.invoke
+-- would give it (p_name: engine/scheduled.timer or engine/function.invoked, carrying p_data):
+-- the testing kit's run_function runs cron-only and invoke-only functions this way, since no
+-- event routes to them. p_admission as in insert_run. Returns the run (SKIPPED if its flow
+-- control refused it).
+CREATE OR REPLACE FUNCTION engine.start_run_directly(
+    p_app text, p_function text, p_name text, p_data jsonb, p_admission jsonb)
+RETURNS uuid LANGUAGE plpgsql AS $$
+DECLARE
+    v_now timestamptz := engine.now();
+    v_seq bigint;
+BEGIN
+    IF p_name IS DISTINCT FROM 'engine/scheduled.timer'
+       AND p_name IS DISTINCT FROM 'engine/function.invoked' THEN
+        RAISE EXCEPTION 'a run started directly has the event engine/scheduled.timer or '
+            'engine/function.invoked, not %', p_name USING ERRCODE = 'EN001';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM engine.functions f
+                   WHERE f.app_id = p_app AND f.function_id = p_function) THEN
+        RAISE EXCEPTION 'cannot start %/%: no such function is registered', p_app, p_function
+            USING ERRCODE = 'EN003';
+    END IF;
+    INSERT INTO engine.events (id, name, data, ts, received_at)
+    VALUES (gen_random_uuid()::text, p_name,
+            -- a tick's fields, as engine.fire_cron gives them (p_data names the cron)
+            CASE WHEN p_name = 'engine/scheduled.timer'
+                 THEN jsonb_build_object('scheduled_at', v_now, 'function_id', p_function)
+                 ELSE '{}' END || coalesce(p_data, '{}'),
+            v_now, v_now)
+    RETURNING seq INTO v_seq;
+    RETURN (engine.insert_run(p_app, p_function, v_seq, 'direct:' || v_seq, NULL, NULL,
+                              p_admission, v_now)).id;
+END $$;
+
 -- ---------------------------------------------------------------------------------------------
 -- Routing events to runs (one transaction: claim_events, then create_runs)
 -- ---------------------------------------------------------------------------------------------

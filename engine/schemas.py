@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 # The event of a run started by ctx.step.invoke: its data is the invoke's data.
 INVOKED = "engine/function.invoked"
+# The event of a run started by a cron tick: {cron, scheduled_at, function_id}.
+SCHEDULED = "engine/scheduled.timer"
 
 
 def check_schema(schema: Any, what: str) -> type[BaseModel]:

@@ -28,10 +28,12 @@ from .app import Engine
 from .context import Context
 from .durations import Duration, parse_duration
 from .errors import EngineError
-from .events import Event
+from .events import Event, plain_data
 from .function import Function, Handler
 from .pg_schema import DEFAULT_SCHEMA
 from .runs import RunInfo, RunStatus
+from .schemas import INVOKED, SCHEDULED
+from .serialization import dumps
 from .steps import Steps
 
 
@@ -135,7 +137,10 @@ async def run_function(
             "run_function needs a test database: ask for the engine_database_url fixture (or"
             " engine_app) in the test, or pass database_url="
         )
-    if not any(t.matches(event.model_dump(mode="json")) for t in fn.event_triggers):
+    direct = _started_directly(fn, event)
+    if direct is None and not any(
+        t.matches(event.model_dump(mode="json")) for t in fn.event_triggers
+    ):
         raise EngineError(f"event {event.name!r} does not trigger function {fn.fn_id!r}")
     app = Engine(fn.app_id, url, retention=None, schema=schema)
     mocked = dataclasses.replace(fn, handler=_mocking(fn.handler, steps or {}, events or {}))
@@ -143,12 +148,42 @@ async def run_function(
         app.functions[function.fn_id] = function
     try:
         async with app.worker(poll_interval="100ms"):
-            [event_id] = await app.send(event)
-            runs = await app.runs_for_event(event_id, at_least=1, timeout=timeout)
-            [run] = [r for r in runs if r.function_id == fn.fn_id]
-            return await _Driver(app, run.run_id, events or {}).finish(timeout)
+            if direct is None:
+                [event_id] = await app.send(event)
+                runs = await app.runs_for_event(event_id, at_least=1, timeout=timeout)
+                [run] = [r for r in runs if r.function_id == fn.fn_id]
+                run_id = run.run_id
+            else:
+                db = await app.database()
+                run_id = await db.fetchval(
+                    "start_run_directly",
+                    fn.app_id,
+                    fn.fn_id,
+                    event.name,
+                    dumps(direct),
+                    dumps(fn.direct_admission({"name": event.name, "data": direct})),
+                )
+            return await _Driver(app, run_id, events or {}).finish(timeout)
     finally:
         await app.close()
+
+
+def _started_directly(fn: Function, event: Event[Any]) -> dict[str, Any] | None:
+    """The event data of a run of ``fn`` that ``event`` starts without routing, as a cron tick
+    or a ``step.invoke`` would (no event routes to a cron-only or invoke-only function); None
+    when ``event`` is an ordinary event.
+
+    Raises:
+        EngineError: a cron tick for a function with no cron trigger.
+    """
+    data: dict[str, Any] = plain_data(event.data)
+    if event.name == INVOKED:
+        return data
+    if event.name != SCHEDULED:
+        return None
+    if not fn.crons:
+        raise EngineError(f"function {fn.fn_id!r} has no cron trigger: no tick starts it")
+    return {"cron": fn.crons[0].cron, **data}
 
 
 def _mocking(

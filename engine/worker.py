@@ -36,7 +36,7 @@ from .records import ClaimedRun
 from .retention import PRUNE_EVERY, Pruner
 from .router import EVENT_BATCH, RoutedRun, Router
 from .runs import RunStatus
-from .schemas import typed_events
+from .schemas import SCHEDULED, typed_events
 from .serialization import dumps, loads
 from .steps import Steps
 from .threads import StepThreads
@@ -393,7 +393,7 @@ class Worker:
                     continue
                 tick = schedule.latest_until(row["next_at"], now)
                 function = self.engine.functions[row["function_id"]]
-                event = {"name": "engine/scheduled.timer", "data": {"cron": row["cron"]}}
+                event = {"name": SCHEDULED, "data": {"cron": row["cron"]}}
                 run_id = await db.fetchval(
                     "fire_cron",
                     self.engine.app_id,

@@ -24,6 +24,7 @@ from engine import (
     Event,
     RunStatus,
     Throttle,
+    TriggerCron,
     TriggerEvent,
 )
 from engine.testing import _Driver, advance_clock, run_function
@@ -124,6 +125,42 @@ async def test_run_function_refuses_an_event_that_does_not_trigger_the_function(
 ) -> None:
     with pytest.raises(EngineError, match="does not trigger function 'checkout'"):
         await run_function(checkout, Event(name="shop/other"), database_url=database_url)
+
+
+@shop.create_function("nightly", trigger=TriggerCron("0 3 * * *"))
+async def nightly(ctx: Context) -> dict[str, Any]:
+    """A cron-only function: no event routes to it."""
+    await ctx.step.sleep("settle", "1h")
+    return {"event": ctx.event.name, "cron": ctx.event.data["cron"]}
+
+
+@shop.create_function("refund", trigger=[])
+async def refund(ctx: Context) -> str:
+    """An invoke-only function: only ctx.step.invoke starts it."""
+    amount = await ctx.step.run("refund", lambda: ctx.event.data["amount"])
+    return f"refunded {amount}"
+
+
+async def test_run_function_starts_a_cron_function_with_a_tick(engine_database_url: str) -> None:
+    run = await run_function(nightly, Event(name="engine/scheduled.timer"))
+    assert run.status is RunStatus.COMPLETED
+    assert run.output == {"event": "engine/scheduled.timer", "cron": "0 3 * * *"}
+    assert [s.step_id for s in run.steps] == ["settle"]
+
+
+async def test_run_function_starts_an_invoke_only_function_with_its_data(
+    engine_database_url: str,
+) -> None:
+    run = await run_function(refund, Event(name="engine/function.invoked", data={"amount": 12}))
+    assert run.status is RunStatus.COMPLETED
+    assert run.output == "refunded 12"
+
+
+async def test_run_function_refuses_a_tick_for_a_function_without_a_cron(
+    engine_database_url: str,
+) -> None:
+    with pytest.raises(EngineError, match="'checkout' has no cron trigger"):
+        await run_function(checkout, Event(name="engine/scheduled.timer"))
 
 
 def test_run_function_without_a_database_says_how_to_get_one() -> None:

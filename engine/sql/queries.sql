@@ -123,6 +123,9 @@ SELECT engine.suspend_run($1::uuid, $2::uuid, $3, $4, $5, $6, $7, $8, $9::jsonb,
 -- name: finish_run
 SELECT engine.finish_run($1::uuid, $2::uuid, $3, $4, $5::jsonb, $6::jsonb, $7, $8::jsonb)
 
+-- name: start_run_directly
+SELECT engine.start_run_directly($1, $2, $3, $4::jsonb, $5::jsonb)
+
 -- name: checkpoint_many
 SELECT ord, result FROM engine.checkpoint_many($1::jsonb)
 
