@@ -382,6 +382,16 @@ CREATE TABLE IF NOT EXISTS engine.functions (
     PRIMARY KEY (app_id, function_id)
 );
 
+-- The functions triggered by a system event (engine/function.finished...): a run's end asks
+-- whether one exists for the events it sends (engine.emit_system_event). Through this index the
+-- answer reads only those few functions, never every function's triggers: a containment test
+-- on each row cost a run's end 0.24 ms with 200 functions registered, 1.4-1.7 ms with 2,000.
+-- The predicate holds for any trigger that names an engine/ event (and for any other trigger
+-- whose text holds "engine/, which only makes the index a little larger).
+SELECT engine.ensure_index('functions_system_triggers_idx', $index$
+CREATE INDEX IF NOT EXISTS functions_system_triggers_idx ON engine.functions (app_id)
+    WHERE triggers::text LIKE '%"engine/%'$index$);
+
 -- The workers alive, with the functions each serves: a row per worker, refreshed by its
 -- heartbeat (engine.worker_beat, every few seconds, never per step) and deleted when it stops
 -- or, after it expires, by engine.sweep. Several versions of an app may run side by side (a
@@ -3239,8 +3249,9 @@ BEGIN
     PERFORM engine.lock_event_names(ARRAY[p_name], false);
     IF (SELECT m.event_name FROM engine.matchers m WHERE m.event_name >= p_name
         ORDER BY m.event_name LIMIT 1) IS NOT DISTINCT FROM p_name  -- see matchers_name_idx
-       OR EXISTS (SELECT 1 FROM engine.functions f
-                  WHERE f.triggers @> jsonb_build_array(jsonb_build_object('event', p_name))) THEN
+       OR EXISTS (SELECT 1 FROM engine.functions f  -- see functions_system_triggers_idx
+                  WHERE f.triggers::text LIKE '%"engine/%'
+                    AND f.triggers @> jsonb_build_array(jsonb_build_object('event', p_name))) THEN
         INSERT INTO engine.event_queue (seq, due_at) VALUES (v_seq, v_now);
     END IF;
 END $$;

@@ -283,6 +283,35 @@ async def test_a_step_and_a_run_end_read_the_run_by_its_primary_key(session: Ses
     uses(scans, "runs_pkey")
 
 
+async def test_a_run_end_reads_only_the_functions_a_system_event_triggers(
+    session: Session,
+) -> None:
+    """Whether a run's engine/function.finished starts a function is answered from the
+    functions that a system event triggers (functions_system_triggers_idx), not by reading
+    the triggers of every function registered: 2,000 of them here, and one that
+    engine/function.failed triggers."""
+    await session.setup(
+        "INSERT INTO engine.functions (app_id, function_id, triggers)"
+        " SELECT 'many', 'fn-' || g, jsonb_build_array(jsonb_build_object('event', 'many/' || g))"
+        " FROM generate_series(1, 2000) g"
+        " UNION ALL SELECT 'many', 'on-failure', '[{\"event\": \"engine/function.failed\"}]'"
+    )
+    owner = uuid4()
+    await _send(session, "scale/three", {})
+    rows, _scans = await _route(session, owner)
+    run, token = rows[1]["id"], rows[1]["lease_token"]
+    item = _item(run, owner, token, [_step("a", 0)], status="COMPLETED", log_lines=0)
+    done, scans = await session.call("finish_many", item)
+    assert done[0]["result"] == "ok"
+    functions = [
+        s
+        for s in scans
+        if s.relation == "functions" or s.index is not None and s.index.startswith("functions_")
+    ]
+    assert functions, "the run's end did not look for functions its events trigger"
+    assert all(s.rows_read <= 1 for s in functions), "\n".join(map(str, functions))
+
+
 async def test_due_sleepers_are_claimed_through_the_index_of_due_runs(session: Session) -> None:
     """Five of the 10,000 sleepers come due: the claim finds them through runs_due_idx without
     reading the others (nor the 10,000 waiters, nor the finished runs), and the next due time
