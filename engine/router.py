@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -80,6 +81,10 @@ class Router:
         self._simple = "[]"  # plain triggers, for engine.route_simple (see _split_registry)
         self._complex: list[str] = []
         self._local_simple: Counter[str] = Counter()  # plain local triggers by event name
+        # By event name, for a send: its plain triggers (JSON array items) and whether it is
+        # complex. A send passes those of its own events' names only (see send_and_route).
+        self._simple_by_name: dict[str, str] = {}
+        self._complex_names: frozenset[str] = frozenset()
 
     async def route(
         self, owner: UUID, lease: timedelta, capacity: int
@@ -130,23 +135,31 @@ class Router:
     async def send_and_route(
         self,
         payload: str,
+        names: Collection[str],
+        *,
         traceparent: str | None,
         owner: UUID,
         lease: timedelta,
         capacity: int,
     ) -> tuple[list[str], list[RoutedRun]]:
-        """Stores the events of ``payload`` and routes, in the same transaction, those that need
-        no Python (see ``engine.send_and_route``); returns their ids and the runs leased here.
+        """Stores the events of ``payload`` (whose names are ``names``) and routes, in the same
+        transaction, those that need no Python (see ``engine.send_and_route``); returns their
+        ids and the runs leased here.
 
-        Before the registry is loaded (no routing yet), nothing is routed here: the events wait
-        for the routers, as any sent event does.
+        Only the triggers of ``names`` go with the call: the whole registry (every trigger of
+        every app of the schema) cost each send its transfer and parsing, 0.25 ms more a send
+        with 200 other triggers and 2.5 ms with 2,000. Before the registry is loaded (no
+        routing yet), nothing is routed here: the events wait for the routers, as any sent
+        event does.
         """
+        distinct = set(names)
+        simple = ",".join(self._simple_by_name[n] for n in distinct if n in self._simple_by_name)
         rows = await self._db.fetch(
             "send_and_route",
             payload,
             traceparent,
-            self._simple,
-            self._complex,
+            f"[{simple}]",
+            sorted(distinct & self._complex_names),
             -1 if self._version is None else self._version,  # matches no registry version
             self._app_id,
             owner,
@@ -165,23 +178,26 @@ class Router:
         """Sorts the registry's event triggers: plain ones (no expression, on a function with no
         flow control) can be routed in SQL; any other trigger makes its event name complex."""
         simple, complex_names, local_simple = [], set(), Counter[str]()
+        by_name: dict[str, list[dict[str, Any]]] = {}
         for fn in (*self._own, *self._others):
             for trigger in fn.triggers:
                 if trigger.if_exp is None and not fn.flow:
                     local_simple[trigger.event] += fn.local
-                    simple.append(
-                        {
-                            "app_id": fn.app_id,
-                            "function_id": fn.fn_id,
-                            "event": trigger.event,
-                            "local": fn.local,
-                        }
-                    )
+                    entry = {
+                        "app_id": fn.app_id,
+                        "function_id": fn.fn_id,
+                        "event": trigger.event,
+                        "local": fn.local,
+                    }
+                    simple.append(entry)
+                    by_name.setdefault(trigger.event, []).append(entry)
                 else:
                     complex_names.add(trigger.event)
         self._simple = dumps(simple)
         self._complex = sorted(complex_names)
         self._local_simple = local_simple
+        self._simple_by_name = {name: dumps(entries)[1:-1] for name, entries in by_name.items()}
+        self._complex_names = frozenset(complex_names)
 
     async def _route_full(
         self, owner: UUID, lease: timedelta, capacity: int

@@ -227,12 +227,18 @@ class Worker:
         are routed and claimed as usual. Returns the event ids.
         """
         assert self._router is not None
-        wanted = self._router.most_runs_here([event["name"] for event in payload])
+        names = [event["name"] for event in payload]
+        wanted = self._router.most_runs_here(names)
         capacity = min(max(self._free_slots(), 0), wanted)
         self._reserved += capacity
         try:
             ids, mine = await self._router.send_and_route(
-                dumps(payload), traceparent, self.owner, self.lease, capacity
+                dumps(payload),
+                names,
+                traceparent=traceparent,
+                owner=self.owner,
+                lease=self.lease,
+                capacity=capacity,
             )
         except BaseException:
             # The transaction may have committed unheard: its runs would be leased to us and

@@ -304,9 +304,7 @@ async def test_a_run_end_reads_only_the_functions_a_system_event_triggers(
     done, scans = await session.call("finish_many", item)
     assert done[0]["result"] == "ok"
     functions = [
-        s
-        for s in scans
-        if s.relation == "functions" or s.index is not None and s.index.startswith("functions_")
+        s for s in scans if s.relation == "functions" or (s.index or "").startswith("functions_")
     ]
     assert functions, "the run's end did not look for functions its events trigger"
     assert all(s.rows_read <= 1 for s in functions), "\n".join(map(str, functions))

@@ -7,6 +7,7 @@ apps, names that need Python, scheduled events, a routing that fails, a stopped 
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -241,8 +242,8 @@ async def test_runs_routed_as_the_worker_stops_are_left_to_their_lease(
     async with app.worker(lease="1s") as worker:
         route = worker._router.send_and_route  # type: ignore[union-attr]
 
-        async def stopping_meanwhile(*args: Any) -> Any:
-            answer = await route(*args)
+        async def stopping_meanwhile(*args: Any, **kwargs: Any) -> Any:
+            answer = await route(*args, **kwargs)
             worker.stop()
             return answer
 
@@ -253,3 +254,57 @@ async def test_runs_routed_as_the_worker_stops_are_left_to_their_lease(
     async with app.worker(lease="1s"):
         run = await app.wait_for_run(await only_run_id(app, event_id))
     assert run.status is RunStatus.COMPLETED and calls == ["ran"]
+
+
+async def test_a_send_carries_the_triggers_of_its_own_event_names_only(
+    make_engine: Any, sql: asyncpg.Connection
+) -> None:
+    """The routing inside a send needs the triggers of the names it sends, not the whole
+    registry (every trigger of every app of the schema, which cost each send its transfer and
+    parsing); the runs it starts are the same."""
+    web, billing = make_engine("web"), make_engine("billing")
+
+    @web.create_function("welcome", trigger=TriggerEvent("user/signup"))
+    async def welcome(ctx: Context) -> str:
+        return "welcome"
+
+    @web.create_function("big-orders", trigger=TriggerEvent("shop/order", "event.data.total > 1"))
+    async def big(ctx: Context) -> str:
+        return "big"
+
+    @billing.create_function("open-account", trigger=TriggerEvent("user/signup"))
+    async def open_account(ctx: Context) -> str:
+        return "account"
+
+    for n in range(50):  # functions of other names, which no send below names
+
+        @billing.create_function(f"other-{n}", trigger=TriggerEvent(f"other/{n}"))
+        async def other(ctx: Context) -> None:
+            return None
+
+    async with billing.worker(poll_interval=SLOW_POLL), web.worker(poll_interval=SLOW_POLL):
+        db = await web.database()
+        carried: list[tuple[Any, ...]] = []
+        fetch = db.fetch
+
+        async def spy(query: str, *args: Any, **kwargs: Any) -> Any:
+            if query == "send_and_route":
+                carried.append(args)
+            return await fetch(query, *args, **kwargs)
+
+        db.fetch = spy  # type: ignore[method-assign]
+        [signup] = await web.send(Event(name="user/signup"))
+        [order, _] = await web.send(
+            [Event(name="shop/order", data={"total": 5}), Event(name="user/signup")]
+        )
+        await eventually(lambda: _completed(web, signup, runs=2))
+        await eventually(lambda: _completed(web, order, runs=1))
+
+    simple, complex_names = json.loads(carried[0][2]), carried[0][3]
+    assert sorted((t["function_id"], t["event"]) for t in simple) == [
+        ("open-account", "user/signup"),
+        ("welcome", "user/signup"),
+    ]
+    assert complex_names == []
+    simple, complex_names = json.loads(carried[1][2]), carried[1][3]
+    assert {t["event"] for t in simple} == {"user/signup"} and complex_names == ["shop/order"]
