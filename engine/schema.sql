@@ -643,10 +643,22 @@ CREATE TABLE IF NOT EXISTS engine.event_names (
 CREATE OR REPLACE FUNCTION engine.lock_event_names(p_names text[], p_exclusive boolean)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
-    v_names  text[] := ARRAY(SELECT DISTINCT x FROM unnest(p_names) x WHERE x IS NOT NULL
-                             ORDER BY 1);
+    v_names  text[];
     v_locked int;
 BEGIN
+    -- One name whose row exists (every run's end, most routings): the lock alone, without the
+    -- INSERT that would find the row there (5-8 µs a call instead of 15-25).
+    IF cardinality(p_names) = 1 AND p_names[1] IS NOT NULL THEN
+        IF p_exclusive THEN
+            PERFORM 1 FROM engine.event_names n WHERE n.name = p_names[1] FOR UPDATE;
+        ELSE
+            PERFORM 1 FROM engine.event_names n WHERE n.name = p_names[1] FOR SHARE;
+        END IF;
+        IF FOUND THEN
+            RETURN;
+        END IF;
+    END IF;
+    v_names := ARRAY(SELECT DISTINCT x FROM unnest(p_names) x WHERE x IS NOT NULL ORDER BY 1);
     LOOP
         INSERT INTO engine.event_names (name) SELECT unnest(v_names) ON CONFLICT DO NOTHING;
         IF p_exclusive THEN
@@ -1943,11 +1955,6 @@ $$;
 -- created RUNNING and leased to p_owner (the router executes them at once; never a run with
 -- concurrency limits, whose permits only the claim takes); the others are QUEUED.
 -- Returns the runs leased to p_owner. The unique dedupe key makes routing exactly-once.
--- What makes this database's run ids its own: the install id (engine.meta, random, created once),
--- the database's oid and the cluster's system identifier. A database reset or created anew gets
--- a new install id; a copy (CREATE DATABASE ... TEMPLATE, a dump restored elsewhere) keeps the
--- install id but not the oid and cluster. A crash, a restart or a failover to a physical
--- replica change none of them, so a routing redone after a crash derives the same ids.
 -- A new run's own trace context (W3C traceparent): a new span id in the sender's trace
 -- (p_parent), or in a new trace when the sender had none. Every execution of the run is a child
 -- of this span, so a run is always one trace, across sleeps, retries and workers; the worker
@@ -1959,19 +1966,37 @@ LANGUAGE sql VOLATILE AS $$
            || coalesce(right(p_parent, 2), '01')
 $$;
 
+-- What makes this database's run ids its own: the install id (engine.meta, random, created once),
+-- the database's oid and the cluster's system identifier. A database reset or created anew gets
+-- a new install id; a copy (CREATE DATABASE ... TEMPLATE, a dump restored elsewhere) keeps the
+-- install id but not the oid and cluster. A crash, a restart or a failover to a physical
+-- replica change none of them, so a routing redone after a crash derives the same ids.
+-- Computed once per session (the cluster's identifier is read from a file, under a
+-- subtransaction: 15-23 µs a routing) and kept in a setting of the session, under this
+-- database's install id: a schema reset meanwhile (a new install id) computes it again, as does
+-- a session whose setting was reset (DISCARD ALL). Only the worker role routes, and it may
+-- write runs anyway: what it sets in its own session gives it nothing more.
 CREATE OR REPLACE FUNCTION engine.run_id_salt() RETURNS text
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    v_salt text;
+    v_install text := (SELECT m.value FROM engine.meta m WHERE m.key = 'install_id');
+    v_kept    text := current_setting('engine.run_id_salt', true);
+    v_salt    text;
 BEGIN
-    SELECT m.value || '/' || d.oid INTO STRICT v_salt
-    FROM engine.meta m, pg_database d
-    WHERE m.key = 'install_id' AND d.datname = current_database();
+    IF starts_with(v_kept, v_install || '/') THEN
+        RETURN v_kept;
+    END IF;
+    IF v_install IS NULL THEN
+        RAISE EXCEPTION 'engine.meta holds no install_id: apply the schema again';
+    END IF;
+    SELECT v_install || '/' || d.oid INTO STRICT v_salt
+    FROM pg_database d WHERE d.datname = current_database();
     BEGIN
         v_salt := v_salt || '/' || (SELECT c.system_identifier FROM pg_control_system() c);
     EXCEPTION WHEN insufficient_privilege THEN
         NULL;  -- a managed server may hide it: the install id and the oid remain
     END;
+    PERFORM set_config('engine.run_id_salt', v_salt, false);
     RETURN v_salt;
 END $$;
 

@@ -97,6 +97,11 @@ async def test_the_install_id_is_created_once_and_survives_reapplying_the_schema
     created = await sql.fetchval("SELECT value FROM engine.meta WHERE key = 'install_id'")
     assert created is not None and created != before
     assert await sql.fetchval("SELECT engine.schema_version()") == 11
+    # The salt this session computed (and kept) before follows the new install id.
+    renewed = await sql.fetchval("SELECT engine.run_id_salt()")
+    assert renewed.startswith(f"{created}/") and renewed.split("/")[1:] == salt.split("/")[1:]
+    await sql.execute("RESET ALL")  # what a pooler's reset does: the salt is computed again
+    assert await sql.fetchval("SELECT engine.run_id_salt()") == renewed
 
 
 async def test_names_with_slashes_cannot_collide(make_engine: Callable[..., Engine]) -> None:
