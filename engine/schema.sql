@@ -2106,9 +2106,8 @@ BEGIN
                CASE WHEN x.claim THEN 1 ELSE 0 END,
                CASE WHEN x.claim THEN v_now + p_lease END,
                e.traceparent, engine.new_trace_context(e.traceparent),
-               v_now + engine.timeout_of(x.app_id, x.function_id, 'start'),
-               engine.timeout_of(x.app_id, x.function_id, 'finish'),
-               CASE WHEN x.claim THEN v_now + engine.timeout_of(x.app_id, x.function_id, 'finish') END,
+               v_now + t.start_timeout, t.finish_timeout,
+               CASE WHEN x.claim THEN v_now + t.finish_timeout END,
                nullif(x.concurrency, 'null'),
                x.singleton_key, nullif(x.throttle, 'null'), x.debounce_key,
                v_now + make_interval(secs => x.debounce_timeout),
@@ -2125,6 +2124,12 @@ BEGIN
         -- join was planned as a hash of every event while the table was small (see route_simple).
         CROSS JOIN LATERAL (SELECT ev.received_at, ev.traceparent FROM engine.events ev
                             WHERE ev.seq = x.event_seq LIMIT 1) e
+        -- The function's timeouts, read once per run (as engine.timeout_of reads them).
+        LEFT JOIN LATERAL (SELECT (f.config #>> '{timeouts,start}')::interval AS start_timeout,
+                                  (f.config #>> '{timeouts,finish}')::interval AS finish_timeout
+                           FROM engine.functions f
+                           WHERE f.app_id = x.app_id AND f.function_id = x.function_id
+                           LIMIT 1) t ON true
         ON CONFLICT (app_id, function_id, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
         RETURNING r.id, r.app_id, r.function_id, r.event_seq, r.lease_token, r.created_at,
                   r.trace_context
