@@ -3760,7 +3760,6 @@ BEGIN
     END LOOP;
 END $$;
 
-
 -- ---------------------------------------------------------------------------------------------
 -- Least-privilege roles (ops/roles.sql): <schema>_sender, <schema>_worker and <schema>_reader
 -- get exactly their rights on this schema's objects, and PUBLIC none. ops/roles.sql creates the
