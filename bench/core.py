@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -157,6 +157,9 @@ async def throughput(url: str, runs: int, *, sync_steps: bool = True) -> dict[st
     return {"runs_per_s": runs / elapsed, "steps_per_s": 3 * runs / elapsed}
 
 
+PROCESSES_APP = "bench-processes"  # the app of bench/throughput_app.py
+
+
 def start_workers(url: str, processes: int) -> list[subprocess.Popen[bytes]]:
     """`engine worker bench/throughput_app.py` processes, concurrency 50 each."""
     env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(Path(__file__).parent)}
@@ -167,31 +170,46 @@ def start_workers(url: str, processes: int) -> list[subprocess.Popen[bytes]]:
     ]
 
 
-async def throughput_processes(url: str, runs: int, processes: int) -> dict[str, float]:
-    """The 3-step workload run by separate `engine worker` processes (sync step callables)."""
-    conn = await asyncpg.connect(url)
-    await conn.execute("DELETE FROM engine.runs WHERE app_id = 'bench-processes'")
-    workers = start_workers(url, processes)
+@contextlib.asynccontextmanager
+async def worker_processes(url: str, count: int) -> AsyncIterator[list[subprocess.Popen[bytes]]]:
+    """``count`` worker processes (:func:`start_workers`), started and registered; stopped
+    after the block."""
+    started = start_workers(url, count)
     try:
         await asyncio.sleep(3.0)  # the processes start and register
-        sender = Engine("bench-processes", url)
-        start_at = time.perf_counter()
+        yield started
+    finally:
+        for worker in started:
+            worker.terminate()
+        for worker in started:
+            worker.wait(timeout=30)
+
+
+async def send_until_completed(url: str, conn: asyncpg.Connection, runs: int) -> float:
+    """Sends ``runs`` events of bench/throughput_app.py's function (batches of 1,000) and waits
+    until every run of its app completed; the seconds from the first send."""
+    sender = Engine(PROCESSES_APP, url)
+    done = "SELECT count(*) FROM engine.runs WHERE app_id = $1 AND status = 'COMPLETED'"
+    try:
+        began = time.perf_counter()
         for offset in range(0, runs, 1000):
             batch = min(1000, runs - offset)
             await sender.send([Event(name="bench/processes") for _ in range(batch)])
-        done_query = (
-            "SELECT count(*) FROM engine.runs WHERE app_id = 'bench-processes'"
-            " AND status = 'COMPLETED'"
-        )
-        while await conn.fetchval(done_query) < runs:  # noqa: ASYNC110 - polls the database
+        while await conn.fetchval(done, PROCESSES_APP) < runs:  # noqa: ASYNC110 - polls the database
             await asyncio.sleep(0.05)
-        elapsed = time.perf_counter() - start_at
-        await sender.close()
+        return time.perf_counter() - began
     finally:
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            worker.wait(timeout=30)
+        await sender.close()
+
+
+async def throughput_processes(url: str, runs: int, processes: int) -> dict[str, float]:
+    """The 3-step workload run by separate `engine worker` processes (sync step callables)."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("DELETE FROM engine.runs WHERE app_id = $1", PROCESSES_APP)
+        async with worker_processes(url, processes):
+            elapsed = await send_until_completed(url, conn, runs)
+    finally:
         await conn.close()
     return {"runs_per_s": runs / elapsed, "steps_per_s": 3 * runs / elapsed}
 

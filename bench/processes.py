@@ -27,7 +27,6 @@ import contextlib
 import json
 import os
 import sys
-import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -40,12 +39,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import core
 
-from engine import Engine, Event
 from engine.db import Database
 from engine.embedded import data_directory
 from engine.logs import configure_logging
 
-APP = "bench-processes"  # bench/throughput_app.py's app
+APP = core.PROCESSES_APP
 
 
 def server_processes(url: str) -> list[psutil.Process]:
@@ -107,23 +105,14 @@ async def sample_activity(conn: asyncpg.Connection[Any], seen: Counter[str]) -> 
 @contextlib.asynccontextmanager
 async def workers(url: str, count: int) -> AsyncIterator[list[psutil.Process]]:
     """``count`` worker processes, started and registered; stopped after the block."""
-    started = core.start_workers(url, count)
-    try:
-        await asyncio.sleep(3.0)  # the processes start and register
+    async with core.worker_processes(url, count) as started:
         yield [psutil.Process(w.pid) for w in started]
-    finally:
-        for worker in started:
-            worker.terminate()
-        for worker in started:
-            worker.wait(timeout=30)
 
 
 async def one_run(url: str, count: int, runs: int) -> dict[str, float]:
     """The 3-step workload on ``count`` worker processes, and where its time went."""
     conn = await asyncpg.connect(url)
     await conn.execute("DELETE FROM engine.runs WHERE app_id = $1", APP)
-    done = "SELECT count(*) FROM engine.runs WHERE app_id = $1 AND status = 'COMPLETED'"
-    sender = Engine(APP, url)
     async with workers(url, count) as processes:
         server = server_processes(url)
         cpu = (cpu_seconds(processes), cpu_seconds(server), machine_busy())
@@ -131,13 +120,7 @@ async def one_run(url: str, count: int, runs: int) -> dict[str, float]:
         seen: Counter[str] = Counter()
         watcher = await asyncpg.connect(url)
         sampling = asyncio.create_task(sample_activity(watcher, seen))
-        begin = time.perf_counter()
-        for offset in range(0, runs, 1000):
-            batch = min(1000, runs - offset)
-            await sender.send([Event(name="bench/processes") for _ in range(batch)])
-        while await conn.fetchval(done, APP) < runs:  # noqa: ASYNC110 - polls the database
-            await asyncio.sleep(0.05)
-        elapsed = time.perf_counter() - begin
+        elapsed = await core.send_until_completed(url, conn, runs)
         sampling.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sampling
@@ -146,7 +129,6 @@ async def one_run(url: str, count: int, runs: int) -> dict[str, float]:
         server_cpu = used(cpu[1], cpu_seconds(server_processes(url)))
         busy, total = (b - a for a, b in zip(cpu[2], machine_busy(), strict=True))
         await watcher.close()
-    await sender.close()
     await conn.close()
     samples = sum(seen.values()) or 1
     figures = {
