@@ -191,7 +191,7 @@ class Execution:
         if task is not None:
             self._branches.add(task)
         try:
-            match = self.history.ask(step_id, kind)
+            match = self.history.ask(step_id, kind, task)
         except DeterminismError as exc:
             self.fail(exc)
         if not match.recorded and self.history.count() > self.limits.max_steps:

@@ -59,13 +59,14 @@ def start_branch() -> None:
     _last_step.set(("", asyncio.current_task()))
 
 
-def current_place() -> str:
-    """The place of a step asked for now, in the current branch (see the module docstring)."""
+def current_place(task: asyncio.Task[Any] | None = None) -> str:
+    """The place of a step asked for now, in the current branch (see the module docstring).
+    ``task``: the current task, when the caller has it at hand."""
     last = _last_step.get()
     if last is None:
         return "+"
-    key, task = last
-    return (">" if task is asyncio.current_task() else "+") + key
+    key, branch = last
+    return (">" if branch is (task or asyncio.current_task()) else "+") + key
 
 
 def describe(place: str) -> str:
@@ -137,10 +138,12 @@ class History:
         self._replayed_places = frozenset(self._places())
         self._recorded_at_start = len(self.recorded)
 
-    def ask(self, step_id: str, kind: str) -> Match:
+    def ask(self, step_id: str, kind: str, task: asyncio.Task[Any] | None = None) -> Match:
         """Matches a request to its record, or gives it a new key; raises DeterminismError
-        when the request proves that the function changed."""
-        place = current_place()
+        when the request proves that the function changed. ``task``: the current task (looked
+        up if not given)."""
+        task = task or asyncio.current_task()
+        place = current_place(task)
         count = self._requests[step_id]
         self._requests[step_id] = count + 1
         key = self._match(step_id, place, count)
@@ -162,7 +165,7 @@ class History:
                 )
             match = Match(key, step.position, place, recorded=True)
         self.asked.add(key)
-        _last_step.set((key, asyncio.current_task()))
+        _last_step.set((key, task))
         return match
 
     def _match(self, step_id: str, place: str, count: int) -> str | None:
