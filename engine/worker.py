@@ -466,6 +466,9 @@ class Worker:
     def _routed(self, routed: RoutedRun) -> ClaimedRun:
         row = routed.row
         event = routed.decoded_event()
+        # Its state so far, the event, counted as a claim counts it: the JSON text as read (a
+        # run routed in Python holds the event decoded already).
+        state = len(routed.event) if isinstance(routed.event, str) else len(dumps(event))
         return ClaimedRun(
             run_id=row["id"],
             function=self.engine.functions[row["function_id"]],
@@ -476,7 +479,7 @@ class Worker:
             traceparent=routed.traceparent,
             claimed_at=row["created_at"],
             events=[event_from_row(event)],
-            state_bytes=len(dumps(event)),  # its state so far: the event
+            state_bytes=state,
             trace_context=row["trace_context"],
         )
 
