@@ -1539,6 +1539,18 @@ BEGIN
     RETURN v_run;
 END $$;
 
+-- Raises EN003 unless p_app's p_function is registered: a run started outside routing (an
+-- invoke, a direct start) names its function itself. p_verb says what could not be done.
+CREATE OR REPLACE FUNCTION engine.require_function(p_app text, p_function text, p_verb text)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM engine.functions f
+                   WHERE f.app_id = p_app AND f.function_id = p_function) THEN
+        RAISE EXCEPTION 'cannot % %/%: no such function is registered', p_verb, p_app,
+            p_function USING ERRCODE = 'EN003';
+    END IF;
+END $$;
+
 -- Starts one run of p_function outside routing, with the event a cron tick or a step.invoke
 -- would give it (p_name: engine/scheduled.timer or engine/function.invoked, carrying p_data):
 -- the testing kit's run_function runs cron-only and invoke-only functions this way, since no
@@ -1556,11 +1568,7 @@ BEGIN
         RAISE EXCEPTION 'a run started directly has the event engine/scheduled.timer or '
             'engine/function.invoked, not %', p_name USING ERRCODE = 'EN001';
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM engine.functions f
-                   WHERE f.app_id = p_app AND f.function_id = p_function) THEN
-        RAISE EXCEPTION 'cannot start %/%: no such function is registered', p_app, p_function
-            USING ERRCODE = 'EN003';
-    END IF;
+    PERFORM engine.require_function(p_app, p_function, 'start');
     INSERT INTO engine.events (id, name, data, ts, received_at)
     VALUES (gen_random_uuid()::text, p_name,
             -- a tick's fields, as engine.fire_cron gives them (p_data names the cron)
@@ -3231,11 +3239,7 @@ BEGIN
     IF engine.hold_lease(p_run, p_owner, p_token) IS NULL THEN
         RAISE EXCEPTION 'run %: lease lost', p_run USING ERRCODE = 'EN002';
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM engine.functions f
-                   WHERE f.app_id = p_app AND f.function_id = p_function) THEN
-        RAISE EXCEPTION 'cannot invoke %/%: no such function is registered', p_app, p_function
-            USING ERRCODE = 'EN003';
-    END IF;
+    PERFORM engine.require_function(p_app, p_function, 'invoke');
     INSERT INTO engine.events (id, name, data, ts, received_at, traceparent)
     VALUES (gen_random_uuid()::text, 'engine/function.invoked',
             p_data, v_now, v_now, p_traceparent)

@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from helpers import eventually
 
@@ -161,6 +162,20 @@ async def test_run_function_refuses_a_tick_for_a_function_without_a_cron(
 ) -> None:
     with pytest.raises(EngineError, match="'checkout' has no cron trigger"):
         await run_function(checkout, Event(name="engine/scheduled.timer"))
+
+
+async def test_a_direct_start_names_a_registered_function(sql: Any) -> None:
+    """The SQL behind a direct start refuses a function no worker registered, as an invoke
+    does (EN003), and an event it does not start runs with."""
+    with pytest.raises(asyncpg.PostgresError, match="cannot start shop/ghost: no such function"):
+        await sql.fetchval(
+            "SELECT engine.start_run_directly('shop', 'ghost', 'engine/function.invoked',"
+            " '{}', '{}')"
+        )
+    with pytest.raises(asyncpg.PostgresError, match="not shop/paid"):
+        await sql.fetchval(
+            "SELECT engine.start_run_directly('shop', 'ghost', 'shop/paid', '{}', '{}')"
+        )
 
 
 def test_run_function_without_a_database_says_how_to_get_one() -> None:
