@@ -1108,6 +1108,7 @@ DECLARE
     v_ts    timestamptz;
     v_seq   bigint;
     v_fresh boolean;
+    v_keyed boolean;  -- the event came with its own id (kept 24 hours in engine.event_ids)
     v_trace text;
 BEGIN
     IF jsonb_typeof(p_events) IS DISTINCT FROM 'array' THEN
@@ -1120,6 +1121,7 @@ BEGIN
     FOR v_event IN SELECT value FROM jsonb_array_elements(p_events) LOOP
         v_data := coalesce(nullif(v_event -> 'data', 'null'::jsonb), '{}'::jsonb);
         v_id := v_event ->> 'id';
+        v_keyed := v_id IS NOT NULL;
         v_trace := coalesce(v_event ->> 'traceparent', p_traceparent);
         PERFORM engine.check_event(v_event ->> 'name', v_data, p_system, v_id, v_event ->> 'v',
                                    v_trace);
@@ -1143,7 +1145,12 @@ BEGIN
         INSERT INTO engine.events (id, name, data, ts, v, received_at, traceparent)
         VALUES (v_id, v_event ->> 'name', v_data, v_ts, v_event ->> 'v', v_now, v_trace)
         RETURNING seq INTO v_seq;
-        UPDATE engine.event_ids SET seq = v_seq WHERE id = v_id AND v_event ->> 'id' IS NOT NULL;
+        -- Tested here, not in the UPDATE's WHERE clause: a condition on a variable there made
+        -- PostgreSQL plan the statement again at every event (its custom plan, which folds the
+        -- condition away, looked cheaper than the cached one).
+        IF v_keyed THEN
+            UPDATE engine.event_ids SET seq = v_seq WHERE id = v_id;
+        END IF;
         INSERT INTO engine.event_queue (seq, due_at) VALUES (v_seq, greatest(v_ts, v_now));
         id := v_id;
         seq := v_seq;
@@ -1757,6 +1764,7 @@ DECLARE
     v_ids    text[];
     v_stored bigint[];
     v_due    bigint[];
+    v_now    timestamptz;
     v_routed boolean := false;
 BEGIN
     -- No wake-up for the events stored here (engine.notify_events): the ones routed need none,
@@ -1768,8 +1776,11 @@ BEGIN
     PERFORM set_config('engine.routes_inline', 'off', true);
     -- Only events due now (not those sent with a later ts), and only with the registry the
     -- caller routes with.
+    -- The time is read once: in a filter (as this one is in the cached plan, which finds the
+    -- rows by seq), engine.now() would be called, and the clock read, for each event sent.
+    v_now := engine.now();
     SELECT array_agg(q.seq) INTO v_due FROM engine.event_queue q
-    WHERE q.seq = ANY (v_stored) AND q.due_at <= engine.now();
+    WHERE q.seq = ANY (v_stored) AND q.due_at <= v_now;
     IF v_due IS NOT NULL AND (SELECT m.value::bigint FROM engine.meta m
                               WHERE m.key = 'registry_version') = p_version THEN
         BEGIN
@@ -3741,6 +3752,15 @@ CREATE INDEX IF NOT EXISTS bulk_actions_created_idx ON engine.bulk_actions (crea
 -- statement of these functions has an index for what it looks up (tests/test_generic_plans.py
 -- checks the claim's plans), so this changes plans, never results; and it holds for the
 -- functions they call.
+--
+-- They also always use the cached (generic) plan of each statement. PostgreSQL plans a statement
+-- again at each call while that custom plan looks cheaper than the cached one, and for many of
+-- these it always did: a lookup by `= ANY (array)` is costed for ten elements in the cached plan
+-- and for the one or few given in a custom plan. pg_stat_statements counted a plan at every
+-- call for five statements of a routed send and five of a claim, each executing in
+-- microseconds; a step retried (a suspension, then a claim) took 7.6 ms instead of 11.5 ms
+-- (bench/README.md, session 12). The cached plans are the ones tests/test_generic_plans.py and
+-- tests/test_plans.py check.
 -- ---------------------------------------------------------------------------------------------
 DO $$
 DECLARE
@@ -3760,7 +3780,8 @@ BEGIN
                             'resolve_matches', 'matcher_candidates', 'send_step', 'invoke',
                             'release_orphans', 'next_due')
     LOOP
-        EXECUTE format('ALTER FUNCTION %s SET enable_seqscan = off', v_function);
+        EXECUTE format('ALTER FUNCTION %s SET enable_seqscan = off'
+                       ' SET plan_cache_mode = force_generic_plan', v_function);
     END LOOP;
 END $$;
 
