@@ -116,6 +116,9 @@ class Function:
             "function_id": self.fn_id,
             "triggers": [t.to_json() for t in self.triggers],
             "config": config,
+            # Its plain triggers can be routed in SQL (engine.functions.routes_in_sql): said
+            # here, where the flow control options are known, for routers of other apps.
+            "routes_in_sql": not self.flow(),
             "crons": [
                 {"cron": t.cron, "next_at": t.schedule.next_after(now).isoformat()}
                 for t in self.crons

@@ -27,6 +27,10 @@ from .serialization import dumps, loads
 from .triggers import TriggerEvent
 
 EVENT_BATCH = 200
+# Past this many plain triggers of other functions, a routing tick looks those up by its
+# events' names (see engine.route_events) rather than passing them: each one passed cost a tick
+# about 1.2 microseconds, the lookup about 55 in all (bench/README.md, session 12).
+LOOKUP_ABOVE = 48
 
 log = structlog.get_logger("engine")
 
@@ -78,13 +82,19 @@ class Router:
         self._others: list[RegisteredFunction] = []
         self._version: int | None = None  # engine.meta's registry_version of self._others
         self._compiled: dict[str, tuple[TriggerEvent, ...]] = {}
-        self._simple = "[]"  # plain triggers, for engine.route_simple (see _split_registry)
-        self._complex: list[str] = []
         self._local_simple: Counter[str] = Counter()  # plain local triggers by event name
         # By event name, for a send: its plain triggers (JSON array items) and whether it is
         # complex. A send passes those of its own events' names only (see send_and_route).
         self._simple_by_name: dict[str, str] = {}
         self._complex_names: frozenset[str] = frozenset()
+        # What a routing tick passes (engine.route_simple): every plain trigger of the registry
+        # and its complex names; or, past LOOKUP_ABOVE plain triggers of other functions, its
+        # own functions' only, the others being looked up by the events' names in SQL.
+        self._tick_simple = "[]"
+        self._tick_complex: list[str] = []
+        own_simple, own_complex = _split(self._own)
+        self._own_routing = dumps({"own": own_simple, "mine": [fn.fn_id for fn in self._own]})
+        self._own_complex = sorted(own_complex)
 
     async def route(
         self, owner: UUID, lease: timedelta, capacity: int
@@ -110,8 +120,8 @@ class Router:
         rows = await self._db.fetch(
             "route_simple",
             EVENT_BATCH,
-            self._simple,
-            self._complex,
+            self._tick_simple,
+            self._tick_complex,
             self._version,
             self._app_id,
             owner,
@@ -175,29 +185,20 @@ class Router:
         return sum(self._local_simple.get(name, 0) for name in names)
 
     def _split_registry(self) -> None:
-        """Sorts the registry's event triggers: plain ones (no expression, on a function with no
-        flow control) can be routed in SQL; any other trigger makes its event name complex."""
-        simple, complex_names, local_simple = [], set(), Counter[str]()
+        """Sorts the registry's event triggers, for a send in this process (which passes those
+        of its events' names): plain ones (no expression, on a function with no flow control)
+        can be routed in SQL; any other trigger makes its event name complex."""
+        simple, complex_names = _split([*self._own, *self._others])
         by_name: dict[str, list[dict[str, Any]]] = {}
-        for fn in (*self._own, *self._others):
-            for trigger in fn.triggers:
-                if trigger.if_exp is None and not fn.flow:
-                    local_simple[trigger.event] += fn.local
-                    entry = {
-                        "app_id": fn.app_id,
-                        "function_id": fn.fn_id,
-                        "event": trigger.event,
-                        "local": fn.local,
-                    }
-                    simple.append(entry)
-                    by_name.setdefault(trigger.event, []).append(entry)
-                else:
-                    complex_names.add(trigger.event)
-        self._simple = dumps(simple)
-        self._complex = sorted(complex_names)
-        self._local_simple = local_simple
+        for entry in simple:
+            by_name.setdefault(entry["event"], []).append(entry)
+        self._local_simple = Counter(entry["event"] for entry in simple if entry["local"])
         self._simple_by_name = {name: dumps(entries)[1:-1] for name, entries in by_name.items()}
         self._complex_names = frozenset(complex_names)
+        if sum(not entry["local"] for entry in simple) > LOOKUP_ABOVE:
+            self._tick_simple, self._tick_complex = self._own_routing, self._own_complex
+        else:
+            self._tick_simple, self._tick_complex = dumps(simple), sorted(complex_names)
 
     async def _route_full(
         self, owner: UUID, lease: timedelta, capacity: int
@@ -364,6 +365,28 @@ class Router:
             except EngineError:
                 self._compiled[text] = ()  # registered by a newer engine we cannot read: skip
         return self._compiled[text]
+
+
+def _split(functions: list[RegisteredFunction]) -> tuple[list[dict[str, Any]], set[str]]:
+    """The plain triggers of ``functions`` (no expression, on a function with no flow control:
+    routed in SQL), as engine.route_events takes them, and the names any other trigger of
+    theirs makes complex (routed in Python)."""
+    simple: list[dict[str, Any]] = []
+    complex_names: set[str] = set()
+    for fn in functions:
+        for trigger in fn.triggers:
+            if trigger.if_exp is None and not fn.flow:
+                simple.append(
+                    {
+                        "app_id": fn.app_id,
+                        "function_id": fn.fn_id,
+                        "event": trigger.event,
+                        "local": fn.local,
+                    }
+                )
+            else:
+                complex_names.add(trigger.event)
+    return simple, complex_names
 
 
 def _summary_and_runs(rows: list[Record]) -> tuple[Record, list[RoutedRun]]:

@@ -392,6 +392,21 @@ SELECT engine.ensure_index('functions_system_triggers_idx', $index$
 CREATE INDEX IF NOT EXISTS functions_system_triggers_idx ON engine.functions (app_id)
     WHERE triggers::text LIKE '%"engine/%'$index$);
 
+-- Whether the plain triggers of a function (no expression) can be routed in SQL
+-- (engine.route_events): it has no flow control, as the worker that registered it decided
+-- (its Python knows the options; SQL does not repeat the list). NULL: registered by an engine
+-- that did not say, so its events are routed in Python, as every event once was.
+ALTER TABLE engine.functions ADD COLUMN IF NOT EXISTS routes_in_sql boolean;
+
+-- The active functions by the names their triggers fire on: a routing tick looks up the
+-- functions of other apps that its events trigger (engine.routed_in_python, route_events)
+-- instead of receiving every trigger of the schema (+2.9 ms a tick with 2,000 functions).
+-- fastupdate off: the registry changes when workers start, and a lookup never reads a list of
+-- pending entries (until a vacuum, 2,000 new functions made each tick 0.3 ms slower).
+SELECT engine.ensure_index('functions_triggers_idx', $index$
+CREATE INDEX IF NOT EXISTS functions_triggers_idx ON engine.functions
+    USING gin (triggers jsonb_path_ops) WITH (fastupdate = off) WHERE active$index$);
+
 -- The workers alive, with the functions each serves: a row per worker, refreshed by its
 -- heartbeat (engine.worker_beat, every few seconds, never per step) and deleted when it stops
 -- or, after it expires, by engine.sweep. Several versions of an app may run side by side (a
@@ -1290,14 +1305,24 @@ DECLARE
     v_changed bigint;
 BEGIN
     INSERT INTO engine.functions AS f (app_id, function_id, triggers, config, updated_at, active,
-                                       live_until)
-    SELECT p_app, x.function_id, x.triggers, x.config, now(), true, now() + p_ttl
-    FROM jsonb_to_recordset(p_functions) AS x(function_id text, triggers jsonb, config jsonb)
+                                       live_until, routes_in_sql)
+    SELECT p_app, x.function_id, x.triggers, x.config, now(), true, now() + p_ttl,
+           x.routes_in_sql
+    FROM jsonb_to_recordset(p_functions)
+         AS x(function_id text, triggers jsonb, config jsonb, routes_in_sql boolean)
     ON CONFLICT (app_id, function_id) DO UPDATE
         SET triggers = excluded.triggers, config = excluded.config, updated_at = now(),
-            active = true, live_until = greatest(f.live_until, excluded.live_until)
+            active = true, live_until = greatest(f.live_until, excluded.live_until),
+            -- A worker that does not say (an older engine) leaves what was said of the same
+            -- triggers and config; of others, nothing is known.
+            routes_in_sql = CASE WHEN (f.triggers, f.config) = (excluded.triggers, excluded.config)
+                                 THEN coalesce(excluded.routes_in_sql, f.routes_in_sql)
+                                 ELSE excluded.routes_in_sql END
         WHERE (f.triggers, f.config, f.active)
-              IS DISTINCT FROM (excluded.triggers, excluded.config, true);
+              IS DISTINCT FROM (excluded.triggers, excluded.config, true)
+           -- a function registered before workers said (an upgrade): said now
+           OR (excluded.routes_in_sql IS NOT NULL
+               AND f.routes_in_sql IS DISTINCT FROM excluded.routes_in_sql);
     GET DIAGNOSTICS v_changed = ROW_COUNT;
     UPDATE engine.functions f SET live_until = now() + p_ttl
     FROM jsonb_to_recordset(p_functions) AS x(function_id text)
@@ -1692,8 +1717,31 @@ BEGIN
                                                    p_lease, p_capacity);
 END $$;
 
+-- Whether events named p_name need the Python router because of a function other than the
+-- caller's own (p_app's functions p_mine, whose code the caller has): a trigger on the name with
+-- an expression, or a function that may not be routed in SQL (flow control, or registered by an
+-- engine that did not say: see engine.functions.routes_in_sql). Found by name
+-- (functions_triggers_idx), however many functions the schema holds.
+CREATE OR REPLACE FUNCTION engine.routed_in_python(p_name text, p_app text, p_mine text[])
+RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (
+        SELECT 1 FROM engine.functions f
+        WHERE f.active AND f.triggers @> jsonb_build_array(jsonb_build_object('event', p_name))
+          AND NOT (f.app_id = p_app AND f.function_id = ANY (p_mine))
+          AND (f.routes_in_sql IS NOT TRUE
+               OR EXISTS (SELECT 1 FROM jsonb_array_elements(f.triggers) t
+                          WHERE t ->> 'event' = p_name
+                            AND coalesce(t -> 'expression', 'null') <> 'null')))
+$$;
+
 -- Routes the claimed due events p_seqs that need no Python (route_simple's second half, shared
 -- with send_and_route): the first row is the summary, the others the runs leased to p_owner.
+-- p_simple is either the plain triggers to route with (a JSON array, as send_and_route passes
+-- those of its events' names), or {"own": [the caller's own plain triggers], "mine": [the ids of
+-- the caller's functions]}: then the other functions an event triggers are looked up by its
+-- name, with what their own workers registered (engine.routed_in_python), and p_complex names
+-- the caller's complex names only. A routing tick passes the latter: the whole registry, parsed
+-- at every tick, cost 0.09 ms a tick with 200 other triggers and 0.9 ms with 2,000.
 CREATE OR REPLACE FUNCTION engine.route_events(
     p_seqs bigint[], p_simple jsonb, p_complex text[], p_app text, p_owner uuid,
     p_lease interval, p_capacity int)
@@ -1705,14 +1753,28 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_fast    bigint[];
     v_plan    jsonb;
+    v_simple  jsonb := p_simple;
+    v_mine    text[];  -- set when the other functions are looked up by name
 BEGIN
     -- As in claim_events: no matcher of these names is half-registered while they are routed.
     PERFORM engine.lock_event_names(
         ARRAY(SELECT e.name FROM engine.events e WHERE e.seq = ANY (p_seqs)), false);
-    SELECT array_agg(e.seq) INTO v_fast FROM engine.events e
-    WHERE e.seq = ANY (p_seqs) AND e.name <> ALL (p_complex)
-      AND (SELECT m.event_name FROM engine.matchers m WHERE m.event_name >= e.name
-           ORDER BY m.event_name LIMIT 1) IS DISTINCT FROM e.name;  -- see matchers_name_idx
+    IF jsonb_typeof(p_simple) = 'object' THEN
+        v_simple := p_simple -> 'own';
+        v_mine := ARRAY(SELECT jsonb_array_elements_text(p_simple -> 'mine'));
+    END IF;
+    -- Each name is looked at once, however many of the events bear it.
+    WITH claimed AS (
+        SELECT e.seq, e.name FROM engine.events e WHERE e.seq = ANY (p_seqs)
+    ), in_python AS (
+        SELECT n.name FROM (SELECT DISTINCT c.name FROM claimed c) n
+        WHERE n.name = ANY (p_complex)
+           OR (SELECT m.event_name FROM engine.matchers m WHERE m.event_name >= n.name
+               ORDER BY m.event_name LIMIT 1) IS NOT DISTINCT FROM n.name  -- matchers_name_idx
+           OR (v_mine IS NOT NULL AND engine.routed_in_python(n.name, p_app, v_mine))
+    )
+    SELECT array_agg(c.seq) INTO v_fast FROM claimed c
+    WHERE NOT EXISTS (SELECT 1 FROM in_python p WHERE p.name = c.name);
     IF v_fast IS NULL THEN
         RETURN QUERY SELECT 0, true, NULL::uuid, NULL::text, NULL::bigint, NULL::bigint,
                             NULL::timestamptz, NULL::jsonb, NULL::text, NULL::text;
@@ -1727,8 +1789,17 @@ BEGIN
                      ORDER BY e.seq, t.app_id, t.function_id
                      ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS mine
           FROM engine.events e
-          JOIN jsonb_to_recordset(p_simple)
-               AS t(app_id text, function_id text, event text, local boolean)
+          JOIN (SELECT x.app_id, x.function_id, x.event, x.local
+                FROM jsonb_to_recordset(v_simple)
+                     AS x(app_id text, function_id text, event text, local boolean)
+                UNION ALL  -- the other functions, by name, when the caller gave its own only
+                SELECT f.app_id, f.function_id, n.name, false
+                FROM (SELECT DISTINCT e2.name FROM engine.events e2
+                      WHERE e2.seq = ANY (v_fast) AND v_mine IS NOT NULL) n
+                JOIN engine.functions f
+                  ON f.active
+                 AND f.triggers @> jsonb_build_array(jsonb_build_object('event', n.name))
+                WHERE NOT (f.app_id = p_app AND f.function_id = ANY (v_mine))) t
             ON t.event = e.name
           WHERE e.seq = ANY (v_fast)) p;
     RETURN QUERY SELECT cardinality(v_fast), cardinality(v_fast) < cardinality(p_seqs),

@@ -266,6 +266,44 @@ async def test_routing_reads_the_queue_and_the_matchers_by_name(session: Session
     uses(scans, "events_pkey")
 
 
+async def test_a_routing_tick_finds_other_apps_functions_by_the_events_name(
+    session: Session,
+) -> None:
+    """A worker's tick passes its own triggers only (engine.route_events): the functions of
+    other apps that its events trigger are found through functions_triggers_idx, reading a
+    few of the 2,000 registered here, where the whole registry was carried and parsed."""
+    await session.setup(
+        "INSERT INTO engine.functions (app_id, function_id, triggers, routes_in_sql)"
+        " SELECT 'many', 'fn-' || g, jsonb_build_array(jsonb_build_object("
+        "   'event', 'many/' || g, 'expression', null)), true"
+        " FROM generate_series(1, 2000) g"
+        " UNION ALL SELECT 'many', 'also-three', "
+        '   \'[{"event": "scale/three", "expression": null}]\', true'
+    )
+    await session.setup("SELECT engine.registry_changed()")
+    version = await session.conn.fetchval(
+        "SELECT value::bigint FROM engine.meta WHERE key = 'registry_version'"
+    )
+    own = [
+        {"app_id": APP, "function_id": f, "event": TRIGGERS[f], "local": True} for f in FUNCTIONS
+    ]
+    routing = json.dumps({"own": own, "mine": FUNCTIONS})
+    await _send(session, "scale/three", {})
+    args = (EVENT_BATCH, routing, [], version, APP, uuid4(), LEASE, 10)
+    rows, scans = await session.call("route_simple", *args)
+    assert rows[0]["routed"] == 1 and not rows[0]["deferred"]
+    created = await session.conn.fetch(
+        "SELECT app_id, function_id FROM engine.runs WHERE event_seq = (SELECT max(seq)"
+        " FROM engine.events) ORDER BY 1, 2"
+    )
+    assert [tuple(r) for r in created] == [("many", "also-three"), (APP, fill.THREE_STEPS)]
+    functions = [
+        s for s in scans if s.relation == "functions" or s.index == "functions_triggers_idx"
+    ]
+    uses(scans, "functions_triggers_idx")
+    assert all(s.rows_read <= 2 for s in functions), "\n".join(map(str, functions))
+
+
 async def test_a_routed_send_runs_the_cached_plans_of_its_statements(session: Session) -> None:
     """A send routed in its own transaction (engine.send_and_route, a worker in the sender's
     process) runs the cached (generic) plans of its statements, whatever the session's
