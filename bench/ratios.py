@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +153,9 @@ async def engine_start(url: str, events: int, *, elsewhere: bool = False) -> dic
 
     @app.create_function("first-step", trigger=TriggerEvent("ratio/start"))
     async def first_step(ctx: Context) -> None:
-        await ctx.step.run("one", _arrive, arrived, ctx.event.data["i"], signal)
+        # Bound, not passed: a step's arguments are recorded (step input), and the map of
+        # every arrival so far would be encoded at each step, more with each event.
+        await ctx.step.run("one", partial(_arrive, arrived, ctx.event.data["i"], signal))
 
     samples = []
     async with app.worker(concurrency=10):
