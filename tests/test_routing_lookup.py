@@ -74,11 +74,21 @@ async def _routed_runs(sql: asyncpg.Connection, event_id: str) -> list[tuple[str
     return [(r["app_id"], r["function_id"]) for r in rows]
 
 
-async def _send_from_elsewhere(make_engine: Any, name: str) -> str:
-    """Sends through an Engine that runs no worker: the event waits for the routers."""
+async def _route_a_signup(
+    make_engine: Any, sql: asyncpg.Connection
+) -> list[tuple[str, tuple[Any, ...]]]:
+    """Sends user/signup through an Engine that runs no worker (the event waits for the
+    routers), while web's worker runs; checks the runs it started (web's and billing's) and
+    returns the named queries web's worker ran meanwhile."""
+    web, ran = _web(make_engine)
     sender: Engine = make_engine("web")
-    [event_id] = await sender.send(Event(name=name))
-    return event_id
+    async with web.worker(poll_interval=SLOW_POLL):
+        calls = _spy(await web.database())
+        [event_id] = await sender.send(Event(name="user/signup"))
+        await asyncio.wait_for(ran.wait(), 10)
+        runs = await eventually(lambda: _routed_runs(sql, event_id))
+    assert runs == [("billing", "open-account"), ("web", "welcome")]
+    return calls
 
 
 async def test_a_tick_passes_its_own_triggers_and_finds_the_others_by_name(
@@ -86,14 +96,7 @@ async def test_a_tick_passes_its_own_triggers_and_finds_the_others_by_name(
 ) -> None:
     billing = _billing(make_engine)
     await billing.database()  # registered; no worker of billing runs
-    web, ran = _web(make_engine)
-    async with web.worker(poll_interval=SLOW_POLL):
-        calls = _spy(await web.database())
-        event_id = await _send_from_elsewhere(make_engine, "user/signup")
-        await asyncio.wait_for(ran.wait(), 10)
-        runs = await eventually(lambda: _routed_runs(sql, event_id))
-
-    assert runs == [("billing", "open-account"), ("web", "welcome")]
+    calls = await _route_a_signup(make_engine, sql)
     ticks = [args for query, args in calls if query == "route_simple"]
     assert ticks
     for args in ticks:
@@ -120,14 +123,7 @@ async def test_a_function_whose_worker_did_not_say_is_routed_in_python(
     billing = _billing(make_engine)
     await billing.database()
     await sql.execute("UPDATE engine.functions SET routes_in_sql = NULL WHERE app_id = 'billing'")
-    web, ran = _web(make_engine)
-    async with web.worker(poll_interval=SLOW_POLL):
-        calls = _spy(await web.database())
-        event_id = await _send_from_elsewhere(make_engine, "user/signup")
-        await asyncio.wait_for(ran.wait(), 10)
-        runs = await eventually(lambda: _routed_runs(sql, event_id))
-
-    assert runs == [("billing", "open-account"), ("web", "welcome")]
+    calls = await _route_a_signup(make_engine, sql)
     assert [c for c in calls if c[0] == "claim_events"], "not routed in Python"
 
 
@@ -142,14 +138,7 @@ async def test_another_apps_flow_control_routes_its_events_in_python(
         "SELECT routes_in_sql FROM engine.functions WHERE function_id = 'open-account'"
     )
     assert said is False
-    web, ran = _web(make_engine)
-    async with web.worker(poll_interval=SLOW_POLL):
-        calls = _spy(await web.database())
-        event_id = await _send_from_elsewhere(make_engine, "user/signup")
-        await asyncio.wait_for(ran.wait(), 10)
-        runs = await eventually(lambda: _routed_runs(sql, event_id))
-
-    assert runs == [("billing", "open-account"), ("web", "welcome")]
+    calls = await _route_a_signup(make_engine, sql)
     assert [c for c in calls if c[0] == "claim_events"], "not routed in Python"
     limits = await sql.fetchval("SELECT concurrency FROM engine.runs WHERE app_id = 'billing'")
     assert limits is not None
