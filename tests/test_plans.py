@@ -269,9 +269,10 @@ async def test_routing_reads_the_queue_and_the_matchers_by_name(session: Session
 async def test_a_routing_tick_finds_other_apps_functions_by_the_events_name(
     session: Session,
 ) -> None:
-    """A worker's tick passes its own triggers only (engine.route_events): the functions of
-    other apps that its events trigger are found through functions_triggers_idx, reading a
-    few of the 2,000 registered here, where the whole registry was carried and parsed."""
+    """A worker's tick, with many functions of other apps registered, passes its own triggers
+    only (engine.route_events, engine.router.LOOKUP_ABOVE): the other functions its events
+    trigger are found through functions_triggers_idx, reading a few of the 2,000 registered
+    here, where the whole registry was carried and parsed."""
     await session.setup(
         "INSERT INTO engine.functions (app_id, function_id, triggers, routes_in_sql)"
         " SELECT 'many', 'fn-' || g, jsonb_build_array(jsonb_build_object("
@@ -307,10 +308,10 @@ async def test_a_routing_tick_finds_other_apps_functions_by_the_events_name(
 async def test_a_routed_send_runs_the_cached_plans_of_its_statements(session: Session) -> None:
     """A send routed in its own transaction (engine.send_and_route, a worker in the sender's
     process) runs the cached (generic) plans of its statements, whatever the session's
-    plan_cache_mode. Left to choose, PostgreSQL planned them again at every send, since a custom
-    plan always looked cheaper for a lookup by ``= ANY (array)``: 0.25 ms of planning a send,
-    for statements that execute in microseconds. A cached plan refers to the variables of the
-    function as parameters (``$1``); a custom plan has their values."""
+    plan_cache_mode. Left to choose, PostgreSQL planned five of them again at every send,
+    since a custom plan always looked cheaper for a lookup by ``= ANY (array)``; each executes
+    in microseconds. A cached plan refers to the variables of the function as parameters
+    (``$1``); a custom plan has their values."""
     version = await session.conn.fetchval(
         "SELECT value::bigint FROM engine.meta WHERE key = 'registry_version'"
     )
