@@ -29,8 +29,8 @@ from .triggers import TriggerEvent
 EVENT_BATCH = 200
 # Past this many plain triggers of other functions, a routing tick looks those up by its
 # events' names (see engine.route_events) rather than passing them: each one passed cost a tick
-# about 1.2 microseconds, the lookup about 55 in all (bench/README.md, session 12).
-LOOKUP_ABOVE = 48
+# about 1.5 microseconds, the lookup about 50 in all (bench/README.md, session 12).
+LOOKUP_ABOVE = 40
 
 log = structlog.get_logger("engine")
 

@@ -1740,7 +1740,7 @@ $$;
 -- those of its events' names), or {"own": [the caller's own plain triggers], "mine": [the ids of
 -- the caller's functions]}: then the other functions an event triggers are looked up by its
 -- name, with what their own workers registered (engine.routed_in_python), and p_complex names
--- the caller's complex names only. A routing tick passes the latter past 48 plain triggers of
+-- the caller's complex names only. A routing tick passes the latter past 40 plain triggers of
 -- other functions (engine.router.LOOKUP_ABOVE): the whole registry, parsed at every tick, made
 -- a tick of one event take 1.0 ms with 200 other triggers and 3.1-3.9 ms with 2,000, against
 -- 0.7 with none; looked up, 0.7-0.8 and 0.85-0.93 ms.
