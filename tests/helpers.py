@@ -64,6 +64,20 @@ async def only_run_id(engine: Engine, event_id: str, timeout: float = 10.0) -> s
 _scratch: list[Path] = []
 
 
+def record_queries(db: Any) -> list[tuple[str, tuple[Any, ...]]]:
+    """Records the named queries an engine's Database runs from now on (``db.fetch``), with
+    their arguments, in the list returned."""
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+    fetch = db.fetch
+
+    async def recorded(query: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append((query, args))
+        return await fetch(query, *args, **kwargs)
+
+    db.fetch = recorded
+    return calls
+
+
 def scratch_root() -> Path:
     """This test session's folder for data directories (servers, engine dev states): the
     session-finish check in conftest.py fails the run if anything is left in it, or if a

@@ -348,9 +348,8 @@ async def test_a_run_end_reads_only_the_functions_a_system_event_triggers(
     session: Session,
 ) -> None:
     """Whether a run's engine/function.finished starts a function is answered from the
-    functions that a system event triggers (functions_system_triggers_idx), not by reading
-    the triggers of every function registered: 2,000 of them here, and one that
-    engine/function.failed triggers."""
+    functions by trigger name (functions_triggers_idx), not by reading the triggers of every
+    function registered: 2,000 of them here, and one that engine/function.failed triggers."""
     await session.setup(
         "INSERT INTO engine.functions (app_id, function_id, triggers)"
         " SELECT 'many', 'fn-' || g, jsonb_build_array(jsonb_build_object('event', 'many/' || g))"

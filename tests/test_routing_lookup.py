@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 import asyncpg
-from helpers import eventually
+from helpers import eventually, record_queries
 
 from engine import Concurrency, Context, Engine, Event, TriggerEvent
 from engine.router import LOOKUP_ABOVE
@@ -52,19 +52,6 @@ def _billing(make_engine: Any, **options: Any) -> Engine:
     return billing
 
 
-def _spy(db: Any) -> list[tuple[str, tuple[Any, ...]]]:
-    """Records the named queries ``db`` runs, with their arguments."""
-    calls: list[tuple[str, tuple[Any, ...]]] = []
-    fetch = db.fetch
-
-    async def spy(query: str, *args: Any, **kwargs: Any) -> Any:
-        calls.append((query, args))
-        return await fetch(query, *args, **kwargs)
-
-    db.fetch = spy
-    return calls
-
-
 async def _routed_runs(sql: asyncpg.Connection, event_id: str) -> list[tuple[str, str]]:
     rows = await sql.fetch(
         "SELECT r.app_id, r.function_id FROM engine.runs r JOIN engine.events e"
@@ -83,7 +70,7 @@ async def _route_a_signup(
     web, ran = _web(make_engine)
     sender: Engine = make_engine("web")
     async with web.worker(poll_interval=SLOW_POLL):
-        calls = _spy(await web.database())
+        calls = record_queries(await web.database())
         [event_id] = await sender.send(Event(name="user/signup"))
         await asyncio.wait_for(ran.wait(), 10)
         runs = await eventually(lambda: _routed_runs(sql, event_id))

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-from helpers import eventually, only_run_id
+from helpers import eventually, only_run_id, record_queries
 
 from engine import Context, Engine, Event, RunStatus, TriggerEvent
 
@@ -283,16 +283,7 @@ async def test_a_send_carries_the_triggers_of_its_own_event_names_only(
             return None
 
     async with billing.worker(poll_interval=SLOW_POLL), web.worker(poll_interval=SLOW_POLL):
-        db = await web.database()
-        carried: list[tuple[Any, ...]] = []
-        fetch = db.fetch
-
-        async def spy(query: str, *args: Any, **kwargs: Any) -> Any:
-            if query == "send_and_route":
-                carried.append(args)
-            return await fetch(query, *args, **kwargs)
-
-        db.fetch = spy  # type: ignore[method-assign]
+        calls = record_queries(await web.database())
         [signup] = await web.send(Event(name="user/signup"))
         [order, _] = await web.send(
             [Event(name="shop/order", data={"total": 5}), Event(name="user/signup")]
@@ -300,6 +291,7 @@ async def test_a_send_carries_the_triggers_of_its_own_event_names_only(
         await eventually(lambda: _completed(web, signup, runs=2))
         await eventually(lambda: _completed(web, order, runs=1))
 
+    carried = [args for query, args in calls if query == "send_and_route"]
     simple, complex_names = json.loads(carried[0][2]), carried[0][3]
     assert sorted((t["function_id"], t["event"]) for t in simple) == [
         ("open-account", "user/signup"),
