@@ -76,6 +76,13 @@ from .threads import StepThreads
 HAND_BACK_PATIENCE = 300.0  # seconds a worker keeps trying to hand back a cut-off run
 HANDED_BACK = "handed back after a write was cut off"
 
+Unsaved = tuple[StepRecord, str | None]  # a completed step's record, and its output as JSON
+
+
+def _encoded(records: list[Unsaved]) -> list[str]:
+    """The records as the JSON items of a write (``engine.record_step``'s argument)."""
+    return [record.to_json(output) for record, output in records]
+
 
 def _recorded(step: StepRecord) -> Recorded:
     return Recorded(step.key, step.kind, step.position, step.step_id, step.follows)
@@ -124,7 +131,8 @@ class Execution:
         self.ended = False  # this execution ended the run
         self._halted = False
         self._settled = asyncio.Event()
-        self._unsaved: list[str] = []  # completed steps' records not yet committed (see defer)
+        # Completed steps' records (with their outputs as JSON) not yet committed (see defer).
+        self._unsaved: list[Unsaved] = []
         # Buffered checkpoints (engine.checkpointing): without the option, the records are
         # committed before the next step starts (a buffer of one, no timer).
         self.checkpointing = run.function.checkpointing
@@ -386,7 +394,7 @@ class Execution:
         before the next step starts (:meth:`gate`), or with the run's end or suspension, in the
         same round trip. Only replayable code runs in between."""
         self._remember(record)
-        self._unsaved.append(record.to_json(output_json))
+        self._unsaved.append((record, output_json))
         if self.checkpointing is not None and self._flush_timer is None:
             self._arm_flush_timer()
 
@@ -401,9 +409,22 @@ class Execution:
                 self._flush_timer.cancel()
                 self._flush_timer = None
             with self._fenced(), self._taking_unsaved() as records:
-                item = self._write(steps=records + list(extra))
-                result = await self.group_commit.checkpoint.call(item, str(self.run.run_id))
+                result = await self.group_commit.checkpoint.call(
+                    lambda: self._write(steps=_encoded(records) + list(extra)),
+                    str(self.run.run_id),
+                    alone=None if extra else self._completed_alone(records),
+                )
             self._accept(WriteVerdict(result), "while recording completed steps")
+
+    def _completed_alone(self, records: list[Unsaved]) -> tuple[Any, ...] | None:
+        """The arguments of ``engine.checkpoint_completed`` when ``records`` is one completed
+        step (the usual checkpoint): the typed form of this write, for when it goes alone."""
+        if len(records) != 1:
+            return None
+        step = records[0][0].completed_args(records[0][1])
+        if step is None:
+            return None
+        return (self.run.run_id, self.owner, self.run.lease_token, *step)
 
     def _arm_flush_timer(self) -> None:
         """Commits the buffer ``max_interval`` after a record entered it, even while a step
@@ -492,7 +513,7 @@ class Execution:
             raise WriteCutOff(self.cut_off) from exc
 
     @contextmanager
-    def _taking_unsaved(self) -> Iterator[list[str]]:
+    def _taking_unsaved(self) -> Iterator[list[Unsaved]]:
         """The deferred step records, for a write that commits them. If the write does not
         return (refused, cut off, or any error the function's code may catch), they are put
         back: a write that did not commit leaves the execution's state as it was, so the
@@ -889,7 +910,7 @@ class Execution:
     ) -> WriteVerdict:
         with self._fenced(), self._taking_unsaved() as records:
             item = self._write(
-                steps=records,
+                steps=_encoded(records),
                 status=status.value,
                 **self._log_counts(),
                 output=output or "null",
@@ -937,7 +958,7 @@ class Execution:
     ) -> WriteVerdict:
         with self._fenced(), self._taking_unsaved() as records:
             item = self._write(
-                steps=records + [s.to_json() for s in suspension.steps],
+                steps=_encoded(records) + [s.to_json() for s in suspension.steps],
                 status=suspension.status.value,
                 due=suspension.due.isoformat(),
                 reason=suspension.reason,

@@ -12,39 +12,52 @@ Durability is unchanged: a caller's ``await`` returns only once its own write is
 A batch is written in the order of its items' keys (their run ids), the order in which the
 heartbeat locks runs too: a worker's concurrent transactions lock run rows in one order, so they
 do not deadlock each other.
+
+An item that goes alone may take a typed form instead (``engine.checkpoint_completed``: one
+completed step, the usual checkpoint of a run whose steps run one after another): the server
+then unpacks no JSON, and the item's JSON is never built.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 from .db import Database
 
 MAX_BATCH = 200
 
+Item = str | Callable[[], str]  # a JSON object as text, or what builds it when it is needed
+# What waits in the queue: key, item (as text), typed form if any, and the caller's result.
+Entry = tuple[str, str, tuple[Any, ...] | None, asyncio.Future[str]]
+
 
 class GroupCommitter:
     """Groups calls of one ``*_many`` query; :meth:`call` returns that item's result."""
 
-    def __init__(self, db: Database, query: str) -> None:
+    def __init__(self, db: Database, query: str, alone_query: str | None = None) -> None:
         self._conn = db.held()  # one round trip in flight at a time, back to back
         self._query = query
-        self._queue: list[tuple[str, str, asyncio.Future[str]]] = []  # (key, item, future)
+        self._alone_query = alone_query  # the typed form of one item, when the write has one
+        self._queue: list[Entry] = []
         self._busy = False  # a round trip of this committer is in flight
         self._draining: set[asyncio.Task[None]] = set()
 
-    async def call(self, item: str, key: str) -> str:
-        """Sends one item (a JSON object, as text: step outputs arrive pre-encoded) and returns
-        its own result (e.g. ``'ok'`` or ``'lost'``). When no round trip is in flight it is sent
-        at once, from the caller's task; otherwise it waits for the next batch, where it takes
-        its place by ``key`` (the run id)."""
+    async def call(self, item: Item, key: str, alone: tuple[Any, ...] | None = None) -> str:
+        """Sends one item (a JSON object, as text: step outputs arrive pre-encoded; or a callable
+        that builds it) and returns its own result (e.g. ``'ok'`` or ``'lost'``). When no round
+        trip is in flight it is sent at once, from the caller's task; otherwise it waits for the
+        next batch, where it takes its place by ``key`` (the run id). ``alone``: the arguments
+        of the committer's ``alone_query``, the same write in typed form, used when the item
+        goes by itself."""
         if self._busy:
             future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-            self._queue.append((key, item, future))
+            self._queue.append((key, _encoded(item), alone, future))
             return await future
         self._busy = True
         try:
-            [result] = await self._send([item])
+            result = await self._send_one(item, alone)
         finally:
             self._busy = False
             if self._queue:
@@ -65,32 +78,46 @@ class GroupCommitter:
         finally:
             self._busy = False
 
-    async def _send_batch(self, batch: list[tuple[str, str, asyncio.Future[str]]]) -> None:
+    async def _send_batch(self, batch: list[Entry]) -> None:
+        if len(batch) == 1:
+            _, item, alone, future = batch[0]
+            try:
+                _settle(future, await self._send_one(item, alone))
+            except Exception as exc:
+                _settle(future, exc)
+            return
         batch.sort(key=lambda entry: entry[0])
         try:
-            results = await self._send([item for _, item, _ in batch])
-        except Exception as exc:
-            if len(batch) == 1:
-                _settle(batch[0][2], exc)
-                return
+            results = await self._send([item for _, item, _, _ in batch])
+        except Exception:
             # One bad item must not fail the others: send them one by one.
-            for _, item, future in batch:
+            for _, item, alone, future in batch:
                 try:
-                    [result] = await self._send([item])
-                    _settle(future, result)
+                    _settle(future, await self._send_one(item, alone))
                 except Exception as single:
                     _settle(future, single)
             return
-        for (_, _, future), result in zip(batch, results, strict=True):
+        for (_, _, _, future), result in zip(batch, results, strict=True):
             _settle(future, result)
 
     async def close(self) -> None:
         """Gives the held connection back to the pool (the worker stopped)."""
         await self._conn.close()
 
+    async def _send_one(self, item: Item, alone: tuple[Any, ...] | None) -> str:
+        if alone is not None and self._alone_query is not None:
+            [row] = await self._conn.fetch(self._alone_query, *alone)
+            return str(row["result"])
+        [result] = await self._send([_encoded(item)])
+        return result
+
     async def _send(self, items: list[str]) -> list[str]:
         rows = await self._conn.fetch(self._query, "[" + ",".join(items) + "]")
         return [row["result"] for row in rows]
+
+
+def _encoded(item: Item) -> str:
+    return item if isinstance(item, str) else item()
 
 
 def _settle(future: asyncio.Future[str], outcome: str | BaseException) -> None:
@@ -106,7 +133,7 @@ class GroupCommit:
     """The group committers of one worker, one per kind of write."""
 
     def __init__(self, db: Database) -> None:
-        self.checkpoint = GroupCommitter(db, "checkpoint_many")
+        self.checkpoint = GroupCommitter(db, "checkpoint_many", alone_query="checkpoint_completed")
         self.finish = GroupCommitter(db, "finish_many")
         self.suspend = GroupCommitter(db, "suspend_many")
 

@@ -133,6 +133,27 @@ class StepRecord:
         given = "" if self.input_json is None else f',"input":{self.input_json}'
         return f'{head[:-1]}{given},"output":{output_json or "null"}}}'
 
+    def completed_args(self, output_json: str | None) -> tuple[Any, ...] | None:
+        """The step's part of the arguments of ``engine.checkpoint_completed`` (the typed form
+        of a checkpoint of this record alone), or None when the record is not a completed step
+        with nothing but an output and an input (that function records no more)."""
+        if self.status != StepStatus.COMPLETED or self.error is not None:
+            return None
+        if self.wake_at is not None or self.traceback is not None or self.retry_at is not None:
+            return None
+        return (
+            self.key,
+            self.position,
+            str(self.kind),
+            self.attempts,
+            output_json or "null",
+            self.step_id,
+            self.follows,
+            self.started_at,
+            self.ended_at,
+            self.input_json,
+        )
+
 
 def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat()

@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
-from helpers import eventually, only_run_id
+from helpers import eventually, only_run_id, record_queries
 
 from engine import Context, Event, RunStatus, TriggerEvent
-from engine.db import is_connection_error
+from engine.db import Database, is_connection_error
 from engine.group_commit import GroupCommitter
+from engine.records import StepKind, StepRecord, StepStatus
 
 
 def checkpoint_item(run: str) -> str:
@@ -145,3 +147,133 @@ async def test_held_connections_never_starve_the_pool(make_engine: Any) -> None:
     assert await asyncio.wait_for(db.fetchval("now"), 10) is not None
     await first.close()
     await second.close()
+
+
+async def lease_a_run(app: Any, owner: uuid.UUID) -> tuple[uuid.UUID, int]:
+    """Routes the one event sent to ``app`` into a run leased to ``owner``: (run id, token)."""
+    db: Database = app.open_database
+    async with db.transaction() as conn:
+        [event] = await db.fetch("claim_events", 10, conn=conn)
+        plan = json.dumps(
+            [{"app_id": "test", "function_id": "held", "event_seq": event["seq"], "claim": True}]
+        )
+        [row] = await db.fetch(
+            "create_runs", [event["seq"]], plan, owner, timedelta(minutes=5), conn=conn
+        )
+    return row["id"], row["lease_token"]
+
+
+def completed(key: str) -> StepRecord:
+    began = datetime(2026, 12, 3, 12, 0, 0, 123456, tzinfo=UTC)
+    return StepRecord(
+        key,
+        3,
+        StepKind.RUN,
+        StepStatus.COMPLETED,
+        attempts=2,
+        step_id="charge",
+        follows=">2",
+        started_at=began,
+        ended_at=began + timedelta(milliseconds=5),
+        input_json='{"args": [1, "two"], "kwargs": {"three": 3}}',
+    )
+
+
+async def test_a_completed_step_alone_is_recorded_as_the_batched_form_records_it(
+    make_engine: Any, sql: asyncpg.Connection
+) -> None:
+    """engine.checkpoint_completed, the typed form of a checkpoint that carries one completed
+    step, writes the row engine.checkpoint_many writes for the same record, and answers as it
+    does: 'duplicate' for a step already final, 'lost' without the lease, 'cancel' once a
+    cancel is requested (the step is still recorded)."""
+    app = make_engine()
+
+    @app.create_function("held", trigger=TriggerEvent("t/held"))
+    async def held(ctx: Context) -> None:
+        return None
+
+    db = await app.database()
+    await app.send(Event(name="t/held"))
+    owner = uuid.uuid4()
+    run, token = await lease_a_run(app, owner)
+    output = '{"charged": 12.5, "ids": ["a", "b"]}'
+
+    def alone(key: str, holder: uuid.UUID = owner) -> tuple[Any, ...]:
+        step = completed(key).completed_args(output)
+        assert step is not None
+        return (run, holder, token, *step)
+
+    assert await db.fetchval("checkpoint_completed", *alone("typed")) == "ok"
+    item = {"run": str(run), "owner": str(owner), "token": token}
+    steps = f"[{completed('json').to_json(output)}]"
+    batch = f"[{json.dumps(item)[:-1]}, \"steps\": {steps}}}]"
+    assert [r["result"] for r in await db.fetch("checkpoint_many", batch)] == ["ok"]
+    rows = {
+        r["step_key"]: dict(r)
+        for r in await sql.fetch("SELECT * FROM engine.steps WHERE run_id = $1", run)
+    }
+    for row in rows.values():
+        del row["step_key"], row["created_at"]
+    assert rows["typed"] == rows["json"]
+    assert rows["typed"]["input"] == '{"args": [1, "two"], "kwargs": {"three": 3}}'
+    assert rows["typed"]["worker"] == owner and rows["typed"]["bytes"] > 0
+
+    assert await db.fetchval("checkpoint_completed", *alone("typed")) == "duplicate"
+    assert await db.fetchval("checkpoint_completed", *alone("stale", uuid.uuid4())) == "lost"
+    await sql.execute("UPDATE engine.runs SET cancel_requested = true WHERE id = $1", run)
+    assert await db.fetchval("checkpoint_completed", *alone("late")) == "cancel"
+    keys = await sql.fetch("SELECT step_key FROM engine.steps WHERE run_id = $1", run)
+    assert sorted(r["step_key"] for r in keys) == ["json", "late", "typed"]
+
+
+def test_only_a_plain_completed_step_has_a_typed_form() -> None:
+    """A record with more than an output and an input (a failed attempt, a sleep, a retry)
+    goes as JSON, which carries every field."""
+    assert completed("a").completed_args(None) is not None
+    for change in (
+        {"status": StepStatus.RETRYING},
+        {"error": {"type": "ValueError", "message": "no"}},
+        {"wake_at": datetime(2026, 12, 3, tzinfo=UTC)},
+        {"traceback": "Traceback ..."},
+        {"retry_at": datetime(2026, 12, 3, tzinfo=UTC)},
+    ):
+        record = completed("a")
+        for name, value in change.items():
+            setattr(record, name, value)
+        assert record.completed_args(None) is None, change
+
+
+async def test_steps_that_follow_each_other_are_checkpointed_in_typed_form(
+    make_engine: Any,
+) -> None:
+    """A step whose checkpoint carries nothing else (the step before the next one starts)
+    goes as engine.checkpoint_completed; a write that carries two records (a step and a patch
+    marker) goes as JSON. Either way the run's history reads the same."""
+    app = make_engine()
+
+    @app.create_function("seq", trigger=TriggerEvent("t/seq"))
+    async def seq(ctx: Context) -> int:
+        first = await ctx.step.run("first", lambda: 1)
+        second = await ctx.step.run("second", lambda n: n + 1, first)
+        ctx.patched("p")
+        third = await ctx.step.run("third", lambda: 3)
+        return first + second + third + await ctx.step.run("last", lambda: 4)
+
+    db = await app.database()
+    calls = record_queries(db)
+    async with app.worker():
+        [event_id] = await app.send(Event(name="t/seq"))
+        run = await app.wait_for_run(await only_run_id(app, event_id))
+    assert run.status is RunStatus.COMPLETED and run.output == 10
+    typed = [args[3] for query, args in calls if query == "checkpoint_completed"]
+    batched = [json.loads(args[0]) for query, args in calls if query == "checkpoint_many"]
+    assert typed == ["first", "third"]  # "second" went with the patch marker; "last" with the end
+    assert [[s["key"] for s in item["steps"]] for [item] in batched] == [["second", "p"]]
+    info = await app.get_run(run.run_id)
+    assert [(s.step_id, s.status, s.output) for s in info.steps] == [
+        ("first", "COMPLETED", 1),
+        ("second", "COMPLETED", 2),
+        ("p", "COMPLETED", True),
+        ("third", "COMPLETED", 3),
+        ("last", "COMPLETED", 4),
+    ]

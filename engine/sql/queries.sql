@@ -129,6 +129,10 @@ SELECT engine.start_run_directly($1, $2, $3, $4::jsonb, $5::jsonb)
 -- name: checkpoint_many
 SELECT ord, result FROM engine.checkpoint_many($1::jsonb)
 
+-- name: checkpoint_completed
+SELECT engine.checkpoint_completed($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11, $12,
+                                   $13::jsonb) AS result
+
 -- name: finish_many
 SELECT ord, result FROM engine.finish_many($1::jsonb)
 
