@@ -3017,18 +3017,22 @@ BEGIN
     IF v_cancel IS NULL THEN
         RETURN 'lost';
     END IF;
-    IF v_count > 1 AND v_count = (SELECT count(DISTINCT x ->> 'key')
-                                  FROM jsonb_array_elements(p_steps) AS x) THEN
+    IF v_count = 1 THEN  -- the usual item of a batch: no cursor over a list of one
+        IF NOT engine.record_step(p_run, p_steps -> 0, p_owner) THEN
+            RETURN 'duplicate';
+        END IF;
+    ELSIF v_count > 1 AND v_count = (SELECT count(DISTINCT x ->> 'key')
+                                     FROM jsonb_array_elements(p_steps) AS x) THEN
         IF engine.record_steps(p_run, p_steps, p_owner) < v_count THEN
             RETURN 'duplicate';
         END IF;
-        RETURN CASE WHEN v_cancel THEN 'cancel' ELSE 'ok' END;
+    ELSE
+        FOR v_step IN SELECT value FROM jsonb_array_elements(p_steps) LOOP
+            IF NOT engine.record_step(p_run, v_step, p_owner) THEN
+                RETURN 'duplicate';
+            END IF;
+        END LOOP;
     END IF;
-    FOR v_step IN SELECT value FROM jsonb_array_elements(p_steps) LOOP
-        IF NOT engine.record_step(p_run, v_step, p_owner) THEN
-            RETURN 'duplicate';
-        END IF;
-    END LOOP;
     RETURN CASE WHEN v_cancel THEN 'cancel' ELSE 'ok' END;
 END $$;
 
@@ -3193,11 +3197,19 @@ BEGIN
         IF engine.hold_lease(p_run, p_owner, p_token) IS NULL THEN
             RETURN 'lost';
         END IF;
-        FOR v_step IN SELECT value FROM jsonb_array_elements(p_steps) LOOP
-            IF NOT engine.record_step(p_run, v_step, p_owner) THEN
-                RETURN 'lost';  -- recorded by another execution: this one is stale
+        -- Recorded by another execution: this one is stale. One step (the usual end) needs no
+        -- cursor over the list.
+        IF jsonb_array_length(p_steps) = 1 THEN
+            IF NOT engine.record_step(p_run, p_steps -> 0, p_owner) THEN
+                RETURN 'lost';
             END IF;
-        END LOOP;
+        ELSE
+            FOR v_step IN SELECT value FROM jsonb_array_elements(p_steps) LOOP
+                IF NOT engine.record_step(p_run, v_step, p_owner) THEN
+                    RETURN 'lost';
+                END IF;
+            END LOOP;
+        END IF;
     END IF;
     UPDATE engine.runs r
     SET status = CASE WHEN r.cancel_requested THEN 'CANCELLED' ELSE p_status END,

@@ -219,6 +219,7 @@ async def test_a_completed_step_alone_is_recorded_as_the_batched_form_records_it
     assert rows["typed"]["worker"] == owner and rows["typed"]["bytes"] > 0
 
     assert await db.fetchval("checkpoint_completed", *alone("typed")) == "duplicate"
+    assert [r["result"] for r in await db.fetch("checkpoint_many", batch)] == ["duplicate"]
     assert await db.fetchval("checkpoint_completed", *alone("stale", uuid.uuid4())) == "lost"
     await sql.execute("UPDATE engine.runs SET cancel_requested = true WHERE id = $1", run)
     assert await db.fetchval("checkpoint_completed", *alone("late")) == "cancel"
