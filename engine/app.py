@@ -39,7 +39,7 @@ from .runs import (
     run_summary_from_row,
 )
 from .schemas import check_registry, check_sent, sent_schemas
-from .serialization import dumps, loads
+from .serialization import dumps, dumps_plain, loads
 from .telemetry import current_traceparent
 from .triggers import Trigger, TriggerEvent
 from .worker import Worker
@@ -359,7 +359,7 @@ class Engine:
             return await worker.send_and_start(payloads, current_traceparent())
         db = await self.database()
         rows = await db.fetch(
-            "send_events", dumps(payloads), current_traceparent(), False, conn=connection
+            "send_events", dumps_plain(payloads), current_traceparent(), False, conn=connection
         )
         return [row["id"] for row in rows]
 

@@ -39,7 +39,7 @@ from typing_extensions import TypeVar
 from .errors import InvalidEventError
 from .serialization import (
     NotSerializable,
-    dumps,
+    dumps_plain,
     loads,
     loads_or_none,
     stored_size,
@@ -197,13 +197,14 @@ def plain_data(data: Any) -> Any:
     return data
 
 
-def _data_size(event: Event[Any]) -> int:
-    """The stored size of the event's data, or InvalidEventError saying why it cannot be."""
+def _stored_data(event: Event[Any]) -> tuple[Any, int]:
+    """The event's data as plain JSON values (what is stored) and its stored size, or
+    InvalidEventError saying why it cannot be stored."""
     try:
         plain = to_jsonable(plain_data(event.data))
         problem = json_problem(plain)
         if problem is None:
-            return stored_size(dumps(plain))
+            return plain, stored_size(dumps_plain(plain))
     except RecursionError:
         problem = f"it is nested more than {MAX_DEPTH} levels deep; the limit is {MAX_DEPTH}"
     except NotSerializable as exc:
@@ -221,12 +222,14 @@ def _checked(event: Any, system: bool) -> dict[str, Any]:
         )
     _check_lengths(event)
     _check_ts(event)
-    size = _data_size(event)
+    # The payload holds the data's plain form, walked once here: it is encoded as it is
+    # (dumps_plain) on its way to the database.
+    data, size = _stored_data(event)
     if size > MAX_DATA_BYTES:
         raise InvalidEventError(
             f"event {event.name!r}: data is {size} bytes; the limit is {MAX_DATA_BYTES}"
         )
-    payload: dict[str, Any] = {"name": event.name, "data": plain_data(event.data)}
+    payload: dict[str, Any] = {"name": event.name, "data": data}
     if event.id is not None:
         payload["id"] = event.id
     if event.ts is not None:

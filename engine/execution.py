@@ -621,7 +621,7 @@ class Execution:
                 self.owner,
                 self.run.lease_token,
                 record.to_json(),
-                dumps(events),
+                dumps_plain(events),
                 telemetry.current_traceparent(),
             )
         assert row is not None

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import EventKeyError, UnknownEventKeyError
 from .events import MAX_NAME_LENGTH, RESERVED_PREFIX, Event, validate_outgoing
-from .serialization import dumps, text_problem
+from .serialization import dumps_plain, text_problem
 
 if TYPE_CHECKING:
     from .app import Engine
@@ -165,5 +165,5 @@ async def send_checked_with_key(
     if not _KEY.fullmatch(key):
         raise UnknownEventKeyError("unknown or revoked event key")
     db = await app.database()
-    rows = await db.fetch("send_events_with_key", key, dumps(payload), traceparent)
+    rows = await db.fetch("send_events_with_key", key, dumps_plain(payload), traceparent)
     return [row["id"] for row in rows]

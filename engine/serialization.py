@@ -103,10 +103,11 @@ def dumps(value: Any) -> str:
             raise NotSerializable(str(exc)) from exc
 
 
-def dumps_plain(value: dict[str, Any]) -> str:
-    """Encodes a dict the engine built of plain JSON values (strings, numbers, None, and dicts
-    and lists of them): :func:`dumps` without its walk for models and dataclasses, which costs
-    more than the encoding on the step path. Falls back to :func:`dumps` on anything else."""
+def dumps_plain(value: Any) -> str:
+    """Encodes a value the engine built of plain JSON values (strings, numbers, None, and dicts
+    and lists of them: a step record, events checked for sending): :func:`dumps` without its
+    walk for models and dataclasses, which costs more than the encoding on the step path. Falls
+    back to :func:`dumps` on anything else."""
     try:
         return _dumps(value)
     except (TypeError, ValueError):

@@ -37,7 +37,7 @@ from .retention import PRUNE_EVERY, Pruner
 from .router import EVENT_BATCH, RoutedRun, Router
 from .runs import RunStatus
 from .schemas import SCHEDULED, typed_events
-from .serialization import dumps, loads
+from .serialization import dumps, dumps_plain, loads
 from .steps import Steps
 from .threads import StepThreads
 
@@ -233,7 +233,7 @@ class Worker:
         self._reserved += capacity
         try:
             ids, mine = await self._router.send_and_route(
-                dumps(payload),
+                dumps_plain(payload),
                 names,
                 traceparent=traceparent,
                 owner=self.owner,

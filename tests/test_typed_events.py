@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import textwrap
 from datetime import timedelta
 from pathlib import Path
@@ -92,6 +94,29 @@ async def test_send_refuses_an_event_its_schema_refuses_and_stores_nothing(
     assert type(raised.value.__cause__).__name__ == "ValidationError"
     assert await sql.fetchval("SELECT count(*) FROM engine.events") == 0
     assert len(await app.send(good)) == 1
+
+
+async def test_a_send_checks_and_stores_the_json_form_of_its_data(
+    make_engine: Any, sql: asyncpg.Connection
+) -> None:
+    """A dataclass inside an event's data is stored as its JSON object, and event_schemas check
+    that JSON form: the data is turned into plain JSON values once, when the send checks it,
+    and the same values are checked and stored."""
+
+    @dataclasses.dataclass
+    class Customer:
+        name: str
+        vip: bool
+
+    class Signup(BaseModel):
+        customer: dict[str, Any]
+        plan: str
+
+    app = make_engine(event_schemas={"user/signup": Signup})
+    data = {"customer": Customer("Ada", vip=True), "plan": "pro"}
+    [event_id] = await app.send(Event(name="user/signup", data=data))
+    stored = await sql.fetchval("SELECT data FROM engine.events WHERE id = $1", event_id)
+    assert json.loads(stored) == {"customer": {"name": "Ada", "vip": True}, "plan": "pro"}
 
 
 async def test_a_trigger_schema_does_not_guard_sends(make_engine: Any) -> None:
