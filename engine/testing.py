@@ -304,6 +304,10 @@ class _Driver:
                 sent = True
         return sent
 
+    def _undelivered(self, key: str) -> bool:
+        """Whether the wait recorded as ``key`` has a mocked event not sent yet."""
+        return key not in self.delivered and self._mocked_event(key) is not None
+
     def _mocked_event(self, key: str) -> Event[Any] | None:
         """The mocked event of the wait recorded as ``key`` (``id``, or ``id:n`` when repeated)."""
         if key in self.events:
@@ -324,6 +328,8 @@ class _Driver:
             return False  # finish() returns it
         if status is RunStatus.RUNNING:
             return False  # between its claim and its first write
+        if any(self._undelivered(key) for key in row["waits"]):
+            return False  # it reached a mocked wait since `run` was read: deliver first
         if due is None or due.year >= NEVER_YEAR:
             raise EngineError(
                 f"run {self.run_id} of {run.function_id!r} waits for something nothing will"

@@ -394,3 +394,32 @@ async def test_a_run_that_ended_since_it_was_read_is_not_reported_stuck(
         assert await driver._move_time(stale) is False
     finally:
         await app.close()
+
+
+async def test_time_does_not_move_past_a_mocked_wait_before_its_event_is_sent(
+    engine_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver reads the run, sends the mocked event of a wait it shows, then reads the due
+    times. A run that reached its wait between the two reads (faster steps made it likelier:
+    a CI flake) must get its event before durable time moves past the wait's timeout. Here the
+    first read that shows the wait is made stale on purpose."""
+    deliver = _Driver._deliver
+    stale: list[bool] = []
+
+    async def first_read_stale(self: _Driver, run: Any) -> bool:
+        if not stale and any(s.kind == "wait" and s.status == "WAITING" for s in run.steps):
+            stale.append(True)
+            return False  # as if `run` had been read just before the wait was reached
+        return await deliver(self, run)
+
+    monkeypatch.setattr(_Driver, "_deliver", first_read_stale)
+    run = await run_function(
+        checkout,
+        Event(name="shop/checkout", data={"order_id": "A-3"}),
+        steps={"charge": {"ok": True}},
+        events={"wait-payment": Event(name="shop/paid", data={"order_id": "A-3", "amount": 5})},
+        functions=[bill],
+    )
+    assert stale == [True]
+    assert run.status is RunStatus.COMPLETED, run.error
+    assert run.output == {"charge": {"ok": True}, "paid": 5, "receipt": "billed A-3"}

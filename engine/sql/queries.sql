@@ -549,11 +549,14 @@ LIMIT $4
 -- name: testing_due
 -- What engine.testing.run_function needs to move durable time for one app: when its next work
 -- is due, whether a run of it executes now, whether an event waits to be routed, now, and the
--- status of the run it drives ($3), read in the same snapshot (a status read before may be
--- stale: the run may have ended since, leaving nothing due).
+-- status and open waits of the run it drives ($3), read in the same snapshot (a status or steps
+-- read before may be stale: the run may have ended since, leaving nothing due, or reached a
+-- wait whose mocked event is still to be sent).
 SELECT engine.next_due($1, $2::text[]) AS next_due,
        engine.now() AS now,
        (SELECT r.status FROM engine.runs r WHERE r.id = $3::uuid) AS run_status,
+       ARRAY(SELECT s.step_key FROM engine.steps s
+             WHERE s.run_id = $3::uuid AND s.kind = 'wait' AND s.status = 'WAITING') AS waits,
        EXISTS (SELECT 1 FROM engine.runs r
                WHERE r.app_id = $1 AND r.status = 'RUNNING') AS busy,
        EXISTS (SELECT 1 FROM engine.event_queue q WHERE q.due_at <= engine.now()) AS routing
