@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .db import Database
+from .errors import SchemaMissingError
 
 MAX_BATCH = 200
 
@@ -106,8 +107,13 @@ class GroupCommitter:
 
     async def _send_one(self, item: Item, alone: tuple[Any, ...] | None) -> str:
         if alone is not None and self._alone_query is not None:
-            [row] = await self._conn.fetch(self._alone_query, *alone)
-            return str(row["result"])
+            try:
+                [row] = await self._conn.fetch(self._alone_query, *alone)
+                return str(row["result"])
+            except SchemaMissingError:
+                # A schema older than this worker (a rolling deploy ahead of `engine migrate`):
+                # the JSON form, which every version of the schema has, from now on.
+                self._alone_query = None
         [result] = await self._send([_encoded(item)])
         return result
 

@@ -206,7 +206,7 @@ async def test_a_completed_step_alone_is_recorded_as_the_batched_form_records_it
     assert await db.fetchval("checkpoint_completed", *alone("typed")) == "ok"
     item = {"run": str(run), "owner": str(owner), "token": token}
     steps = f"[{completed('json').to_json(output)}]"
-    batch = f"[{json.dumps(item)[:-1]}, \"steps\": {steps}}}]"
+    batch = f'[{json.dumps(item)[:-1]}, "steps": {steps}}}]'
     assert [r["result"] for r in await db.fetch("checkpoint_many", batch)] == ["ok"]
     rows = {
         r["step_key"]: dict(r)
@@ -278,3 +278,26 @@ async def test_steps_that_follow_each_other_are_checkpointed_in_typed_form(
         ("third", "COMPLETED", 3),
         ("last", "COMPLETED", 4),
     ]
+
+
+async def test_a_schema_without_the_typed_form_gets_the_json_form(
+    make_engine: Any, sql: asyncpg.Connection
+) -> None:
+    """A worker newer than its schema (deployed before `engine migrate` ran) records its steps
+    through the JSON form every schema version has: its runs do not fail for it."""
+    await sql.execute("DROP FUNCTION engine.checkpoint_completed")
+    app = make_engine()
+
+    @app.create_function("seq", trigger=TriggerEvent("t/seq"))
+    async def seq(ctx: Context) -> int:
+        return sum([await ctx.step.run(f"s{i}", lambda i=i: i) for i in range(4)])
+
+    calls = record_queries(await app.database())
+    async with app.worker():
+        [event_id] = await app.send(Event(name="t/seq"))
+        run = await app.wait_for_run(await only_run_id(app, event_id))
+    assert run.status is RunStatus.COMPLETED, run.error
+    assert run.output == 6 and [s.output for s in run.steps] == [0, 1, 2, 3]
+    info = await app.get_run(run.run_id)
+    assert len(info.executions) == 1, info.executions  # never handed back for it
+    assert "checkpoint_many" in [query for query, _ in calls]
