@@ -19,13 +19,14 @@ run that a worker of this process holds leased (its first step waits until the e
 For rungs 1-5, the server backend's CPU per transaction is read from /proc (the server must run
 on this machine: the embedded one by default). Each repeat measures every rung on a fresh
 database; the table gives medians with min and max, and each ratio to the floor is taken within
-its repeat.
+its repeat. The figures go to bench/results/step_ladder.json too.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import statistics
@@ -41,7 +42,7 @@ from typing import Any
 import asyncpg
 
 sys.path.insert(0, str(Path(__file__).parent))
-from core import fresh_database
+from core import environment, fresh_database
 from ratios import STEP_ROW, _step_table, engine_steps
 
 from engine import Context, Engine, Event, TriggerEvent
@@ -224,6 +225,10 @@ async def main() -> None:
             repeats.append(await one_repeat(server, index, args.steps))
             print(f"repeat {index + 1}: {repeats[-1]}", flush=True)
         report(repeats)
+        out = Path(__file__).parent / "results"
+        out.mkdir(exist_ok=True)
+        result = {**await environment(server), "repeats": repeats}
+        (out / "step_ladder.json").write_text(json.dumps(result, indent=2))
     finally:
         _stop_postmaster(data_directory(scratch / "pg"))
         shutil.rmtree(scratch, ignore_errors=True)
