@@ -3065,9 +3065,9 @@ END $$;
 -- carries (what a worker sends for a run's step when nothing else is committing with it). It
 -- records what engine.checkpoint_many records for that step, and returns what it returns; the
 -- error column holds a JSON null, as a record's does. Without the JSON to unpack and the layers
--- of functions that each unpack their part of it, the server spends 0.23-0.25 ms of CPU on a
--- step's transaction instead of 0.30-0.32 (floor: 0.14 for an INSERT of a small row), about a
--- sixth of a step's time (bench/README.md, session 13).
+-- of functions that each unpack their part of it, the server spends 0.22-0.25 ms of CPU on a
+-- step's transaction instead of 0.26-0.32 (an INSERT of a small row: 0.14), measured per
+-- committed call (bench/step_ladder.py; bench/README.md, session 13).
 CREATE OR REPLACE FUNCTION engine.checkpoint_completed(
     p_run uuid, p_owner uuid, p_token bigint, p_key text, p_position int, p_kind text,
     p_attempts int, p_output jsonb, p_step_id text, p_follows text, p_started_at timestamptz,
@@ -3198,7 +3198,8 @@ BEGIN
             RETURN 'lost';
         END IF;
         -- Recorded by another execution: this one is stale. One step (the usual end) needs no
-        -- cursor over the list.
+        -- cursor over the list (as in engine.checkpoint_steps: written out in both, since a
+        -- function shared by them would cost a call more than the cursor it saves).
         IF jsonb_array_length(p_steps) = 1 THEN
             IF NOT engine.record_step(p_run, p_steps -> 0, p_owner) THEN
                 RETURN 'lost';
