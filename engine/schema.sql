@@ -18,7 +18,8 @@
 --   claim_runs()           due runs (queued, sleeping, retrying) and runs whose lease expired are
 --        |                 leased to one worker, with their recorded steps, in one round trip
 --        v
---   checkpoint_step()      each step's result is committed under the lease before the run moves on
+--   checkpoint_completed() each step's result is committed under the lease before the run moves on
+--                          (checkpoint_many(): the steps of several runs, in one commit)
 --   suspend_run()          a sleep or a retry backoff releases the run with a due time (a timer)
 --   finish_run()           the run ends COMPLETED, FAILED or CANCELLED
 --
