@@ -80,26 +80,21 @@ class GroupCommitter:
             self._busy = False
 
     async def _send_batch(self, batch: list[Entry]) -> None:
-        if len(batch) == 1:
-            _, item, alone, future = batch[0]
+        if len(batch) > 1:
+            batch.sort(key=lambda entry: entry[0])
+            try:
+                results = await self._send([item for _, item, _, _ in batch])
+            except Exception:
+                pass  # one bad item must not fail the others: they go one by one, below
+            else:
+                for (_, _, _, future), result in zip(batch, results, strict=True):
+                    _settle(future, result)
+                return
+        for _, item, alone, future in batch:  # a batch of one takes its typed form, if any
             try:
                 _settle(future, await self._send_one(item, alone))
             except Exception as exc:
                 _settle(future, exc)
-            return
-        batch.sort(key=lambda entry: entry[0])
-        try:
-            results = await self._send([item for _, item, _, _ in batch])
-        except Exception:
-            # One bad item must not fail the others: send them one by one.
-            for _, item, alone, future in batch:
-                try:
-                    _settle(future, await self._send_one(item, alone))
-                except Exception as single:
-                    _settle(future, single)
-            return
-        for (_, _, _, future), result in zip(batch, results, strict=True):
-            _settle(future, result)
 
     async def close(self) -> None:
         """Gives the held connection back to the pool (the worker stopped)."""

@@ -295,13 +295,14 @@ class _Driver:
         """Sends the mocked event of each wait the run is blocked in; True if it sent one."""
         sent = False
         for step in run.steps:
-            if step.kind != "wait" or step.status != "WAITING" or step.step_id in self.delivered:
+            waiting = step.kind == "wait" and step.status == "WAITING"
+            if not waiting or not self._undelivered(step.step_id):
                 continue
             given = self._mocked_event(step.step_id)
-            if given is not None:
-                self.delivered.add(step.step_id)
-                await self.app.send(given)
-                sent = True
+            assert given is not None  # _undelivered says it has one
+            self.delivered.add(step.step_id)
+            await self.app.send(given)
+            sent = True
         return sent
 
     def _undelivered(self, key: str) -> bool:
