@@ -32,6 +32,7 @@ _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 # SQLSTATEs meaning the engine schema (or one of its functions) is not there.
 _MISSING_SCHEMA = {"3F000", "42883", "42P01"}
 HELD_IDLE = 0.2  # seconds a held connection stays out of the pool unused (see HeldConnection)
+POOL_LOOK_INTERVAL = 0.002  # seconds between a held connection's looks at its pool's free ones
 
 
 def queries(schema: str = DEFAULT_SCHEMA) -> dict[str, str]:
@@ -314,8 +315,8 @@ class HeldConnection:
     operation each way: about a twelfth of a step's time, when a step is one round trip. Held,
     the connection goes back to the pool once unused for ``idle`` seconds (an idle worker keeps
     none), after any error (a connection error expires the pool's connections, as any query
-    does), after a round trip that left the pool without a free connection (someone may be
-    waiting for one), and at :meth:`close`.
+    does), after a round trip that found the pool without a free connection (someone may be
+    waiting for one; looked at every ``POOL_LOOK_INTERVAL`` at most), and at :meth:`close`.
     """
 
     def __init__(self, db: Database, idle: float) -> None:
@@ -325,6 +326,7 @@ class HeldConnection:
         self._busy = False
         self._closing = False  # close() was called during a round trip: give back at its end
         self._last_used = 0.0
+        self._pool_looked_at = 0.0  # when _pool_exhausted last counted the pool's connections
         self._timer: asyncio.TimerHandle | None = None
         self._returning: set[asyncio.Task[None]] = set()
 
@@ -354,6 +356,12 @@ class HeldConnection:
         return rows
 
     def _pool_exhausted(self) -> bool:
+        # Looked at once per POOL_LOOK_INTERVAL at most: counting the pool's connections costs
+        # as much as the rest of a held round trip's own Python, and waiting a few ms more for
+        # a connection costs a waiter nothing it would notice.
+        if self._last_used < self._pool_looked_at + POOL_LOOK_INTERVAL:
+            return False
+        self._pool_looked_at = self._last_used
         pool = self._db.pool
         return pool.get_idle_size() == 0 and pool.get_size() >= pool.get_max_size()
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import AbstractAsyncContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
 from uuid import UUID
@@ -267,7 +267,7 @@ class Execution:
         if flush and not self._settled.is_set():
             # Counted as executing: a stop or a suspension settling the run meanwhile must not
             # cancel this write half way (the records it carries would be lost with it).
-            async with self.executing():
+            with self.executing():
                 await self.flush()
         if self._settled.is_set():  # being released: the pending records go with that write
             await self.block()
@@ -296,7 +296,7 @@ class Execution:
         if self.in_flight == 0 and (self.suspensions or stopped):
             self._settled.set()
 
-    def executing(self) -> AbstractAsyncContextManager[None]:
+    def executing(self) -> AbstractContextManager[None]:
         """Marks a step as executing: the run does not settle until the block ends."""
         return _Executing(self)
 
@@ -448,7 +448,7 @@ class Execution:
         the run does not settle while it is in flight. A refusal or a cut-off stops the
         execution as any write does (the flags are set by :meth:`_fenced` and :meth:`_accept`)."""
         try:
-            async with self.executing():
+            with self.executing():
                 await self.flush()
         except (LeaseLost, WriteCutOff):
             self.maybe_settle()
@@ -494,36 +494,19 @@ class Execution:
         if verdict is WriteVerdict.CANCEL:
             self.note_cancel()
 
-    @contextmanager
-    def _fenced(self) -> Iterator[None]:
+    def _fenced(self) -> AbstractContextManager[None]:
         """Wraps every database call of the execution: the refusal of a write under a stale
         lease becomes :class:`LeaseLost`, a call that met an infrastructure error (see
         :func:`~engine.db.is_infrastructure_error`) :class:`WriteCutOff`; both stop the
         execution, and neither is ever the function's failure."""
-        try:
-            yield
-        except StaleLeaseError as exc:
-            self.lost = True
-            raise LeaseLost(str(exc)) from None
-        except Exception as exc:
-            if not is_infrastructure_error(exc):
-                raise
-            self.cut_off = f"{type(exc).__name__}: {exc}"
-            self.maybe_settle()
-            raise WriteCutOff(self.cut_off) from exc
+        return _Fenced(self)
 
-    @contextmanager
-    def _taking_unsaved(self) -> Iterator[list[Unsaved]]:
+    def _taking_unsaved(self) -> AbstractContextManager[list[Unsaved]]:
         """The deferred step records, for a write that commits them. If the write does not
         return (refused, cut off, or any error the function's code may catch), they are put
         back: a write that did not commit leaves the execution's state as it was, so the
         records go with the next write (a hand-back records them too)."""
-        records, self._unsaved = self._unsaved, []
-        try:
-            yield records
-        except BaseException:
-            self._unsaved = records + self._unsaved
-            raise
+        return _TakingUnsaved(self)
 
     async def checkpoint(self, record: StepRecord, output_json: str | None = None) -> None:
         """Commits a step record under the lease before the function goes on, after the
@@ -979,7 +962,47 @@ def _merge(suspensions: list[Suspension]) -> Suspension:
     return Suspension(first.due, first.status, reasons, steps, awaited)
 
 
-class _Executing(AbstractAsyncContextManager[None]):
+class _Fenced(AbstractContextManager[None]):
+    """The block of :meth:`Execution._fenced` (a plain class: it wraps every checkpoint)."""
+
+    __slots__ = ("_ex",)
+
+    def __init__(self, ex: Execution) -> None:
+        self._ex = ex
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        if isinstance(exc, StaleLeaseError):
+            self._ex.lost = True
+            raise LeaseLost(str(exc)) from None
+        if isinstance(exc, Exception) and is_infrastructure_error(exc):
+            self._ex.cut_off = f"{type(exc).__name__}: {exc}"
+            self._ex.maybe_settle()
+            raise WriteCutOff(self._ex.cut_off) from exc
+
+
+class _TakingUnsaved(AbstractContextManager[list[Unsaved]]):
+    """The block of :meth:`Execution._taking_unsaved` (a plain class: it wraps every
+    checkpoint)."""
+
+    __slots__ = ("_ex", "_records")
+
+    def __init__(self, ex: Execution) -> None:
+        self._ex = ex
+        self._records: list[Unsaved] = []
+
+    def __enter__(self) -> list[Unsaved]:
+        self._records, self._ex._unsaved = self._ex._unsaved, []
+        return self._records
+
+    def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        if exc is not None:
+            self._ex._unsaved = self._records + self._ex._unsaved
+
+
+class _Executing(AbstractContextManager[None]):
     """The block of :meth:`Execution.executing` (a plain class: it wraps every step)."""
 
     __slots__ = ("_ex",)
@@ -987,10 +1010,10 @@ class _Executing(AbstractAsyncContextManager[None]):
     def __init__(self, ex: Execution) -> None:
         self._ex = ex
 
-    async def __aenter__(self) -> None:
+    def __enter__(self) -> None:
         self._ex.in_flight += 1
 
-    async def __aexit__(self, *_exc: object) -> None:
+    def __exit__(self, *_exc: object) -> None:
         self._ex.in_flight -= 1
         self._ex.maybe_settle()
 

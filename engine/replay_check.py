@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -133,9 +132,8 @@ class ReplayProbe(Execution):
     def will_wait(self, suspension: Suspension) -> None:
         return None
 
-    @asynccontextmanager
-    async def executing(self) -> AsyncIterator[None]:
-        yield
+    def executing(self) -> AbstractContextManager[None]:
+        return nullcontext()
 
     async def probe(self, patience: float) -> DeterminismError | None:
         """Replays the run's function; the divergence replay proves, if any."""

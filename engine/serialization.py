@@ -37,6 +37,23 @@ class NotSerializable(TypeError):
 
 def to_jsonable(value: Any) -> Any:
     """Turns pydantic models and dataclasses (anywhere inside ``value``) into plain JSON types."""
+    # The plain types first, by exact type: what steps return is mostly these, and the checks
+    # for a model (an ABC's isinstance) and a dataclass cost more than the rest of the walk.
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if kind is dict:
+        return {_key(k): to_jsonable(v) for k, v in value.items()}
+    if kind is list:
+        return [to_jsonable(v) for v in value]
+    if kind is float and math.isfinite(value):
+        return value
+    return _other_to_jsonable(value)
+
+
+def _other_to_jsonable(value: Any) -> Any:
+    """:func:`to_jsonable` of a value that is not of a plain type exactly (a model, a dataclass,
+    a tuple, a subclass of a plain type) or is not JSON at all."""
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

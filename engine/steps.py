@@ -11,7 +11,7 @@ import inspect
 import time
 import typing
 from collections.abc import Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, overload
@@ -79,7 +79,7 @@ class StepHost(Protocol):
     def db_now(self) -> datetime: ...
     def retry_delay(self, attempt: int) -> timedelta: ...
     async def gate(self, *, flush: bool = True, buffered: bool = False) -> None: ...
-    def executing(self) -> AbstractAsyncContextManager[None]: ...
+    def executing(self) -> AbstractContextManager[None]: ...
     def running_step(
         self, plan: StepPlan, attempt: int, *, final: bool, started_at: datetime
     ) -> AbstractAsyncContextManager[None]: ...
@@ -151,7 +151,7 @@ class Steps:
         attempt = record.attempts if record is not None else 0
         started_at = ex.db_now()
         given = encode_input(args, kwargs) if ex.records_input else None
-        async with ex.executing():
+        with ex.executing():
             final = attempt >= allowed
             async with ex.running_step(plan, attempt, final=final, started_at=started_at):
                 outcome = await self._attempt(
@@ -403,7 +403,7 @@ class Steps:
                 expires_at=record.wake_at,
                 on_timeout={"status": StepStatus.COMPLETED, "output": None},
             )
-            async with ex.executing():
+            with ex.executing():
                 found = await ex.register_matchers([record], [row])
             if plan.key in found:
                 return plan.key, event_from_row(found[plan.key])
@@ -447,7 +447,7 @@ class Steps:
                 "status": StepStatus.FAILED,
                 "error": {"type": "InvokeTimeoutError", "message": message},
             }
-            async with ex.executing():
+            with ex.executing():
                 try:
                     record = await ex.invoke(
                         record, function, dict(data or {}), expires, on_timeout
@@ -480,7 +480,7 @@ class Steps:
         if record is not None and record.status == StepStatus.FAILED:
             raise _step_error(plan.key, record.error)
         await ex.gate()
-        async with ex.executing():
+        with ex.executing():
             try:
                 payload = validate_outgoing(events)
                 check_sent(payload, self._schemas)

@@ -15,8 +15,8 @@ import contextvars
 import os
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -119,18 +119,39 @@ def run_span(
         yield span
 
 
-@contextmanager
 def step_span(
     *, run_id: str, function_id: str, step_key: str, attempt: int
-) -> Iterator[trace.Span]:
+) -> AbstractContextManager[trace.Span]:
     """The span of one attempt of a step, a child of its run's span."""
     if not spans_recorded():  # the no-op tracer's span would be the run's own: keep it current
-        tokens = structlog.contextvars.bind_contextvars(step_id=step_key, attempt=attempt)
-        try:
-            yield trace.get_current_span()
-        finally:
-            structlog.contextvars.reset_contextvars(**tokens)
-        return
+        return _StepLogFields(step_key, attempt)
+    return _step_span(run_id=run_id, function_id=function_id, step_key=step_key, attempt=attempt)
+
+
+class _StepLogFields(AbstractContextManager[trace.Span]):
+    """A step's span when nothing records: the step's id and attempt bound for its log lines,
+    and no span of its own (a plain class, not a generator: it wraps every step)."""
+
+    __slots__ = ("_attempt", "_step_key", "_tokens")
+
+    def __init__(self, step_key: str, attempt: int) -> None:
+        self._step_key, self._attempt = step_key, attempt
+        self._tokens: Mapping[str, contextvars.Token[Any]] = {}
+
+    def __enter__(self) -> trace.Span:
+        self._tokens = structlog.contextvars.bind_contextvars(
+            step_id=self._step_key, attempt=self._attempt
+        )
+        return trace.INVALID_SPAN  # records nothing, as the current (run's) span would
+
+    def __exit__(self, *_exc: object) -> None:
+        structlog.contextvars.reset_contextvars(**self._tokens)
+
+
+@contextmanager
+def _step_span(
+    *, run_id: str, function_id: str, step_key: str, attempt: int
+) -> Iterator[trace.Span]:
     attributes: dict[str, str | int] = {
         "engine.run_id": run_id,
         "engine.function_id": function_id,

@@ -32,7 +32,15 @@ from engine import (
 from engine.cron import CronSchedule
 from engine.durations import parse_duration
 from engine.expressions import Expression
-from engine.serialization import NotSerializable, dumps, loads, stored_size, text_problem
+from engine.serialization import (
+    NotSerializable,
+    _other_to_jsonable,
+    dumps,
+    loads,
+    stored_size,
+    text_problem,
+    to_jsonable,
+)
 
 HOSTILE = st.sampled_from(
     [
@@ -275,6 +283,23 @@ def test_step_outputs_round_trip_or_fail_the_step_readably(value: Any) -> None:
         return
     decoded = loads(text)
     assert json.loads(json.dumps(decoded)) == decoded  # plain JSON all the way down
+
+
+class _Label(str):
+    """A subclass of a plain type: the walk's fast path (exact types) must not take it."""
+
+
+@FUZZ
+@given(value=OUTPUTS | st.builds(_Label, st.text(max_size=4)) | st.builds(dict, st.just({"k": 1})))
+def test_the_walks_fast_path_answers_as_the_general_one(value: Any) -> None:
+    """to_jsonable takes plain types by their exact type first: same result (or refusal)."""
+    outcomes = []
+    for walk in (to_jsonable, _other_to_jsonable):
+        try:
+            outcomes.append(("value", walk(value)))
+        except NotSerializable as error:
+            outcomes.append(("refused", str(error)))
+    assert json.dumps(outcomes[0], default=repr) == json.dumps(outcomes[1], default=repr)
 
 
 async def test_a_step_returning_a_nul_character_fails_that_step_readably(

@@ -149,6 +149,32 @@ async def test_held_connections_never_starve_the_pool(make_engine: Any) -> None:
     await second.close()
 
 
+async def test_a_stream_of_held_round_trips_lets_a_waiter_in(make_engine: Any) -> None:
+    """The pool is looked at every few round trips of a stream, not after each one: a caller
+    that waits for the pool's last connection still gets it while the stream goes on."""
+    app = make_engine(pool_size=2)
+    db = await app.database()
+    first, second = db.held(idle=60), db.held(idle=60)
+    await first.fetch("now")
+    streamed, waited = 0, asyncio.Event()
+
+    async def stream() -> None:
+        nonlocal streamed
+        while not waited.is_set() and streamed < 2_000:
+            await second.fetch("now")
+            streamed += 1
+
+    async def waiter() -> None:
+        await asyncio.sleep(0.05)  # the stream has taken the pool's last connection
+        await db.fetchval("now")
+        waited.set()
+
+    await asyncio.wait_for(asyncio.gather(stream(), waiter()), 60)
+    assert waited.is_set() and streamed < 2_000  # the waiter got in while the stream went on
+    await first.close()
+    await second.close()
+
+
 async def lease_a_run(app: Any, owner: uuid.UUID) -> tuple[uuid.UUID, int]:
     """Routes the one event sent to ``app`` into a run leased to ``owner``: (run id, token)."""
     db: Database = app.open_database
