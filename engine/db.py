@@ -219,6 +219,15 @@ class Database:
         rows: list[Record] = await self._call(lambda c: c.fetch(self._queries[query], *args), conn)
         return rows
 
+    async def fetch_on(self, conn: Connection, query: str, args: tuple[Any, ...]) -> list[Record]:
+        """:meth:`fetch` on ``conn``, the path of every held round trip (a step's checkpoint):
+        without the frames that choosing a connection adds."""
+        try:
+            rows: list[Record] = await conn.fetch(self._queries[query], *args)
+        except asyncpg.PostgresError as exc:
+            raise translate(exc, self.schema) from exc
+        return rows
+
     async def fetchrow(
         self, query: str, *args: Any, conn: Connection | None = None
     ) -> Record | None:
@@ -338,7 +347,7 @@ class HeldConnection:
         try:
             conn = await self._connection()
             try:
-                rows: list[Record] = await self._db.fetch(query, *args, conn=conn)
+                rows: list[Record] = await self._db.fetch_on(conn, query, args)
             except BaseException as exc:
                 self._conn = None
                 if isinstance(exc, Exception) and is_connection_error(exc):

@@ -65,16 +65,20 @@ _scratch: list[Path] = []
 
 
 def record_queries(db: Any) -> list[tuple[str, tuple[Any, ...]]]:
-    """Records the named queries an engine's Database runs from now on (``db.fetch``), with
-    their arguments, in the list returned."""
+    """Records the named queries an engine's Database runs from now on (``db.fetch``, and
+    ``db.fetch_on`` for held round trips), with their arguments, in the list returned."""
     calls: list[tuple[str, tuple[Any, ...]]] = []
-    fetch = db.fetch
+    fetch, fetch_on = db.fetch, db.fetch_on
 
     async def recorded(query: str, *args: Any, **kwargs: Any) -> Any:
         calls.append((query, args))
         return await fetch(query, *args, **kwargs)
 
-    db.fetch = recorded
+    async def recorded_on(conn: Any, query: str, args: tuple[Any, ...]) -> Any:
+        calls.append((query, args))
+        return await fetch_on(conn, query, args)
+
+    db.fetch, db.fetch_on = recorded, recorded_on
     return calls
 
 
