@@ -33,7 +33,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from . import cli_dashboard, cli_keys, cli_replay, cli_runs, embedded, retention, telemetry
+from . import (
+    cli_dashboard,
+    cli_keys,
+    cli_replay,
+    cli_runs,
+    embedded,
+    event_loop,
+    retention,
+    telemetry,
+)
 from .app import Engine
 from .cli_common import CLI_APP_ID, Failure, UsageError, routing_outcome
 from .cli_common import Formatter as _Formatter
@@ -92,6 +101,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         configure_logging(level or "warning")
     except ValueError as error:
         raise UsageError(str(error)) from None
+    event_loop.loop_factory()  # a bad $ENGINE_EVENT_LOOP is refused before anything starts
     code: int = args.handler(args)
     return code
 

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
-from . import embedded
+from . import embedded, event_loop
 from .app import Engine
 from .durations import parse_duration
 from .errors import ConfigurationError
@@ -228,12 +228,13 @@ def with_engine(args: argparse.Namespace, work: Callable[[Engine], Awaitable[T]]
 
 
 def run(work: Awaitable[Any]) -> Any:
-    """Runs ``work`` in a new event loop (Ctrl-C before a worker runs: KeyboardInterrupt)."""
+    """Runs ``work`` in a new event loop, uvloop's when installed (see :mod:`engine.event_loop`;
+    Ctrl-C before a worker runs: KeyboardInterrupt)."""
 
     async def main() -> Any:
         return await work
 
-    return asyncio.run(main())
+    return event_loop.run(main())
 
 
 # -- events ----------------------------------------------------------------------------------------

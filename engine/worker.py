@@ -23,7 +23,7 @@ from uuid import UUID, uuid4
 
 from pydantic import BaseModel
 
-from . import metrics
+from . import event_loop, metrics
 from .context import Context
 from .durations import Duration, parse_duration
 from .events import event_from_row
@@ -174,6 +174,7 @@ class Worker:
             app_id=self.engine.app_id,
             functions=self._fn_ids,
             concurrency=self.concurrency,
+            event_loop=event_loop.name(self._loop_running),
         )
         try:
             async with asyncio.TaskGroup() as group:

@@ -239,12 +239,13 @@ async def run_in_worker_process(
     *,
     env: dict[str, str] | None = None,
     exit_within: float = 30,
+    log: Path | None = None,
 ) -> tuple[RunInfo, int]:
     """Runs `engine worker TARGET` (an app under tests/apps), sends ``event`` from an Engine of
     the same app id, waits for the run it starts to end, stops the worker with SIGTERM and
     returns the run and the worker's exit code (the worker must exit within ``exit_within``
-    seconds)."""
-    worker = start_worker_process(target, database_url, env=env)
+    seconds); the worker's log goes to ``log`` if given."""
+    worker = start_worker_process(target, database_url, env=env, log=log)
     try:
         app = make_engine(_app_id(target))
         [event_id] = await app.send(event)

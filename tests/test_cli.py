@@ -23,7 +23,7 @@ from helpers import (
 )
 
 import engine
-from engine import Event
+from engine import Event, RunStatus
 
 ROOT = Path(__file__).parent.parent
 
@@ -306,6 +306,30 @@ async def test_functions_list_shows_the_registry(database_url: str, make_engine:
     line = next(x for x in listing().splitlines() if x.startswith("shop/notify"))
     assert line.split()[:3] == ["shop/notify", "inactive", "0"]
     assert json.loads(listing("--json", "--app", "nobody")) == []
+
+
+async def test_the_worker_command_runs_on_uvloop_or_on_asyncio_when_asked(
+    database_url: str, make_engine: Any, tmp_path: Path
+) -> None:
+    """`engine worker` runs on uvloop where it is installed (the `fast` extra; the dev extra
+    has it), on asyncio's loop with ENGINE_EVENT_LOOP=asyncio; a run completes on either, and
+    the worker's first line names its loop. An unknown loop is refused before anything starts."""
+    for loop, env in (("uvloop", {}), ("asyncio", {"ENGINE_EVENT_LOOP": "asyncio"})):
+        log = tmp_path / f"{loop}.log"
+        run, code = await run_in_worker_process(
+            "graceful:app",
+            database_url,
+            make_engine,
+            Event(name="graceful/go"),
+            env={"STEP_SECONDS": "0", **env},
+            log=log,
+        )
+        assert run.status is RunStatus.COMPLETED and code == 0, (loop, run.error, code)
+        lines = [json.loads(line) for line in log.read_text().splitlines()]
+        [started] = [line for line in lines if line["event"] == "worker.started"]
+        assert started["event_loop"] == loop
+    refused = engine_command("send", "a/b", cwd=tmp_path, env={"ENGINE_EVENT_LOOP": "trio"})
+    assert refused.returncode == 2 and "ENGINE_EVENT_LOOP='trio'" in refused.stderr, refused
 
 
 async def test_the_worker_command_keeps_its_loaded_code_out_of_the_collectors_reach(
