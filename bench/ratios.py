@@ -3,6 +3,7 @@ measured back to back in one run (issue #17).
 
     python bench/ratios.py [--repeat 5] [--steps 1000] [--events 200] [--runs 3000]
                            [--log-level info 2>/dev/null] [--compare-log-level info]
+                           [--loop uvloop]
 
 These shared machines vary three- to fourfold in speed from day to day; a ratio taken in one
 run does not. Each repeat measures every floor and then every engine figure, on a fresh
@@ -56,6 +57,7 @@ from core import Countdown, all_completed, environment, fresh_database, percenti
 from engine import Context, Engine, Event, TriggerEvent
 from engine.db import Database
 from engine.embedded import _stop_postmaster, data_directory, start
+from engine.event_loop import LOOPS, run
 from engine.logs import LEVELS, configure_logging
 
 STEP_ROW = '{"output": {"ok": true}, "step": "charge-card", "attempt": 1}'
@@ -358,7 +360,7 @@ def report(repeats: list[dict[str, float]], log_level: str | None) -> dict[str, 
     return summary
 
 
-async def main() -> None:
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--steps", type=int, default=1000)
@@ -384,12 +386,23 @@ async def main() -> None:
         help="also measure the server's CPU per step, event and run, and the time spent in"
         " each engine SQL function (track_functions; embedded server only): bench/breakdown.py",
     )
+    parser.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="asyncio",
+        help="the event loop of this process, floors and engine alike (uvloop: what the"
+        " `engine` command runs on where it is installed; see engine/event_loop.py)",
+    )
     args = parser.parse_args()
+    if args.breakdown and args.database_url is not None:
+        parser.error("--breakdown reads the embedded server's processes: drop --database-url")
+    return args
+
+
+async def main(args: argparse.Namespace) -> None:
     configure_logging(args.log_level)
     scratch = Path(tempfile.mkdtemp(prefix="engine-ratios-"))
     server = args.database_url or start(scratch / "pg")[0]
-    if args.breakdown and args.database_url is not None:
-        parser.error("--breakdown reads the embedded server's processes: drop --database-url")
     args.breakdown = (
         breakdown.server_pid(data_directory(scratch / "pg")) if args.breakdown else None
     )
@@ -401,7 +414,12 @@ async def main() -> None:
         summary = report(repeats, args.compare_log_level)
         out = Path(__file__).parent / "results"
         out.mkdir(exist_ok=True)
-        result = {**await environment(server), "repeats": repeats, "ratios": summary}
+        result = {
+            **await environment(server),
+            "event_loop": args.loop,
+            "repeats": repeats,
+            "ratios": summary,
+        }
         (out / "ratios.json").write_text(json.dumps(result, indent=2))
     finally:
         if args.database_url is None:  # leaves nothing behind
@@ -410,4 +428,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    options = arguments()
+    run(main(options), options.loop)
