@@ -71,7 +71,6 @@ def _parent(traceparent: str | None) -> otel_context.Context:
     return _propagator.extract({"traceparent": traceparent} if traceparent else {})
 
 
-@contextmanager
 def run_span(
     *,
     run_id: str,
@@ -80,23 +79,57 @@ def run_span(
     event: Event,
     traceparent: str | None,
     trace_payloads: bool,
-) -> Iterator[trace.Span]:
+) -> AbstractContextManager[trace.Span]:
     """The span of one execution of a run, a child of the run's own span (``traceparent``: the
     run's trace context; for a run created before runs had one, the sender's); the event's data
     goes on the span only if the app opted in (``trace_payloads``)."""
     parent = _parent(traceparent)
     if not spans_recorded():
-        # What the API's no-op tracer would do, without its machinery (~5% of a worker's CPU
-        # per run): the current span is the run's (non-recording) one, so that sends and
-        # invokes carry its traceparent, and log lines its ids.
-        span = trace.get_current_span(parent)
-        token = otel_context.attach(parent)
-        try:
-            with _bound_trace_ids(span):
-                yield span
-        finally:
-            otel_context.detach(token)
-        return
+        return _RunTraceContext(parent)
+    return _run_span(
+        parent,
+        run_id=run_id,
+        function_id=function_id,
+        attempt=attempt,
+        event=event,
+        trace_payloads=trace_payloads,
+    )
+
+
+class _RunTraceContext(AbstractContextManager[trace.Span]):
+    """An execution's span when nothing records: what the API's no-op tracer would do, without
+    its machinery (~5% of a worker's CPU per run). The current span is the run's (non-recording)
+    one, so that sends and invokes carry its traceparent, and log lines its ids."""
+
+    __slots__ = ("_bound", "_parent", "_token")
+
+    def __init__(self, parent: otel_context.Context) -> None:
+        self._parent = parent
+        self._token: contextvars.Token[otel_context.Context] | None = None
+        self._bound: Mapping[str, contextvars.Token[Any]] = {}
+
+    def __enter__(self) -> trace.Span:
+        span = trace.get_current_span(self._parent)
+        self._token = otel_context.attach(self._parent)
+        self._bound = structlog.contextvars.bind_contextvars(**_trace_ids(span))
+        return span
+
+    def __exit__(self, *_exc: object) -> None:
+        structlog.contextvars.reset_contextvars(**self._bound)
+        if self._token is not None:
+            otel_context.detach(self._token)
+
+
+@contextmanager
+def _run_span(
+    parent: otel_context.Context,
+    *,
+    run_id: str,
+    function_id: str,
+    attempt: int,
+    event: Event,
+    trace_payloads: bool,
+) -> Iterator[trace.Span]:
     attributes: dict[str, str | int] = {
         "engine.run_id": run_id,
         "engine.function_id": function_id,
