@@ -389,7 +389,7 @@ class HeldConnection:
 
     async def _connection(self) -> PoolConnectionProxy[Record]:
         conn = self._conn
-        if conn is not None and conn.is_closed():  # the server dropped it meanwhile
+        if conn is not None and _lost(conn):  # the server dropped it meanwhile
             self._conn = None
             await self._give_back(conn)
             conn = None
@@ -425,6 +425,16 @@ class HeldConnection:
         task = asyncio.create_task(self._give_back(conn))
         self._returning.add(task)
         task.add_done_callback(self._returning.discard)
+
+
+def _lost(conn: PoolConnectionProxy[Record]) -> bool:
+    """Whether a held connection is gone: closed, or released by asyncpg itself (a connection
+    lost while checked out goes back to its pool at once, and its proxy then refuses every
+    call, ``is_closed()`` included)."""
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:
+        return True
 
 
 async def _applied_hash(conn: asyncpg.Connection[Record], named: dict[str, str]) -> str | None:

@@ -118,6 +118,35 @@ async def test_a_held_connection_that_fails_is_given_back_and_replaced(
     await held.close()
 
 
+async def test_a_held_connection_lost_between_round_trips_is_replaced(
+    make_engine: Any, sql: asyncpg.Connection
+) -> None:
+    """A held connection whose server session ended while it waited for its next round trip
+    (a restart, a failover between two steps): asyncpg releases it to the pool by itself, and
+    the held connection takes another. At most the next round trip fails (the pool's other
+    connections died too), as a connection error; never every round trip after it."""
+    app = make_engine()
+    db = await app.database()
+    held = db.held(idle=60)
+    await held.fetch("now")
+    assert in_use(app) == 1
+    await sql.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+
+    async def released() -> bool:  # asyncpg saw the session end and gave its connection back
+        return in_use(app) == 0
+
+    await eventually(released)
+    try:
+        await held.fetch("now")
+    except Exception as exc:
+        assert is_connection_error(exc), exc
+    assert await held.fetch("now") is not None
+    await held.close()
+
+
 async def test_a_stopped_worker_holds_no_connection(make_engine: Any) -> None:
     """A worker's group committers hold their connections while steps follow each other; when
     the worker stops, every connection is back in the pool (closing it does not wait)."""
