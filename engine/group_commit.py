@@ -30,8 +30,9 @@ from .errors import SchemaMissingError
 MAX_BATCH = 200
 
 Item = str | Callable[[], str]  # a JSON object as text, or what builds it when it is needed
-# What waits in the queue: key, item (as text), typed form if any, and the caller's result.
-Entry = tuple[str, str, tuple[Any, ...] | None, asyncio.Future[str]]
+# What waits in the queue: key, item, typed form if any, and the caller's result. The item's
+# JSON is built only if it goes in a batch: a batch of one takes the typed form.
+Entry = tuple[str, Item, tuple[Any, ...] | None, asyncio.Future[str]]
 
 
 class GroupCommitter:
@@ -54,7 +55,7 @@ class GroupCommitter:
         goes by itself."""
         if self._busy:
             future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-            self._queue.append((key, _encoded(item), alone, future))
+            self._queue.append((key, item, alone, future))
             return await future
         self._busy = True
         try:
@@ -83,7 +84,7 @@ class GroupCommitter:
         if len(batch) > 1:
             batch.sort(key=lambda entry: entry[0])
             try:
-                results = await self._send([item for _, item, _, _ in batch])
+                results = await self._send([_encoded(item) for _, item, _, _ in batch])
             except Exception:
                 pass  # one bad item must not fail the others: they go one by one, below
             else:
