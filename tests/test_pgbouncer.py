@@ -1,8 +1,9 @@
 """The engine through PgBouncer in transaction pooling mode (ops/pgbouncer.md): sends, claims
 and steps through the pooler, LISTEN on a direct connection (``listen_database_url``).
 
-Runs only where the ``pgbouncer`` binary is installed (Debian: ``apt-get install pgbouncer``);
-CI does not install it, so there it is skipped.
+Runs where the ``pgbouncer`` binary is installed (Debian: ``apt-get install pgbouncer``), and is
+skipped elsewhere, unless ``ENGINE_PGBOUNCER_TESTS=1`` (CI, which installs it) makes a missing
+binary a failure.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from helpers import eventually, only_run_id, remove_folder, scratch_dir, wait_un
 from engine import Context, Engine, Event, RunStatus, TriggerEvent
 
 PGBOUNCER = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/bin")
+if PGBOUNCER is None and os.environ.get("ENGINE_PGBOUNCER_TESTS") == "1":
+    raise RuntimeError("ENGINE_PGBOUNCER_TESTS=1 but pgbouncer is not installed")
 pytestmark = pytest.mark.skipif(
     PGBOUNCER is None,
-    reason="pgbouncer is not installed (apt-get install pgbouncer); CI does not install it",
+    reason="pgbouncer is not installed (apt-get install pgbouncer; ENGINE_PGBOUNCER_TESTS=1 "
+    "makes this a failure)",
 )
 APP_NAME = "via_pgbouncer"  # what PgBouncer's server connections call themselves
 
