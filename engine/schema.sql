@@ -3923,13 +3923,20 @@ CREATE INDEX IF NOT EXISTS bulk_actions_created_idx ON engine.bulk_actions (crea
 -- microseconds; a step retried (a suspension, then a claim) took 7.6 ms instead of 11.5 ms
 -- (bench/README.md, session 12). The cached plans are the ones tests/test_generic_plans.py and
 -- tests/test_plans.py check.
+--
+-- The claims also plan without sorts where an index gives the order. They take the first few
+-- due rows in an index's order (runs_due_idx, runs_leased_idx, event_queue_due_idx); planned
+-- on a young table (a few hundred runs, never analyzed), reading runs_function_idx and sorting
+-- looked as cheap, and that cached plan then read and sorted every due run at each claim of a
+-- growing backlog until autovacuum analyzed the table: a third of the server's CPU in the
+-- throughput scenario (perf, session 15).
 -- ---------------------------------------------------------------------------------------------
 DO $$
 DECLARE
-    v_function regprocedure;
+    v_function record;
 BEGIN
     FOR v_function IN
-        SELECT p.oid::regprocedure FROM pg_proc p
+        SELECT p.oid::regprocedure AS signature, p.proname AS name FROM pg_proc p
         WHERE p.pronamespace = (SELECT c.relnamespace FROM pg_class c
                                 WHERE c.oid = 'engine.runs'::regclass)
           -- The entry points only: the functions they call per item (checkpoint_steps,
@@ -3944,7 +3951,10 @@ BEGIN
                             'release_orphans', 'next_due')
     LOOP
         EXECUTE format('ALTER FUNCTION %s SET enable_seqscan = off'
-                       ' SET plan_cache_mode = force_generic_plan', v_function);
+                       ' SET plan_cache_mode = force_generic_plan', v_function.signature);
+        IF v_function.name IN ('claim_runs', 'claim_runs_then_next_due', 'claim_events') THEN
+            EXECUTE format('ALTER FUNCTION %s SET enable_sort = off', v_function.signature);
+        END IF;
     END LOOP;
 END $$;
 
