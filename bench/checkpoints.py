@@ -1,5 +1,5 @@
-"""What buffered checkpoints save: time per step with buffered_steps 1, 10 and 100, against the
-commit floor measured in the same run.
+"""What buffered checkpoints save: time per step with buffered_steps 1, 10 and 100, and with 1
+and ``synchronous_commit=False``, against the commit floor measured in the same run.
 
     python bench/checkpoints.py [--steps 1000] [--repeat 5] [--sync] [--no-step-input]
 
@@ -12,7 +12,9 @@ so that a slow minute of this shared machine hits every figure alike):
 - for each buffer size: one run of N trivial sequential steps of a function declared with
   ``Checkpointing(buffered_steps=B, max_interval="1h")``, time per step (from the run's start to
   its end, on the database's clock) and as a fraction of the floor of the same repeat, and
-  this process's CPU time per step (the engine's own Python, the server's work excluded).
+  this process's CPU time per step (the engine's own Python, the server's work excluded);
+- ``1-async``: ``Checkpointing(buffered_steps=1, synchronous_commit=False)``, one commit per
+  step that does not wait for its WAL flush.
 
 Step callables are async (``--sync``: plain functions, which run in the worker's thread pool):
 the figure is the engine's own cost per step. Each step is given one argument, recorded as its
@@ -30,7 +32,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 
@@ -41,7 +42,13 @@ from engine import Checkpointing, Context, Engine, Event, TriggerEvent
 from engine.db import Database
 from engine.logs import configure_logging
 
-BUFFERS = (1, 10, 100)
+# The variants measured, by name: each a function declared with this Checkpointing.
+VARIANTS = {
+    "1": Checkpointing(buffered_steps=1, max_interval="1h"),
+    "10": Checkpointing(buffered_steps=10, max_interval="1h"),
+    "100": Checkpointing(buffered_steps=100, max_interval="1h"),
+    "1-async": Checkpointing(buffered_steps=1, max_interval="1h", synchronous_commit=False),
+}
 
 
 async def floor(url: str, commits: int) -> float:
@@ -67,14 +74,14 @@ def _nothing_sync(i: int) -> int:
 
 
 def declare(app: Engine, steps: int, sync: bool) -> None:
-    """One function per buffer size, each a loop of ``steps`` trivial steps."""
+    """One function per variant, each a loop of ``steps`` trivial steps."""
     body = _nothing_sync if sync else _nothing
-    for buffered in BUFFERS:
+    for name, checkpointing in VARIANTS.items():
 
         @app.create_function(
-            f"steps-{buffered}",
-            trigger=TriggerEvent(f"bench/steps-{buffered}"),
-            checkpointing=Checkpointing(buffered_steps=buffered, max_interval="1h"),
+            f"steps-{name}",
+            trigger=TriggerEvent(f"bench/steps-{name}"),
+            checkpointing=checkpointing,
         )
         async def many(ctx: Context) -> int:
             for i in range(steps):
@@ -82,10 +89,10 @@ def declare(app: Engine, steps: int, sync: bool) -> None:
             return steps
 
 
-async def per_step(app: Engine, buffered: int, steps: int) -> tuple[float, float]:
+async def per_step(app: Engine, variant: str, steps: int) -> tuple[float, float]:
     """Milliseconds per step of one run (its start to its end, on the database's clock), and
     this process's CPU time per step meanwhile (the engine's Python; the server's excluded)."""
-    [event_id] = await app.send(Event(name=f"bench/steps-{buffered}"))
+    [event_id] = await app.send(Event(name=f"bench/steps-{variant}"))
     cpu = time.process_time()
     [run] = await app.runs_for_event(event_id, at_least=1)
     db = await app.database()
@@ -122,23 +129,23 @@ async def main() -> None:
         )
         declare(app, args.steps, args.sync)
         samples: dict[str, list[float]] = {"floor_ms": []}
-        for b in BUFFERS:
+        for b in VARIANTS:
             samples[f"step_ms_{b}"] = []
             samples[f"step_cpu_ms_{b}"] = []
             samples[f"per_floor_{b}"] = []
-        figures = ["floor", *BUFFERS]
+        figures = ["floor", *VARIANTS]
         async with app.worker(concurrency=10):
             for n in range(args.repeat):
                 order = figures[n % len(figures) :] + figures[: n % len(figures)]
-                taken: dict[Any, float] = {}
-                cpu: dict[Any, float] = {}
+                taken: dict[str, float] = {}
+                cpu: dict[str, float] = {}
                 for figure in order:
                     if figure == "floor":
                         taken[figure] = await floor(url, args.steps)
                     else:
-                        taken[figure], cpu[figure] = await per_step(app, int(figure), args.steps)
+                        taken[figure], cpu[figure] = await per_step(app, figure, args.steps)
                 samples["floor_ms"].append(taken["floor"])
-                for b in BUFFERS:
+                for b in VARIANTS:
                     samples[f"step_ms_{b}"].append(taken[b])
                     samples[f"step_cpu_ms_{b}"].append(cpu[b])
                     samples[f"per_floor_{b}"].append(taken[b] / taken["floor"])

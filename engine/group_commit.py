@@ -132,12 +132,21 @@ def _settle(future: asyncio.Future[str], outcome: str | BaseException) -> None:
 
 
 class GroupCommit:
-    """The group committers of one worker, one per kind of write."""
+    """The group committers of one worker, one per kind of write.
 
-    def __init__(self, db: Database) -> None:
-        self.checkpoint = GroupCommitter(db, "checkpoint_many", alone_query="checkpoint_completed")
-        self.finish = GroupCommitter(db, "finish_many")
-        self.suspend = GroupCommitter(db, "suspend_many")
+    With ``synchronous_commit=False``, their transactions commit without waiting for the WAL
+    flush (the writes of functions declared with ``Checkpointing(synchronous_commit=False)``).
+    A worker keeps such committers apart from its durable ones: one transaction commits one
+    way, so a relaxed write batched with durable ones would relax them too.
+    """
+
+    def __init__(self, db: Database, *, synchronous_commit: bool = True) -> None:
+        kind = "" if synchronous_commit else "_relaxed"
+        self.checkpoint = GroupCommitter(
+            db, f"checkpoint_many{kind}", alone_query=f"checkpoint_completed{kind}"
+        )
+        self.finish = GroupCommitter(db, f"finish_many{kind}")
+        self.suspend = GroupCommitter(db, f"suspend_many{kind}")
 
     async def close(self) -> None:
         """Gives the connections the committers hold back to the pool."""

@@ -24,6 +24,7 @@ from uuid import UUID, uuid4
 from pydantic import BaseModel
 
 from . import event_loop, metrics
+from .checkpointing import commits_synchronously
 from .context import Context
 from .durations import Duration, parse_duration
 from .events import event_from_row
@@ -127,7 +128,9 @@ class Worker:
         self._started = asyncio.Event()
         self._timer_at = float("inf")  # monotonic time of the earliest known due work
         self._router: Router | None = None
-        self._group_commit: GroupCommit | None = None
+        # The group committers: durable ones, and relaxed ones for the functions declared with
+        # Checkpointing(synchronous_commit=False) (keyed by commits_synchronously).
+        self._group_commits: dict[bool, GroupCommit] = {}
         self._fn_ids = list(engine.functions)
         # The schemas send_event steps check against; like the functions, fixed at start.
         self._make_context = partial(_make_context, schemas=engine.sent_schemas())
@@ -163,7 +166,10 @@ class Worker:
         db = await self.engine.database()
         await self._presence.beat(db)  # before routing: other workers route to us at once
         self._router = Router(db, self.engine.app_id, self.engine.functions)
-        self._group_commit = GroupCommit(db)
+        self._group_commits = {
+            True: GroupCommit(db),
+            False: GroupCommit(db, synchronous_commit=False),
+        }
         await self._router.load_registry()
         self._loop_running = asyncio.get_running_loop()
         self.engine.serve_sends(self)
@@ -193,7 +199,8 @@ class Worker:
                     task.cancel()
         finally:
             self.engine.stop_serving_sends(self)
-            await self._group_commit.close()  # its connections go back to the pool
+            for group_commit in self._group_commits.values():
+                await group_commit.close()  # their connections go back to the pool
         await self._presence.leave(db)
         log.info("worker.stopped", owner=str(self.owner))
 
@@ -504,11 +511,10 @@ class Worker:
 
     # -- executions ------------------------------------------------------------------------------
     def _start(self, run: ClaimedRun) -> None:
-        assert self._group_commit is not None
         ex = Execution(
             run,
             db=self.engine.open_database,
-            group_commit=self._group_commit,
+            group_commit=self._group_commits[commits_synchronously(run.function.checkpointing)],
             owner=self.owner,
             limits=self.engine.limits,
             backoff=self.engine.backoff,

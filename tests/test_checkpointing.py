@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import signal
+from collections import Counter
 from datetime import timedelta
 from typing import Any
 
@@ -23,6 +24,7 @@ from engine import (
     StepError,
     TriggerEvent,
 )
+from engine.db import queries
 
 MANY = Checkpointing(buffered_steps=100, max_interval="1h")  # only a boundary commits
 
@@ -57,6 +59,96 @@ def test_options_are_checked() -> None:
         "buffered_steps": 5,
         "max_interval": 0.25,
     }
+    for flag in ("off", 0, None):
+        with pytest.raises(ConfigurationError, match="synchronous_commit"):
+            Checkpointing(synchronous_commit=flag)  # type: ignore[arg-type]
+    assert Checkpointing(buffered_steps=1, synchronous_commit=False).to_json() == {
+        "buffered_steps": 1,
+        "max_interval": 1.0,
+        "synchronous_commit": False,
+    }
+
+
+# Records, at each commit, the synchronous_commit of the transaction that wrote a step or changed
+# a run's status (a deferred constraint trigger runs at the commit: what the commit obeys).
+COMMIT_PROBE = """
+CREATE TABLE commit_probe (tbl text, run_id uuid, status text, setting text);
+CREATE FUNCTION probe_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO commit_probe VALUES (TG_TABLE_NAME,
+        coalesce(to_jsonb(NEW) ->> 'run_id', to_jsonb(NEW) ->> 'id')::uuid, NEW.status,
+        current_setting('synchronous_commit'));
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER probe_steps AFTER INSERT OR UPDATE ON engine.steps
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION probe_commit();
+CREATE CONSTRAINT TRIGGER probe_runs AFTER UPDATE OF status ON engine.runs
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION probe_commit();
+"""
+
+
+async def test_synchronous_commit_off_relaxes_only_that_functions_writes(
+    make_engine: Any, sql: Any
+) -> None:
+    """Checkpointing(synchronous_commit=False): the function's steps, suspensions and run ends
+    commit with synchronous_commit off; the claims that start its runs, and every write of a
+    function without it, still wait for their flush, even while both run at once (their writes
+    never share a transaction)."""
+    # The test cluster commits without waiting (engine/testdb.py); this database waits, as a
+    # production one does. New connections (the worker's) take it.
+    await sql.execute(
+        "ALTER DATABASE "
+        + await sql.fetchval("SELECT current_database()")
+        + " SET synchronous_commit = on"
+    )
+    await sql.execute(COMMIT_PROBE)
+    app = make_engine()
+
+    async def flow(ctx: Context) -> int:
+        await ctx.step.run("a", lambda: 1)
+        await ctx.step.sleep("nap", "1h")
+        return await ctx.step.run("b", lambda: 2)
+
+    relaxed = Checkpointing(buffered_steps=1, synchronous_commit=False)
+    app.create_function("relaxed", trigger=TriggerEvent("t/go"), checkpointing=relaxed)(flow)
+    app.create_function("durable", trigger=TriggerEvent("t/go"))(flow)
+
+    async with app.worker(poll_interval="50ms", concurrency=40):
+        await app.send([Event(name="t/go") for _ in range(20)])
+
+        async def all_asleep() -> bool:
+            count = await sql.fetchval("SELECT count(*) FROM engine.runs WHERE status = 'SLEEPING'")
+            return bool(count == 40)
+
+        await eventually(all_asleep, timeout=30)
+        await move_clock(sql, timedelta(hours=1))
+
+        async def all_done() -> bool:
+            count = await sql.fetchval(
+                "SELECT count(*) FROM engine.runs WHERE status = 'COMPLETED'"
+            )
+            return bool(count == 40)
+
+        await eventually(all_done, timeout=30)
+    rows = await sql.fetch(
+        "SELECT r.function_id, p.tbl, p.status, p.setting, count(*) AS n"
+        " FROM commit_probe p JOIN engine.runs r ON r.id = p.run_id"
+        " GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4"
+    )
+    seen = {(r["function_id"], r["tbl"], r["status"], r["setting"]): r["n"] for r in rows}
+    expected: Counter[tuple[str, str, str, str]] = Counter()
+    for fn, own in (("relaxed", "off"), ("durable", "on")):
+        expected[fn, "steps", "COMPLETED", own] += 40  # a and b
+        expected[fn, "steps", "SLEEPING", own] += 20  # the sleep, with the suspension
+        expected[fn, "runs", "SLEEPING", own] += 20  # the suspension
+        expected[fn, "runs", "COMPLETED", own] += 20  # the run's end
+        # The claims that resume the runs (the first starts were routed RUNNING), and the sleep
+        # each records as over: the worker's writes, always durable.
+        expected[fn, "runs", "RUNNING", "on"] += 20
+        expected[fn, "steps", "COMPLETED", "on"] += 20
+    assert seen == dict(expected)
+    for name in ("checkpoint_many", "checkpoint_completed", "finish_many", "suspend_many"):
+        await sql.prepare(queries()[f"{name}_relaxed"])  # each form, batched or not, is valid
 
 
 async def test_steps_are_committed_when_the_buffer_is_full(make_engine: Any) -> None:

@@ -139,6 +139,27 @@ SELECT ord, result FROM engine.finish_many($1::jsonb)
 -- name: suspend_many
 SELECT ord, result FROM engine.suspend_many($1::jsonb)
 
+-- The same writes for functions declared with Checkpointing(synchronous_commit=False): their
+-- transaction commits without waiting for its WAL flush. set_config is read at the commit, so
+-- where it sits in the statement does not matter; it lasts until that commit (a pooler's
+-- transaction mode keeps it to this transaction too).
+-- name: checkpoint_many_relaxed
+SELECT ord, result
+FROM engine.checkpoint_many($1::jsonb), set_config('synchronous_commit', 'off', true)
+
+-- name: checkpoint_completed_relaxed
+SELECT engine.checkpoint_completed($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11, $12,
+                                   $13::jsonb) AS result,
+       set_config('synchronous_commit', 'off', true)
+
+-- name: finish_many_relaxed
+SELECT ord, result
+FROM engine.finish_many($1::jsonb), set_config('synchronous_commit', 'off', true)
+
+-- name: suspend_many_relaxed
+SELECT ord, result
+FROM engine.suspend_many($1::jsonb), set_config('synchronous_commit', 'off', true)
+
 -- name: checkpoint_steps
 SELECT engine.checkpoint_steps($1::uuid, $2::uuid, $3, $4::jsonb)
 
