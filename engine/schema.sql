@@ -619,19 +619,23 @@ CREATE TABLE IF NOT EXISTS engine.steps (
 -- form (see engine.is_run_status). Checked in the catalog: no version bump. NOT VALID: the rows
 -- there passed the same check in its IN-list form, and validating would read every run and step
 -- under the ALTER's lock, which blocks all writes to the table until this schema commits.
-DO $$ BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_constraint c
-                   WHERE c.conrelid = 'engine.runs'::regclass AND c.conname = 'runs_status_check'
-                     AND pg_get_constraintdef(c.oid) LIKE '%is_run_status(status)%') THEN
-        ALTER TABLE engine.runs DROP CONSTRAINT IF EXISTS runs_status_check,
-            ADD CONSTRAINT runs_status_check CHECK (engine.is_run_status(status)) NOT VALID;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_constraint c
-                   WHERE c.conrelid = 'engine.steps'::regclass AND c.conname = 'steps_status_check'
-                     AND pg_get_constraintdef(c.oid) LIKE '%is_step_status(status)%') THEN
-        ALTER TABLE engine.steps DROP CONSTRAINT IF EXISTS steps_status_check,
-            ADD CONSTRAINT steps_status_check CHECK (engine.is_step_status(status)) NOT VALID;
-    END IF;
+DO $$
+DECLARE
+    v_check record;
+BEGIN
+    FOR v_check IN
+        SELECT * FROM (VALUES ('engine.runs', 'runs_status_check', 'is_run_status'),
+                              ('engine.steps', 'steps_status_check', 'is_step_status'))
+                      AS x(tbl, name, fn)
+    LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_constraint c
+                       WHERE c.conrelid = v_check.tbl::regclass AND c.conname = v_check.name
+                         AND pg_get_constraintdef(c.oid) LIKE '%' || v_check.fn || '(status)%') THEN
+            EXECUTE format('ALTER TABLE %s DROP CONSTRAINT IF EXISTS %I, ADD CONSTRAINT %I'
+                           ' CHECK (engine.%I(status)) NOT VALID',
+                           v_check.tbl, v_check.name, v_check.name, v_check.fn);
+        END IF;
+    END LOOP;
 END $$;
 
 -- ---------------------------------------------------------------------------------------------
