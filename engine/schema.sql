@@ -618,7 +618,8 @@ CREATE TABLE IF NOT EXISTS engine.steps (
 -- v11 (cheaper checks): the status checks of databases created earlier take the functions'
 -- form (see engine.is_run_status). Checked in the catalog: no version bump. NOT VALID: the rows
 -- there passed the same check in its IN-list form, and validating would read every run and step
--- under the ALTER's lock, which blocks all writes to the table until this schema commits.
+-- under the ALTER's lock, which blocks every read and write of the table until this schema
+-- commits.
 DO $$
 DECLARE
     v_check record;
