@@ -87,8 +87,9 @@ CREATE CONSTRAINT TRIGGER probe_runs AFTER UPDATE OF status ON engine.runs
 """
 
 
+@pytest.mark.parametrize("buffered", [1, 10])
 async def test_synchronous_commit_off_relaxes_only_that_functions_writes(
-    make_engine: Any, sql: Any
+    make_engine: Any, sql: Any, buffered: int
 ) -> None:
     """Checkpointing(synchronous_commit=False): the function's steps, suspensions and run ends
     commit with synchronous_commit off; the claims that start its runs, and every write of a
@@ -109,7 +110,7 @@ async def test_synchronous_commit_off_relaxes_only_that_functions_writes(
         await ctx.step.sleep("nap", "1h")
         return await ctx.step.run("b", lambda: 2)
 
-    relaxed = Checkpointing(buffered_steps=1, synchronous_commit=False)
+    relaxed = Checkpointing(buffered_steps=buffered, synchronous_commit=False)
     app.create_function("relaxed", trigger=TriggerEvent("t/go"), checkpointing=relaxed)(flow)
     app.create_function("durable", trigger=TriggerEvent("t/go"))(flow)
 
