@@ -6,7 +6,10 @@ Used by ``bench/ratios.py --breakdown``: around one engine scenario on its own f
 - the CPU time of every process of the embedded server (the postmaster's children, live and
   reaped), read from /proc, against this process's own CPU time (``time.process_time``);
 - ``pg_stat_user_functions`` with ``track_functions = 'all'`` (set on that database only):
-  the time spent in each engine function, its own (``self``) and with what it calls.
+  the time spent in each engine function, its own (``self``) and with what it calls;
+- the share of the machine's cores in use (``/proc/stat``), and what the database's backends
+  were doing, sampled from ``pg_stat_activity`` (on CPU, waiting on the WAL, waiting for their
+  client): whether a figure is bounded by the CPU or by its round trips waiting on each other.
 
 Both are divided by the scenario's units (steps, events, runs), so that a figure reads "per
 step" next to the floor's.
@@ -57,24 +60,88 @@ def server_cpu_seconds(postmaster: int) -> float:
     return total / TICKS
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(busy, all) clock ticks of every core of the machine so far, from /proc/stat (idle and
+    iowait are not busy; steal is: a core the hypervisor took was not ours to use)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
 @dataclass
 class Probe:
-    """CPU of the server and of this process, from :meth:`start` to :meth:`stop`."""
+    """CPU of the server and of this process, and the machine's cores in use, from
+    :meth:`start` to :meth:`stop`."""
 
     postmaster: int
     server_began: float = 0.0
     mine_began: float = 0.0
+    machine_began: tuple[int, int] = (0, 0)
+    busy_share: float = 0.0  # of all the machine's cores, over the window (set by stop)
 
     def start(self) -> None:
         self.server_began = server_cpu_seconds(self.postmaster)
         self.mine_began = time.process_time()
+        self.machine_began = machine_ticks()
 
     def stop(self) -> tuple[float, float]:
         """(server CPU seconds, this process's CPU seconds) since :meth:`start`."""
+        busy, every = machine_ticks()
+        self.busy_share = (busy - self.machine_began[0]) / max(every - self.machine_began[1], 1)
         return (
             server_cpu_seconds(self.postmaster) - self.server_began,
             time.process_time() - self.mine_began,
         )
+
+
+# What a backend of the scenario's database is doing, by pg_stat_activity's wait event: the WAL
+# waits are a commit's flush and write (and the lock that orders them).
+WAL_WAITS = ("WalSync", "WalWrite", "WALWrite", "WalInitSync", "WalInitWrite")
+STATES_SQL = """
+SELECT count(*) FILTER (WHERE state = 'active' AND wait_event IS NULL) AS on_cpu,
+       count(*) FILTER (WHERE state = 'active' AND wait_event = ANY ($1::text[])) AS on_wal,
+       count(*) FILTER (WHERE state = 'active' AND wait_event IS NOT NULL
+                          AND NOT wait_event = ANY ($1::text[])) AS waiting_other,
+       count(*) FILTER (WHERE state <> 'active') AS waiting_for_client
+FROM pg_stat_activity
+WHERE datname = current_database() AND backend_type = 'client backend'
+  AND pid <> pg_backend_pid()
+"""
+
+
+class BackendStates:
+    """Samples what the backends of one database do, every ``interval`` seconds, on a
+    connection of its own, while a scenario runs: the mean number of them on CPU, waiting on
+    the WAL, waiting on something else (a lock), and waiting for their client (idle)."""
+
+    def __init__(self, url: str, interval: float = 0.005) -> None:
+        self._url = url
+        self._interval = interval
+        self._totals = {"on_cpu": 0, "on_wal": 0, "waiting_other": 0, "waiting_for_client": 0}
+        self._samples = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        conn = await asyncpg.connect(self._url)
+        self._task = asyncio.create_task(self._sample(conn))
+
+    async def _sample(self, conn: asyncpg.Connection) -> None:
+        try:
+            while True:
+                row = await conn.fetchrow(STATES_SQL, list(WAL_WAITS))
+                for key in self._totals:
+                    self._totals[key] += row[key]
+                self._samples += 1
+                await asyncio.sleep(self._interval)
+        finally:
+            await conn.close()
+
+    async def stop(self) -> dict[str, float]:
+        """The mean number of backends in each state over the samples taken."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        return {key: total / max(self._samples, 1) for key, total in self._totals.items()}
 
 
 async def track_functions(admin_url: str, database: str) -> None:
