@@ -419,8 +419,10 @@ def arguments() -> argparse.Namespace:
     parser.add_argument(
         "--breakdown",
         action="store_true",
-        help="also measure the server's CPU per step, event and run, and the time spent in"
-        " each engine SQL function (track_functions; embedded server only): bench/breakdown.py",
+        help="also measure the server's CPU per step, event and run, the time spent in each"
+        " engine SQL function (track_functions), and for the throughput how busy the cores were,"
+        " what the backends waited on and the steps/s its CPU per step allows with every core"
+        " busy (embedded server only): bench/breakdown.py",
     )
     parser.add_argument(
         "--loop",
