@@ -25,6 +25,7 @@ from engine import (
     Event,
     NonRetriableError,
     RunInfo,
+    RunStatus,
     Throttle,
     TriggerEvent,
 )
@@ -48,6 +49,11 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0)
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: {check}")
         await asyncio.sleep(0.02)
+
+
+async def status_is(app: Engine, run_id: str, status: RunStatus) -> bool:
+    """Whether run ``run_id`` has ``status`` now (for :func:`eventually`)."""
+    return (await app.get_run(run_id)).status is status
 
 
 async def only_run_id(engine: Engine, event_id: str, timeout: float = 10.0) -> str:

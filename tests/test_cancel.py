@@ -7,7 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 import asyncpg
-from helpers import eventually, only_run_id
+from helpers import eventually, only_run_id, status_is
 
 from engine import (
     Cancel,
@@ -148,7 +148,7 @@ async def test_a_cancelled_run_closes_its_retrying_step_and_says_who_cancelled_i
 
     async with app.worker():
         run_id = await only_run_id(app, (await app.send(Event(name="t/flaky")))[0])
-        await eventually(lambda: _status_is(app, run_id, RunStatus.RETRYING))
+        await eventually(lambda: status_is(app, run_id, RunStatus.RETRYING))
         assert await app.cancel_runs("flaky") == 1
     run = await app.get_run(run_id)
     assert run.status is RunStatus.CANCELLED
@@ -167,7 +167,7 @@ async def test_a_cancelled_sleeping_run_closes_its_sleep(make_engine: Any) -> No
 
     async with app.worker():
         run_id = await only_run_id(app, (await app.send(Event(name="t/sleeper")))[0])
-        await eventually(lambda: _status_is(app, run_id, RunStatus.SLEEPING))
+        await eventually(lambda: status_is(app, run_id, RunStatus.SLEEPING))
         assert await app.cancel_run(run_id) is RunStatus.CANCELLED
     run = await app.get_run(run_id)
     assert run.error == {"type": "FunctionCancelled", "message": "cancelled by cancel_run"}
@@ -192,16 +192,12 @@ async def test_a_singleton_replacement_says_so(make_engine: Any) -> None:
     async with app.worker():
         [event_id] = await app.send(Event(name="t/single", data={"user": 1}))
         first = await only_run_id(app, event_id)
-        await eventually(lambda: _status_is(app, first, RunStatus.SLEEPING))
+        await eventually(lambda: status_is(app, first, RunStatus.SLEEPING))
         await app.send(Event(name="t/single", data={"user": 1}))
-        await eventually(lambda: _status_is(app, first, RunStatus.CANCELLED))
+        await eventually(lambda: status_is(app, first, RunStatus.CANCELLED))
     run = await app.get_run(first)
     assert run.error == {
         "type": "FunctionCancelled",
         "message": "replaced by a newer run (singleton)",
     }
     assert [s.status for s in run.steps] == ["CANCELLED"]
-
-
-async def _status_is(app: Engine, run_id: str, status: RunStatus) -> bool:
-    return (await app.get_run(run_id)).status is status

@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from helpers import APPS, eventually, move_clock, only_run_id, start_worker_process
+from helpers import APPS, eventually, move_clock, only_run_id, start_worker_process, status_is
 
 from engine import Context, Event, RunStatus, TriggerEvent
 from engine.worker import Worker
@@ -31,7 +31,7 @@ async def test_sleep_spans_a_worker_restart(make_engine: Any, sql: Any) -> None:
     async with app.worker() as worker:
         [event_id] = await app.send(Event(name="t/nap"))
         run_id = await only_run_id(app, event_id)
-        await eventually(lambda: _status_is(app, run_id, RunStatus.SLEEPING))
+        await eventually(lambda: status_is(app, run_id, RunStatus.SLEEPING))
         assert worker.executions == {}
     await move_clock(sql, timedelta(hours=1))
     async with app.worker():
@@ -289,7 +289,7 @@ async def test_cancelling_a_sleeping_run_is_immediate(make_engine: Any) -> None:
     async with app.worker():
         [event_id] = await app.send(Event(name="t/sleeper"))
         run_id = await only_run_id(app, event_id)
-        await eventually(lambda: _status_is(app, run_id, RunStatus.SLEEPING))
+        await eventually(lambda: status_is(app, run_id, RunStatus.SLEEPING))
         assert await app.cancel_run(run_id) is RunStatus.CANCELLED
     assert (await app.get_run(run_id)).status is RunStatus.CANCELLED
     assert await app.cancel_run(run_id) is RunStatus.CANCELLED  # terminal: unchanged
@@ -323,10 +323,6 @@ async def test_stopping_worker_hands_runs_back(make_engine: Any) -> None:
     assert run.output == ["one", "two"]
 
 
-async def _status_is(app: Any, run_id: str, status: RunStatus) -> bool:
-    return (await app.get_run(run_id)).status is status
-
-
 async def test_sigterm_lets_the_step_finish_and_hands_the_run_back(
     database_url: str, make_engine: Any, sql: Any
 ) -> None:
@@ -343,7 +339,7 @@ async def test_sigterm_lets_the_step_finish_and_hands_the_run_back(
     try:
         [event_id] = await app.send(Event(name="graceful/go"))
         run_id = await only_run_id(app, event_id, timeout=30)
-        await eventually(lambda: _status_is(app, run_id, RunStatus.RUNNING), timeout=30)
+        await eventually(lambda: status_is(app, run_id, RunStatus.RUNNING), timeout=30)
         worker.send_signal(signal.SIGTERM)
         exit_code = await asyncio.to_thread(worker.wait, 30)
     finally:

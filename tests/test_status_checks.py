@@ -10,9 +10,9 @@ from typing import Any
 
 import asyncpg
 import pytest
-from helpers import eventually, only_run_id
+from helpers import eventually, only_run_id, status_is
 
-from engine import Context, Event, TriggerEvent
+from engine import Context, Event, RunStatus, TriggerEvent
 from engine.db import schema_sql
 
 UNFINISHED = ["QUEUED", "RUNNING", "SLEEPING", "RETRYING", "WAITING"]
@@ -136,12 +136,7 @@ async def test_a_run_end_is_announced_only_on_a_move_to_a_final_status(
     async with app.worker():
         [event_id] = await app.send(Event(name="t/parked"))
         run_id = await only_run_id(app, event_id)
-
-        async def asleep() -> bool:
-            status = await sql.fetchval("SELECT status FROM engine.runs WHERE id = $1", run_id)
-            return bool(status == "SLEEPING")
-
-        await eventually(asleep)
+        await eventually(lambda: status_is(app, run_id, RunStatus.SLEEPING))
 
     finished = "SELECT count(*) FROM engine.events WHERE name = 'engine/function.finished'"
     for unfinished in ("QUEUED", "RETRYING", "WAITING", "SLEEPING"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from helpers import eventually, only_run_id
+from helpers import eventually, only_run_id, status_is
 
 from engine import Context, Event, NonRetriableError, RunStatus, TriggerEvent
 
@@ -64,7 +64,7 @@ async def test_each_end_sends_its_events_with_their_data(make_engine: Any, sql: 
         fine_run = await app.wait_for_run(await only_run_id(app, fine_event))
         broken_run = await app.wait_for_run(await only_run_id(app, broken_event))
         sleepy_id = await only_run_id(app, sleepy_event)
-        await eventually(lambda: _status_is(app, sleepy_id, RunStatus.SLEEPING))
+        await eventually(lambda: status_is(app, sleepy_id, RunStatus.SLEEPING))
         await app.cancel_run(sleepy_id)
     assert fine_run.status is RunStatus.COMPLETED and broken_run.status is RunStatus.FAILED
 
@@ -137,7 +137,7 @@ async def test_runs_of_system_events_send_none(make_engine: Any, sql: Any) -> No
         await app.send(Event(name="s/work"))
         await eventually(lambda: _truthy(audited))
         [audit_id] = audited
-        await eventually(lambda: _status_is(app, audit_id, RunStatus.COMPLETED))
+        await eventually(lambda: status_is(app, audit_id, RunStatus.COMPLETED))
     assert await _sent_by(sql, audit_id) == []
 
 
@@ -188,10 +188,6 @@ async def test_end_events_are_queued_only_when_something_awaits_them(
         failed_id,
     )
     assert [r["name"] for r in queued_names] == ["engine/function.failed"]
-
-
-async def _status_is(app: Any, run_id: str, status: RunStatus) -> bool:
-    return (await app.get_run(run_id)).status is status
 
 
 async def _truthy(value: Any) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from helpers import eventually
+from helpers import eventually, status_is
 
 from engine import (
     Context,
@@ -203,7 +203,7 @@ async def test_retry_pattern(engine_app: Engine) -> None:
     async with engine_app.worker(poll_interval="50ms"):
         [event_id] = await engine_app.send(Event(name="go"))
         [run] = await engine_app.runs_for_event(event_id, at_least=1)
-        await eventually(lambda: _status(engine_app, run.run_id, RunStatus.RETRYING))
+        await eventually(lambda: status_is(engine_app, run.run_id, RunStatus.RETRYING))
         await advance_clock(engine_app, "1h")  # past any default backoff
         run = await engine_app.wait_for_run(run.run_id)
     assert run.status is RunStatus.COMPLETED and len(attempts) == 2
@@ -220,7 +220,7 @@ async def test_sleep_pattern(engine_app: Engine) -> None:
     async with engine_app.worker(poll_interval="50ms"):
         [event_id] = await engine_app.send(Event(name="user/signed-up"))
         [run] = await engine_app.runs_for_event(event_id, at_least=1)
-        await eventually(lambda: _status(engine_app, run.run_id, RunStatus.SLEEPING))
+        await eventually(lambda: status_is(engine_app, run.run_id, RunStatus.SLEEPING))
         await advance_clock(engine_app, "2d")
         assert (await engine_app.get_run(run.run_id)).status is RunStatus.SLEEPING
         await advance_clock(engine_app, "1d")
@@ -247,7 +247,7 @@ async def test_wait_pattern(engine_app: Engine) -> None:
         )
         runs = [(await engine_app.runs_for_event(i, at_least=1))[0].run_id for i in ids]
         for run_id in runs:
-            await eventually(lambda run_id=run_id: _status(engine_app, run_id, RunStatus.WAITING))
+            await eventually(lambda run_id=run_id: status_is(engine_app, run_id, RunStatus.WAITING))
         await engine_app.send(Event(name="shop/paid", data={"order_id": 1, "amount": 5}))
         assert (await engine_app.wait_for_run(runs[0])).output == 5
         await advance_clock(engine_app, "1d")
@@ -270,9 +270,9 @@ async def test_invoke_pattern(engine_app: Engine) -> None:
     async with engine_app.worker(poll_interval="50ms"):
         [event_id] = await engine_app.send(Event(name="go"))
         [run] = await engine_app.runs_for_event(event_id, at_least=1)
-        await eventually(lambda: _status(engine_app, run.run_id, RunStatus.WAITING))
+        await eventually(lambda: status_is(engine_app, run.run_id, RunStatus.WAITING))
         child_run = (await engine_app.list_runs("child"))[0]
-        await eventually(lambda: _status(engine_app, child_run.run_id, RunStatus.SLEEPING))
+        await eventually(lambda: status_is(engine_app, child_run.run_id, RunStatus.SLEEPING))
         await advance_clock(engine_app, "1h")
         run = await engine_app.wait_for_run(run.run_id)
     assert run.output == 42
@@ -309,10 +309,6 @@ async def test_flow_control_pattern(engine_app: Engine) -> None:
         assert debounced.output == 3
         await advance_clock(engine_app, "1h")
         assert (await engine_app.wait_for_run(held.run_id)).output == 3
-
-
-async def _status(app: Engine, run_id: str, status: RunStatus) -> bool:
-    return (await app.get_run(run_id)).status is status
 
 
 async def _ended(app: Engine, fn_id: str) -> list[Any]:

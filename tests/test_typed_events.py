@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from helpers import eventually, move_clock, only_run_id
+from helpers import eventually, move_clock, only_run_id, status_is
 from pydantic import BaseModel, Field, RootModel
 
 from engine import (
@@ -65,7 +65,7 @@ async def test_the_function_receives_its_schema_instance_on_every_execution(
             Event(name="order/created", data={"order_id": "A-1", "total": "120.5"})
         )
         run_id = await only_run_id(app, event_id)
-        await eventually(lambda: _status_is(app, run_id, RunStatus.SLEEPING))
+        await eventually(lambda: status_is(app, run_id, RunStatus.SLEEPING))
         await move_clock(sql, timedelta(hours=2))
         run = await app.wait_for_run(run_id)
     assert run.status is RunStatus.COMPLETED, run.error
@@ -73,10 +73,6 @@ async def test_the_function_receives_its_schema_instance_on_every_execution(
     assert seen == [OrderCreated(order_id="A-1", total=120.5)] * 2
     stored = await app.get_event(event_id)
     assert stored is not None and stored.data == {"order_id": "A-1", "total": "120.5"}
-
-
-async def _status_is(app: Engine, run_id: str, status: RunStatus) -> bool:
-    return (await app.get_run(run_id)).status is status
 
 
 async def test_send_refuses_an_event_its_schema_refuses_and_stores_nothing(
@@ -220,7 +216,7 @@ async def test_wait_for_event_with_a_schema_returns_typed_data(make_engine: Any)
         )
         runs = [await only_run_id(app, first), await only_run_id(app, second)]
         for run_id in runs:
-            await eventually(lambda run_id=run_id: _status_is(app, run_id, RunStatus.WAITING))
+            await eventually(lambda run_id=run_id: status_is(app, run_id, RunStatus.WAITING))
         await app.send(Event(name="shop/paid", data={"order_id": "1", "amount": "12"}))
         await app.send(Event(name="shop/paid", data={"order_id": "2", "amount": "twelve"}))
         ok, refused = [await app.wait_for_run(run_id) for run_id in runs]
