@@ -206,16 +206,24 @@ async def test_a_stream_of_held_round_trips_lets_a_waiter_in(make_engine: Any) -
 
 async def lease_a_run(app: Any, owner: uuid.UUID) -> tuple[uuid.UUID, int]:
     """Routes the one event sent to ``app`` into a run leased to ``owner``: (run id, token)."""
+    [run] = await lease_runs(app, owner)
+    return run
+
+
+async def lease_runs(app: Any, owner: uuid.UUID) -> list[tuple[uuid.UUID, int]]:
+    """Routes the events sent to ``app`` (at most 50) into runs of its function "held" leased
+    to ``owner``, in the events' order: [(run id, token)]."""
     db: Database = app.open_database
     async with db.transaction() as conn:
-        [event] = await db.fetch("claim_events", 10, conn=conn)
+        events = await db.fetch("claim_events", 50, conn=conn)
+        seqs = sorted(event["seq"] for event in events)
         plan = json.dumps(
-            [{"app_id": "test", "function_id": "held", "event_seq": event["seq"], "claim": True}]
-        )
-        [row] = await db.fetch(
-            "create_runs", [event["seq"]], plan, owner, timedelta(minutes=5), conn=conn
-        )
-    return row["id"], row["lease_token"]
+            [{"app_id": "test", "function_id": "held", "event_seq": seq, "claim": True}
+             for seq in seqs]
+        )  # fmt: skip
+        rows = await db.fetch("create_runs", seqs, plan, owner, timedelta(minutes=5), conn=conn)
+    by_seq = {row["event_seq"]: (row["id"], row["lease_token"]) for row in rows}
+    return [by_seq[seq] for seq in seqs]
 
 
 def completed(key: str) -> StepRecord:
@@ -280,6 +288,233 @@ async def test_a_completed_step_alone_is_recorded_as_the_batched_form_records_it
     assert await db.fetchval("checkpoint_completed", *alone("late")) == "cancel"
     keys = await sql.fetch("SELECT step_key FROM engine.steps WHERE run_id = $1", run)
     assert sorted(r["step_key"] for r in keys) == ["json", "late", "typed"]
+
+
+async def counting_calls(
+    sql: asyncpg.Connection, batch: str, write: str = "checkpoint"
+) -> tuple[list[asyncpg.Record], dict[str, int]]:
+    """engine.checkpoint_many's (``write``: "finish": engine.finish_many's) rows for ``batch``,
+    and how many times it called each form: the set, or a function per item."""
+    forms = {
+        "checkpoint": ["checkpoint_set", "checkpoint_steps"],
+        "finish": ["finish_set", "finish_run"],
+    }
+
+    async def calls() -> dict[str, int]:
+        rows = await sql.fetch(
+            "SELECT funcname, calls FROM pg_stat_xact_user_functions WHERE funcname = ANY($1)",
+            forms[write],
+        )  # the session's counts not flushed yet: a difference, taken in one transaction
+        return {row["funcname"]: row["calls"] for row in rows}
+
+    async with sql.transaction():
+        await sql.execute("SET LOCAL track_functions = 'all'")
+        before = await calls()
+        rows = await sql.fetch(f"SELECT result FROM engine.{write}_many($1::jsonb)", batch)
+        after = await calls()
+    return rows, {
+        name: n - before.get(name, 0) for name, n in after.items() if n != before.get(name)
+    }
+
+
+async def test_a_batch_of_checkpoints_is_written_as_a_set_as_item_by_item(
+    make_engine: Any, sql: asyncpg.Connection
+) -> None:
+    """engine.checkpoint_many writes a batch whose steps are distinct in one statement
+    (engine.checkpoint_set), and leaves what one engine.checkpoint_steps call per item leaves:
+    the same answers ('ok', 'lost', 'duplicate', 'cancel'), step rows and failed attempts. A
+    batch that names a step twice goes an item at a time."""
+    app = make_engine()
+
+    @app.create_function("held", trigger=TriggerEvent("t/held"))
+    async def held(ctx: Context) -> None:
+        return None
+
+    db = await app.database()
+    owner = uuid.uuid4()
+    await app.send([Event(name="t/held")] * 8)
+    runs = await lease_runs(app, owner)
+    batched, alone = runs[:4], runs[4:]
+    failed = completed("retried")
+    failed.status, failed.error = StepStatus.RETRYING, {"type": "ValueError", "message": "no"}
+    failed.traceback, failed.retry_at = "Traceback ...", datetime(2026, 12, 4, tzinfo=UTC)
+
+    def items(world: list[tuple[uuid.UUID, int]]) -> list[dict[str, Any]]:
+        (first, token), (second, _), (stale, _), (cancelled, _) = world
+        output = '{"n": 1}'
+        return [
+            {"run": first, "token": token, "steps": [completed("a"), completed("b")]},
+            {"run": second, "token": world[1][1], "steps": [failed]},
+            {"run": stale, "token": world[2][1] + 1, "steps": [completed("c")]},  # not its lease
+            {"run": first, "token": token, "steps": [completed("d")]},
+            {"run": second, "token": world[1][1], "steps": [completed("done"), completed("e")]},
+            {"run": cancelled, "token": world[3][1], "steps": [completed("f")], "output": output},
+        ]
+
+    def steps_json(item: dict[str, Any]) -> str:
+        return "[" + ",".join(step.to_json(item.get("output")) for step in item["steps"]) + "]"
+
+    def as_json(item: dict[str, Any]) -> str:
+        head = {"run": str(item["run"]), "owner": str(owner), "token": item["token"]}
+        return f'{json.dumps(head)[:-1]}, "steps": {steps_json(item)}}}'
+
+    for world in (batched, alone):  # a step final already, and a cancel pending
+        done = {**items(world)[4], "steps": [completed("done")]}
+        assert [r["result"] for r in await db.fetch("checkpoint_many", f"[{as_json(done)}]")] == [
+            "ok"
+        ]
+        await sql.execute(
+            "UPDATE engine.runs SET cancel_requested = true WHERE id = $1", world[3][0]
+        )
+
+    rows, calls = await counting_calls(
+        sql, "[" + ",".join(as_json(item) for item in items(batched)) + "]"
+    )
+    as_set = [row["result"] for row in rows]
+    assert calls == {"checkpoint_set": 1}
+    item_by_item = [
+        await sql.fetchval(
+            "SELECT engine.checkpoint_steps($1, $2, $3, $4::jsonb)",
+            item["run"],
+            owner,
+            item["token"],
+            steps_json(item),
+        )
+        for item in items(alone)
+    ]
+    assert as_set == item_by_item == ["ok", "ok", "lost", "ok", "duplicate", "cancel"]
+
+    async def written(world: list[tuple[uuid.UUID, int]], table: str) -> list[dict[str, Any]]:
+        index = {run: i for i, (run, _) in enumerate(world)}
+        found = await sql.fetch(
+            f"SELECT * FROM engine.{table} WHERE run_id = ANY($1)", [run for run, _ in world]
+        )
+        rows = [{**dict(r), "run_id": index[r["run_id"]]} for r in found]
+        for row in rows:
+            row.pop("created_at", None)
+        return sorted(rows, key=lambda r: (r["run_id"], r["step_key"]))
+
+    steps = await written(batched, "steps")
+    assert [(r["run_id"], r["step_key"]) for r in steps] == [
+        (0, "a"), (0, "b"), (0, "d"), (1, "done"), (1, "e"), (1, "retried"), (3, "f"),
+    ]  # fmt: skip
+    assert steps == await written(alone, "steps")
+    attempts = await written(batched, "step_attempts")
+    assert [(r["step_key"], json.loads(r["error"])["traceback"]) for r in attempts] == [
+        ("retried", "Traceback ...")
+    ]
+    assert attempts == await written(alone, "step_attempts")
+
+    twice = "[" + ",".join(as_json(item) for item in items(batched)[:1] * 2) + "]"
+    again, calls = await counting_calls(sql, twice)
+    assert [r["result"] for r in again] == ["duplicate", "duplicate"]
+    assert calls == {"checkpoint_steps": 2}
+
+
+async def test_a_batch_of_run_ends_is_written_as_a_set_as_item_by_item(
+    make_engine: Any, sql: asyncpg.Connection
+) -> None:
+    """engine.finish_many ends a batch of distinct runs in one statement (engine.finish_set)
+    and leaves what one engine.finish_run call per item leaves: the same answers, runs, steps,
+    failed attempts, executions and end events. A batch that ends a run twice goes an item at
+    a time."""
+    app = make_engine()
+
+    @app.create_function("held", trigger=TriggerEvent("t/held"))
+    async def held(ctx: Context) -> None:
+        return None
+
+    db = await app.database()
+    owner = uuid.uuid4()
+    await app.send([Event(name="t/held")] * 14)
+    runs = await lease_runs(app, owner)
+    batched, alone = runs[:7], runs[7:]
+    broke = completed("broke")
+    broke.status, broke.error = StepStatus.FAILED, {"type": "ValueError", "message": "no"}
+    broke.traceback = "Traceback ..."
+    error = {"type": "ValueError", "message": "no"}
+
+    def items(world: list[tuple[uuid.UUID, int]]) -> list[dict[str, Any]]:
+        lease = [{"run": str(run), "owner": str(owner), "token": token} for run, token in world]
+        return [
+            {**lease[0], "status": "COMPLETED", "output": {"n": 1}, "steps": [completed("last")]},
+            {**lease[1], "status": "FAILED", "error": error, "traceback": "Traceback ...",
+             "steps": [broke]},
+            {**lease[2], "token": world[2][1] + 1, "status": "COMPLETED"},  # not its lease
+            {**lease[3], "status": "COMPLETED", "output": 3},  # its cancel is pending
+            {**lease[4], "status": "CANCELLED"},
+            {**lease[5], "status": "COMPLETED", "steps": [completed("done")]},  # final already
+            {**lease[6], "status": "COMPLETED", "log_lines": 3, "log_places": {"a": [1]}},
+        ]  # fmt: skip
+
+    def as_json(item: dict[str, Any]) -> str:
+        steps = ",".join(step.to_json() for step in item.get("steps", []))
+        fields = {"output": None, "error": None, "log_lines": 0, **item, "steps": []}
+        return f"{json.dumps(fields)[:-3]}[{steps}]}}"
+
+    for world in (batched, alone):
+        done = {"run": str(world[5][0]), "owner": str(owner), "token": world[5][1]}
+        await db.fetch("checkpoint_many", f"[{as_json({**done, 'steps': [completed('done')]})}]")
+        await sql.execute(
+            "UPDATE engine.runs SET cancel_requested = true WHERE id = $1", world[3][0]
+        )
+
+    rows, calls = await counting_calls(
+        sql, "[" + ",".join(as_json(item) for item in items(batched)) + "]", "finish"
+    )
+    assert calls == {"finish_set": 1}
+    item_by_item = [
+        (await sql.fetch("SELECT result FROM engine.finish_many($1::jsonb)", f"[{as_json(item)}]"))[
+            0
+        ]["result"]
+        for item in items(alone)
+    ]
+    assert [r["result"] for r in rows] == item_by_item
+    assert item_by_item == ["ok", "ok", "lost", "cancel", "ok", "lost", "ok"]
+
+    async def left(world: list[tuple[uuid.UUID, int]]) -> dict[str, list[dict[str, Any]]]:
+        index = {run: i for i, (run, _) in enumerate(world)}
+        ids = [run for run, _ in world]
+        found: dict[str, list[dict[str, Any]]] = {}
+        for table, query in (
+            ("runs", "SELECT id AS run_id, status, output, error, log_lines, log_places,"
+                     " waiting_reason, lease_owner, ended_at IS NULL AS open FROM engine.runs"
+                     " WHERE id = ANY($1)"),
+            ("steps", "SELECT * FROM engine.steps WHERE run_id = ANY($1)"),
+            ("attempts", "SELECT * FROM engine.step_attempts WHERE run_id = ANY($1)"),
+            ("executions", "SELECT run_id, outcome, body_error, ended_at IS NULL AS open"
+                           " FROM engine.run_executions WHERE run_id = ANY($1)"),
+            ("events", "SELECT id::uuid AS run_id, name, data - 'run_id' - 'event' AS data"
+                       " FROM engine.events WHERE id::uuid = ANY($1) ORDER BY seq"),
+        ):  # fmt: skip
+            rows = [dict(r) for r in await sql.fetch(query, ids)]
+            for row in rows:
+                row["run_id"] = index[row["run_id"]]
+                row.pop("created_at", None)
+            found[table] = sorted(rows, key=lambda r: (r["run_id"], str(r.get("step_key"))))
+        return found
+
+    as_set, one_by_one = await left(batched), await left(alone)
+    assert as_set == one_by_one
+    assert [(r["run_id"], r["status"]) for r in as_set["runs"]] == [
+        (0, "COMPLETED"), (1, "FAILED"), (2, "RUNNING"), (3, "CANCELLED"), (4, "CANCELLED"),
+        (5, "RUNNING"), (6, "COMPLETED"),
+    ]  # fmt: skip
+    assert [(r["run_id"], r["name"]) for r in as_set["events"]] == [
+        (0, "engine/function.finished"), (1, "engine/function.failed"),
+        (1, "engine/function.finished"), (3, "engine/function.cancelled"),
+        (3, "engine/function.finished"), (4, "engine/function.cancelled"),
+        (4, "engine/function.finished"), (6, "engine/function.finished"),
+    ]  # fmt: skip
+    assert [r["step_key"] for r in as_set["attempts"]] == ["broke"]
+    assert [
+        json.loads(r["body_error"])["traceback"] for r in as_set["executions"] if r["outcome"]
+    ] == ["Traceback ..."]
+
+    twice = "[" + ",".join(as_json(item) for item in items(alone)[:1] * 2) + "]"
+    again, calls = await counting_calls(sql, twice, "finish")
+    assert [r["result"] for r in again] == ["lost", "lost"]  # ended already
+    assert calls == {"finish_run": 2}
 
 
 def test_only_a_plain_completed_step_has_a_typed_form() -> None:
