@@ -3122,14 +3122,17 @@ RETURNS TABLE (ord bigint, result text) LANGUAGE sql AS $$
         SELECT e.ord, (e.x ->> 'run')::uuid AS run, (e.x ->> 'owner')::uuid AS owner,
                (e.x ->> 'token')::bigint AS token, coalesce(e.x -> 'steps', '[]') AS steps
         FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(x, ord)
-    ), held AS (  -- engine.hold_lease of each item: NULL without the lease
-        SELECT i.ord,
-               CASE WHEN r.lease_owner = i.owner AND r.lease_token = i.token
-                         AND r.status = 'RUNNING'
-                    THEN r.cancel_requested OR engine.past_deadline(r.finish_deadline) END AS cancel
-        FROM items i JOIN engine.runs r ON r.id = i.run
-        ORDER BY r.id
-        FOR KEY SHARE OF r
+    ), held AS (  -- engine.hold_lease of each item (NULL without the lease), in run id order
+        SELECT i.ord, l.cancel
+        FROM (SELECT * FROM items ORDER BY run) i
+        CROSS JOIN LATERAL (  -- one lookup by id an item: see engine.finish_set
+            SELECT CASE WHEN r.lease_owner = i.owner AND r.lease_token = i.token
+                             AND r.status = 'RUNNING'
+                        THEN r.cancel_requested OR engine.past_deadline(r.finish_deadline)
+                   END AS cancel
+            FROM engine.runs r WHERE r.id = i.run
+            FOR KEY SHARE
+        ) l
     ), given AS (
         SELECT i.ord, i.run, i.owner, x, x ->> 'key' AS key, x ->> 'status' AS status,
                (x ->> 'started_at')::timestamptz AS started,
@@ -3414,12 +3417,19 @@ RETURNS TABLE (ord bigint, result text) LANGUAGE sql AS $$
                e.x ->> 'traceback' AS traceback, nullif(e.x -> 'log_places', 'null') AS log_places
         FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(x, ord)
     ), held AS (  -- the runs whose lease the items hold, locked as the update below locks them
-        SELECT i.ord
-        FROM items i JOIN engine.runs r ON r.id = i.run
-        WHERE CASE WHEN r.lease_owner = i.owner AND r.lease_token = i.token AND r.status = 'RUNNING'
-                   THEN true ELSE false END  -- in a CASE: see engine.hold_lease
-        ORDER BY r.id
-        FOR NO KEY UPDATE OF r
+        -- One lookup by id an item, in run id order. A join of the items and the runs may be
+        -- planned as a hash of every run: the generic plan a worker's connection caches while
+        -- the table is young, then keeps while it grows (tests/test_generic_plans.py).
+        SELECT i.ord, i.run
+        FROM (SELECT * FROM items ORDER BY run) i
+        CROSS JOIN LATERAL (
+            SELECT 1 FROM engine.runs r
+            WHERE r.id = i.run
+              AND CASE WHEN r.lease_owner = i.owner AND r.lease_token = i.token
+                            AND r.status = 'RUNNING'
+                       THEN true ELSE false END  -- in a CASE: see engine.hold_lease
+            FOR NO KEY UPDATE
+        ) l
     ), given AS (
         SELECT i.ord, i.run, i.owner, x, x ->> 'key' AS key, x ->> 'status' AS status,
                (x ->> 'started_at')::timestamptz AS started,
@@ -3473,16 +3483,18 @@ RETURNS TABLE (ord bigint, result text) LANGUAGE sql AS $$
             waiting_reason = CASE WHEN r.cancel_requested OR i.status = 'CANCELLED'
                                   THEN r.waiting_reason END
         FROM items i JOIN held h ON h.ord = i.ord LEFT JOIN counted c ON c.ord = i.ord
-        WHERE r.id = i.run AND coalesce(c.steps, 0) = jsonb_array_length(i.steps)
+        WHERE r.id = ANY (ARRAY(SELECT h.run FROM held h))  -- by id, whatever the plan
+          AND r.id = i.run AND coalesce(c.steps, 0) = jsonb_array_length(i.steps)
           AND CASE WHEN r.lease_owner = i.owner AND r.lease_token = i.token
                         AND r.status = 'RUNNING' THEN true ELSE false END
-        RETURNING i.ord, r.status
+        RETURNING i.ord, r.id AS run, r.status
     ), failed AS (  -- the error of a failed run, with its traceback, in its execution's history
         UPDATE engine.run_executions x
         SET ended_at = engine.now(), outcome = e.status,
             body_error = i.error || jsonb_strip_nulls(jsonb_build_object('traceback', i.traceback))
         FROM ended e JOIN items i ON i.ord = e.ord
-        WHERE e.status = 'FAILED' AND x.run_id = i.run AND x.lease_token = i.token
+        WHERE x.run_id = ANY (ARRAY(SELECT f.run FROM ended f WHERE f.status = 'FAILED'))
+          AND e.status = 'FAILED' AND x.run_id = i.run AND x.lease_token = i.token
     )
     SELECT i.ord, CASE WHEN e.status IS NULL THEN 'lost'
                        WHEN e.status = 'CANCELLED' AND i.status <> 'CANCELLED' THEN 'cancel'

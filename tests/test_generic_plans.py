@@ -346,3 +346,60 @@ async def test_migrate_replaces_the_claim_index_of_an_earlier_build(
     oid = await sql.fetchval("SELECT 'engine.runs_due_idx'::regclass::oid")
     await sql.execute(schema_sql())
     assert await sql.fetchval("SELECT 'engine.runs_due_idx'::regclass::oid") == oid
+
+
+LEASED = """
+INSERT INTO engine.runs (app_id, function_id, status, event_seq, due_at, lease_owner,
+                         lease_token, lease_expires_at, started_at, created_at, updated_at)
+SELECT 'plans', 'fn', 'RUNNING', e.seq, now(), $1, 1, now() + interval '1 minute', now(), now(),
+       now()
+FROM engine.events e WHERE NOT EXISTS (SELECT 1 FROM engine.runs r WHERE r.event_seq = e.seq)
+ORDER BY e.seq LIMIT $2
+RETURNING id
+"""
+
+
+async def test_a_batch_of_writes_reads_only_its_runs_with_plans_cached_on_a_young_table(
+    sql: asyncpg.Connection,
+) -> None:
+    """The checkpoints and run ends of a batch are written as one statement each
+    (engine.checkpoint_set, engine.finish_set), whose generic plan a worker's connection caches
+    at its first batches, on a new database. Planned with a few runs in the table, looking the
+    batch's runs up as a hash of every run looked as cheap as one lookup each; kept while the
+    table grew, that plan read every run at every batch (the throughput scenario: seven times
+    the buffers of one call per item). A batch reads its own runs, by id, whatever the size of
+    the table when its plan was made."""
+    await sql.execute(
+        "INSERT INTO engine.events (id, name, data, ts, received_at)"
+        " SELECT 'e-' || g, 'plan/event', '{}', now(), now() FROM generate_series(1, 2100) g"
+    )
+    plans = await _analyzed_plans(sql)
+
+    def step(key: str) -> str:
+        return json.dumps({"key": key, "position": 0, "kind": "run", "status": "COMPLETED",
+                           "attempts": 1, "output": 1})  # fmt: skip
+
+    async def batches(runs: list[uuid.UUID]) -> None:
+        checkpoints = [{"run": str(r), "owner": str(OWNER), "token": 1} for r in runs[:4]]
+        items = json.dumps(checkpoints).replace("}", ', "steps": [STEP]}')
+        items = items.replace("STEP", step("a"))
+        results = await sql.fetch("SELECT result FROM engine.checkpoint_many($1::jsonb)", items)
+        assert [r["result"] for r in results] == ["ok"] * 4
+        ends = [
+            {"run": str(r), "owner": str(OWNER), "token": 1, "status": "FAILED",
+             "output": None, "error": {"message": "no"}, "log_lines": 0} for r in runs[4:]
+        ]  # fmt: skip
+        ends_json = json.dumps(ends).replace("}", ', "steps": [STEP]}').replace("STEP", step("b"))
+        results = await sql.fetch("SELECT result FROM engine.finish_many($1::jsonb)", ends_json)
+        assert [r["result"] for r in results] == ["ok"] * 4
+
+    young = [r["id"] for r in await sql.fetch(LEASED, OWNER, 8)]
+    await sql.execute("ANALYZE engine.runs; ANALYZE engine.steps")
+    await batches(young)  # the plans cached: the worker's first batches
+    await sql.execute(CLAIMABLE.replace("'QUEUED'", "'COMPLETED'"), 2000)
+    grown = [r["id"] for r in await sql.fetch(LEASED, OWNER, 8)]
+    plans.clear()
+    await batches(grown)
+    for table in ("runs", "run_executions"):
+        read = [(rows, s) for rows, s in _rows_read(plans, table) if "WITH items AS" in s]
+        assert read and max(rows for rows, _ in read) <= 4, (table, read)
