@@ -5,7 +5,9 @@ transaction whose cost is mostly its commit (a WAL flush with synchronous_commit
 :class:`GroupCommitter` sends a call at once when nothing is in flight and, while a round trip is in
 flight, queues the calls of other runs; the next round trip carries all of them
 (``engine.checkpoint_many`` and friends), each with its own result. An idle worker pays no
-added latency; a busy one pays one commit per batch instead of one per run.
+added latency; a busy one pays one commit per batch instead of one per run. The server writes
+a batch of checkpoints or run ends as one statement (``engine.checkpoint_set``,
+``engine.finish_set``), not a function call per item.
 
 Durability is unchanged: a caller's ``await`` returns only once its own write is committed.
 
