@@ -3093,12 +3093,21 @@ END $$;
 -- A batch of checkpoints is written as a set (engine.checkpoint_set) when no step appears in it
 -- twice, as in every batch a worker of this version sends; one that names a step twice goes an
 -- item at a time, in order (one statement cannot write a row twice).
+-- Whether a batch names each step once (and, with p_runs_once, each run once): what the set
+-- forms need, since one statement cannot write a row twice.
+CREATE OR REPLACE FUNCTION engine.writes_once(p_items jsonb, p_runs_once boolean)
+RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
+    SELECT (NOT p_runs_once OR (SELECT count(DISTINCT e.x ->> 'run') = count(*)
+                                FROM jsonb_array_elements(p_items) AS e(x)))
+       AND (SELECT count(*) = count(DISTINCT (e.x ->> 'run', s.x ->> 'key'))
+            FROM jsonb_array_elements(p_items) AS e(x),
+                 jsonb_array_elements(e.x -> 'steps') AS s(x))
+$$;
+
 CREATE OR REPLACE FUNCTION engine.checkpoint_many(p_items jsonb)
 RETURNS TABLE (ord bigint, result text) LANGUAGE plpgsql AS $$
 BEGIN
-    IF (SELECT count(*) = count(DISTINCT (e.x ->> 'run', s.x ->> 'key'))
-        FROM jsonb_array_elements(p_items) AS e(x), jsonb_array_elements(e.x -> 'steps') AS s(x))
-    THEN
+    IF engine.writes_once(p_items, false) THEN
         RETURN QUERY SELECT c.ord, c.result FROM engine.checkpoint_set(p_items) c;
     ELSE
         RETURN QUERY
@@ -3114,7 +3123,7 @@ END $$;
 -- final already, 'cancel' when a cancel is pending (its steps are recorded), else 'ok'. The
 -- runs are locked FOR KEY SHARE in their ids' order, as an item at a time locks them. Written
 -- as a set, a batch costs the server one statement's start-up instead of a function call and
--- its statements per item: 40 µs of CPU an item instead of 66 for batches of 25 one-step
+-- its statements per item: 40-48 µs of CPU an item instead of 54-78 for batches of 25 one-step
 -- items (bench/README.md, session 17). The run and key of every step must be distinct.
 CREATE OR REPLACE FUNCTION engine.checkpoint_set(p_items jsonb)
 RETURNS TABLE (ord bigint, result text) LANGUAGE sql AS $$
@@ -3125,7 +3134,10 @@ RETURNS TABLE (ord bigint, result text) LANGUAGE sql AS $$
     ), held AS (  -- engine.hold_lease of each item (NULL without the lease), in run id order
         SELECT i.ord, l.cancel
         FROM (SELECT * FROM items ORDER BY run) i
-        CROSS JOIN LATERAL (  -- one lookup by id an item: see engine.finish_set
+        -- One lookup by id an item: a join of the items and the runs may be planned as a hash
+        -- of every run, the generic plan a worker's connection caches while the table is young
+        -- and keeps while it grows (tests/test_generic_plans.py).
+        CROSS JOIN LATERAL (
             SELECT CASE WHEN r.lease_owner = i.owner AND r.lease_token = i.token
                              AND r.status = 'RUNNING'
                         THEN r.cancel_requested OR engine.past_deadline(r.finish_deadline)
@@ -3383,10 +3395,7 @@ END $$;
 CREATE OR REPLACE FUNCTION engine.finish_many(p_items jsonb)
 RETURNS TABLE (ord bigint, result text) LANGUAGE plpgsql AS $$
 BEGIN
-    IF (SELECT count(DISTINCT e.x ->> 'run') = count(*) FROM jsonb_array_elements(p_items) AS e(x))
-       AND (SELECT count(*) = count(DISTINCT (e.x ->> 'run', s.x ->> 'key'))
-            FROM jsonb_array_elements(p_items) AS e(x),
-                 jsonb_array_elements(e.x -> 'steps') AS s(x)) THEN
+    IF engine.writes_once(p_items, true) THEN
         RETURN QUERY SELECT f.ord, f.result FROM engine.finish_set(p_items) f;
     ELSE
         RETURN QUERY
@@ -3401,96 +3410,53 @@ BEGIN
     END IF;
 END $$;
 
--- The ends of many runs in one statement, each item written and answered as engine.finish_run
--- writes and answers it ('ok', 'cancel' or 'lost'); the runs_ended trigger sends their end
--- events. The runs are locked in their ids' order before anything is written. One difference,
--- for a stale execution only: an item whose steps include one final already ends nothing and
--- answers 'lost', as there, but its other steps are written (as engine.record_steps writes
--- them), where an item at a time stops at that step. Runs and steps must be distinct.
+-- The ends of many runs as a set, each item written and answered as engine.finish_run writes
+-- and answers it ('ok', 'cancel' or 'lost'); the runs_ended trigger sends their end events. The
+-- leases are checked and the steps written as a batch of checkpoints writes them (the runs
+-- locked in their ids' order), then the runs whose steps were all written end, in one
+-- statement. One difference, for a stale execution only: an item whose steps include one final
+-- already ends nothing and answers 'lost', as there, but its other steps are written (as
+-- engine.record_steps writes them), where an item at a time stops at that step. Runs and steps
+-- must be distinct.
 CREATE OR REPLACE FUNCTION engine.finish_set(p_items jsonb)
-RETURNS TABLE (ord bigint, result text) LANGUAGE sql AS $$
+RETURNS TABLE (ord bigint, result text) LANGUAGE plpgsql AS $$
+DECLARE
+    v_now     timestamptz := engine.now();
+    v_written bigint[] := ARRAY(SELECT c.ord FROM engine.checkpoint_set(p_items) c
+                                WHERE c.result IN ('ok', 'cancel'));
+BEGIN
+    RETURN QUERY
     WITH items AS (
         SELECT e.ord, (e.x ->> 'run')::uuid AS run, (e.x ->> 'owner')::uuid AS owner,
                (e.x ->> 'token')::bigint AS token, e.x ->> 'status' AS status,
                nullif(e.x -> 'output', 'null') AS output, nullif(e.x -> 'error', 'null') AS error,
-               (e.x ->> 'log_lines')::int AS log_lines, coalesce(e.x -> 'steps', '[]') AS steps,
-               e.x ->> 'traceback' AS traceback, nullif(e.x -> 'log_places', 'null') AS log_places
+               (e.x ->> 'log_lines')::int AS log_lines, e.x ->> 'traceback' AS traceback,
+               nullif(e.x -> 'log_places', 'null') AS log_places
         FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(x, ord)
-    ), held AS (  -- the runs whose lease the items hold, locked as the update below locks them
-        -- One lookup by id an item, in run id order. A join of the items and the runs may be
-        -- planned as a hash of every run: the generic plan a worker's connection caches while
-        -- the table is young, then keeps while it grows (tests/test_generic_plans.py).
-        SELECT i.ord, i.run
-        FROM (SELECT * FROM items ORDER BY run) i
-        CROSS JOIN LATERAL (
-            SELECT 1 FROM engine.runs r
-            WHERE r.id = i.run
-              AND CASE WHEN r.lease_owner = i.owner AND r.lease_token = i.token
-                            AND r.status = 'RUNNING'
-                       THEN true ELSE false END  -- in a CASE: see engine.hold_lease
-            FOR NO KEY UPDATE
-        ) l
-    ), given AS (
-        SELECT i.ord, i.run, i.owner, x, x ->> 'key' AS key, x ->> 'status' AS status,
-               (x ->> 'started_at')::timestamptz AS started,
-               coalesce((x ->> 'ended_at')::timestamptz, engine.now()) AS ended
-        FROM items i JOIN held h ON h.ord = i.ord, jsonb_array_elements(i.steps) AS x
-    ), written AS (  -- as engine.record_step writes each
-        INSERT INTO engine.steps AS s (run_id, step_key, position, kind, status, attempts, output,
-                                       error, wake_at, created_at, ended_at, step_id, follows,
-                                       bytes, started_at, worker, input)
-        SELECT g.run, g.key, (g.x ->> 'position')::int, g.x ->> 'kind', g.status,
-               (g.x ->> 'attempts')::int, g.x -> 'output', g.x -> 'error',
-               (g.x ->> 'wake_at')::timestamptz, engine.now(),
-               CASE WHEN g.status IN ('COMPLETED', 'FAILED') THEN g.ended END,
-               g.x ->> 'id', g.x ->> 'follows', engine.step_bytes(g.x -> 'output', g.x -> 'error'),
-               g.started, g.owner, g.x -> 'input'
-        FROM given g
-        ON CONFLICT (run_id, step_key) DO UPDATE
-            SET status = excluded.status, attempts = excluded.attempts, output = excluded.output,
-                error = excluded.error, wake_at = excluded.wake_at, ended_at = excluded.ended_at,
-                bytes = excluded.bytes, started_at = excluded.started_at, worker = excluded.worker,
-                input = excluded.input
-            WHERE s.status NOT IN ('COMPLETED', 'FAILED')
-        RETURNING s.run_id, s.step_key
-    ), counted AS (
-        SELECT g.ord, count(*) AS steps
-        FROM given g JOIN written w ON w.run_id = g.run AND w.step_key = g.key
-        GROUP BY g.ord
-    ), attempts AS (  -- a failed attempt of a `run` step, as engine.record_step keeps it
-        INSERT INTO engine.step_attempts (run_id, step_key, attempt, outcome, started_at,
-                                          ended_at, worker, error, retry_at, input)
-        SELECT g.run, g.key, (g.x ->> 'attempts')::int - 1, g.status, g.started, g.ended,
-               g.owner,
-               coalesce(g.x -> 'error', '{}') || jsonb_strip_nulls(jsonb_build_object(
-                   'traceback', g.x -> 'traceback')),
-               (g.x ->> 'retry_at')::timestamptz, g.x -> 'input'
-        FROM given g JOIN written w ON w.run_id = g.run AND w.step_key = g.key
-        WHERE g.x ->> 'kind' = 'run' AND g.status IN ('RETRYING', 'FAILED')
-        ON CONFLICT DO NOTHING
     ), ended AS (  -- engine.finish_run's update of each run
         UPDATE engine.runs r
         SET status = CASE WHEN r.cancel_requested THEN 'CANCELLED' ELSE i.status END,
             output = CASE WHEN r.cancel_requested THEN NULL ELSE i.output END,
-            ended_at = engine.now(),
-            error = CASE WHEN r.cancel_requested THEN engine.cancel_error(r, engine.now())
+            ended_at = v_now,
+            error = CASE WHEN r.cancel_requested THEN engine.cancel_error(r, v_now)
                          WHEN i.status = 'CANCELLED'
-                         THEN coalesce(i.error, engine.cancel_error(r, engine.now()))
+                         THEN coalesce(i.error, engine.cancel_error(r, v_now))
                          ELSE i.error END,
             log_lines = greatest(r.log_lines, i.log_lines),
             log_places = coalesce(i.log_places, r.log_places),
-            lease_owner = NULL, lease_expires_at = NULL, updated_at = engine.now(),
+            lease_owner = NULL, lease_expires_at = NULL, updated_at = v_now,
             waiting_reason = CASE WHEN r.cancel_requested OR i.status = 'CANCELLED'
                                   THEN r.waiting_reason END
-        FROM items i JOIN held h ON h.ord = i.ord LEFT JOIN counted c ON c.ord = i.ord
-        WHERE r.id = ANY (ARRAY(SELECT h.run FROM held h))  -- by id, whatever the plan
-          AND r.id = i.run AND coalesce(c.steps, 0) = jsonb_array_length(i.steps)
+        FROM items i
+        -- The runs by id, whatever the plan (see engine.checkpoint_set).
+        WHERE r.id = ANY (ARRAY(SELECT w.run FROM items w WHERE w.ord = ANY (v_written)))
+          AND r.id = i.run AND i.ord = ANY (v_written)
           AND CASE WHEN r.lease_owner = i.owner AND r.lease_token = i.token
-                        AND r.status = 'RUNNING' THEN true ELSE false END
+                        AND r.status = 'RUNNING' THEN true ELSE false END  -- see hold_lease
         RETURNING i.ord, r.id AS run, r.status
     ), failed AS (  -- the error of a failed run, with its traceback, in its execution's history
         UPDATE engine.run_executions x
-        SET ended_at = engine.now(), outcome = e.status,
+        SET ended_at = v_now, outcome = e.status,
             body_error = i.error || jsonb_strip_nulls(jsonb_build_object('traceback', i.traceback))
         FROM ended e JOIN items i ON i.ord = e.ord
         WHERE x.run_id = ANY (ARRAY(SELECT f.run FROM ended f WHERE f.status = 'FAILED'))
@@ -3500,8 +3466,8 @@ RETURNS TABLE (ord bigint, result text) LANGUAGE sql AS $$
                        WHEN e.status = 'CANCELLED' AND i.status <> 'CANCELLED' THEN 'cancel'
                        ELSE 'ok' END
     FROM items i LEFT JOIN ended e ON e.ord = i.ord
-    ORDER BY i.ord
-$$;
+    ORDER BY i.ord;
+END $$;
 
 CREATE OR REPLACE FUNCTION engine.suspend_many(p_items jsonb)
 RETURNS TABLE (ord bigint, result text) LANGUAGE sql AS $$

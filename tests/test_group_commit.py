@@ -290,6 +290,24 @@ async def test_a_completed_step_alone_is_recorded_as_the_batched_form_records_it
     assert sorted(r["step_key"] for r in keys) == ["json", "late", "typed"]
 
 
+async def twin_runs(
+    make_engine: Any, count: int
+) -> tuple[Database, uuid.UUID, tuple[list[tuple[uuid.UUID, int]], list[tuple[uuid.UUID, int]]]]:
+    """Two lists of ``count`` runs leased to one owner, for one batch written both ways: the
+    app's database, the owner, and the lists of (run id, token)."""
+    app = make_engine()
+
+    @app.create_function("held", trigger=TriggerEvent("t/held"))
+    async def held(ctx: Context) -> None:
+        return None
+
+    db = await app.database()
+    owner = uuid.uuid4()
+    await app.send([Event(name="t/held")] * (2 * count))
+    runs = await lease_runs(app, owner)
+    return db, owner, (runs[:count], runs[count:])
+
+
 async def counting_calls(
     sql: asyncpg.Connection, batch: str, write: str = "checkpoint"
 ) -> tuple[list[asyncpg.Record], dict[str, int]]:
@@ -324,17 +342,7 @@ async def test_a_batch_of_checkpoints_is_written_as_a_set_as_item_by_item(
     (engine.checkpoint_set), and leaves what one engine.checkpoint_steps call per item leaves:
     the same answers ('ok', 'lost', 'duplicate', 'cancel'), step rows and failed attempts. A
     batch that names a step twice goes an item at a time."""
-    app = make_engine()
-
-    @app.create_function("held", trigger=TriggerEvent("t/held"))
-    async def held(ctx: Context) -> None:
-        return None
-
-    db = await app.database()
-    owner = uuid.uuid4()
-    await app.send([Event(name="t/held")] * 8)
-    runs = await lease_runs(app, owner)
-    batched, alone = runs[:4], runs[4:]
+    db, owner, (batched, alone) = await twin_runs(make_engine, 4)
     failed = completed("retried")
     failed.status, failed.error = StepStatus.RETRYING, {"type": "ValueError", "message": "no"}
     failed.traceback, failed.retry_at = "Traceback ...", datetime(2026, 12, 4, tzinfo=UTC)
@@ -418,17 +426,7 @@ async def test_a_batch_of_run_ends_is_written_as_a_set_as_item_by_item(
     and leaves what one engine.finish_run call per item leaves: the same answers, runs, steps,
     failed attempts, executions and end events. A batch that ends a run twice goes an item at
     a time."""
-    app = make_engine()
-
-    @app.create_function("held", trigger=TriggerEvent("t/held"))
-    async def held(ctx: Context) -> None:
-        return None
-
-    db = await app.database()
-    owner = uuid.uuid4()
-    await app.send([Event(name="t/held")] * 14)
-    runs = await lease_runs(app, owner)
-    batched, alone = runs[:7], runs[7:]
+    db, owner, (batched, alone) = await twin_runs(make_engine, 7)
     broke = completed("broke")
     broke.status, broke.error = StepStatus.FAILED, {"type": "ValueError", "message": "no"}
     broke.traceback = "Traceback ..."
