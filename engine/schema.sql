@@ -3090,9 +3090,6 @@ END $$;
 -- Batched forms: a worker groups the checkpoints, ends and suspensions of its concurrent runs
 -- into one transaction (one commit for many runs). Each item gets its own result, in order.
 --
--- A batch of checkpoints is written as a set (engine.checkpoint_set) when no step appears in it
--- twice, as in every batch a worker of this version sends; one that names a step twice goes an
--- item at a time, in order (one statement cannot write a row twice).
 -- Whether a batch names each step once (and, with p_runs_once, each run once): what the set
 -- forms need, since one statement cannot write a row twice.
 CREATE OR REPLACE FUNCTION engine.writes_once(p_items jsonb, p_runs_once boolean)
@@ -3104,6 +3101,9 @@ RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
                  jsonb_array_elements(e.x -> 'steps') AS s(x))
 $$;
 
+-- A batch of checkpoints is written as a set (engine.checkpoint_set) when no step appears in it
+-- twice, as in every batch a worker of this version sends; one that names a step twice goes an
+-- item at a time, in order.
 CREATE OR REPLACE FUNCTION engine.checkpoint_many(p_items jsonb)
 RETURNS TABLE (ord bigint, result text) LANGUAGE plpgsql AS $$
 BEGIN
