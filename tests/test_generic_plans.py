@@ -362,35 +362,33 @@ RETURNING id
 async def test_a_batch_of_writes_reads_only_its_runs_with_plans_cached_on_a_young_table(
     sql: asyncpg.Connection,
 ) -> None:
-    """The checkpoints and run ends of a batch are written as one statement each
-    (engine.checkpoint_set, engine.finish_set), whose generic plan a worker's connection caches
-    at its first batches, on a new database. Planned with a few runs in the table, looking the
-    batch's runs up as a hash of every run looked as cheap as one lookup each; kept while the
-    table grew, that plan read every run at every batch (the throughput scenario: seven times
-    the buffers of one call per item). A batch reads its own runs, by id, whatever the size of
-    the table when its plan was made."""
+    """A batch of checkpoints is written as one statement (engine.checkpoint_set), a batch of
+    run ends as that statement and an update of its runs (engine.finish_set), whose generic
+    plans a worker's connection caches at its first batches, on a new database. Planned with a
+    few runs in the table, looking the batch's runs up as a hash of every run looked as cheap
+    as one lookup each; kept while the table grew, that plan read every run at every batch (the
+    throughput scenario: seven times the buffers of one call per item). A batch reads its own
+    runs, by id, whatever the size of the table when its plans were made."""
     await sql.execute(
         "INSERT INTO engine.events (id, name, data, ts, received_at)"
         " SELECT 'e-' || g, 'plan/event', '{}', now(), now() FROM generate_series(1, 2100) g"
     )
     plans = await _analyzed_plans(sql)
 
-    def step(key: str) -> str:
-        return json.dumps({"key": key, "position": 0, "kind": "run", "status": "COMPLETED",
-                           "attempts": 1, "output": 1})  # fmt: skip
+    def item(run: uuid.UUID, key: str, **end: Any) -> dict[str, Any]:
+        step = {"key": key, "position": 0, "kind": "run", "status": "COMPLETED", "attempts": 1,
+                "output": 1}  # fmt: skip
+        return {"run": str(run), "owner": str(OWNER), "token": 1, "steps": [step], **end}
 
     async def batches(runs: list[uuid.UUID]) -> None:
-        checkpoints = [{"run": str(r), "owner": str(OWNER), "token": 1} for r in runs[:4]]
-        items = json.dumps(checkpoints).replace("}", ', "steps": [STEP]}')
-        items = items.replace("STEP", step("a"))
-        results = await sql.fetch("SELECT result FROM engine.checkpoint_many($1::jsonb)", items)
+        checkpoints = json.dumps([item(run, "a") for run in runs[:4]])
+        results = await sql.fetch(
+            "SELECT result FROM engine.checkpoint_many($1::jsonb)", checkpoints
+        )
         assert [r["result"] for r in results] == ["ok"] * 4
-        ends = [
-            {"run": str(r), "owner": str(OWNER), "token": 1, "status": "FAILED",
-             "output": None, "error": {"message": "no"}, "log_lines": 0} for r in runs[4:]
-        ]  # fmt: skip
-        ends_json = json.dumps(ends).replace("}", ', "steps": [STEP]}').replace("STEP", step("b"))
-        results = await sql.fetch("SELECT result FROM engine.finish_many($1::jsonb)", ends_json)
+        end = {"status": "FAILED", "output": None, "error": {"message": "no"}, "log_lines": 0}
+        ends = json.dumps([item(run, "b", **end) for run in runs[4:]])
+        results = await sql.fetch("SELECT result FROM engine.finish_many($1::jsonb)", ends)
         assert [r["result"] for r in results] == ["ok"] * 4
 
     young = [r["id"] for r in await sql.fetch(LEASED, OWNER, 8)]
