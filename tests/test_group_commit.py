@@ -422,10 +422,11 @@ async def test_a_batch_of_checkpoints_is_written_as_a_set_as_item_by_item(
 async def test_a_batch_of_run_ends_is_written_as_a_set_as_item_by_item(
     make_engine: Any, sql: asyncpg.Connection
 ) -> None:
-    """engine.finish_many ends a batch of distinct runs in one statement (engine.finish_set)
-    and leaves what one engine.finish_run call per item leaves: the same answers, runs, steps,
-    failed attempts, executions and end events. A batch that ends a run twice goes an item at
-    a time."""
+    """engine.finish_many ends a batch of distinct runs as a set (engine.finish_set: the
+    checkpoints' statement for the leases and steps, then one update of the runs) and leaves
+    what one engine.finish_run call per item leaves: the same answers, runs, steps, failed
+    attempts, executions and end events. A batch that ends a run twice goes an item at a
+    time."""
     db, owner, (batched, alone) = await twin_runs(make_engine, 7)
     broke = completed("broke")
     broke.status, broke.error = StepStatus.FAILED, {"type": "ValueError", "message": "no"}
@@ -447,8 +448,9 @@ async def test_a_batch_of_run_ends_is_written_as_a_set_as_item_by_item(
 
     def as_json(item: dict[str, Any]) -> str:
         steps = ",".join(step.to_json() for step in item.get("steps", []))
-        fields = {"output": None, "error": None, "log_lines": 0, **item, "steps": []}
-        return f"{json.dumps(fields)[:-3]}[{steps}]}}"
+        fields = {"output": None, "error": None, "log_lines": 0}
+        fields.update((key, value) for key, value in item.items() if key != "steps")
+        return f'{json.dumps(fields)[:-1]}, "steps": [{steps}]}}'
 
     for world in (batched, alone):
         done = {"run": str(world[5][0]), "owner": str(owner), "token": world[5][1]}
@@ -462,9 +464,7 @@ async def test_a_batch_of_run_ends_is_written_as_a_set_as_item_by_item(
     )
     assert calls == {"finish_set": 1}
     item_by_item = [
-        (await sql.fetch("SELECT result FROM engine.finish_many($1::jsonb)", f"[{as_json(item)}]"))[
-            0
-        ]["result"]
+        await sql.fetchval("SELECT result FROM engine.finish_many($1::jsonb)", f"[{as_json(item)}]")
         for item in items(alone)
     ]
     assert [r["result"] for r in rows] == item_by_item
