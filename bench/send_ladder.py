@@ -27,29 +27,21 @@ its repeat. The figures go to bench/results/send_ladder.json too.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import itertools
-import json
-import shutil
-import statistics
 import sys
-import tempfile
 import uuid
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 
 sys.path.insert(0, str(Path(__file__).parent))
-from core import environment, fresh_database
+from core import fresh_database
 from ratios import STEP_ROW, _step_table, engine_start
-from step_ladder import measure
+from step_ladder import figure, ladder_main, measure, print_ladder
 
 from engine import Context, Engine, TriggerEvent
 from engine.db import Database
-from engine.embedded import _stop_postmaster, data_directory, start
 from engine.serialization import dumps
 
 APP, FUNCTION, NAME = "ladder", "started", "ladder/start"
@@ -163,44 +155,12 @@ RUNGS = [
 
 
 def report(repeats: list[dict[str, float]]) -> None:
-    def spread(values: list[float]) -> str:
-        return f"{statistics.median(values):.3f} ({min(values):.3f} - {max(values):.3f})"
-
-    print(f"\n{len(repeats)} repeats; median (min - max)\n")
-    print("| rung | ms per send | / floor | server CPU ms | / floor's server CPU |")
-    print("|---|---|---|---|---|")
-    for name, label in RUNGS:
-        wall = [r[f"{name}_ms"] for r in repeats]
-        ratio = [r[f"{name}_ms"] / r["floor_ms"] for r in repeats]
-        cpu_key = f"{name}_server_cpu_ms"
-        server = [r[cpu_key] for r in repeats if cpu_key in r]
-        server_ratio = [r[cpu_key] / r["floor_server_cpu_ms"] for r in repeats if cpu_key in r]
-        cells = [spread(wall), spread(ratio), spread(server) if server else "-",
-                 spread(server_ratio) if server else "-"]  # fmt: skip
-        print(f"| {label} | " + " | ".join(cells) + " |")
-
-
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--sends", type=int, default=2000)
-    args = parser.parse_args()
-    scratch = Path(tempfile.mkdtemp(prefix="engine-send-ladder-"))
-    server = start(scratch / "pg")[0]
-    try:
-        repeats: list[dict[str, Any]] = []
-        for index in range(args.repeat):
-            repeats.append(await one_repeat(server, index, args.sends))
-            print(f"repeat {index + 1}: {repeats[-1]}", flush=True)
-        report(repeats)
-        out = Path(__file__).parent / "results"
-        out.mkdir(exist_ok=True)
-        result = {**await environment(server), "repeats": repeats}
-        (out / "send_ladder.json").write_text(json.dumps(result, indent=2))
-    finally:
-        _stop_postmaster(data_directory(scratch / "pg"))
-        shutil.rmtree(scratch, ignore_errors=True)
+    columns = {
+        "server CPU ms": figure("_server_cpu_ms"),
+        "/ floor's server CPU": figure("_server_cpu_ms", "floor_server_cpu_ms"),
+    }
+    print_ladder(repeats, RUNGS, "send", columns)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    ladder_main("send_ladder", __doc__, ("sends", 2000), one_repeat, report)

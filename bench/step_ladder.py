@@ -37,7 +37,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 
@@ -186,53 +185,95 @@ async def one_repeat(server: str, index: int, steps: int) -> dict[str, float]:
 
 
 RUNGS = [
-    ("floor: INSERT of a small JSON row", "floor"),
-    ("the step's row (engine.steps), typed SQL", "step_row"),
-    ("lease-guarded: lease check + the step's row", "lease_guarded"),
-    ("engine.checkpoint_completed (typed, alone)", "checkpoint_completed"),
-    ("engine.checkpoint_many (JSON, batched form)", "checkpoint_many"),
-    ("the engine's step (one run, sequential)", "step"),
+    ("floor", "floor: INSERT of a small JSON row"),
+    ("step_row", "the step's row (engine.steps), typed SQL"),
+    ("lease_guarded", "lease-guarded: lease check + the step's row"),
+    ("checkpoint_completed", "engine.checkpoint_completed (typed, alone)"),
+    ("checkpoint_many", "engine.checkpoint_many (JSON, batched form)"),
+    ("step", "the engine's step (one run, sequential)"),
 ]
 
+Column = Callable[[dict[str, float], str], float | None]
 
-def report(repeats: list[dict[str, float]]) -> None:
+
+def figure(suffix: str, per: str | None = None) -> Column:
+    """A column: a rung's figure ``{rung}{suffix}``, as a ratio to the floor's ``per`` if
+    given; None where the rung has no such figure."""
+
+    def value(repeat: dict[str, float], name: str) -> float | None:
+        found = repeat.get(f"{name}{suffix}")
+        return found if found is None or per is None else found / repeat[per]
+
+    return value
+
+
+def print_ladder(
+    repeats: list[dict[str, float]], rungs: list[tuple[str, str]], unit: str,
+    columns: dict[str, Column],
+) -> None:  # fmt: skip
+    """Prints a ladder's table: each rung's time and its ratio to the floor, then ``columns``,
+    as medians with min and max over the repeats."""
+
     def spread(values: list[float]) -> str:
         return f"{statistics.median(values):.3f} ({min(values):.3f} - {max(values):.3f})"
 
+    columns = {f"ms per {unit}": figure("_ms"), "/ floor": figure("_ms", "floor_ms"), **columns}
     print(f"\n{len(repeats)} repeats; median (min - max)\n")
-    print("| rung | ms per step | / floor | server CPU ms | client CPU ms |")
-    print("|---|---|---|---|---|")
-    for label, name in RUNGS:
-        wall = [r[f"{name}_ms"] for r in repeats]
-        ratio = [r[f"{name}_ms"] / r["floor_ms"] for r in repeats]
-        server = [r[f"{name}_server_cpu_ms"] for r in repeats if f"{name}_server_cpu_ms" in r]
-        client = [r[f"{name}_cpu_ms"] for r in repeats if f"{name}_cpu_ms" in r]
-        cells = [spread(wall), spread(ratio), spread(server) if server else "-",
-                 spread(client) if client else "-"]  # fmt: skip
+    print("| rung | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for name, label in rungs:
+        cells = []
+        for column in columns.values():
+            values = [v for repeat in repeats if (v := column(repeat, name)) is not None]
+            cells.append(spread(values) if values else "-")
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def report(repeats: list[dict[str, float]]) -> None:
+    columns = {"server CPU ms": figure("_server_cpu_ms"), "client CPU ms": figure("_cpu_ms")}
+    print_ladder(repeats, RUNGS, "step", columns)
+
+
+def ladder_main(
+    name: str,
+    doc: str | None,
+    count: tuple[str, int],
+    one: Callable[[str, int, int], Awaitable[dict[str, float]]],
+    show: Callable[[list[dict[str, float]]], None],
+) -> None:
+    """A ladder's command: ``--repeat`` repeats of ``one`` (server URL, index, the count of
+    ``--{count[0]}``) on a scratch embedded server; prints each repeat and then ``show``'s
+    table, and writes the repeats to bench/results/{name}.json."""
+    parser = argparse.ArgumentParser(description=doc)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument(f"--{count[0]}", type=int, default=count[1], dest="count", metavar="N")
     args = parser.parse_args()
-    scratch = Path(tempfile.mkdtemp(prefix="engine-ladder-"))
+    asyncio.run(_run_ladder(name, args.repeat, args.count, one, show))
+
+
+async def _run_ladder(
+    name: str,
+    repeat: int,
+    count: int,
+    one: Callable[[str, int, int], Awaitable[dict[str, float]]],
+    show: Callable[[list[dict[str, float]]], None],
+) -> None:
+    scratch = Path(tempfile.mkdtemp(prefix=f"engine-{name}-"))
     server = start(scratch / "pg")[0]
     try:
-        repeats: list[dict[str, Any]] = []
-        for index in range(args.repeat):
-            repeats.append(await one_repeat(server, index, args.steps))
+        repeats: list[dict[str, float]] = []
+        for index in range(repeat):
+            repeats.append(await one(server, index, count))
             print(f"repeat {index + 1}: {repeats[-1]}", flush=True)
-        report(repeats)
+        show(repeats)
         out = Path(__file__).parent / "results"
         out.mkdir(exist_ok=True)
         result = {**await environment(server), "repeats": repeats}
-        (out / "step_ladder.json").write_text(json.dumps(result, indent=2))
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     finally:
         _stop_postmaster(data_directory(scratch / "pg"))
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    ladder_main("step_ladder", __doc__, ("steps", 3000), one_repeat, report)
