@@ -1009,12 +1009,7 @@ $$;
 CREATE OR REPLACE FUNCTION engine.notify_events() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    -- Not for events that engine.send_and_route stores: it routes them itself, and wakes the
-    -- routers for those it leaves. (A sender that sets this in its own transaction delays only
-    -- its own events, to the routers' next poll.)
-    IF current_setting('engine.routes_inline', true) IS DISTINCT FROM 'on' THEN
-        PERFORM pg_notify('engine_wakeup', 'events');
-    END IF;
+    PERFORM pg_notify('engine_wakeup', 'events');
     RETURN NULL;
 END $$;
 
@@ -1158,8 +1153,11 @@ END $$;
 
 -- p_events: a JSON array of {name, data, id?, ts?, v?}. Returns the event ids in order, each
 -- with the sequence number of the event stored (NULL: the id was seen inside its 24 hours).
+-- Each event stored is queued for the routers, unless p_queue is false (send_and_route queues
+-- those it does not route itself).
+SELECT engine.drop_without_argument(ARRAY['store_events'], 'p_queue');
 CREATE OR REPLACE FUNCTION engine.store_events(
-    p_events jsonb, p_traceparent text, p_system boolean)
+    p_events jsonb, p_traceparent text, p_system boolean, p_queue boolean DEFAULT true)
 RETURNS TABLE (id text, seq bigint) LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -1213,7 +1211,9 @@ BEGIN
         IF v_keyed THEN
             UPDATE engine.event_ids SET seq = v_seq WHERE id = v_id;
         END IF;
-        INSERT INTO engine.event_queue (seq, due_at) VALUES (v_seq, greatest(v_ts, v_now));
+        IF p_queue THEN
+            INSERT INTO engine.event_queue (seq, due_at) VALUES (v_seq, greatest(v_ts, v_now));
+        END IF;
         id := v_id;
         seq := v_seq;
         RETURN NEXT;
@@ -1781,16 +1781,15 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
                             AND coalesce(t -> 'expression', 'null') <> 'null')))
 $$;
 
--- Routes the claimed due events p_seqs that need no Python (route_simple's second half, shared
--- with send_and_route): the first row is the summary, the others the runs leased to p_owner.
--- p_simple is either the plain triggers to route with (a JSON array, as send_and_route passes
--- those of its events' names), or {"own": [the caller's own plain triggers], "mine": [the ids of
--- the caller's functions]}: then the other functions an event triggers are looked up by its
--- name, with what their own workers registered (engine.routed_in_python), and p_complex names
--- the caller's complex names only. A routing tick passes the latter past 40 plain triggers of
--- other functions (engine.router.LOOKUP_ABOVE): the whole registry, parsed at every tick, made
--- a tick of one event take 1.0 ms with 200 other triggers and 3.1-3.9 ms with 2,000, against
--- 0.7 with none; looked up, 0.7-0.8 and 0.85-0.93 ms.
+-- Routes the claimed due events p_seqs that need no Python (route_simple's second half): the
+-- first row is the summary, the others the runs leased to p_owner. p_simple is either the
+-- plain triggers to route with (a JSON array), or {"own": [the caller's own plain triggers],
+-- "mine": [the ids of the caller's functions]}: then the other functions an event triggers are
+-- looked up by its name, with what their own workers registered (engine.routed_in_python), and
+-- p_complex names the caller's complex names only. A routing tick passes the latter past 40
+-- plain triggers of other functions (engine.router.LOOKUP_ABOVE): the whole registry, parsed at
+-- every tick, made a tick of one event take 1.0 ms with 200 other triggers and 3.1-3.9 ms with
+-- 2,000, against 0.7 with none; looked up, 0.7-0.8 and 0.85-0.93 ms.
 CREATE OR REPLACE FUNCTION engine.route_events(
     p_seqs bigint[], p_simple jsonb, p_complex text[], p_app text, p_owner uuid,
     p_lease interval, p_capacity int)
@@ -1866,12 +1865,21 @@ BEGIN
 END $$;
 
 -- Sends events (as send_events) and routes, in the same transaction, those due that need no
--- Python (as route_simple), for a worker in the sender's process: the runs it has room for come
--- back leased to it (p_owner), and their first step starts without waiting for a NOTIFY and a
--- routing transaction of its own. Routing never fails the send: an event it cannot route
--- (the registry moved, a name with CEL triggers or waiting runs, a routing error) stays on the
+-- Python, for a worker in the sender's process: the runs it has room for come back leased to it
+-- (p_owner), and their first step starts without waiting for a NOTIFY and a routing transaction
+-- of its own. Routing never fails the send: an event it does not route (sent with a later ts,
+-- the registry moved, a name with CEL triggers or waiting runs, a routing error) goes on the
 -- queue for the routers, woken as for any send. The first row carries the ids (as send_events)
 -- and the routing summary; the others are the runs leased to p_owner, as route_simple's.
+--
+-- p_simple is every plain trigger of the events' names (a JSON array, as route_events takes
+-- it): a plain trigger has no expression and its function no flow control, so each routed
+-- event makes one run per trigger, with nothing to admit. That is why this is not
+-- route_events: an event routed here is never queued (no queue row written, then deleted), and
+-- its runs are planned and written in one statement. Each statement of the routing cost the
+-- server about what a client's INSERT does, and the start was mostly this call (bench/README,
+-- sessions 18 and 19). The runs are the rows route_events makes for the same triggers
+-- (tests/test_send_routing.py compares them column by column).
 CREATE OR REPLACE FUNCTION engine.send_and_route(
     p_events jsonb, p_traceparent text, p_simple jsonb, p_complex text[], p_version bigint,
     p_app text, p_owner uuid, p_lease interval, p_capacity int)
@@ -1883,45 +1891,59 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_ids    text[];
     v_stored bigint[];
-    v_due    bigint[];
-    v_now    timestamptz;
-    v_routed boolean := false;
+    v_fast   bigint[];  -- the events routed here
+    v_runs   jsonb;     -- the runs leased to p_owner, as route_events returns them
+    -- Read once: in a filter of the cached plans (which find the rows by seq), engine.now()
+    -- would be called, and the clock read, for each event. The statement's time, as the
+    -- events' received_at.
+    v_now    timestamptz := engine.now();
 BEGIN
-    -- No wake-up for the events stored here (engine.notify_events): the ones routed need none,
-    -- and the others get theirs below.
-    PERFORM set_config('engine.routes_inline', 'on', true);
     SELECT array_agg(s.id ORDER BY s.n), array_agg(s.seq) FILTER (WHERE s.seq IS NOT NULL)
     INTO v_ids, v_stored
-    FROM engine.store_events(p_events, p_traceparent, false) WITH ORDINALITY AS s(id, seq, n);
-    PERFORM set_config('engine.routes_inline', 'off', true);
-    -- Only events due now (not those sent with a later ts), and only with the registry the
-    -- caller routes with.
-    -- The time is read once: in a filter (as this one is in the cached plan, which finds the
-    -- rows by seq), engine.now() would be called, and the clock read, for each event sent.
-    v_now := engine.now();
-    SELECT array_agg(q.seq) INTO v_due FROM engine.event_queue q
-    WHERE q.seq = ANY (v_stored) AND q.due_at <= v_now;
-    IF v_due IS NOT NULL AND (SELECT m.value::bigint FROM engine.meta m
-                              WHERE m.key = 'registry_version') = p_version THEN
+    FROM engine.store_events(p_events, p_traceparent, false, false) WITH ORDINALITY AS s(id, seq, n);
+    IF v_stored IS NOT NULL AND (SELECT m.value::bigint FROM engine.meta m
+                                 WHERE m.key = 'registry_version') = p_version THEN
         BEGIN
-            -- One query: its rows are returned whole, or not at all if it fails.
-            RETURN QUERY SELECT CASE WHEN r.id IS NULL THEN v_ids END, r.*
-                         FROM engine.route_events(v_due, p_simple, p_complex, p_app, p_owner,
-                                                  p_lease, p_capacity) r;
-            v_routed := true;
+            -- As in claim_events: no matcher of these names is half-registered while they
+            -- are routed (the next statement's snapshot is taken once the lock is held).
+            PERFORM engine.lock_event_names(
+                ARRAY(SELECT e.name FROM engine.events e WHERE e.seq = ANY (v_stored)), false);
+            -- Due now, of a name without CEL triggers (p_complex) and without waiting runs
+            -- (an ordered probe of matchers_name_idx).
+            SELECT array_agg(e.seq) INTO v_fast FROM engine.events e
+            WHERE e.seq = ANY (v_stored) AND e.ts <= v_now AND NOT e.name = ANY (p_complex)
+              AND (SELECT m.event_name FROM engine.matchers m WHERE m.event_name >= e.name
+                   ORDER BY m.event_name LIMIT 1) IS DISTINCT FROM e.name;
+            IF v_fast IS NOT NULL THEN
+                v_runs := engine.create_plain_runs(v_fast, p_simple, p_app, p_owner, p_lease,
+                                                   p_capacity, v_now);
+            END IF;
         EXCEPTION WHEN OTHERS THEN
             -- Whatever it did is undone; the events wait on the queue for a router, which
             -- routes them (or sets aside the one that cannot be) as it does any event.
             RAISE WARNING 'engine: routing events in their send failed (% %): left to the routers',
                 SQLSTATE, SQLERRM;
+            v_fast := NULL;
+            v_runs := NULL;
         END;
     END IF;
-    IF NOT v_routed THEN
-        RETURN QUERY SELECT v_ids, 0, true, NULL::uuid, NULL::text, NULL::bigint, NULL::bigint,
-                            NULL::timestamptz, NULL::jsonb, NULL::text, NULL::text;
+    -- The others are queued; the queue's trigger wakes the routers.
+    IF cardinality(v_stored) > coalesce(cardinality(v_fast), 0) THEN
+        INSERT INTO engine.event_queue (seq, due_at)
+        SELECT e.seq, greatest(e.ts, v_now) FROM engine.events e
+        WHERE e.seq = ANY (v_stored) AND NOT e.seq = ANY (coalesce(v_fast, '{}'));
     END IF;
-    IF EXISTS (SELECT 1 FROM engine.event_queue q WHERE q.seq = ANY (v_stored)) THEN
-        PERFORM pg_notify('engine_wakeup', 'events');
+    RETURN QUERY SELECT v_ids, coalesce(cardinality(v_fast), 0),
+                        coalesce(cardinality(v_fast), 0) < coalesce(cardinality(v_stored), 0),
+                        NULL::uuid, NULL::text, NULL::bigint, NULL::bigint, NULL::timestamptz,
+                        NULL::jsonb, NULL::text, NULL::text;
+    IF v_runs IS NOT NULL THEN
+        RETURN QUERY
+        SELECT NULL::text[], NULL::int, NULL::boolean, x.id, x.function_id, x.event_seq,
+               x.lease_token, x.created_at, x.event, x.traceparent, x.trace_context
+        FROM jsonb_to_recordset(v_runs)
+            AS x(id uuid, function_id text, event_seq bigint, lease_token bigint,
+                 created_at timestamptz, event jsonb, traceparent text, trace_context text);
     END IF;
 END $$;
 
@@ -2286,6 +2308,66 @@ BEGIN
     SELECT c.id, c.function_id, c.event_seq, c.lease_token, c.created_at, c.trace_context
     FROM created c;
 END $$;
+
+-- The runs of the routed events p_seqs for their plain triggers p_simple (see send_and_route),
+-- planned and written in one statement; returns those leased to p_owner, as a JSON array of
+-- route_events' rows. A run is leased to p_owner (RUNNING, with its first execution) when its
+-- trigger is local and p_owner has room for it (the first p_capacity such runs, in event
+-- order); the others are QUEUED for the claims.
+CREATE OR REPLACE FUNCTION engine.create_plain_runs(
+    p_seqs bigint[], p_simple jsonb, p_app text, p_owner uuid, p_lease interval,
+    p_capacity int, p_now timestamptz)
+RETURNS jsonb LANGUAGE sql AS $$
+    WITH planned AS (
+        SELECT t.app_id, t.function_id, e.seq, e.id AS event_id, e.name, e.data, e.ts, e.v,
+               e.traceparent, least(e.received_at, p_now) AS arrived,
+               coalesce(t.local, t.app_id = p_app)
+               AND count(*) FILTER (WHERE coalesce(t.local, t.app_id = p_app)) OVER (
+                       ORDER BY e.seq, t.app_id, t.function_id
+                       ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) <= p_capacity AS claim
+        FROM engine.events e
+        JOIN jsonb_to_recordset(p_simple)
+             AS t(app_id text, function_id text, event text, local boolean) ON t.event = e.name
+        WHERE e.seq = ANY (p_seqs)
+    ), created AS (
+        INSERT INTO engine.runs AS r (id, app_id, function_id, status, event_seq, dedupe_key,
+                                      due_at, lease_owner, lease_token, lease_expires_at,
+                                      traceparent, trace_context, start_deadline, finish_timeout,
+                                      finish_deadline, rank_at, created_at, started_at, updated_at)
+        SELECT engine.event_run_id(salt.v, p.app_id, p.function_id, p.seq),
+               p.app_id, p.function_id, CASE WHEN p.claim THEN 'RUNNING' ELSE 'QUEUED' END,
+               p.seq, 'event:' || p.seq, p.arrived,
+               CASE WHEN p.claim THEN p_owner END, CASE WHEN p.claim THEN 1 ELSE 0 END,
+               CASE WHEN p.claim THEN p_now + p_lease END,
+               p.traceparent, engine.new_trace_context(p.traceparent),
+               p_now + t.start_timeout, t.finish_timeout,
+               CASE WHEN p.claim THEN p_now + t.finish_timeout END,
+               p.arrived, p_now, CASE WHEN p.claim THEN p_now END, p_now
+        FROM planned p
+        CROSS JOIN (SELECT engine.run_id_salt() AS v) salt  -- once, not for each run
+        -- The function's timeouts, read once per run (as engine.insert_runs reads them).
+        LEFT JOIN LATERAL (SELECT (f.config #>> '{timeouts,start}')::interval AS start_timeout,
+                                  (f.config #>> '{timeouts,finish}')::interval AS finish_timeout
+                           FROM engine.functions f
+                           WHERE f.app_id = p.app_id AND f.function_id = p.function_id
+                           LIMIT 1) t ON true
+        ON CONFLICT (app_id, function_id, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
+        RETURNING r.id, r.app_id, r.function_id, r.event_seq, r.lease_token, r.created_at,
+                  r.trace_context
+    ), executing AS (  -- started at once by this worker: its first execution
+        INSERT INTO engine.run_executions (run_id, lease_token, worker, claimed_at)
+        SELECT c.id, 1, p_owner, p_now FROM created c WHERE c.lease_token = 1
+    )
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'id', c.id, 'function_id', c.function_id, 'event_seq', c.event_seq,
+               'lease_token', c.lease_token, 'created_at', c.created_at,
+               'event', jsonb_build_object('id', p.event_id, 'name', p.name, 'data', p.data,
+                                           'ts', p.ts, 'v', p.v),
+               'traceparent', p.traceparent, 'trace_context', c.trace_context)), '[]')
+    FROM created c
+    JOIN planned p ON (p.app_id, p.function_id, p.seq) = (c.app_id, c.function_id, c.event_seq)
+    WHERE c.lease_token > 0
+$$;
 
 -- Admission control for runs being created (p_runs as in create_runs, with the keys the router
 -- computed: idempotency_key; rate_key with rate_limit and rate_period (seconds); singleton_key

@@ -10,11 +10,12 @@ import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import uuid4
 
 import asyncpg
 from helpers import eventually, only_run_id, record_queries
 
-from engine import Context, Engine, Event, RunStatus, TriggerEvent
+from engine import Context, Engine, Event, RunStatus, Timeouts, TriggerEvent
 
 SLOW_POLL = "60s"  # longer than any test: only a NOTIFY (or the send itself) starts a run
 
@@ -300,3 +301,98 @@ async def test_a_send_carries_the_triggers_of_its_own_event_names_only(
     assert complex_names == []
     simple, complex_names = json.loads(carried[1][2]), carried[1][3]
     assert {t["event"] for t in simple} == {"user/signup"} and complex_names == ["shop/order"]
+
+
+# The columns of a run that depend on when and by which statement it was created, compared as
+# times after its creation (or after its event's arrival, which places it in line).
+_AFTER_CREATION = ("lease_expires_at", "start_deadline", "finish_deadline", "started_at",
+                   "updated_at")  # fmt: skip
+_AFTER_ARRIVAL = ("due_at", "rank_at")
+
+
+async def _runs_as_created(sql: asyncpg.Connection, event_id: str) -> list[dict[str, Any]]:
+    """The runs of an event and their first executions, every column, with what differs from
+    one event to another by construction (ids, times, the run's own span id) made relative."""
+    rows = await sql.fetch(
+        "SELECT r.*, e.received_at AS arrived, e.seq AS seq,"
+        " (SELECT to_jsonb(array_agg(x.* ORDER BY x.lease_token)) FROM engine.run_executions x"
+        "  WHERE x.run_id = r.id) AS executions"
+        " FROM engine.runs r JOIN engine.events e ON e.seq = r.event_seq"
+        " WHERE e.id = $1 ORDER BY r.app_id, r.function_id",
+        event_id,
+    )
+    runs = []
+    for row in rows:
+        run = dict(row)
+        assert run.pop("dedupe_key") == f"event:{run['seq']}"
+        for column in ("id", "event_seq", "seq"):
+            run.pop(column)
+        for column in _AFTER_CREATION:
+            run[column] = run[column] and run[column] - run["created_at"]
+        for column in _AFTER_ARRIVAL:
+            run[column] = run[column] - run["arrived"]
+        trace, span = run.pop("trace_context").split("-")[1:3]
+        run["trace_id_is_the_senders"] = trace == run["traceparent"].split("-")[1]
+        assert span != run["traceparent"].split("-")[2]
+        run.pop("created_at"), run.pop("arrived")
+        executions = json.loads(run.pop("executions") or "[]")
+        run["executions"] = [(x["lease_token"], x["worker"]) for x in executions]
+        runs.append(run)
+    return runs
+
+
+async def test_a_routed_send_creates_the_rows_a_router_creates(
+    make_engine: Any, sql: asyncpg.Connection
+) -> None:
+    """A send routes its events in statements of its own (engine.create_plain_runs), not
+    through the routers' engine.route_events: for the same plain triggers, the runs it creates
+    and their first executions are the rows a router creates, column by column, whether the
+    caller has room for them (leased to it, RUNNING) or not (QUEUED), for its own app and for
+    another one."""
+    web, billing = make_engine("web"), make_engine("billing")
+
+    @web.create_function(
+        "welcome", trigger=TriggerEvent("user/signup"), timeouts=Timeouts(start="1h", finish="2h")
+    )
+    async def welcome(ctx: Context) -> None:
+        return None
+
+    @billing.create_function("open-account", trigger=TriggerEvent("user/signup"))
+    async def open_account(ctx: Context) -> None:
+        return None
+
+    async with web.worker(), billing.worker():
+        pass  # registered
+    version = await sql.fetchval(
+        "SELECT value::bigint FROM engine.meta WHERE key = 'registry_version'"
+    )
+    simple = json.dumps([
+        {"app_id": "web", "function_id": "welcome", "event": "user/signup", "local": True},
+        {"app_id": "billing", "function_id": "open-account", "event": "user/signup",
+         "local": False},
+    ])  # fmt: skip
+    owner, lease, trace = uuid4(), timedelta(seconds=30), f"00-{'a' * 32}-{'b' * 16}-01"
+    for capacity in (1, 0):
+        events = json.dumps([{"name": "user/signup", "data": {"capacity": capacity}}])
+        by_router = await sql.fetchval("SELECT engine.send_events($1::jsonb, $2)", events, trace)
+        routed = await sql.fetch(
+            "SELECT * FROM engine.route_simple(10, $1::jsonb, '{}', $2, 'web', $3, $4, $5)",
+            simple, version, owner, lease, capacity,
+        )  # fmt: skip
+        sent = await sql.fetch(
+            "SELECT * FROM engine.send_and_route($1::jsonb, $2, $3::jsonb, '{}', $4, 'web', $5,"
+            " $6, $7)",
+            events, trace, simple, version, owner, lease, capacity,
+        )  # fmt: skip
+        [by_send] = sent[0]["ids"]
+        assert routed[0]["routed"] == sent[0]["routed"] == 1
+        assert len(routed) == len(sent) == 1 + capacity  # the runs leased to the caller
+        for a, b in zip(routed[1:], sent[1:], strict=True):
+            assert (a["function_id"], a["lease_token"]) == (b["function_id"], b["lease_token"])
+            assert json.loads(a["event"])["id"] == by_router
+            assert json.loads(b["event"])["id"] == by_send
+            assert a["traceparent"] == b["traceparent"] == trace
+        runs = await _runs_as_created(sql, by_send)
+        assert [r["status"] for r in runs] == ["QUEUED", "RUNNING" if capacity else "QUEUED"]
+        assert runs == await _runs_as_created(sql, by_router)
+    assert await sql.fetchval("SELECT count(*) FROM engine.event_queue") == 0
