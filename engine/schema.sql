@@ -1801,6 +1801,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_fast    bigint[];
     v_plan    jsonb;
+    v_runs    jsonb;
     v_simple  jsonb := p_simple;
     v_mine    text[];  -- set when the other functions are looked up by name
 BEGIN
@@ -1828,40 +1829,61 @@ BEGIN
                             NULL::timestamptz, NULL::jsonb, NULL::text, NULL::text;
         RETURN;
     END IF;
-    SELECT coalesce(jsonb_agg(jsonb_build_object(
-               'app_id', p.app_id, 'function_id', p.function_id, 'event_seq', p.seq,
-               'claim', p.local AND p.mine <= p_capacity)), '[]')
-    INTO v_plan
-    FROM (SELECT t.app_id, t.function_id, e.seq, coalesce(t.local, t.app_id = p_app) AS local,
-                 count(*) FILTER (WHERE coalesce(t.local, t.app_id = p_app)) OVER (
-                     ORDER BY e.seq, t.app_id, t.function_id
-                     ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS mine
-          FROM engine.events e
-          JOIN (SELECT x.app_id, x.function_id, x.event, x.local
-                FROM jsonb_to_recordset(v_simple)
-                     AS x(app_id text, function_id text, event text, local boolean)
-                UNION ALL  -- the other functions, by name, when the caller gave its own only
-                SELECT f.app_id, f.function_id, n.name, false
-                FROM (SELECT DISTINCT e2.name FROM engine.events e2
-                      WHERE e2.seq = ANY (v_fast) AND v_mine IS NOT NULL) n
-                JOIN engine.functions f
-                  ON f.active
-                 AND f.triggers @> jsonb_build_array(jsonb_build_object('event', n.name))
-                WHERE NOT (f.app_id = p_app AND f.function_id = ANY (v_mine))) t
-            ON t.event = e.name
-          WHERE e.seq = ANY (v_fast)) p;
+    IF v_mine IS NOT NULL THEN  -- the caller gave its own triggers: the others, by name
+        SELECT v_simple || coalesce(jsonb_agg(jsonb_build_object(
+                   'app_id', f.app_id, 'function_id', f.function_id, 'event', n.name,
+                   'local', false)), '[]')
+        INTO v_simple
+        FROM (SELECT DISTINCT e.name FROM engine.events e WHERE e.seq = ANY (v_fast)) n
+        JOIN engine.functions f
+          ON f.active AND f.triggers @> jsonb_build_array(jsonb_build_object('event', n.name))
+        WHERE NOT (f.app_id = p_app AND f.function_id = ANY (v_mine));
+    END IF;
     RETURN QUERY SELECT cardinality(v_fast), cardinality(v_fast) < cardinality(p_seqs),
                         NULL::uuid, NULL::text, NULL::bigint, NULL::bigint, NULL::timestamptz,
                         NULL::jsonb, NULL::text, NULL::text;
-    -- The event's traceparent by a lookup per run, never a join: a join of the runs created
-    -- (planned as 1,000 rows) with engine.events was planned as a hash of every event while
-    -- the table was small, and the plan was kept as it grew.
+    DELETE FROM engine.event_queue q WHERE q.seq = ANY (v_fast);
+    BEGIN
+        -- Plain triggers only: nothing to admit, one statement (as a send routes its events).
+        v_runs := engine.create_plain_runs(v_fast, v_simple, p_app, p_owner, p_lease,
+                                           p_capacity, engine.now());
+    EXCEPTION WHEN data_exception OR integrity_constraint_violation OR program_limit_exceeded
+                   OR plpgsql_error THEN
+        -- No single event can stop the batch: engine.create_runs creates the runs one event at
+        -- a time, and dead-letters an event whose runs cannot be created.
+        SELECT coalesce(jsonb_agg(jsonb_build_object(
+                   'app_id', p.app_id, 'function_id', p.function_id, 'event_seq', p.seq,
+                   'claim', p.local AND p.mine <= p_capacity)), '[]')
+        INTO v_plan
+        FROM (SELECT t.app_id, t.function_id, e.seq, coalesce(t.local, t.app_id = p_app) AS local,
+                     count(*) FILTER (WHERE coalesce(t.local, t.app_id = p_app)) OVER (
+                         ORDER BY e.seq, t.app_id, t.function_id
+                         ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS mine
+              FROM engine.events e
+              JOIN jsonb_to_recordset(v_simple)
+                   AS t(app_id text, function_id text, event text, local boolean)
+                ON t.event = e.name
+              WHERE e.seq = ANY (v_fast)) p;
+        -- The event's traceparent by a lookup per run, never a join: a join of the runs
+        -- created (planned as 1,000 rows) with engine.events was planned as a hash of every
+        -- event while the table was small, and the plan was kept as it grew.
+        SELECT jsonb_agg(jsonb_build_object(
+                   'id', c.id, 'function_id', c.function_id, 'event_seq', c.event_seq,
+                   'lease_token', c.lease_token, 'created_at', c.created_at,
+                   'event', engine.run_event(c.event_seq),
+                   'traceparent', (SELECT e.traceparent FROM engine.events e
+                                   WHERE e.seq = c.event_seq),
+                   'trace_context', c.trace_context))
+        INTO v_runs
+        FROM engine.create_runs(v_fast, v_plan, p_owner, p_lease) c
+        WHERE c.lease_token > 0;
+    END;
     RETURN QUERY
-    SELECT NULL::int, NULL::boolean, c.id, c.function_id, c.event_seq, c.lease_token, c.created_at,
-           engine.run_event(c.event_seq),
-           (SELECT e.traceparent FROM engine.events e WHERE e.seq = c.event_seq), c.trace_context
-    FROM engine.create_runs(v_fast, v_plan, p_owner, p_lease) c
-    WHERE c.lease_token > 0;
+    SELECT NULL::int, NULL::boolean, x.id, x.function_id, x.event_seq, x.lease_token,
+           x.created_at, x.event, x.traceparent, x.trace_context
+    FROM jsonb_to_recordset(v_runs)
+        AS x(id uuid, function_id text, event_seq bigint, lease_token bigint,
+             created_at timestamptz, event jsonb, traceparent text, trace_context text);
 END $$;
 
 -- Sends events (as send_events) and routes, in the same transaction, those due that need no
@@ -1873,13 +1895,10 @@ END $$;
 -- and the routing summary; the others are the runs leased to p_owner, as route_simple's.
 --
 -- p_simple is every plain trigger of the events' names (a JSON array, as route_events takes
--- it): a plain trigger has no expression and its function no flow control, so each routed
--- event makes one run per trigger, with nothing to admit. That is why this is not
--- route_events: an event routed here is never queued (no queue row written, then deleted), and
--- its runs are planned and written in one statement. Each statement of the routing cost the
--- server about what a client's INSERT does, and the start was mostly this call (bench/README,
--- sessions 18 and 19). The runs are the rows route_events makes for the same triggers
--- (tests/test_send_routing.py compares them column by column).
+-- it). An event routed here is never queued (a queue row written, then deleted, as the routers'
+-- engine.route_events would need), and its runs are written by engine.create_plain_runs: each
+-- statement of a routing cost the server about what a client's INSERT does, and the start was
+-- mostly this call (bench/README, sessions 18 and 19).
 CREATE OR REPLACE FUNCTION engine.send_and_route(
     p_events jsonb, p_traceparent text, p_simple jsonb, p_complex text[], p_version bigint,
     p_app text, p_owner uuid, p_lease interval, p_capacity int)
@@ -2309,11 +2328,15 @@ BEGIN
     FROM created c;
 END $$;
 
--- The runs of the routed events p_seqs for their plain triggers p_simple (see send_and_route),
--- planned and written in one statement; returns those leased to p_owner, as a JSON array of
--- route_events' rows. A run is leased to p_owner (RUNNING, with its first execution) when its
--- trigger is local and p_owner has room for it (the first p_capacity such runs, in event
--- order); the others are QUEUED for the claims.
+-- The runs of the routed events p_seqs for their plain triggers p_simple (a JSON array of
+-- {app_id, function_id, event, local}), planned and written in one statement; returns those
+-- leased to p_owner, as a JSON array of route_events' rows. A plain trigger has no expression
+-- and its function no flow control: an event makes one run per trigger, with nothing to admit
+-- (engine.insert_runs, for the Python router's runs, admits each). A run is leased to p_owner
+-- (RUNNING, with its first execution) when its trigger is local and p_owner has room for it
+-- (the first p_capacity such runs, in event order); the others are QUEUED for the claims. The
+-- rows are insert_runs' for the same triggers (tests/test_send_routing.py compares them column
+-- by column). Sends (send_and_route) and routing ticks (route_events) write their runs here.
 CREATE OR REPLACE FUNCTION engine.create_plain_runs(
     p_seqs bigint[], p_simple jsonb, p_app text, p_owner uuid, p_lease interval,
     p_capacity int, p_now timestamptz)

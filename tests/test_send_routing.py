@@ -341,14 +341,15 @@ async def _runs_as_created(sql: asyncpg.Connection, event_id: str) -> list[dict[
     return runs
 
 
-async def test_a_routed_send_creates_the_rows_a_router_creates(
+async def test_plain_triggers_create_the_rows_the_python_router_creates(
     make_engine: Any, sql: asyncpg.Connection
 ) -> None:
-    """A send routes its events in statements of its own (engine.create_plain_runs), not
-    through the routers' engine.route_events: for the same plain triggers, the runs it creates
-    and their first executions are the rows a router creates, column by column, whether the
-    caller has room for them (leased to it, RUNNING) or not (QUEUED), for its own app and for
-    another one."""
+    """A send, and a routing tick, write the runs of plain triggers in one statement of their
+    own (engine.create_plain_runs), not through the admission of the Python router
+    (engine.create_runs and insert_runs, for CEL triggers and flow control): for the same
+    triggers, the runs and first executions of all three are the same rows, column by column,
+    whether the caller has room for them (leased to it, RUNNING) or not (QUEUED), for its own
+    app and for another one."""
     web, billing = make_engine("web"), make_engine("billing")
 
     @web.create_function(
@@ -366,33 +367,51 @@ async def test_a_routed_send_creates_the_rows_a_router_creates(
     version = await sql.fetchval(
         "SELECT value::bigint FROM engine.meta WHERE key = 'registry_version'"
     )
+    triggers = [("web", "welcome", True), ("billing", "open-account", False)]
     simple = json.dumps([
-        {"app_id": "web", "function_id": "welcome", "event": "user/signup", "local": True},
-        {"app_id": "billing", "function_id": "open-account", "event": "user/signup",
-         "local": False},
+        {"app_id": app, "function_id": fn, "event": "user/signup", "local": local}
+        for app, fn, local in triggers
     ])  # fmt: skip
     owner, lease, trace = uuid4(), timedelta(seconds=30), f"00-{'a' * 32}-{'b' * 16}-01"
     for capacity in (1, 0):
         events = json.dumps([{"name": "user/signup", "data": {"capacity": capacity}}])
-        by_router = await sql.fetchval("SELECT engine.send_events($1::jsonb, $2)", events, trace)
-        routed = await sql.fetch(
-            "SELECT * FROM engine.route_simple(10, $1::jsonb, '{}', $2, 'web', $3, $4, $5)",
-            simple, version, owner, lease, capacity,
-        )  # fmt: skip
         sent = await sql.fetch(
             "SELECT * FROM engine.send_and_route($1::jsonb, $2, $3::jsonb, '{}', $4, 'web', $5,"
             " $6, $7)",
             events, trace, simple, version, owner, lease, capacity,
         )  # fmt: skip
+        by_tick = await sql.fetchval("SELECT engine.send_events($1::jsonb, $2)", events, trace)
+        ticked = await sql.fetch(
+            "SELECT * FROM engine.route_simple(10, $1::jsonb, '{}', $2, 'web', $3, $4, $5)",
+            simple, version, owner, lease, capacity,
+        )  # fmt: skip
+        by_python = await sql.fetchval("SELECT engine.send_events($1::jsonb, $2)", events, trace)
+        async with sql.transaction():  # as the Python router routes: claim, plan, create
+            [seq] = [row["seq"] for row in await sql.fetch("SELECT * FROM engine.claim_events(10)")]
+            plan = [
+                {
+                    "app_id": app,
+                    "function_id": fn,
+                    "event_seq": seq,
+                    "claim": local and capacity > 0,
+                }
+                for app, fn, local in triggers
+            ]
+            created = await sql.fetch(
+                "SELECT * FROM engine.create_runs($1, $2::jsonb, $3, $4)",
+                [seq], json.dumps(plan), owner, lease,
+            )  # fmt: skip
         [by_send] = sent[0]["ids"]
-        assert routed[0]["routed"] == sent[0]["routed"] == 1
-        assert len(routed) == len(sent) == 1 + capacity  # the runs leased to the caller
-        for a, b in zip(routed[1:], sent[1:], strict=True):
-            assert (a["function_id"], a["lease_token"]) == (b["function_id"], b["lease_token"])
-            assert json.loads(a["event"])["id"] == by_router
+        assert ticked[0]["routed"] == sent[0]["routed"] == 1
+        leased = [row for row in created if row["lease_token"] > 0]
+        assert len(ticked) == len(sent) == 1 + len(leased) == 1 + capacity
+        for a, b, c in zip(ticked[1:], sent[1:], leased, strict=True):
+            assert a["function_id"] == b["function_id"] == c["function_id"]
+            assert a["lease_token"] == b["lease_token"] == c["lease_token"]
+            assert json.loads(a["event"])["id"] == by_tick
             assert json.loads(b["event"])["id"] == by_send
             assert a["traceparent"] == b["traceparent"] == trace
-        runs = await _runs_as_created(sql, by_send)
+        runs = await _runs_as_created(sql, by_python)
         assert [r["status"] for r in runs] == ["QUEUED", "RUNNING" if capacity else "QUEUED"]
-        assert runs == await _runs_as_created(sql, by_router)
+        assert runs == await _runs_as_created(sql, by_send) == await _runs_as_created(sql, by_tick)
     assert await sql.fetchval("SELECT count(*) FROM engine.event_queue") == 0
