@@ -79,13 +79,15 @@ async def latency(url: str, events: int) -> dict[str, float]:
     }
 
 
-async def step_overhead(url: str, steps: int) -> dict[str, float]:
+async def step_overhead(url: str, steps: int, *, sync_steps: bool = True) -> dict[str, float]:
+    """Sync step callables run in a thread (as a blocking call must); async ones in the loop."""
     app = Engine("bench-steps", url)
+    step = (lambda: None) if sync_steps else _nothing
 
     @app.create_function("many-steps", trigger=TriggerEvent("bench/steps"))
     async def many_steps(ctx: Context) -> None:
         for i in range(steps):
-            await ctx.step.run(f"s{i}", lambda: None)
+            await ctx.step.run(f"s{i}", step)
 
     app.limits = type(app.limits)(max_steps=steps + 1)
     async with app.worker():
