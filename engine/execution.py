@@ -892,15 +892,30 @@ class Execution:
         self, status: RunStatus, output: str | None, error: str | None, traceback: str | None
     ) -> WriteVerdict:
         with self._fenced(), self._taking_unsaved() as records:
+            steps, counts = _encoded(records), self._log_counts()
             item = self._write(
-                steps=_encoded(records),
+                steps=steps,
                 status=status.value,
-                **self._log_counts(),
+                **counts,
                 output=output or "null",
                 error=error or "null",
                 traceback=traceback,
             )
-            return WriteVerdict(await self.group_commit.finish.call(item, str(self.run.run_id)))
+            # The same end in engine.finish_run's arguments, for when it goes alone.
+            alone = (
+                self.run.run_id,
+                self.owner,
+                self.run.lease_token,
+                status.value,
+                None if output in (None, "null") else output,
+                None if error in (None, "null") else error,
+                counts["log_lines"],
+                f"[{','.join(steps)}]",
+                traceback,
+                dumps_plain(counts["log_places"]),
+            )
+            verdict = await self.group_commit.finish.call(item, str(self.run.run_id), alone)
+            return WriteVerdict(verdict)
 
     async def _trace_run(self) -> None:
         """Emits the ended run's own span and its pauses' spans, timed from its history (see

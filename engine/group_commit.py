@@ -16,8 +16,9 @@ heartbeat locks runs too: a worker's concurrent transactions lock run rows in on
 do not deadlock each other.
 
 An item that goes alone may take a typed form instead (``engine.checkpoint_completed``: one
-completed step, the usual checkpoint of a run whose steps run one after another): the server
-then unpacks no JSON, and the item's JSON is never built.
+completed step, the usual checkpoint of a run whose steps run one after another; a run's end,
+``engine.finish_run``): the server then runs the item's own function, not the set form that
+pays off for a batch, and the item's JSON is never built.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ class GroupCommit:
         self.checkpoint = GroupCommitter(
             db, f"checkpoint_many{kind}", alone_query=f"checkpoint_completed{kind}"
         )
-        self.finish = GroupCommitter(db, f"finish_many{kind}")
+        self.finish = GroupCommitter(db, f"finish_many{kind}", alone_query=f"finish_alone{kind}")
         self.suspend = GroupCommitter(db, f"suspend_many{kind}")
 
     async def close(self) -> None:

@@ -572,8 +572,10 @@ async def test_a_schema_without_the_typed_form_gets_the_json_form(
     make_engine: Any, sql: asyncpg.Connection
 ) -> None:
     """A worker newer than its schema (deployed before `engine migrate` ran) records its steps
-    through the JSON form every schema version has: its runs do not fail for it."""
+    and its runs' ends through the JSON form every schema version has: its runs do not fail
+    for it."""
     await sql.execute("DROP FUNCTION engine.checkpoint_completed")
+    await sql.execute("DROP FUNCTION engine.finish_run")
     app = make_engine()
 
     @app.create_function("seq", trigger=TriggerEvent("t/seq"))
@@ -588,4 +590,65 @@ async def test_a_schema_without_the_typed_form_gets_the_json_form(
     assert run.output == 6 and [s.output for s in run.steps] == [0, 1, 2, 3]
     info = await app.get_run(run.run_id)
     assert len(info.executions) == 1, info.executions  # never handed back for it
-    assert "checkpoint_many" in [query for query, _ in calls]
+    assert {"checkpoint_many", "finish_many"} <= {query for query, _ in calls}
+
+
+async def test_a_run_end_alone_is_written_as_the_batched_form_writes_it(
+    make_engine: Any, sql: asyncpg.Connection
+) -> None:
+    """A run's end that goes alone is written in engine.finish_run's typed arguments, not through
+    finish_many's set form (which pays off for a batch, and cost a batch of one 0.61 ms of the
+    server's CPU against 0.44): a run that completed with an output and logged lines, and one
+    that failed with a traceback, read the same either way."""
+
+    def app_of(form: str) -> Any:
+        app = make_engine(f"ends-{form}")
+
+        @app.create_function("completes", trigger=TriggerEvent("t/end"))
+        async def completes(ctx: Context) -> dict[str, Any]:
+            n = await ctx.step.run("one", lambda: 1)
+            ctx.logger.info("after.the.step")  # counted where no step follows: recorded
+            return {"n": n, "form": "either"}
+
+        @app.create_function("fails", trigger=TriggerEvent("t/end"), retries=0)
+        async def fails(ctx: Context) -> None:
+            await ctx.step.run("one", lambda: 1)
+            raise ValueError("no")
+
+        return app
+
+    ends: dict[str, list[Any]] = {}
+    for form in ("typed", "json"):
+        app = app_of(form)
+        calls = record_queries(await app.database())
+        async with app.worker() as worker:
+            if form == "json":  # as a worker whose schema lacks the typed form
+                worker._group_commits[True].finish._alone_query = None
+            [event_id] = await app.send(Event(name="t/end"))
+            await eventually(lambda app=app, event_id=event_id: _ended(app, event_id))
+        used = {query for query, _ in calls if query.startswith("finish_")}
+        assert used == {"finish_alone" if form == "typed" else "finish_many"}, used
+        ends[form] = [
+            dict(row)
+            for row in await sql.fetch(
+                "SELECT r.function_id, r.status, r.output, r.error, r.log_lines, r.log_places,"
+                " r.lease_owner, r.lease_expires_at, r.ended_at > r.started_at AS ended,"
+                " (SELECT jsonb_agg(jsonb_build_object('outcome', x.outcome,"
+                "   'error', x.body_error - 'traceback', 'ended', x.ended_at IS NOT NULL,"
+                "   'traceback', x.body_error ->> 'traceback' LIKE '%ValueError: no%'))"
+                "  FROM engine.run_executions x WHERE x.run_id = r.id) AS executions,"
+                " (SELECT jsonb_agg(jsonb_build_array(s.step_key, s.status, s.output))"
+                "  FROM engine.steps s WHERE s.run_id = r.id) AS steps"
+                " FROM engine.runs r WHERE r.app_id = $1 ORDER BY r.function_id",
+                f"ends-{form}",
+            )
+        ]
+    assert [end["status"] for end in ends["typed"]] == ["COMPLETED", "FAILED"]
+    assert json.loads(ends["typed"][0]["log_places"]) and ends["typed"][0]["log_lines"] == 1
+    assert "true" in ends["typed"][1]["executions"]  # the failure's traceback, kept
+    assert ends["typed"] == ends["json"]
+
+
+async def _ended(app: Any, event_id: str) -> bool:
+    runs = await app.runs_for_event(event_id)
+    return len(runs) == 2 and all(run.status.terminal for run in runs)
