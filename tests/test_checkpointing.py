@@ -148,7 +148,14 @@ async def test_synchronous_commit_off_relaxes_only_that_functions_writes(
         expected[fn, "runs", "RUNNING", "on"] += 20
         expected[fn, "steps", "COMPLETED", "on"] += 20
     assert seen == dict(expected)
-    for name in ("checkpoint_many", "checkpoint_completed", "finish_many", "suspend_many"):
+    forms = (
+        "checkpoint_many",
+        "checkpoint_completed",
+        "finish_many",
+        "finish_alone",
+        "suspend_many",
+    )
+    for name in forms:
         await sql.prepare(queries()[f"{name}_relaxed"])  # each form, batched or not, is valid
 
 

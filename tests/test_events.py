@@ -327,3 +327,58 @@ async def test_list_runs_is_per_app_unless_all_apps(make_engine: Any) -> None:
     assert {r.app_id for r in await shop.list_runs()} == {"shop"}
     assert {r.app_id for r in await billing.list_runs("f")} == {"billing"}
     assert {r.app_id for r in await shop.list_runs("f", all_apps=True)} == {"shop", "billing"}
+
+
+_TRACE = f"00-{'c' * 32}-{'d' * 16}-01"
+
+
+async def _stored(sql: asyncpg.Connection, seqs: list[int]) -> list[dict[str, Any]]:
+    """The stored events and their places on the routing queue, in seq order, with what differs
+    between two sends by construction (ids, seqs, the time they arrived) left out or made
+    relative."""
+    rows = await sql.fetch(
+        "SELECT e.name, e.data, e.v, e.traceparent, e.ts = e.received_at AS arrived_now,"
+        " CASE WHEN e.ts <> e.received_at THEN e.ts END AS ts,"
+        " q.due_at - greatest(e.ts, e.received_at) AS queued_for"
+        " FROM engine.events e LEFT JOIN engine.event_queue q ON q.seq = e.seq"
+        " WHERE e.seq = ANY ($1) ORDER BY e.seq",
+        seqs,
+    )
+    return [dict(row) for row in rows]
+
+
+async def test_events_sent_together_are_stored_as_one_at_a_time_stores_them(
+    sql: asyncpg.Connection,
+) -> None:
+    """engine.store_events writes the events of a send in one statement when none carries an id
+    of its own (each id is kept once in its 24 hours, one event at a time): either way the
+    events, their order and their places on the routing queue are the same, and a bad event
+    stores none of its send."""
+    events = [
+        {"name": "t/a", "data": {"n": 1}},
+        {"name": "t/b", "data": None, "v": "2"},
+        {"name": "t/c", "ts": "2030-01-01T00:00:00+00:00", "traceparent": _TRACE},
+        {"name": "t/d", "data": {"nested": [1, {"x": None}]}},
+    ]
+    together = await sql.fetch(
+        "SELECT * FROM engine.store_events($1::jsonb, $2, false)", json.dumps(events), _TRACE
+    )
+    keyed = [{**event, "id": f"key-{n}"} for n, event in enumerate(events)]
+    one_at_a_time = await sql.fetch(
+        "SELECT * FROM engine.store_events($1::jsonb, $2, false)", json.dumps(keyed), _TRACE
+    )
+    assert [row["id"] for row in one_at_a_time] == [event["id"] for event in keyed]
+    assert len({row["id"] for row in together}) == len(events)
+    for sent in (together, one_at_a_time):
+        assert [row["seq"] for row in sent] == sorted(row["seq"] for row in sent)
+    stored = await _stored(sql, [row["seq"] for row in together])
+    assert stored == await _stored(sql, [row["seq"] for row in one_at_a_time])
+    assert [row["name"] for row in stored] == ["t/a", "t/b", "t/c", "t/d"]
+    assert [row["traceparent"] for row in stored] == [_TRACE] * 4
+    assert all(row["queued_for"] == timedelta(0) for row in stored), stored
+
+    before = await sql.fetchval("SELECT count(*) FROM engine.events")
+    bad = [*events[:2], {"name": "engine/reserved"}, *events[2:]]
+    with pytest.raises(asyncpg.PostgresError, match="reserved prefix"):
+        await sql.fetch("SELECT engine.send_events($1::jsonb)", json.dumps(bad))
+    assert await sql.fetchval("SELECT count(*) FROM engine.events") == before
