@@ -2173,6 +2173,15 @@ RETURNS interval LANGUAGE sql STABLE AS $$
     FROM engine.functions f WHERE f.app_id = p_app AND f.function_id = p_function
 $$;
 
+-- Both timeouts of a function, for the runs being created (a lookup in FROM, which PostgreSQL
+-- inlines into the creating statement as a subquery).
+CREATE OR REPLACE FUNCTION engine.timeouts_of(p_app text, p_function text)
+RETURNS TABLE (start_timeout interval, finish_timeout interval) LANGUAGE sql STABLE AS $$
+    SELECT (f.config #>> '{timeouts,start}')::interval, (f.config #>> '{timeouts,finish}')::interval
+    FROM engine.functions f WHERE f.app_id = p_app AND f.function_id = p_function
+    LIMIT 1
+$$;
+
 -- p_runs: [{app_id, function_id, event_seq, claim, concurrency}]. Runs with claim=true are
 -- created RUNNING and leased to p_owner (the router executes them at once; never a run with
 -- concurrency limits, whose permits only the claim takes); the others are QUEUED.
@@ -2346,12 +2355,7 @@ BEGIN
         -- join was planned as a hash of every event while the table was small (see route_simple).
         CROSS JOIN LATERAL (SELECT ev.received_at, ev.traceparent FROM engine.events ev
                             WHERE ev.seq = x.event_seq LIMIT 1) e
-        -- The function's timeouts, read once per run (as engine.timeout_of reads them).
-        LEFT JOIN LATERAL (SELECT (f.config #>> '{timeouts,start}')::interval AS start_timeout,
-                                  (f.config #>> '{timeouts,finish}')::interval AS finish_timeout
-                           FROM engine.functions f
-                           WHERE f.app_id = x.app_id AND f.function_id = x.function_id
-                           LIMIT 1) t ON true
+        LEFT JOIN LATERAL engine.timeouts_of(x.app_id, x.function_id) t ON true  -- once per run
         ON CONFLICT (app_id, function_id, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
         RETURNING r.id, r.app_id, r.function_id, r.event_seq, r.lease_token, r.created_at,
                   r.trace_context
@@ -2410,12 +2414,7 @@ RETURNS jsonb LANGUAGE sql AS $$
                p.arrived, p_now, CASE WHEN p.claim THEN p_now END, p_now
         FROM planned p
         CROSS JOIN (SELECT engine.run_id_salt() AS v) salt  -- once, not for each run
-        -- The function's timeouts, read once per run (as engine.insert_runs reads them).
-        LEFT JOIN LATERAL (SELECT (f.config #>> '{timeouts,start}')::interval AS start_timeout,
-                                  (f.config #>> '{timeouts,finish}')::interval AS finish_timeout
-                           FROM engine.functions f
-                           WHERE f.app_id = p.app_id AND f.function_id = p.function_id
-                           LIMIT 1) t ON true
+        LEFT JOIN LATERAL engine.timeouts_of(p.app_id, p.function_id) t ON true  -- once per run
         ON CONFLICT (app_id, function_id, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
         RETURNING r.id, r.app_id, r.function_id, r.event_seq, r.lease_token, r.created_at,
                   r.trace_context
