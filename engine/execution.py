@@ -24,6 +24,7 @@ import weakref
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, NoReturn
 from uuid import UUID
 
@@ -893,14 +894,15 @@ class Execution:
     ) -> WriteVerdict:
         with self._fenced(), self._taking_unsaved() as records:
             steps, counts = _encoded(records), self._log_counts()
-            item = self._write(
+            item = partial(
+                self._write,
                 steps=steps,
                 status=status.value,
                 **counts,
                 output=output or "null",
                 error=error or "null",
                 traceback=traceback,
-            )
+            )  # built only if the end goes in a batch
             # The same end in engine.finish_run's arguments, for when it goes alone.
             alone = (
                 self.run.run_id,

@@ -1894,18 +1894,10 @@ BEGIN
         -- No single event can stop the batch: engine.create_runs creates the runs one event at
         -- a time, and dead-letters an event whose runs cannot be created.
         SELECT coalesce(jsonb_agg(jsonb_build_object(
-                   'app_id', p.app_id, 'function_id', p.function_id, 'event_seq', p.seq,
-                   'claim', p.local AND p.mine <= p_capacity)), '[]')
+                   'app_id', p.app_id, 'function_id', p.function_id, 'event_seq', p.event_seq,
+                   'claim', p.claim)), '[]')
         INTO v_plan
-        FROM (SELECT t.app_id, t.function_id, e.seq, coalesce(t.local, t.app_id = p_app) AS local,
-                     count(*) FILTER (WHERE coalesce(t.local, t.app_id = p_app)) OVER (
-                         ORDER BY e.seq, t.app_id, t.function_id
-                         ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS mine
-              FROM engine.events e
-              JOIN jsonb_to_recordset(v_simple)
-                   AS t(app_id text, function_id text, event text, local boolean)
-                ON t.event = e.name
-              WHERE e.seq = ANY (v_fast)) p;
+        FROM engine.plain_plan(v_fast, v_simple, p_app, p_capacity, engine.now()) p;
         -- The event's traceparent by a lookup per run, never a join: a join of the runs
         -- created (planned as 1,000 rows) with engine.events was planned as a hash of every
         -- event while the table was small, and the plan was kept as it grew.
@@ -1966,9 +1958,11 @@ BEGIN
                                  WHERE m.key = 'registry_version') = p_version THEN
         BEGIN
             -- As in claim_events: no matcher of these names is half-registered while they
-            -- are routed (the next statement's snapshot is taken once the lock is held).
+            -- are routed (the next statement's snapshot is taken once the lock is held). The
+            -- names as sent: the rows just stored need not be read back for them.
             PERFORM engine.lock_event_names(
-                ARRAY(SELECT e.name FROM engine.events e WHERE e.seq = ANY (v_stored)), false);
+                ARRAY(SELECT DISTINCT x ->> 'name' FROM jsonb_array_elements(p_events) x),
+                false);
             -- Due now, of a name without CEL triggers (p_complex) and without waiting runs
             -- (an ordered probe of matchers_name_idx).
             SELECT array_agg(e.seq) INTO v_fast FROM engine.events e
@@ -2374,6 +2368,29 @@ BEGIN
     FROM created c;
 END $$;
 
+-- The runs that the routed events p_seqs make for their plain triggers p_simple (a JSON array
+-- of {app_id, function_id, event, local}), with the event of each: one run per trigger, leased
+-- to the caller (claim) when its trigger is local and the caller has room for it (the first
+-- p_capacity such runs, in event order). engine.create_plain_runs writes them, and
+-- engine.route_events gives the same plan to engine.create_runs when that fails.
+CREATE OR REPLACE FUNCTION engine.plain_plan(
+    p_seqs bigint[], p_simple jsonb, p_app text, p_capacity int, p_now timestamptz)
+RETURNS TABLE (app_id text, function_id text, event_seq bigint, claim boolean, event_id text,
+               name text, data jsonb, ts timestamptz, v text, traceparent text,
+               arrived timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT t.app_id, t.function_id, e.seq,
+           coalesce(t.local, t.app_id = p_app)
+           AND count(*) FILTER (WHERE coalesce(t.local, t.app_id = p_app)) OVER (
+                   ORDER BY e.seq, t.app_id, t.function_id
+                   ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) <= p_capacity,
+           e.id, e.name, e.data, e.ts, e.v, e.traceparent, least(e.received_at, p_now)
+    FROM engine.events e
+    JOIN jsonb_to_recordset(p_simple)
+         AS t(app_id text, function_id text, event text, local boolean) ON t.event = e.name
+    WHERE e.seq = ANY (p_seqs)
+$$;
+
 -- The runs of the routed events p_seqs for their plain triggers p_simple (a JSON array of
 -- {app_id, function_id, event, local}), planned and written in one statement; returns those
 -- leased to p_owner, as a JSON array of route_events' rows. A plain trigger has no expression
@@ -2388,24 +2405,15 @@ CREATE OR REPLACE FUNCTION engine.create_plain_runs(
     p_capacity int, p_now timestamptz)
 RETURNS jsonb LANGUAGE sql AS $$
     WITH planned AS (
-        SELECT t.app_id, t.function_id, e.seq, e.id AS event_id, e.name, e.data, e.ts, e.v,
-               e.traceparent, least(e.received_at, p_now) AS arrived,
-               coalesce(t.local, t.app_id = p_app)
-               AND count(*) FILTER (WHERE coalesce(t.local, t.app_id = p_app)) OVER (
-                       ORDER BY e.seq, t.app_id, t.function_id
-                       ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) <= p_capacity AS claim
-        FROM engine.events e
-        JOIN jsonb_to_recordset(p_simple)
-             AS t(app_id text, function_id text, event text, local boolean) ON t.event = e.name
-        WHERE e.seq = ANY (p_seqs)
+        SELECT * FROM engine.plain_plan(p_seqs, p_simple, p_app, p_capacity, p_now)
     ), created AS (
         INSERT INTO engine.runs AS r (id, app_id, function_id, status, event_seq, dedupe_key,
                                       due_at, lease_owner, lease_token, lease_expires_at,
                                       traceparent, trace_context, start_deadline, finish_timeout,
                                       finish_deadline, rank_at, created_at, started_at, updated_at)
-        SELECT engine.event_run_id(salt.v, p.app_id, p.function_id, p.seq),
+        SELECT engine.event_run_id(salt.v, p.app_id, p.function_id, p.event_seq),
                p.app_id, p.function_id, CASE WHEN p.claim THEN 'RUNNING' ELSE 'QUEUED' END,
-               p.seq, 'event:' || p.seq, p.arrived,
+               p.event_seq, 'event:' || p.event_seq, p.arrived,
                CASE WHEN p.claim THEN p_owner END, CASE WHEN p.claim THEN 1 ELSE 0 END,
                CASE WHEN p.claim THEN p_now + p_lease END,
                p.traceparent, engine.new_trace_context(p.traceparent),
@@ -2429,7 +2437,8 @@ RETURNS jsonb LANGUAGE sql AS $$
                                            'ts', p.ts, 'v', p.v),
                'traceparent', p.traceparent, 'trace_context', c.trace_context)), '[]')
     FROM created c
-    JOIN planned p ON (p.app_id, p.function_id, p.seq) = (c.app_id, c.function_id, c.event_seq)
+    JOIN planned p
+      ON (p.app_id, p.function_id, p.event_seq) = (c.app_id, c.function_id, c.event_seq)
     WHERE c.lease_token > 0
 $$;
 
