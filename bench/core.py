@@ -36,7 +36,7 @@ from typing import Any
 
 import asyncpg
 
-from engine import Context, Engine, Event, TriggerEvent
+from engine import Checkpointing, Context, Engine, Event, TriggerEvent
 from engine.db import Database
 from engine.embedded import _stop_postmaster, data_directory, start
 from engine.logs import configure_logging
@@ -132,15 +132,21 @@ async def all_completed(
         await asyncio.sleep(0.005)
 
 
-async def throughput(url: str, runs: int, *, sync_steps: bool = True) -> dict[str, float]:
-    """Sync step callables run in a thread (as a blocking call must); async ones in the loop."""
+async def throughput(
+    url: str, runs: int, *, sync_steps: bool = True, checkpointing: Checkpointing | None = None
+) -> dict[str, float]:
+    """Sync step callables run in a thread (as a blocking call must); async ones in the loop.
+    ``checkpointing``: the function's (buffered checkpoints); by default each step is committed
+    before the next starts."""
     app_id = f"bench-throughput-{next(_repeat)}"  # each repeat counts only its own runs
     app = Engine(app_id, url, pool_size=20)
     step = (lambda: None) if sync_steps else _nothing
 
     returned = Countdown(runs)
 
-    @app.create_function("three-steps", trigger=TriggerEvent("bench/throughput"))
+    @app.create_function(
+        "three-steps", trigger=TriggerEvent("bench/throughput"), checkpointing=checkpointing
+    )
     async def three_steps(ctx: Context) -> None:
         for name in ("a", "b", "c"):
             await ctx.step.run(name, step)
