@@ -7,6 +7,8 @@ functions do, since they run.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
@@ -78,3 +80,16 @@ def test_run_local_plumbing_and_telemetry_are_leaves_of_the_core() -> None:
     assert graph["context"] <= leaves | {"runlocal"}
     # telemetry takes plain values, not an Execution: not even its annotations need the core
     assert "from .execution" not in (PACKAGE / "telemetry.py").read_text()
+
+
+def test_importing_the_engine_builds_no_cel_parser() -> None:
+    """The CEL environment is built by the first expression compiled, not at import: its
+    parser took a seventh of a second, paid by every `engine` command that never reads an
+    expression."""
+    probe = (
+        "import engine, engine.expressions as e;"
+        " assert e._environment.cache_info().currsize == 0, 'built at import';"
+        " e.Expression('event.data.n > 1');"
+        " assert e._environment.cache_info().currsize == 1"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=60)
