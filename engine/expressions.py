@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -87,11 +88,22 @@ class _Runner(celpy.InterpretedRunner):
         return evaluator.evaluate(context)
 
 
+# CEL's parser and evaluator recurse deeply: cel-python sets the interpreter's recursion limit to
+# 2500 whenever it builds an environment. Raised here, at import, when the environment was built
+# then; building it later must not move a process-wide setting at some moment of the run (a
+# hypothesis test, for one, fails when the limit moved during it), nor lower a higher one.
+_CEL_RECURSION_LIMIT = 2500
+sys.setrecursionlimit(max(sys.getrecursionlimit(), _CEL_RECURSION_LIMIT))
+
+
 @functools.cache
 def _environment() -> celpy.Environment:
     """The CEL environment, built at the first expression compiled rather than at import: its
     parser takes a seventh of a second to build, which every `engine` command paid."""
-    return celpy.Environment(runner_class=_Runner)
+    limit = sys.getrecursionlimit()
+    environment = celpy.Environment(runner_class=_Runner)
+    sys.setrecursionlimit(limit)  # whatever cel-python set: the process keeps its own
+    return environment
 
 
 # The calls CEL (as cel-python evaluates it) knows, and how many arguments each takes: anything
@@ -168,8 +180,8 @@ class Expression:
         if not isinstance(source, str) or not source.strip():
             raise ExpressionError(f"{what}: expected a CEL expression, got {source!r}")
         self.source = source
+        environment = _environment()
         try:
-            environment = _environment()
             ast = environment.compile(source)
             _check_calls(ast)
             self._program = environment.program(ast, functions=_FUNCTIONS)

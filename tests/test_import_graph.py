@@ -85,11 +85,15 @@ def test_run_local_plumbing_and_telemetry_are_leaves_of_the_core() -> None:
 def test_importing_the_engine_builds_no_cel_parser() -> None:
     """The CEL environment is built by the first expression compiled, not at import: its
     parser took a seventh of a second, paid by every `engine` command that never reads an
-    expression."""
+    expression. Building it leaves the recursion limit as the process has it (cel-python sets
+    its own), which importing raised to what CEL needs."""
     probe = (
-        "import engine, engine.expressions as e;"
+        "import sys, engine, engine.expressions as e;"
         " assert e._environment.cache_info().currsize == 0, 'built at import';"
+        " assert sys.getrecursionlimit() >= 2500, sys.getrecursionlimit();"
+        " sys.setrecursionlimit(4000);"
         " e.Expression('event.data.n > 1');"
-        " assert e._environment.cache_info().currsize == 1"
+        " assert e._environment.cache_info().currsize == 1;"
+        " assert sys.getrecursionlimit() == 4000, sys.getrecursionlimit()"
     )
     subprocess.run([sys.executable, "-c", probe], check=True, timeout=60)
