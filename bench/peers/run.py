@@ -130,24 +130,21 @@ async def measure(url: str, repeat: int) -> None:
         a, b = figures["engine"][mine]["median"], figures[peer][theirs]["median"]
         label = f"{peer} {theirs}"
         print(f"{label:<48} {a:>8.2f}  {b:>8.2f}  {ratio(a, b, better):>6.1f}x")
-    ours_sync = figures["engine"]
+    engine = figures["engine"]
     print(
         "ours with plain `def` step callables (each in a thread):"
-        f" {ours_sync['three_step_runs_per_s']['median']:.0f} runs/s,"
-        f" {ours_sync['ms_per_step']['median']:.3f} ms per step"
+        f" {engine['three_step_runs_per_s']['median']:.0f} runs/s,"
+        f" {engine['ms_per_step']['median']:.3f} ms per step"
     )
     # PgQueuer's unit is a one-step job: our steps/s (three per run) against its jobs/s.
     jobs = figures["pgqueuer"]["jobs_per_s"]["median"]
-    steps = {
-        terms: 3 * ours_sync[key]["median"]
-        for terms, key in (
-            ("each step committed before the next", RUNS_PER_S),
-            ("buffered as PgQueuer's job ends", "three_step_runs_per_s_buffered"),
-        )
-    }
-    for terms, value in steps.items():
-        ratio_ = value / jobs
-        print(f"steps/s ({terms}) / PgQueuer jobs/s: {value:.0f} / {jobs:.0f} = {ratio_:.2f}x")
+    for terms, key in (
+        ("each step committed before the next", RUNS_PER_S),
+        ("buffered as PgQueuer's job ends", "three_step_runs_per_s_buffered"),
+    ):
+        steps = 3 * engine[key]["median"]
+        print(f"steps/s ({terms}) / PgQueuer jobs/s: {steps:.0f} / {jobs:.0f}", end="")
+        print(f" = {steps / jobs:.2f}x")
     pgbench = figures["pgbench"]
     print(
         "pgbench step-shaped transactions/s: "
